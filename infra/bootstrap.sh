@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment outside the clone.
+#
+# The environment lives under ${SITN_CACHE_DIR:-~/.cache/sitn-stream}/venv-<hash of requirements.lock>,
+# so every clone and every CI run with the same lock file reuses it instead of reinstalling the
+# multi-GB PyTorch build. The pip/uv download cache sits beside it. Prints the venv path on stdout.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${SITN_CACHE_DIR:-$HOME/.cache/sitn-stream}
+python=${SITN_PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+
+lock_hash=$(cat "$repo/requirements.lock" | sha256sum | cut -c1-16)
+venv="$cache/venv-$lock_hash"
+export UV_CACHE_DIR="$cache/uv-cache" PIP_CACHE_DIR="$cache/pip-cache"
+mkdir -p "$cache"
+
+if [[ ! -f "$venv/.complete" ]]; then
+  echo "bootstrap: creating $venv (first run installs PyTorch and Ray; this takes a few minutes)" >&2
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade "uv==0.13.9" >&2
+  "$venv/bin/uv" pip install --python "$venv/bin/python" -r "$repo/requirements.lock" >&2
+  touch "$venv/.complete"
+fi
+# The project itself: editable, so this clone's code is what runs. Cheap (no dependencies).
+"$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps -e "$repo" >&2
+echo "$venv"

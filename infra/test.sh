@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The project's test command (README). Installs what the tests need, then lint, types and pytest.
+#
+#   bash infra/test.sh [pytest args...]
+#
+# The virtual environment is created once under ~/.cache/sitn-stream (keyed by requirements.lock)
+# and reused by every clone. Tests that need Kafka or Ray start them themselves.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+venv=$(bash infra/bootstrap.sh)
+export PATH="$venv/bin:$PATH"
+export RAY_USAGE_STATS_ENABLED=0
+
+echo "== ruff"
+ruff check .
+echo "== mypy"
+mypy learner stream serving sitn
+echo "== pytest"
+exec python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""sitn-stream: streaming cross-domain recommender."""

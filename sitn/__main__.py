@@ -1,0 +1,5 @@
+import sys
+
+from sitn.cli import main
+
+sys.exit(main())

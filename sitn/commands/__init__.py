@@ -1,0 +1,1 @@
+"""Subcommands of ``sitn``; each module exposes ``register(subparsers)``."""
