@@ -1,0 +1,186 @@
+"""Publishing fresh embeddings to serving as versioned updates.
+
+Every ``every_steps`` learner steps or ``every_s`` seconds (whichever comes first) the publisher reads
+the target-domain item vectors and the query vectors of the users touched since the last publish, and
+hands a :class:`EmbeddingBatch` to a transport. Items are sent as a delta (rows that moved by more than
+``tolerance`` since they were last published); every ``full_every`` publishes a full snapshot of all
+items and all known users goes out instead, so a new serving replica can start from it.
+
+Two transports: a Ray actor handle (everything in one cluster) and a Kafka topic of
+:class:`stream.events.EmbeddingUpdate` messages keyed ``kind:key`` (compacted) for replicas deployed
+on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from stream.events import EmbeddingUpdate, encode_update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """One published version. ``item_vectors`` is (N, D); ``user_vectors`` is (U, V, D)."""
+
+    version: int
+    full: bool
+    item_ids: list[str]
+    item_vectors: np.ndarray
+    user_ids: list[str]
+    user_vectors: np.ndarray
+    popularity: list[str]  # target item ids, most popular first (the fallback path)
+    created_at_s: float  # wall clock when the batch was built
+    ingest_wall_s: dict[str, float] = field(default_factory=dict)  # user_id -> when its newest event arrived
+
+
+class Transport(Protocol):
+    def send(self, batch: EmbeddingBatch) -> None: ...
+
+
+class CallableTransport:
+    """Hands the batch to a callable (a Ray actor method's ``.remote``, or a plain function in tests)."""
+
+    def __init__(self, fn: Callable[[EmbeddingBatch], Any]) -> None:
+        self._fn = fn
+
+    def send(self, batch: EmbeddingBatch) -> None:
+        self._fn(batch)
+
+
+def batch_to_updates(batch: EmbeddingBatch) -> Iterable[tuple[bytes, bytes]]:
+    """(key, value) wire messages for a batch: one per item and one per user.
+
+    >>> b = EmbeddingBatch(3, False, ["i1"], np.ones((1, 2), np.float32), ["u1"],
+    ...                    np.zeros((1, 1, 2), np.float32), [], 0.0)
+    >>> [k for k, _ in batch_to_updates(b)]
+    [b'item:i1', b'user:u1']
+    """
+    for item_id, vec in zip(batch.item_ids, batch.item_vectors, strict=True):
+        update = EmbeddingUpdate("item", item_id, batch.version, 1, tuple(float(x) for x in vec))
+        yield f"item:{item_id}".encode(), encode_update(update)
+    for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):
+        update = EmbeddingUpdate(
+            "user", user_id, batch.version, int(views.shape[0]), tuple(float(x) for x in views.reshape(-1))
+        )
+        yield f"user:{user_id}".encode(), encode_update(update)
+
+
+class KafkaTransport:
+    """Sends every update to a (compacted) Kafka topic; ``producer`` is a kafka-python KafkaProducer."""
+
+    def __init__(self, producer: Any, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+
+    def send(self, batch: EmbeddingBatch) -> None:
+        for key, value in batch_to_updates(batch):
+            self._producer.send(self._topic, key=key, value=value)
+        self._producer.flush()
+
+
+class Publisher:
+    """Decides when to publish and what; ``learner`` follows the SITNLearner contract."""
+
+    def __init__(
+        self,
+        learner: Any,
+        transport: Transport,
+        every_steps: int = 20,
+        every_s: float = 1.0,
+        full_every: int = 50,
+        tolerance: float = 1e-4,
+        popularity_size: int = 1000,
+    ) -> None:
+        if every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {every_steps}")
+        if every_s <= 0:
+            raise ValueError(f"every_s must be > 0, got {every_s}")
+        if full_every < 1:
+            raise ValueError(f"full_every must be >= 1, got {full_every}")
+        self.learner = learner
+        self.transport = transport
+        self.every_steps = every_steps
+        self.every_s = every_s
+        self.full_every = full_every
+        self.tolerance = tolerance
+        self.popularity_size = popularity_size
+        self.version = 0
+        self._touched: dict[str, float] = {}
+        self._item_counts: dict[str, int] = {}
+        self._published_items: dict[str, np.ndarray] = {}
+        self._last_step = 0
+        self._last_s = time.monotonic()
+
+    def touch(self, user_ids: Iterable[str], target_items: Iterable[str], ingest_wall_s: float) -> None:
+        """Note users whose vectors changed and target items consumed (for the popularity fallback)."""
+        for user_id in user_ids:
+            self._touched[user_id] = ingest_wall_s
+        for item_id in target_items:
+            self._item_counts[item_id] = self._item_counts.get(item_id, 0) + 1
+
+    def due(self, step: int, now_s: float | None = None) -> bool:
+        now_s = time.monotonic() if now_s is None else now_s
+        return step - self._last_step >= self.every_steps or (
+            step > self._last_step and now_s - self._last_s >= self.every_s
+        )
+
+    def publish(self, step: int, force_full: bool = False) -> EmbeddingBatch:
+        """Build the next version and send it."""
+        self.version += 1
+        full = force_full or self.version == 1 or self.version % self.full_every == 0
+        item_ids, item_vectors = self.learner.embed_items()
+        item_vectors = np.asarray(item_vectors, dtype=np.float32)
+        if full:
+            changed = list(range(len(item_ids)))
+            user_ids = list(self.learner.known_users())
+        else:
+            changed = [
+                row
+                for row, item_id in enumerate(item_ids)
+                if (old := self._published_items.get(item_id)) is None
+                or float(np.abs(old - item_vectors[row]).max()) > self.tolerance
+            ]
+            user_ids = list(self._touched)
+        for row in changed:
+            self._published_items[item_ids[row]] = item_vectors[row].copy()
+        user_vectors = (
+            np.asarray(self.learner.embed_users(user_ids), dtype=np.float32)
+            if user_ids
+            else np.zeros((0, self.learner.config.n_views, self.learner.config.dim), dtype=np.float32)
+        )
+        popularity = sorted(self._item_counts, key=lambda i: -self._item_counts[i])[: self.popularity_size]
+        batch = EmbeddingBatch(
+            version=self.version,
+            full=full,
+            item_ids=[item_ids[r] for r in changed],
+            item_vectors=item_vectors[changed],
+            user_ids=user_ids,
+            user_vectors=user_vectors,
+            popularity=popularity,
+            created_at_s=time.time(),
+            ingest_wall_s={u: self._touched[u] for u in user_ids if u in self._touched},
+        )
+        self.transport.send(batch)
+        log.info(
+            "published version=%d full=%s items=%d users=%d step=%d",
+            self.version, full, len(changed), len(user_ids), step,
+        )
+        self._touched.clear()
+        self._last_step = step
+        self._last_s = time.monotonic()
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "item_counts": dict(self._item_counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.version = int(state["version"])
+        self._item_counts = dict(state["item_counts"])
