@@ -7,6 +7,7 @@ and NDCG@K over the most recent ``window`` ranked events are the stream's qualit
 A user with no published vectors is ranked by the served popularity order (the serving fallback).
 
 >>> import numpy as np
+
 >>> ev = PrequentialEvaluator(k=2, window=10)
 >>> ev.set_served(version=1, item_ids=["a", "b", "c"], item_vectors=np.eye(3, dtype=np.float32),
 ...               user_ids=["u"], user_vectors=np.array([[[0.0, 1.0, 0.5]]], dtype=np.float32),
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from learner.publisher import EmbeddingBatch
+
 
 def rank_of(scores: np.ndarray, positive: int) -> int:
     """1-based rank of column ``positive`` in ``scores`` (N,): one plus the number scoring strictly higher.
@@ -33,6 +36,26 @@ def rank_of(scores: np.ndarray, positive: int) -> int:
     2
     """
     return int((scores > scores[positive]).sum()) + 1
+
+
+def _upsert(rows: dict[str, int], matrix: np.ndarray, keys: Sequence[str], values: np.ndarray) -> np.ndarray:
+    """Write ``values`` at the rows of ``keys``, appending rows for new keys; returns the matrix.
+
+    >>> rows = {"a": 0}
+    >>> _upsert(rows, np.zeros((1, 2), np.float32), ["b", "a"], np.array([[1, 1], [2, 2]], np.float32))
+    array([[2., 2.],
+           [1., 1.]], dtype=float32)
+    """
+    if len(keys) == 0:
+        return matrix
+    new = [k for k in keys if k not in rows]
+    if new:
+        start = len(rows)
+        rows.update({k: start + i for i, k in enumerate(new)})
+        pad = np.zeros((len(new), *values.shape[1:]), dtype=np.float32)
+        matrix = pad if matrix.size == 0 else np.concatenate([matrix, pad])
+    matrix[[rows[k] for k in keys]] = values
+    return matrix
 
 
 class PrequentialEvaluator:
@@ -73,16 +96,12 @@ class PrequentialEvaluator:
         self._users = np.ascontiguousarray(user_vectors, dtype=np.float32)
         self._pop_rank = {item: rank for rank, item in enumerate(popularity, start=1)}
 
-    def update_users(self, user_ids: Sequence[str], user_vectors: np.ndarray) -> None:
-        """Upsert served query vectors (U, V, D) of some users (a delta publish)."""
-        new = [u for u in user_ids if u not in self._user_row]
-        if new:
-            start = len(self._user_row)
-            self._user_row.update({u: start + i for i, u in enumerate(new)})
-            pad = np.zeros((len(new), *user_vectors.shape[1:]), dtype=np.float32)
-            self._users = pad if self._users.size == 0 else np.concatenate([self._users, pad])
-        rows = [self._user_row[u] for u in user_ids]
-        self._users[rows] = user_vectors
+    def set_served_delta(self, batch: EmbeddingBatch) -> None:
+        """Apply a delta publish: upsert the batch's items and users, replace popularity."""
+        self.version = batch.version
+        self._items = _upsert(self._item_row, self._items, batch.item_ids, batch.item_vectors)
+        self._users = _upsert(self._user_row, self._users, batch.user_ids, batch.user_vectors)
+        self._pop_rank = {item: rank for rank, item in enumerate(batch.popularity, start=1)}
 
     def rank_many(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
         """Rank each (user_id, item_id) with the served state and record it; None if unrankable."""

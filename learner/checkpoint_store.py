@@ -1,0 +1,147 @@
+"""A directory of learner checkpoints: atomic, checksummed, newest-good-wins.
+
+Layout: ``ckpt-<step:012d>.pt`` (the learner's own checkpoint file) plus ``ckpt-<step:012d>.json``, a
+manifest with its size and sha256 written *after* the checkpoint file is complete. Both are written to
+a temporary name, fsynced and moved into place with ``os.replace``, so a process killed mid-write
+leaves at worst a stray ``.tmp`` file, never a half-written checkpoint under a real name. Loading walks
+from the newest manifest down: a checkpoint whose bytes do not match its manifest, or that fails to
+load, is refused with a :class:`CheckpointError` logged, and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sitn.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """Saves and loads learner checkpoints in ``directory``, keeping the newest ``keep``.
+
+    ``save_fn(learner, path, extra)`` writes one checkpoint file; ``load_fn(path)`` returns
+    ``(learner, extra)`` or raises. Both default to the SITNLearner contract.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        keep: int = 3,
+        save_fn: Callable[[Any, Path, dict[str, Any]], None] | None = None,
+        load_fn: Callable[[Path], tuple[Any, dict[str, Any]]] | None = None,
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self._save_fn = save_fn or _default_save
+        self._load_fn = load_fn or _default_load
+        self.refused: list[tuple[Path, str]] = []
+
+    def manifests(self) -> list[Path]:
+        """Manifests, newest first."""
+        return sorted(self.directory.glob("ckpt-*.json"), reverse=True)
+
+    def save(self, learner: Any, step: int, extra: dict[str, Any]) -> Path:
+        stem = f"ckpt-{step:012d}"
+        final = self.directory / f"{stem}.pt"
+        tmp = self.directory / f"{stem}.pt.tmp"
+        self._save_fn(learner, tmp, extra)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "file": final.name,
+            "step": step,
+            "size_bytes": final.stat().st_size,
+            "sha256": sha256_file(final),
+        }
+        tmp_manifest = self.directory / f"{stem}.json.tmp"
+        with tmp_manifest.open("w") as fh:
+            json.dump(manifest, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_manifest, self.directory / f"{stem}.json")
+        _fsync_dir(self.directory)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for manifest in self.manifests()[self.keep :]:
+            manifest.with_suffix(".pt").unlink(missing_ok=True)
+            manifest.unlink(missing_ok=True)
+
+    def verify(self, manifest_path: Path) -> Path:
+        """Return the checkpoint file of a manifest, or raise CheckpointError saying what is wrong."""
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        if manifest.get("manifest_version") != MANIFEST_VERSION:
+            raise CheckpointError(
+                f"{manifest_path}: manifest version {manifest.get('manifest_version')!r}, supported {MANIFEST_VERSION}"
+            )
+        path = self.directory / manifest["file"]
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint file missing")
+        size = path.stat().st_size
+        if size != manifest["size_bytes"]:
+            raise CheckpointError(f"{path}: size {size} bytes, manifest says {manifest['size_bytes']}")
+        digest = sha256_file(path)
+        if digest != manifest["sha256"]:
+            raise CheckpointError(f"{path}: sha256 {digest[:12]}… does not match manifest {manifest['sha256'][:12]}…")
+        return path
+
+    def load_latest(self) -> tuple[Any, dict[str, Any]] | None:
+        """The newest checkpoint that verifies and loads, or None if there is none."""
+        for manifest in self.manifests():
+            try:
+                path = self.verify(manifest)
+                try:
+                    return self._load_fn(path)
+                except CheckpointError:
+                    raise
+                except Exception as exc:
+                    raise CheckpointError(f"{path}: failed to load ({type(exc).__name__}: {exc})") from exc
+            except CheckpointError as exc:
+                log.error("refusing checkpoint: %s; trying the previous one", exc)
+                self.refused.append((manifest, str(exc)))
+        return None
+
+
+def _default_save(learner: Any, path: Path, extra: dict[str, Any]) -> None:
+    learner.save(path, extra=extra)
+
+
+def _default_load(path: Path) -> tuple[Any, dict[str, Any]]:
+    from learner.learner import SITNLearner
+
+    learner = SITNLearner.load(path)
+    return learner, dict(learner.extra)
