@@ -7,7 +7,6 @@ and NDCG@K over the most recent ``window`` ranked events are the stream's qualit
 A user with no published vectors is ranked by the served popularity order (the serving fallback).
 
 >>> import numpy as np
-
 >>> ev = PrequentialEvaluator(k=2, window=10)
 >>> ev.set_served(version=1, item_ids=["a", "b", "c"], item_vectors=np.eye(3, dtype=np.float32),
 ...               user_ids=["u"], user_vectors=np.array([[[0.0, 1.0, 0.5]]], dtype=np.float32),
