@@ -1,0 +1,304 @@
+"""The target-item index: FAISS inner product, upserts by item id, reads that never wait on writes.
+
+Layout. A published :class:`IndexSnapshot` is immutable: a *base* FAISS index built off to the side,
+plus a small exact *delta* (a numpy matrix) holding items added or re-published since the base was
+built, plus a mask of base rows that the delta supersedes. Each write batch builds a new snapshot
+(copying only the delta and the mask) and swaps one reference; a reader takes the reference once
+and searches it, so it never sees a half-built index and never takes a lock. When the delta reaches
+``merge_threshold_rows`` the writer folds it into a freshly built base (still off to the side).
+
+Search is exact for an exact base (``"Flat"``): the base is over-fetched and re-searched with a
+larger ``k`` until every view has ``k`` usable rows, so stale and excluded rows never starve a result.
+
+>>> index = ItemIndex(dim=2)
+>>> index.upsert(["a", "b", "c"], np.array([[1, 0], [0, 1], [0.5, 0.5]], dtype=np.float32), version=1)
+3
+>>> index.search(np.array([[1, 0]], dtype=np.float32), k=2)
+[('a', 1.0), ('c', 0.5)]
+>>> index.upsert(["b"], np.array([[2, 0]], dtype=np.float32), version=2)
+1
+>>> index.search(np.array([[1, 0]], dtype=np.float32), k=2, exclude={"a"})
+[('b', 2.0), ('c', 0.5)]
+>>> index.version, index.size
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ScoredItems = list[tuple[str, float]]
+
+
+def set_faiss_threads(threads: int) -> None:
+    """Set FAISS's OpenMP thread count (process-wide). Single small queries are fastest with 1."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    faiss.omp_set_num_threads(threads)
+
+
+def merge_by_max(per_view: Sequence[ScoredItems], k: int) -> ScoredItems:
+    """Merge per-view results: an item's score is its best view's score; ties break by item id.
+
+    >>> merge_by_max([[("a", 0.9), ("b", 0.5)], [("b", 0.8), ("c", 0.7)]], k=3)
+    [('a', 0.9), ('b', 0.8), ('c', 0.7)]
+    """
+    best: dict[str, float] = {}
+    for results in per_view:
+        for item_id, score in results:
+            if score > best.get(item_id, -np.inf):
+                best[item_id] = score
+    return sorted(best.items(), key=lambda pair: (-pair[1], pair[0]))[:k]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSnapshot:
+    """One published, immutable state of the index. Readers hold it for the length of one search."""
+
+    base: faiss.Index | None  # searched read-only; None while no base was built
+    base_item_ids: tuple[str, ...]  # row -> item_id
+    base_vectors: np.ndarray  # (N_base, D) float32, what the base was built from
+    base_stale: np.ndarray  # (N_base,) bool, True where the delta holds a newer vector
+    n_stale: int
+    delta_item_ids: tuple[str, ...]
+    delta_vectors: np.ndarray  # (N_delta, D) float32
+    version: int  # highest item version applied
+    updated_at_unix_s: float  # when this snapshot was published
+
+    @property
+    def size(self) -> int:
+        return len(self.base_item_ids) - self.n_stale + len(self.delta_item_ids)
+
+
+class ItemIndex:
+    """Upsertable inner-product index of target items (see the module docstring for the layout).
+
+    Args:
+        dim: vector dimension D.
+        factory: a FAISS ``index_factory`` string for the base, e.g. ``"Flat"``, ``"HNSW32"``,
+            ``"IVF256,Flat"``; metric is always inner product.
+        search_params: FAISS ``ParameterSpace`` settings applied to every new base, e.g.
+            ``{"efSearch": 64}`` or ``{"nprobe": 16}``.
+        merge_threshold_rows: fold the delta into a new base once it holds this many rows.
+        clock: wall clock in unix seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        factory: str = "Flat",
+        search_params: Mapping[str, int] | None = None,
+        merge_threshold_rows: int = 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if merge_threshold_rows < 1:
+            raise ValueError(f"merge_threshold_rows must be >= 1, got {merge_threshold_rows}")
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # fail fast on a bad string
+        self.dim = dim
+        self.factory = factory
+        self.search_params = dict(search_params or {})
+        self.merge_threshold_rows = merge_threshold_rows
+        self._clock = clock
+        self._write_lock = threading.Lock()  # writers only; readers never take it
+        self._versions: dict[str, int] = {}  # item_id -> version, writer-side bookkeeping
+        self._base_row: dict[str, int] = {}
+        self._delta_row: dict[str, int] = {}
+        empty = np.zeros((0, dim), dtype=np.float32)
+        self._snapshot = IndexSnapshot(None, (), empty, np.zeros(0, bool), 0, (), empty, 0, clock())
+
+    # --- reads -------------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> IndexSnapshot:
+        return self._snapshot
+
+    @property
+    def version(self) -> int:
+        return self._snapshot.version
+
+    @property
+    def size(self) -> int:
+        return self._snapshot.size
+
+    def age_s(self) -> float:
+        """Seconds since the current snapshot was published."""
+        return max(0.0, self._clock() - self._snapshot.updated_at_unix_s)
+
+    def search(self, queries: np.ndarray, k: int, exclude: Collection[str] = ()) -> ScoredItems:
+        """Top ``k`` items for the union of ``queries`` (V, D), merged by max score, minus ``exclude``."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (V, {self.dim}), got {queries.shape}")
+        snap = self._snapshot  # one atomic read; everything below uses this immutable state
+        per_view = self._search_base(snap, queries, k, exclude)
+        per_view.extend(self._search_delta(snap, queries, k, exclude))
+        return merge_by_max(per_view, k)
+
+    @staticmethod
+    def _search_base(snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: Collection[str]) -> list[ScoredItems]:
+        if snap.base is None or snap.base.ntotal == 0:
+            return []
+        n_total = snap.base.ntotal
+        fetch = min(n_total, k + len(exclude) + min(snap.n_stale, k))
+        while True:
+            scores, rows = snap.base.search(queries, fetch)  # (V, fetch) each
+            per_view: list[ScoredItems] = []
+            short = False
+            for view_scores, view_rows in zip(scores, rows, strict=True):
+                kept: ScoredItems = []
+                for score, row in zip(view_scores.tolist(), view_rows.tolist(), strict=True):
+                    if row < 0 or snap.base_stale[row]:
+                        continue
+                    item_id = snap.base_item_ids[row]
+                    if item_id in exclude:
+                        continue
+                    kept.append((item_id, score))
+                    if len(kept) == k:
+                        break
+                short = short or len(kept) < k
+                per_view.append(kept)
+            if not short or fetch >= n_total:
+                return per_view
+            fetch = min(n_total, fetch * 2)
+
+    @staticmethod
+    def _search_delta(snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: Collection[str]) -> list[ScoredItems]:
+        n_delta = len(snap.delta_item_ids)
+        if n_delta == 0:
+            return []
+        best = (snap.delta_vectors @ queries.T).max(axis=1)  # (N_delta, V) -> (N_delta,)
+        keep = min(n_delta, k + len(exclude))
+        rows = np.argpartition(-best, keep - 1)[:keep] if keep < n_delta else np.arange(n_delta)
+        results = [(snap.delta_item_ids[row], float(best[row])) for row in rows.tolist()]
+        return [[(item_id, score) for item_id, score in results if item_id not in exclude]]
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def upsert(self, item_ids: Sequence[str], vectors: np.ndarray, version: int | Sequence[int]) -> int:
+        """Insert or replace items; return how many were applied.
+
+        ``version`` is one version for the batch or one per item. An item whose stored version is
+        newer than its update's is kept (the update is stale and ignored).
+        """
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(item_ids), self.dim):
+            raise ValueError(f"vectors must have shape ({len(item_ids)}, {self.dim}), got {vectors.shape}")
+        versions = [version] * len(item_ids) if isinstance(version, int) else [int(v) for v in version]
+        if len(versions) != len(item_ids):
+            raise ValueError(f"expected {len(item_ids)} versions, got {len(versions)}")
+        with self._write_lock:
+            latest: dict[str, int] = {}  # item_id -> row in `vectors`; the newest (then last) wins
+            for row, item_id in enumerate(item_ids):
+                if self._versions.get(item_id, -1) <= versions[row]:
+                    self._versions[item_id] = versions[row]
+                    latest[item_id] = row
+            if not latest:
+                return 0
+            snap = self._snapshot
+            new_version = max(snap.version, *(versions[row] for row in latest.values()))
+            n_delta_after = len(snap.delta_item_ids) + sum(1 for i in latest if i not in self._delta_row)
+            if n_delta_after >= self.merge_threshold_rows:
+                self._rebuild(snap, latest, vectors, new_version)
+            else:
+                self._publish_delta(snap, latest, vectors, new_version)
+            return len(latest)
+
+    def _publish_delta(self, snap: IndexSnapshot, latest: dict[str, int], vectors: np.ndarray, version: int) -> None:
+        stale = snap.base_stale.copy()
+        delta_ids = list(snap.delta_item_ids)
+        new_ids = [item_id for item_id in latest if item_id not in self._delta_row]
+        delta_vectors = np.empty((len(delta_ids) + len(new_ids), self.dim), dtype=np.float32)
+        delta_vectors[: len(delta_ids)] = snap.delta_vectors
+        for item_id in new_ids:
+            self._delta_row[item_id] = len(delta_ids)
+            delta_ids.append(item_id)
+        for item_id, row in latest.items():
+            delta_vectors[self._delta_row[item_id]] = vectors[row]
+            base_row = self._base_row.get(item_id)
+            if base_row is not None:
+                stale[base_row] = True
+        self._snapshot = IndexSnapshot(
+            snap.base, snap.base_item_ids, snap.base_vectors, stale, int(stale.sum()),
+            tuple(delta_ids), delta_vectors, version, self._clock(),
+        )  # fmt: skip
+
+    def _rebuild(self, snap: IndexSnapshot, latest: dict[str, int], vectors: np.ndarray, version: int) -> None:
+        """Fold base, delta and this batch into a new base, built off to the side, then swap."""
+        merged: dict[str, np.ndarray] = {}
+        for row, item_id in enumerate(snap.base_item_ids):
+            if not snap.base_stale[row]:
+                merged[item_id] = snap.base_vectors[row]
+        for row, item_id in enumerate(snap.delta_item_ids):
+            merged[item_id] = snap.delta_vectors[row]
+        for item_id, row in latest.items():
+            merged[item_id] = vectors[row]
+        item_ids = tuple(merged)
+        base_vectors = np.stack(list(merged.values())).astype(np.float32, copy=False)  # (N, D)
+        started_s = time.perf_counter()
+        base = self._build_base(base_vectors)
+        self._base_row = {item_id: row for row, item_id in enumerate(item_ids)}
+        self._delta_row = {}
+        empty = np.zeros((0, self.dim), dtype=np.float32)
+        self._snapshot = IndexSnapshot(
+            base, item_ids, base_vectors, np.zeros(len(item_ids), bool), 0, (), empty, version, self._clock()
+        )
+        logger.info(
+            "index base rebuilt factory=%s items=%d version=%d build_s=%.3f",
+            self.factory, len(item_ids), version, time.perf_counter() - started_s,
+        )  # fmt: skip
+
+    def _build_base(self, base_vectors: np.ndarray) -> faiss.Index:
+        base = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+        if not base.is_trained:
+            base.train(base_vectors)
+        base.add(base_vectors)
+        params = faiss.ParameterSpace()
+        for name, value in self.search_params.items():
+            params.set_index_parameter(base, name, value)
+        return base
+
+    def replace_all(self, item_ids: Sequence[str], vectors: np.ndarray, versions: np.ndarray) -> None:
+        """Replace every item (e.g. from a snapshot): build a new base off to the side, then swap."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(item_ids), self.dim) or len(versions) != len(item_ids):
+            raise ValueError(
+                f"expected vectors ({len(item_ids)}, {self.dim}) and {len(item_ids)} versions, "
+                f"got {vectors.shape} and {len(versions)}"
+            )
+        if len(set(item_ids)) != len(item_ids):
+            raise ValueError("item_ids must be unique")
+        with self._write_lock:
+            self._versions = {item_id: int(v) for item_id, v in zip(item_ids, versions, strict=True)}
+            version = max(self._versions.values(), default=0)
+            empty = np.zeros((0, self.dim), dtype=np.float32)
+            self._base_row, self._delta_row = {}, {}
+            blank = IndexSnapshot(None, (), empty, np.zeros(0, bool), 0, (), empty, version, self._clock())
+            if item_ids:
+                self._rebuild(blank, {item_id: row for row, item_id in enumerate(item_ids)}, vectors, version)
+            else:
+                self._snapshot = blank
+
+    def export(self) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+        """All live items as ``(item_ids, vectors (N, D) float32, versions (N,) int64)``."""
+        with self._write_lock:
+            snap = self._snapshot
+            live = [(item_id, snap.base_vectors[row]) for row, item_id in enumerate(snap.base_item_ids)
+                    if not snap.base_stale[row]]  # fmt: skip
+            live.extend(zip(snap.delta_item_ids, snap.delta_vectors, strict=True))
+            item_ids = tuple(item_id for item_id, _ in live)
+            vectors = np.stack([v for _, v in live]) if live else np.zeros((0, self.dim), np.float32)
+            versions = np.array([self._versions[item_id] for item_id in item_ids], dtype=np.int64)
+        return item_ids, vectors.astype(np.float32, copy=False), versions

@@ -1,0 +1,34 @@
+"""Serving metrics, defined once for the package. Labels are bounded: never a user or item id."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 2.5)
+
+HTTP_REQUEST_SECONDS = Histogram(
+    "sitn_serving_http_request_seconds",
+    "HTTP request latency by route template, method and status code.",
+    ["route", "method", "status"],
+    buckets=LATENCY_BUCKETS_S,
+)
+RECOMMENDATIONS = Counter(
+    "sitn_serving_recommendations",
+    "Recommendation requests answered, by the path that served them.",
+    ["served_by"],
+)
+INDEX_VERSION = Gauge("sitn_serving_index_version", "Highest item-embedding version in the live index.")
+INDEX_SIZE = Gauge("sitn_serving_index_items", "Items in the live index.")
+INDEX_AGE_SECONDS = Gauge("sitn_serving_index_age_seconds", "Seconds since the live index was last swapped.")
+USERS = Gauge("sitn_serving_users", "Users with query vectors.")
+UPDATES_APPLIED = Counter(
+    "sitn_serving_updates_applied", "Embedding updates applied, by kind.", ["kind"]
+)
+UPDATES_REJECTED = Counter(
+    "sitn_serving_updates_rejected", "Embedding updates rejected (bad or stale), by reason.", ["reason"]
+)
+CONSUMER_OFFSET_LAG = Gauge(
+    "sitn_serving_consumer_lag_messages", "Messages between the update consumer's position and the log end."
+)
+
+ROUTE_UNMATCHED = "unmatched"  # the route label for paths that match no route (bounded)

@@ -1,0 +1,287 @@
+"""The recommendation service: plain Python, no HTTP, no PyTorch. HTTP and Kafka are thin shells on it.
+
+>>> service = RecommendationService(dim=2, popularity_refresh_s=0.0)
+>>> stats = service.apply_updates([
+...     EmbeddingUpdate("item", "a", 1, 1, (1.0, 0.0)),
+...     EmbeddingUpdate("item", "b", 1, 1, (0.0, 1.0)),
+...     EmbeddingUpdate("user", "u1", 1, 2, (1.0, 0.0, 0.0, 0.5)),  # 2 views of dim 2
+... ])
+>>> stats.items_applied, stats.users_applied
+(2, 1)
+>>> rec = service.recommend("u1", k=2)
+>>> rec.served_by, [(s.item_id, s.score) for s in rec.items]
+('model', [('a', 1.0), ('b', 0.5)])
+>>> service.record_consumed("u1", ["a"])
+>>> [s.item_id for s in service.recommend("u1", k=2).items]
+['b']
+>>> service.recommend("stranger", k=2).served_by
+'popularity'
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving import metrics
+from serving.index import ItemIndex, set_faiss_threads
+from serving.store import ConsumedItems, PopularityCounter, UserVectorStore
+from stream.events import MAX_ID_CHARS, EmbeddingUpdate
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 1000
+SNAPSHOT_FORMAT = 1
+
+
+def validate_update(update: EmbeddingUpdate, dim: int) -> None:
+    """Raise ``ValueError`` naming what is wrong with ``update`` for an index of dimension ``dim``.
+
+    >>> validate_update(EmbeddingUpdate("item", "a", 1, 2, (0.0,) * 4), dim=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: item 'a': views must be 1 for items, got 2
+    """
+    where = f"{update.kind} {update.key!r}"
+    if update.kind not in ("item", "user"):
+        raise ValueError(f"update {update.key!r}: kind must be 'item' or 'user', got {update.kind!r}")
+    if not 1 <= len(update.key) <= MAX_ID_CHARS:
+        raise ValueError(f"{where}: key must have 1..{MAX_ID_CHARS} characters, got {len(update.key)}")
+    if update.version < 0:
+        raise ValueError(f"{where}: version must be >= 0, got {update.version}")
+    if update.kind == "item" and update.views != 1:
+        raise ValueError(f"{where}: views must be 1 for items, got {update.views}")
+    if update.views < 1:
+        raise ValueError(f"{where}: views must be >= 1, got {update.views}")
+    if len(update.vector) != update.views * dim:
+        raise ValueError(
+            f"{where}: vector must have views*dim = {update.views}*{dim} = {update.views * dim} floats, "
+            f"got {len(update.vector)}"
+        )
+    if not all(math.isfinite(x) for x in update.vector):
+        raise ValueError(f"{where}: vector has a non-finite value")
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredItem:
+    item_id: str
+    score: float  # inner product for "model", interaction count for "popularity"
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    user_id: str
+    items: tuple[ScoredItem, ...]
+    served_by: str  # "model" | "popularity"
+    index_version: int
+    index_age_s: float
+    index_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateStats:
+    items_applied: int
+    users_applied: int
+    stale_ignored: int  # updates older than the stored version of their key
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    path: str
+    version: int
+    items: int
+    users: int
+
+
+class RecommendationService:
+    """FAISS item index + user query vectors + consumed sets + popularity, behind one small API.
+
+    Args:
+        dim: embedding dimension D shared by items and user views.
+        index_factory, search_params, merge_threshold_rows: see :class:`serving.index.ItemIndex`.
+        max_consumed_per_user: how many consumed items are remembered (and excluded) per user.
+        popularity_refresh_s: how often the popularity ranking is re-sorted under writes.
+        faiss_threads: FAISS OpenMP threads (process-wide); 1 suits single queries. None: leave as is.
+        clock: wall clock in unix seconds, for the index age.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        index_factory: str = "Flat",
+        search_params: Mapping[str, int] | None = None,
+        merge_threshold_rows: int = 4096,
+        max_consumed_per_user: int = 500,
+        popularity_refresh_s: float = 1.0,
+        faiss_threads: int | None = 1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if faiss_threads is not None:
+            set_faiss_threads(faiss_threads)
+        self.dim = dim
+        self.index = ItemIndex(dim, index_factory, search_params, merge_threshold_rows, clock)
+        self.users = UserVectorStore(dim)
+        self.consumed = ConsumedItems(max_consumed_per_user)
+        self.popularity = PopularityCounter(popularity_refresh_s)
+
+    # --- updates -----------------------------------------------------------------------------
+
+    def apply_updates(self, updates: Iterable[EmbeddingUpdate]) -> UpdateStats:
+        """Validate every update (all or nothing), then upsert items as one batch and users one by one."""
+        batch = list(updates)
+        for update in batch:
+            validate_update(update, self.dim)
+        items = [u for u in batch if u.kind == "item"]
+        applied_items = 0
+        if items:
+            vectors = np.array([u.vector for u in items], dtype=np.float32).reshape(len(items), self.dim)
+            applied_items = self.index.upsert([u.key for u in items], vectors, [u.version for u in items])
+        applied_users = 0
+        for update in batch:
+            if update.kind == "user":
+                vectors = np.array(update.vector, dtype=np.float32).reshape(update.views, self.dim)  # (V, D)
+                applied_users += self.users.upsert(update.key, vectors, update.version)
+        stale = len(batch) - applied_items - applied_users
+        metrics.UPDATES_APPLIED.labels(kind="item").inc(applied_items)
+        metrics.UPDATES_APPLIED.labels(kind="user").inc(applied_users)
+        if stale:
+            metrics.UPDATES_REJECTED.labels(reason="stale").inc(stale)
+        self.refresh_gauges()
+        return UpdateStats(applied_items, applied_users, stale)
+
+    def record_consumed(self, user_id: str, item_ids: Iterable[str]) -> None:
+        """Remember that ``user_id`` consumed ``item_ids`` (excluded from their results) and count them."""
+        item_ids = list(item_ids)
+        self.consumed.add(user_id, item_ids)
+        self.popularity.add(item_ids)
+
+    def record_popularity(self, item_ids: Iterable[str]) -> None:
+        self.popularity.add(item_ids)
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def recommend(self, user_id: str, k: int = 10) -> Recommendation:
+        """Top ``k`` items for ``user_id``: the model path if the user has vectors, else popularity."""
+        if not isinstance(user_id, str) or not 1 <= len(user_id) <= MAX_ID_CHARS:
+            got = len(user_id) if isinstance(user_id, str) else type(user_id).__name__
+            raise ValueError(f"user_id must be a string of 1..{MAX_ID_CHARS} characters, got {got}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+        snap = self.index.snapshot
+        exclude = self.consumed.get(user_id)
+        queries = self.users.get(user_id)  # (V, D) or None
+        if queries is not None and snap.size > 0:
+            items = tuple(ScoredItem(i, s) for i, s in self.index.search(queries, k, exclude))
+            served_by = "model"
+        else:
+            items = tuple(ScoredItem(i, float(c)) for i, c in self.popularity.top(k, exclude))
+            served_by = "popularity"
+        metrics.RECOMMENDATIONS.labels(served_by=served_by).inc()
+        age_s = max(0.0, time.time() - snap.updated_at_unix_s)
+        return Recommendation(user_id, items, served_by, snap.version, age_s, snap.size)
+
+    def health(self) -> dict[str, float | int | bool]:
+        snap = self.index.snapshot
+        return {
+            "index_version": snap.version,
+            "index_items": snap.size,
+            "index_age_s": round(self.index.age_s(), 3),
+            "users": len(self.users),
+            "ready": snap.size > 0,
+        }
+
+    def refresh_gauges(self) -> None:
+        metrics.INDEX_VERSION.set(self.index.version)
+        metrics.INDEX_SIZE.set(self.index.size)
+        metrics.INDEX_AGE_SECONDS.set(self.index.age_s())
+        metrics.USERS.set(len(self.users))
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def save_snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
+        """Write every item, user, consumed set and popularity count to one ``.npz`` file, atomically."""
+        path = Path(path)
+        item_ids, item_vectors, item_versions = self.index.export()
+        users = self.users.export()
+        consumed = self.consumed.export()
+        popularity = self.popularity.export()
+        user_vectors = np.concatenate([x for _, _, x in users]) if users else np.zeros((0, self.dim), np.float32)
+        version = max([int(item_versions.max(initial=0)), *(v for _, v, _ in users)])
+        meta = {"format": SNAPSHOT_FORMAT, "dim": self.dim, "version": version, "created_at_unix_s": time.time()}
+        arrays = {
+            "meta": np.array(json.dumps(meta)),
+            "item_ids": _str_array(item_ids),
+            "item_vectors": item_vectors,  # (N_items, D)
+            "item_versions": item_versions,
+            "user_ids": _str_array([u for u, _, _ in users]),
+            "user_versions": np.array([v for _, v, _ in users], dtype=np.int64),
+            "user_views": np.array([len(x) for _, _, x in users], dtype=np.int64),
+            "user_vectors": user_vectors,  # (sum of V, D)
+            "consumed_user_ids": _str_array([u for u, _ in consumed]),
+            "consumed_item_ids": _str_array([i for _, i in consumed]),
+            "popular_item_ids": _str_array([i for i, _ in popularity]),
+            "popular_counts": np.array([c for _, c in popularity], dtype=np.int64),
+        }
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, path)
+        info = SnapshotInfo(str(path), version, len(item_ids), len(users))
+        logger.info("snapshot saved path=%s version=%d items=%d users=%d", path, version, info.items, info.users)
+        return info
+
+    def restore_snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
+        """Replace all state with the snapshot at ``path``; readers keep being served meanwhile."""
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != SNAPSHOT_FORMAT or meta.get("dim") != self.dim:
+                raise ValueError(
+                    f"snapshot {path}: format {meta.get('format')!r} dim {meta.get('dim')!r}, "
+                    f"this service reads format {SNAPSHOT_FORMAT} dim {self.dim}"
+                )
+            item_ids = data["item_ids"].tolist()
+            self.index.replace_all(item_ids, data["item_vectors"], data["item_versions"])
+            offsets = np.concatenate([[0], np.cumsum(data["user_views"])])
+            user_vectors = data["user_vectors"]
+            self.users.replace_all(
+                (user_id, int(version), user_vectors[offsets[row] : offsets[row + 1]])
+                for row, (user_id, version) in enumerate(
+                    zip(data["user_ids"].tolist(), data["user_versions"].tolist(), strict=True)
+                )
+            )
+            self.consumed.replace_all(
+                zip(data["consumed_user_ids"].tolist(), data["consumed_item_ids"].tolist(), strict=True)
+            )
+            self.popularity.replace_all(
+                zip(data["popular_item_ids"].tolist(), data["popular_counts"].tolist(), strict=True)
+            )
+        self.refresh_gauges()
+        info = SnapshotInfo(str(path), int(meta["version"]), len(item_ids), len(self.users))
+        logger.info("snapshot restored path=%s version=%d items=%d users=%d", path, info.version, info.items, info.users)
+        return info
+
+    @classmethod
+    def from_snapshot(cls, path: str | os.PathLike[str], **kwargs: object) -> RecommendationService:
+        """A new service (e.g. a new replica) started from a snapshot; ``kwargs`` as for the constructor."""
+        with np.load(path, allow_pickle=False) as data:
+            dim = int(json.loads(str(data["meta"]))["dim"])
+        service = cls(dim, **kwargs)  # type: ignore[arg-type]
+        service.restore_snapshot(path)
+        return service
+
+
+def _str_array(values: Iterable[str]) -> np.ndarray:
+    values = list(values)
+    return np.array(values, dtype=str) if values else np.zeros(0, dtype="U1")

@@ -1,0 +1,49 @@
+"""Serving settings: one frozen, typed object per process, read from ``SITN_SERVING_*`` variables.
+
+Only the entry point constructs it (``ServingSettings()`` reads the environment); library code
+receives it as an argument.
+
+>>> settings = ServingSettings(admin_token="0123456789abcdef", port=9000)
+>>> settings.host, settings.port, str(settings.admin_token)
+('127.0.0.1', 9000, '**********')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_TOKEN_CHARS = 16
+
+
+class ServingSettings(BaseSettings):
+    """Settings for ``sitn serve``; every field can be set as ``SITN_SERVING_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="SITN_SERVING_", frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="interface to bind; the default keeps the API local")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    admin_token: SecretStr | None = Field(
+        None, description=f"bearer token for /admin/* (>= {MIN_TOKEN_CHARS} chars); unset disables admin"
+    )
+    snapshot_path: Path | None = Field(None, description="file that /admin/snapshot writes and /admin/reload reads")
+    dim: int = Field(64, ge=1, le=4096, description="embedding dimension D")
+    index_factory: str = Field("Flat", description="FAISS index_factory string for the item index")
+    merge_threshold_rows: int = Field(4096, ge=1, description="delta rows that trigger a base rebuild")
+    max_consumed_per_user: int = Field(500, ge=1, description="consumed items remembered per user")
+    popularity_refresh_s: float = Field(1.0, ge=0, description="popularity re-sort interval under writes")
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma separated")
+    updates_topic: str = Field("sitn.embedding-updates", description="compacted topic of embedding updates")
+    update_batch_size: int = Field(512, ge=1, description="updates applied per batch by the consumer")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"admin_token must have at least {MIN_TOKEN_CHARS} characters, "
+                f"got {len(value.get_secret_value())}"
+            )
+        return value
