@@ -87,7 +87,9 @@ class LatencyMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", metrics.ROUTE_UNMATCHED)
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
-            metrics.HTTP_REQUEST_SECONDS.labels(route, method, str(status)).observe(time.perf_counter() - started_s)
+            metrics.HTTP_REQUEST_SECONDS.labels(route, method, str(status)).observe(
+                time.perf_counter() - started_s
+            )
 
 
 def _describe(value: Any) -> str:
@@ -104,7 +106,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         name = str(loc[-1]) if loc else "request"
         received = "nothing" if error.get("type") == "missing" else _describe(error.get("input"))
         allowed = ALLOWED.get(name, error.get("msg", ""))
-        problems.append({"parameter": name, "in": str(loc[0]) if loc else "", "received": received, "allowed": allowed})
+        problems.append(
+            {"parameter": name, "in": str(loc[0]) if loc else "", "received": received, "allowed": allowed}
+        )
     detail = "; ".join(f"{p['in']} parameter {p['parameter']!r}: received {p['received']}, allowed: {p['allowed']}"
                        for p in problems)  # fmt: skip
     return JSONResponse(status_code=422, content={"detail": detail, "errors": problems})
@@ -150,7 +154,11 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
             "k": k,
             "served_by": rec.served_by,
             "items": [{"item_id": s.item_id, "score": s.score} for s in rec.items],
-            "index": {"version": rec.index_version, "age_s": round(rec.index_age_s, 3), "items": rec.index_size},
+            "index": {
+                "version": rec.index_version,
+                "age_s": round(rec.index_age_s, 3),
+                "items": rec.index_size,
+            },
         }
 
     @app.get("/healthz")
@@ -205,7 +213,9 @@ class ServerHandle:
             raise TimeoutError(f"HTTP server on {self.url} did not stop within {timeout_s} s")
 
 
-def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10.0) -> ServerHandle:
+def serve_in_thread(
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10.0
+) -> ServerHandle:
     """Start uvicorn on ``host:port`` (0 picks a free port) in a daemon thread; return once it listens."""
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, name="sitn-serving-http", daemon=True)

@@ -148,7 +148,9 @@ class ItemIndex:
         return merge_by_max(per_view, k)
 
     @staticmethod
-    def _search_base(snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: Collection[str]) -> list[ScoredItems]:
+    def _search_base(
+        snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: Collection[str]
+    ) -> list[ScoredItems]:
         if snap.base is None or snap.base.ntotal == 0:
             return []
         n_total = snap.base.ntotal
@@ -175,7 +177,9 @@ class ItemIndex:
             fetch = min(n_total, fetch * 2)
 
     @staticmethod
-    def _search_delta(snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: Collection[str]) -> list[ScoredItems]:
+    def _search_delta(
+        snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: Collection[str]
+    ) -> list[ScoredItems]:
         n_delta = len(snap.delta_item_ids)
         if n_delta == 0:
             return []
@@ -216,7 +220,9 @@ class ItemIndex:
                 self._publish_delta(snap, latest, vectors, new_version)
             return len(latest)
 
-    def _publish_delta(self, snap: IndexSnapshot, latest: dict[str, int], vectors: np.ndarray, version: int) -> None:
+    def _publish_delta(
+        self, snap: IndexSnapshot, latest: dict[str, int], vectors: np.ndarray, version: int
+    ) -> None:
         stale = snap.base_stale.copy()
         delta_ids = list(snap.delta_item_ids)
         new_ids = [item_id for item_id in latest if item_id not in self._delta_row]
@@ -235,7 +241,9 @@ class ItemIndex:
             tuple(delta_ids), delta_vectors, version, self._clock(),
         )  # fmt: skip
 
-    def _rebuild(self, snap: IndexSnapshot, latest: dict[str, int], vectors: np.ndarray, version: int) -> None:
+    def _rebuild(
+        self, snap: IndexSnapshot, latest: dict[str, int], vectors: np.ndarray, version: int
+    ) -> None:
         """Fold base, delta and this batch into a new base, built off to the side, then swap."""
         merged: dict[str, np.ndarray] = {}
         for row, item_id in enumerate(snap.base_item_ids):

@@ -215,9 +215,16 @@ class RecommendationService:
         users = self.users.export()
         consumed = self.consumed.export()
         popularity = self.popularity.export()
-        user_vectors = np.concatenate([x for _, _, x in users]) if users else np.zeros((0, self.dim), np.float32)
+        user_vectors = (
+            np.concatenate([x for _, _, x in users]) if users else np.zeros((0, self.dim), np.float32)
+        )
         version = max([int(item_versions.max(initial=0)), *(v for _, v, _ in users)])
-        meta = {"format": SNAPSHOT_FORMAT, "dim": self.dim, "version": version, "created_at_unix_s": time.time()}
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "dim": self.dim,
+            "version": version,
+            "created_at_unix_s": time.time(),
+        }
         arrays = {
             "meta": np.array(json.dumps(meta)),
             "item_ids": _str_array(item_ids),
@@ -239,7 +246,9 @@ class RecommendationService:
         tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, path)
         info = SnapshotInfo(str(path), version, len(item_ids), len(users))
-        logger.info("snapshot saved path=%s version=%d items=%d users=%d", path, version, info.items, info.users)
+        logger.info(
+            "snapshot saved path=%s version=%d items=%d users=%d", path, version, info.items, info.users
+        )
         return info
 
     def restore_snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
@@ -269,7 +278,13 @@ class RecommendationService:
             )
         self.refresh_gauges()
         info = SnapshotInfo(str(path), int(meta["version"]), len(item_ids), len(self.users))
-        logger.info("snapshot restored path=%s version=%d items=%d users=%d", path, info.version, info.items, info.users)
+        logger.info(
+            "snapshot restored path=%s version=%d items=%d users=%d",
+            path,
+            info.version,
+            info.items,
+            info.users,
+        )
         return info
 
     @classmethod

@@ -28,7 +28,9 @@ class ServingSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description=f"bearer token for /admin/* (>= {MIN_TOKEN_CHARS} chars); unset disables admin"
     )
-    snapshot_path: Path | None = Field(None, description="file that /admin/snapshot writes and /admin/reload reads")
+    snapshot_path: Path | None = Field(
+        None, description="file that /admin/snapshot writes and /admin/reload reads"
+    )
     dim: int = Field(64, ge=1, le=4096, description="embedding dimension D")
     index_factory: str = Field("Flat", description="FAISS index_factory string for the item index")
     merge_threshold_rows: int = Field(4096, ge=1, description="delta rows that trigger a base rebuild")

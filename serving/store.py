@@ -159,7 +159,8 @@ class PopularityCounter:
 
     def _refresh_locked(self) -> None:
         n = len(self._item_ids)
-        order = np.argsort(-self._counts[:n], kind="stable")[: self.ranking_size]  # count desc, then first seen
+        # count desc, ties by first seen
+        order = np.argsort(-self._counts[:n], kind="stable")[: self.ranking_size]
         self._ranking = tuple((self._item_ids[row], int(self._counts[row])) for row in order.tolist())
         self._dirty = False
         self._refreshed_at_s = self._clock()
