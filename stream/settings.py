@@ -1,0 +1,122 @@
+"""Runtime settings of the event stream: one frozen, typed object read from ``SITN_*`` environment variables.
+
+Read it once at the entry point (``StreamSettings()``) and pass it down; library code never reads the
+environment. ``kafka_bootstrap_servers`` unset means the embedded, file-backed log is used.
+
+>>> s = StreamSettings(kafka_bootstrap_servers="127.0.0.1:9092", sasl_plain_password="hunter2")
+>>> "hunter2" in repr(s)
+False
+>>> kafka_client_kwargs(s)["bootstrap_servers"]
+'127.0.0.1:9092'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+
+
+class StreamSettings(BaseSettings):
+    """Where events come from and go to, and how they are consumed. Environment prefix ``SITN_``."""
+
+    model_config = SettingsConfigDict(env_prefix="SITN_", frozen=True, extra="forbid")
+
+    # -- backend ----------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        None, description="host:port[,host:port]; unset = the embedded file-backed log"
+    )
+    embedded_log_dir: Path = Field(Path("var/stream"), description="directory of the embedded log")
+    embedded_fsync: bool = Field(False, description="fsync the embedded log on every flush (durable, slower)")
+    embedded_segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="embedded segment size")
+
+    # -- topics -----------------------------------------------------------------------------------
+    topic_interactions: str = "sitn.interactions"
+    topic_dead_letters: str = "sitn.interactions.dead-letters"
+    topic_embedding_updates: str = "sitn.embedding-updates"
+    partitions: int = Field(4, ge=1, le=1024, description="partitions of the interactions topic")
+    replication_factor: int = Field(1, ge=1, description="replication factor of created Kafka topics")
+    domains: tuple[str, str] = Field(("movie", "book"), description="(source, target) domains accepted")
+
+    # -- consuming --------------------------------------------------------------------------------
+    consumer_group: str = "sitn-learner"
+    batch_size: int = Field(2000, ge=1, le=100_000, description="max records per poll")
+    poll_timeout_s: float = Field(0.5, gt=0, le=60)
+    max_poll_interval_s: float = Field(
+        600.0, ge=10, description="Kafka max_poll_interval_ms: longest gap between polls before eviction"
+    )
+    session_timeout_s: float = Field(45.0, ge=6, le=1800)
+    max_history: int = Field(50, ge=1, description="items kept per user per domain")
+    max_users: int = Field(1_000_000, ge=1, description="users kept per partition (LRU)")
+
+    # -- Kafka security passthrough ---------------------------------------------------------------
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _servers_have_ports(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"each bootstrap server must be host:port, got {server!r} in {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _sasl_is_complete(self) -> StreamSettings:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(f"security_protocol={self.security_protocol} needs sasl_mechanism")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
+            self.sasl_plain_username is None or self.sasl_plain_password is None
+        ):
+            raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs sasl_plain_username and _password")
+        return self
+
+    @property
+    def uses_kafka(self) -> bool:
+        return self.kafka_bootstrap_servers is not None
+
+
+def kafka_client_kwargs(settings: StreamSettings) -> dict[str, Any]:
+    """Connection and security keyword arguments shared by KafkaProducer, KafkaConsumer and KafkaAdminClient.
+
+    Only the options that are set are passed, so kafka-python keeps its own defaults for the rest.
+
+    >>> kafka_client_kwargs(StreamSettings(kafka_bootstrap_servers="h:1"))
+    {'bootstrap_servers': 'h:1', 'security_protocol': 'PLAINTEXT'}
+    """
+    if settings.kafka_bootstrap_servers is None:
+        raise ValueError("kafka_bootstrap_servers is unset: the embedded log is configured, not Kafka")
+    out: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism is not None:
+        out["sasl_mechanism"] = settings.sasl_mechanism
+    if settings.sasl_plain_username is not None:
+        out["sasl_plain_username"] = settings.sasl_plain_username
+    if settings.sasl_plain_password is not None:
+        out["sasl_plain_password"] = settings.sasl_plain_password.get_secret_value()
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(settings, name)
+        if value is not None:
+            out[name] = str(value)
+    if settings.ssl_password is not None:
+        out["ssl_password"] = settings.ssl_password.get_secret_value()
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        out["ssl_check_hostname"] = settings.ssl_check_hostname
+    return out

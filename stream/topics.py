@@ -1,0 +1,83 @@
+"""The project's Kafka topics and their creation (idempotent) through KafkaAdminClient.
+
+- interactions: ``settings.partitions`` partitions, keyed by user_id, time-retained.
+- dead letters: 1 partition (low volume; ordered per source partition by key anyway).
+- embedding updates: 1 partition, compacted: only the latest vector per key matters.
+
+>>> [t.name for t in topic_specs(StreamSettings(partitions=8))]
+['sitn.interactions', 'sitn.interactions.dead-letters', 'sitn.embedding-updates']
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from stream.settings import StreamSettings, kafka_client_kwargs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(settings: StreamSettings) -> list[TopicSpec]:
+    return [
+        TopicSpec(settings.topic_interactions, settings.partitions),
+        TopicSpec(settings.topic_dead_letters, 1),
+        TopicSpec(settings.topic_embedding_updates, 1, {"cleanup.policy": "compact"}),
+    ]
+
+
+def ensure_topics(settings: StreamSettings, timeout_s: float = 30.0) -> list[str]:
+    """Create the topics that do not exist yet; return the names created. Waits until they have leaders.
+
+    An existing interactions topic with a different partition count is an error (changing it would move
+    users between partitions and break their order).
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import TopicAlreadyExistsError
+
+    from sitn.errors import ConfigError
+
+    admin = KafkaAdminClient(**kafka_client_kwargs(settings), client_id="sitn-admin")
+    try:
+        existing = set(admin.list_topics())
+        specs = topic_specs(settings)
+        missing = [s for s in specs if s.name not in existing]
+        created: list[str] = []
+        if missing:
+            result = admin.create_topics(
+                {
+                    s.name: {
+                        "num_partitions": s.partitions,
+                        "replication_factor": settings.replication_factor,
+                        "configs": s.configs,
+                    }
+                    for s in missing
+                },
+                timeout_ms=int(timeout_s * 1000),
+                raise_errors=False,
+            )
+            for topic in result["topics"]:
+                code = topic["error_code"]
+                if code == 0:
+                    created.append(topic["name"])
+                elif code != TopicAlreadyExistsError.errno:  # a concurrent creator won the race: fine
+                    raise ConfigError(f"creating topic {topic['name']!r} failed: error_code={code} {topic}")
+            admin.wait_for_topics([s.name for s in specs], timeout_ms=int(timeout_s * 1000))
+        interactions = admin.describe_topics([settings.topic_interactions])[0]
+        have = len(interactions["partitions"])
+        if have != settings.partitions:
+            raise ConfigError(
+                f"topic {settings.topic_interactions!r} has {have} partitions, configured {settings.partitions}"
+            )
+        if created:
+            log.info("created topics names=%s partitions=%s", created, settings.partitions)
+        return created
+    finally:
+        admin.close()
