@@ -37,6 +37,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 ScoredItems = list[tuple[str, float]]
+MIN_TRAIN_ROWS_PER_LIST = 39  # FAISS's own minimum of training points per IVF list
 
 
 def set_faiss_threads(threads: int) -> None:
@@ -269,13 +270,28 @@ class ItemIndex:
         )  # fmt: skip
 
     def _build_base(self, base_vectors: np.ndarray) -> faiss.Index:
+        """A new base over ``base_vectors`` (N, D); IVF is retrained every time, so it follows drift.
+
+        An IVF factory with fewer than ``MIN_TRAIN_ROWS_PER_LIST * nlist`` items falls back to an exact
+        flat index: too few points to train the lists, and a small catalogue is fast to scan anyway.
+        """
         base = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.try_extract_index_ivf(base)
+        nlist = 0 if ivf is None else int(ivf.nlist)
+        fall_back = len(base_vectors) < MIN_TRAIN_ROWS_PER_LIST * nlist
+        if fall_back:
+            logger.info(
+                "index factory=%s nlist=%d items=%d: too few to train, using an exact flat base",
+                self.factory, nlist, len(base_vectors),
+            )  # fmt: skip
+            base = faiss.IndexFlatIP(self.dim)
         if not base.is_trained:
             base.train(base_vectors)
         base.add(base_vectors)
-        params = faiss.ParameterSpace()
-        for name, value in self.search_params.items():
-            params.set_index_parameter(base, name, value)
+        if not fall_back:
+            params = faiss.ParameterSpace()
+            for name, value in self.search_params.items():
+                params.set_index_parameter(base, name, value)
         return base
 
     def replace_all(self, item_ids: Sequence[str], vectors: np.ndarray, versions: np.ndarray) -> None:

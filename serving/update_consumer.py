@@ -1,0 +1,192 @@
+"""Kafka consumer of the compacted embedding-updates topic (key ``kind:key``) that feeds a service.
+
+A serving replica is a pure function of that topic: on start it reads every partition from the
+beginning (no consumer group, nothing committed) and applies updates in batches. Per-key versions
+in the service make replays idempotent: an update older than the stored version is ignored, so a
+replica restored from a snapshot can replay the whole topic safely.
+
+Order, per poll: decode and validate each record -> apply the valid ones as one batch -> only then
+advance ``positions`` (the next offset to read, per partition) and ``max_version``. A record that
+fails to decode or validate is data, not a bug: it is logged with its partition, offset and reason,
+counted in ``sitn_serving_updates_rejected``, and skipped. Any other exception propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from serving import metrics
+from serving.service import RecommendationService, validate_update
+from sitn.errors import BrokerError, EventDecodeError
+from stream.events import EmbeddingUpdate, decode_update
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaConsumerLike(Protocol):
+    """The part of ``kafka.KafkaConsumer`` this module uses (an in-memory fake implements it in tests)."""
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None: ...
+    def assign(self, partitions: list[Any]) -> None: ...
+    def seek_to_beginning(self, *partitions: Any) -> None: ...
+    def end_offsets(self, partitions: list[Any]) -> Mapping[Any, int]: ...
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> Mapping[Any, list[Any]]: ...
+    def position(self, partition: Any) -> int: ...
+    def close(self) -> None: ...
+
+
+class UpdateConsumer:
+    """Reads the updates topic from the beginning and applies it to ``service`` in batches.
+
+    Args:
+        service: the service to feed.
+        consumer: a ``kafka.KafkaConsumer`` created with ``group_id=None`` (see :meth:`connect`).
+        topic: the compacted updates topic.
+        batch_size: most records applied per batch.
+        poll_timeout_ms: how long one poll waits for records.
+    """
+
+    def __init__(
+        self,
+        service: RecommendationService,
+        consumer: KafkaConsumerLike,
+        topic: str,
+        batch_size: int = 512,
+        poll_timeout_ms: int = 200,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.service = service
+        self.consumer = consumer
+        self.topic = topic
+        self.batch_size = batch_size
+        self.poll_timeout_ms = poll_timeout_ms
+        self.positions: dict[int, int] = {}  # partition -> next offset to read (all before it applied)
+        self.end_offsets_at_start: dict[int, int] = {}
+        self.max_version = -1
+        self.applied = 0
+        self.rejected = 0
+        self.caught_up = threading.Event()  # set once every partition reached its end offset at start
+        self._assigned: list[Any] = []
+
+    @classmethod
+    def connect(
+        cls,
+        service: RecommendationService,
+        bootstrap_servers: str,
+        topic: str,
+        batch_size: int = 512,
+        poll_timeout_ms: int = 200,
+        metadata_timeout_s: float = 30.0,
+    ) -> UpdateConsumer:
+        """Create a kafka-python consumer (no group, auto-commit off) and start from the beginning."""
+        from kafka import KafkaConsumer  # imported here so tests with a fake need no broker client
+
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers.split(","),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        update_consumer = cls(service, consumer, topic, batch_size, poll_timeout_ms)
+        update_consumer.start(metadata_timeout_s)
+        return update_consumer
+
+    def start(self, metadata_timeout_s: float = 30.0) -> None:
+        """Assign every partition of the topic and seek to the beginning."""
+        from kafka import TopicPartition
+
+        deadline_s = time.monotonic() + metadata_timeout_s
+        partitions = self.consumer.partitions_for_topic(self.topic)
+        while not partitions:
+            if time.monotonic() > deadline_s:
+                raise BrokerError(f"topic {self.topic!r} has no partitions after {metadata_timeout_s} s")
+            time.sleep(0.1)  # metadata arrives asynchronously; nothing to wait on but the next poll
+            partitions = self.consumer.partitions_for_topic(self.topic)
+        assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._assigned = assigned
+        self.consumer.assign(assigned)
+        self.consumer.seek_to_beginning(*assigned)
+        ends = self.consumer.end_offsets(assigned)
+        self.end_offsets_at_start = {tp.partition: int(ends[tp]) for tp in assigned}
+        self.positions = {tp.partition: 0 for tp in assigned}
+        self._check_caught_up()
+        logger.info("update consumer started topic=%s end_offsets=%s", self.topic, self.end_offsets_at_start)
+
+    def poll_once(self) -> int:
+        """Poll, apply one batch, advance positions; return how many updates were applied."""
+        records_by_partition = self.consumer.poll(
+            timeout_ms=self.poll_timeout_ms, max_records=self.batch_size
+        )
+        batch: list[EmbeddingUpdate] = []
+        for tp, records in records_by_partition.items():
+            for record in records:
+                update = self._decode(tp.partition, record.offset, record.value)
+                if update is not None:
+                    batch.append(update)
+        stats = self.service.apply_updates(batch) if batch else None
+        # Only now, with every returned record applied, take the fetch positions (gaps from
+        # compaction or control records included).
+        self.positions = {tp.partition: int(self.consumer.position(tp)) for tp in self._assigned}
+        if batch:
+            self.max_version = max(self.max_version, *(u.version for u in batch))
+        applied = (stats.items_applied + stats.users_applied) if stats else 0
+        self.applied += applied
+        self._report_lag()
+        self._check_caught_up()
+        return applied
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set; exceptions other than bad messages propagate."""
+        while not stop.is_set():
+            self.poll_once()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def _decode(self, partition: int, offset: int, raw: bytes | None) -> EmbeddingUpdate | None:
+        try:
+            if raw is None:
+                raise EventDecodeError("tombstone", "deletes are not supported; record skipped")
+            update = decode_update(raw)
+            validate_update(update, self.service.dim)
+        except ValueError as exc:  # EventDecodeError is a ValueError too
+            reason = exc.reason if isinstance(exc, EventDecodeError) else "invalid_update"
+            self.rejected += 1
+            metrics.UPDATES_REJECTED.labels(reason=reason).inc()
+            logger.warning("update rejected topic=%s partition=%d offset=%d reason=%s detail=%s",
+                           self.topic, partition, offset, reason, exc)  # fmt: skip
+            return None
+        return update
+
+    def _report_lag(self) -> None:
+        highwater = getattr(self.consumer, "highwater", None)
+        if highwater is None:
+            return
+        from kafka import TopicPartition
+
+        lags = [highwater(TopicPartition(self.topic, p)) for p in self.positions]
+        if all(h is not None for h in lags):
+            lag = sum(h - self.positions[p] for h, p in zip(lags, self.positions, strict=True))
+            metrics.CONSUMER_OFFSET_LAG.set(max(0, lag))
+
+    def _check_caught_up(self) -> None:
+        if not self.caught_up.is_set() and all(
+            self.positions.get(p, 0) >= end for p, end in self.end_offsets_at_start.items()
+        ):
+            self.caught_up.set()
+            logger.info("update consumer caught up topic=%s applied=%d max_version=%d",
+                        self.topic, self.applied, self.max_version)  # fmt: skip
+
+
+def key_of(update: EmbeddingUpdate) -> bytes:
+    """The compaction key of an update: ``kind:key``.
+
+    >>> key_of(EmbeddingUpdate("item", "B001", 3, 1, (0.0,)))
+    b'item:B001'
+    """
+    return f"{update.kind}:{update.key}".encode()
