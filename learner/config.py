@@ -1,0 +1,133 @@
+"""SITN model hyperparameters: one dataclass with commented defaults, saved in every checkpoint.
+
+Every component of the spec (/work/shared/SITN_SPEC.md) has a switch here so it can be ablated:
+
+- ``n_views=1``            -> a plain single-vector sequence model (attention pooling, no view selection)
+- ``cluster_counts=(K,)``  -> one prototype granularity (M=1)
+- ``use_source=False``     -> single-domain model: the same target encoder, target events only
+- ``use_i2i=False`` / ``use_i2c=False`` -> drop the instance-to-instance / instance-to-cluster losses
+
+>>> SITNConfig(n_views=1, cluster_counts=(32,)).n_views
+1
+>>> SITNConfig(n_layers=3)
+Traceback (most recent call last):
+...
+ValueError: n_layers must be 1 or 2 (the spec's encoder), got 3
+>>> SITNConfig.from_dict(SITNConfig(dim=32).to_dict()) == SITNConfig(dim=32)
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SITNConfig:
+    # -- encoder -----------------------------------------------------------------------------------
+    dim: int = 64  # d: item embedding, sequence encoder and interest vector width
+    max_len: int = 50  # L: last L items per domain kept and encoded
+    n_layers: int = 1  # self-attention layers (spec: 1-2; 1 is the default for stream throughput)
+    n_heads: int = 2  # attention heads; must divide dim
+    ffn_mult: int = 2  # feed-forward hidden width = ffn_mult * dim
+    dropout: float = 0.1  # dropout in the encoder (attention output, feed-forward, input)
+    causal: bool = False  # False: bidirectional attention over the history (it is all in the past)
+    n_views: int = 4  # V: interest vectors per user per domain (ComiRec-SA learned queries)
+    view_hidden: int = 64  # hidden width of the ComiRec-SA view scorer (W2 tanh(W1 h))
+    use_time_gap: bool = True  # add an embedding of log2-bucketed (reference time - item time)
+    n_time_gap_buckets: int = 16  # buckets of floor(log2(1 + gap_days)), the last one open-ended
+    item_init_std: float = 0.05  # new item rows are drawn from N(0, item_init_std^2)
+    initial_item_capacity: int = 1024  # rows preallocated per domain; tables double when full
+    # -- cross-domain transfer ---------------------------------------------------------------------
+    use_source: bool = True  # False: single-domain model (target events and target history only)
+    use_transfer_gate: bool = True  # gate the mapped other-domain interests (False: plain addition)
+    # -- multi-granularity (a): item level + coarse level (item cluster ids) ------------------------
+    use_coarse_level: bool = True  # add an embedding of the item's cluster id to each history token
+    n_item_clusters: int = 64  # k of the periodic k-means over item embeddings (the data has no categories)
+    # -- multi-granularity (b): prototypes at several cluster counts --------------------------------
+    cluster_counts: tuple[int, ...] = (16, 64, 256)  # {K_1..K_M}; M=1 is one count
+    # -- losses ------------------------------------------------------------------------------------
+    n_sampled_negatives: int = 256  # uniform negatives per domain per step, on top of in-batch ones
+    use_i2i: bool = True  # symmetric InfoNCE between a user's source and target summaries
+    use_i2c: bool = True  # swapped cross-domain ProtoNCE against the other domain's prototypes
+    tau_i2i: float = 0.1  # I2I temperature
+    tau_proto: float = 0.1  # I2C temperature: mean of the PCL concentrations, or the fixed fallback
+    use_pcl_concentration: bool = True  # False: every prototype uses tau_proto
+    pcl_alpha: float = 10.0  # alpha in phi = sum ||z - c|| / (n log(n + alpha))
+    proj_dim: int = 64  # output width of the 2-layer projection head used by I2I and I2C
+    lambda_i2i: float = 0.1  # weight of the I2I loss
+    lambda_i2c: float = 0.1  # weight of the I2C loss
+    i2c_warmup_steps: int = 200  # W: steps before the I2C loss switches on
+    # -- streaming prototypes ----------------------------------------------------------------------
+    recluster_every_steps: int = 100  # R: k-means (users and items) every R optimizer steps
+    reservoir_size: int = 4096  # recent user summaries kept for k-means
+    proto_ema: float = 0.9  # between re-clusterings c <- ema * c + (1 - ema) * mean(assigned batch members)
+    kmeans_iters: int = 20  # faiss k-means iterations per re-clustering
+    # -- optimisation ------------------------------------------------------------------------------
+    lr: float = 1e-3  # AdamW (dense parameters) and lazy Adam (item tables) learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay on dense parameters (item tables: none, see learner)
+    seed: int = 0  # seeds torch (own RNG stream per learner) and faiss k-means
+    # -- state bounds ------------------------------------------------------------------------------
+    max_users: int = 1_000_000  # stored per-user histories; least recently seen users are evicted
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{field} must be {allowed}, got {getattr(self, field)!r}")
+
+        positive_ints = (
+            "dim", "max_len", "n_heads", "ffn_mult", "n_views", "view_hidden", "n_time_gap_buckets",
+            "initial_item_capacity", "n_item_clusters", "proj_dim", "recluster_every_steps",
+            "reservoir_size", "kmeans_iters", "max_users",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
+        need(self.n_layers in (1, 2), "n_layers", "1 or 2 (the spec's encoder)")
+        need(self.dim % self.n_heads == 0, "n_heads", f"a divisor of dim={self.dim}")
+        need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        need(self.item_init_std > 0, "item_init_std", "> 0")
+        need(
+            isinstance(self.cluster_counts, tuple)
+            and len(self.cluster_counts) >= 1
+            and all(isinstance(k, int) and k >= 2 for k in self.cluster_counts)
+            and len(set(self.cluster_counts)) == len(self.cluster_counts),
+            "cluster_counts", "a non-empty tuple of distinct ints >= 2",
+        )
+        need(self.reservoir_size >= max(self.cluster_counts), "reservoir_size",
+             f">= the largest cluster count {max(self.cluster_counts)}")
+        need(self.n_item_clusters >= 2, "n_item_clusters", "an int >= 2")
+        need(isinstance(self.n_sampled_negatives, int) and self.n_sampled_negatives >= 0,
+             "n_sampled_negatives", "an int >= 0")
+        for name in ("tau_i2i", "tau_proto", "pcl_alpha", "lr"):
+            need(getattr(self, name) > 0, name, "> 0")
+        for name in ("lambda_i2i", "lambda_i2c", "weight_decay"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        need(isinstance(self.i2c_warmup_steps, int) and self.i2c_warmup_steps >= 0, "i2c_warmup_steps",
+             "an int >= 0")
+        need(0.0 <= self.proto_ema < 1.0, "proto_ema", "in [0, 1)")
+        need(isinstance(self.seed, int), "seed", "an int")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["cluster_counts"] = list(self.cluster_counts)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SITNConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a checkpoint from another version)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SITNConfig field(s) {unknown}; allowed: {sorted(known)}")
+        values = dict(values)
+        if "cluster_counts" in values:
+            values["cluster_counts"] = tuple(values["cluster_counts"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> SITNConfig:
+        """A copy with ``changes`` applied (and validated), e.g. for ablations."""
+        return dataclasses.replace(self, **changes)

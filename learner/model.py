@@ -1,0 +1,121 @@
+"""The SITN module: two domain encoders, gated transfer in both directions, projection heads.
+
+Roles, not domain names, key the modules: ``"source"`` and ``"target"`` (the learner maps names).
+
+Query vectors of a domain combine that domain's own interests with a learned map of the other
+domain's interests, view by view (view v of one domain is mapped onto view v of the other; the view
+queries of both encoders are learned jointly, so they can align):
+
+    m_v = W_map other_v + b                      (D -> D)
+    g_v = sigmoid(W_gate [own_v ; m_v] + b)      (use_transfer_gate; else g_v = 1)
+    q_v = own_v + g_v * m_v                      -> (B, V, D)
+
+A user with no target history has ``own_v = 0``, so the target queries come from the source side
+alone (the cold-start case). A user with no history at all gets ``q_v = g_v * b``: a learned
+"empty-history" query that training fits to users' first events, i.e. a popularity-like query.
+
+Summaries for I2I and I2C: mean of a domain's *own* views (before transfer, so the two sides are not
+trivially equal) -> 2-layer projection head (one per domain) -> L2 normalisation. The I2I loss aligns
+the two heads' outputs, so source and target summaries live in one shared space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from learner.config import SITNConfig
+from learner.encoder import DomainEncoder
+
+ROLES = ("source", "target")
+
+
+class InterestTransfer(nn.Module):
+    """Adds the gated, mapped interests of the other domain to a domain's own interests."""
+
+    def __init__(self, dim: int, gated: bool) -> None:
+        super().__init__()
+        self.map = nn.Linear(dim, dim)
+        self.gate = nn.Linear(2 * dim, dim) if gated else None
+
+    def forward(self, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``own``, ``other`` (B, V, D) -> queries (B, V, D)."""
+        mapped = self.map(other)  # (B, V, D)
+        if self.gate is None:
+            return own + mapped
+        gate = torch.sigmoid(self.gate(torch.cat([own, mapped], dim=-1)))  # (B, V, D)
+        return own + gate * mapped
+
+
+class ProjectionHead(nn.Module):
+    """Mean of views -> Linear -> GELU -> Linear -> L2 normalise."""
+
+    def __init__(self, dim: int, proj_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, proj_dim))
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """``views`` (B, V, D) -> (B, P), unit norm."""
+        return F.normalize(self.net(views.mean(dim=1)), dim=-1)
+
+
+@dataclass
+class SequenceBatch:
+    """Tensors of one domain's histories, all (B, L); see :mod:`learner.batch`."""
+
+    items: torch.Tensor  # long, item rows, 0 = padding
+    positions: torch.Tensor  # long, recency (0 = newest)
+    gaps: torch.Tensor  # long, time-gap bucket + 1, 0 = padding
+    valid: torch.Tensor  # bool
+
+
+@dataclass
+class Interests:
+    """What the model computes for a batch of users; each dict is keyed by role."""
+
+    views: dict[str, torch.Tensor]  # (B, V, D) own interests, zero where no history
+    has_history: dict[str, torch.Tensor]  # (B,) bool
+    queries: dict[str, torch.Tensor]  # (B, V, D) after transfer
+
+
+class SITNModel(nn.Module):
+    """Both domain encoders (only the target one when ``use_source=False``), transfer and heads."""
+
+    def __init__(self, config: SITNConfig) -> None:
+        super().__init__()
+        self.config = config
+        roles = ROLES if config.use_source else ("target",)
+        self.roles = roles
+        self.encoders = nn.ModuleDict({role: DomainEncoder(config) for role in roles})
+        if config.use_source:
+            # transfer[role] builds role's queries from the *other* role's interests
+            self.transfer = nn.ModuleDict(
+                {role: InterestTransfer(config.dim, config.use_transfer_gate) for role in roles}
+            )
+            self.heads = nn.ModuleDict({role: ProjectionHead(config.dim, config.proj_dim) for role in roles})
+
+    def encoder(self, role: str) -> DomainEncoder:
+        enc = self.encoders[role]
+        assert isinstance(enc, DomainEncoder)
+        return enc
+
+    def forward(self, sequences: dict[str, SequenceBatch]) -> Interests:
+        views: dict[str, torch.Tensor] = {}
+        has: dict[str, torch.Tensor] = {}
+        for role in self.roles:
+            s = sequences[role]
+            views[role], has[role] = self.encoder(role)(s.items, s.positions, s.gaps, s.valid)
+        if not self.config.use_source:
+            return Interests(views, has, dict(views))
+        queries = {
+            "source": self.transfer["source"](views["source"], views["target"]),
+            "target": self.transfer["target"](views["target"], views["source"]),
+        }
+        return Interests(views, has, queries)
+
+    def summaries(self, interests: Interests) -> dict[str, torch.Tensor]:
+        """(B, P) unit-norm summary per role (only meaningful where that role has history)."""
+        return {role: self.heads[role](interests.views[role]) for role in self.roles}
