@@ -65,7 +65,7 @@ def pcl_concentration(
 
     >>> z = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     >>> c = np.array([[1.0, 0.0], [0.0, 1.0]])
-    >>> np.round(pcl_concentration(z, c, np.array([0, 1, 1]), alpha=10.0, tau=0.1), 6).tolist()
+    >>> np.round(pcl_concentration(z, c, np.array([0, 1, 1]), alpha=10.0, tau=0.1).astype(float), 6).tolist()
     [0.1, 0.1]
     """
     k = centroids.shape[0]
