@@ -67,11 +67,49 @@ class ExampleBatch:
 
     examples: list[Example]
     positions: Positions  # only the partitions that had records in this poll
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> examples[start:end]
     dead_letters: int = 0  # records of this poll that went to the dead-letter topic
     consumer_id: str = ""  # which consumer built it (routes commits back to it)
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def without_partitions(self, partitions: frozenset[int]) -> ExampleBatch:
+        """The batch minus the examples and positions of ``partitions`` (revoked before it was delivered)."""
+        examples: list[Example] = []
+        spans: dict[int, tuple[int, int]] = {}
+        for p, (start, end) in self.spans.items():
+            if p not in partitions:
+                spans[p] = (len(examples), len(examples) + end - start)
+                examples.extend(self.examples[start:end])
+        positions = {p: pos for p, pos in self.positions.items() if p not in partitions}
+        return ExampleBatch(examples, positions, spans, self.dead_letters, self.consumer_id)
+
+
+class PendingCommits:
+    """Positions of delivered batches, per consumer, waiting for the checkpoint that makes them done.
+
+    >>> pending = PendingCommits()
+    >>> pending.add(ExampleBatch([], {0: Position(1, 5)}, consumer_id="c0"))
+    >>> pending.add(ExampleBatch([], {0: Position(1, 9), 2: Position(1, 3)}, consumer_id="c0"))
+    >>> pending.take()
+    {'c0': {0: Position(epoch=1, offset=9), 2: Position(epoch=1, offset=3)}}
+    >>> pending.take()
+    {}
+    """
+
+    def __init__(self) -> None:
+        self._by_consumer: dict[str, Positions] = {}
+
+    def add(self, batch: ExampleBatch) -> None:
+        if batch.positions:
+            self._by_consumer[batch.consumer_id] = merge_positions(
+                self._by_consumer.get(batch.consumer_id, {}), batch.positions
+            )
+
+    def take(self) -> dict[str, Positions]:
+        out, self._by_consumer = self._by_consumer, {}
+        return out
 
 
 @dataclass
@@ -148,12 +186,14 @@ class StreamConsumer:
         batches = self.source.next_batch(timeout_s)
         examples: list[Example] = []
         positions: Positions = {}
+        spans: dict[int, tuple[int, int]] = {}
         dead = 0
         domains = self.domains
         for batch in batches:
             store = self._stores.get(batch.partition)
             assert store is not None, f"records of partition {batch.partition}, which is not assigned"
             observe = store.observe
+            start = len(examples)
             for offset, raw in zip(batch.offsets, batch.values, strict=True):
                 try:
                     event = decode_event(raw, domains)
@@ -163,9 +203,10 @@ class StreamConsumer:
                     continue
                 examples.append(observe(event))
             positions[batch.partition] = Position(self._epochs[batch.partition], batch.next_offset)
+            spans[batch.partition] = (start, len(examples))
             self.stats.records_in += len(batch)
         self.stats.examples_out += len(examples)
-        return ExampleBatch(examples, positions, dead, self.consumer_id)
+        return ExampleBatch(examples, positions, spans, dead, self.consumer_id)
 
     def _dead_letter(self, topic: str, partition: int, offset: int, raw: bytes | None, exc: EventDecodeError) -> None:
         self.dead_letters.send(
@@ -178,6 +219,10 @@ class StreamConsumer:
         """Next offset to read of every assigned partition (everything polled so far)."""
         snapshot = self.source.snapshot()
         return {p: Position(self._epochs[p], o) for p, o in snapshot.items() if p in self._epochs}
+
+    def stale_partitions(self, positions: Mapping[int, Position]) -> frozenset[int]:
+        """Partitions of ``positions`` revoked (or revoked and assigned again) since they were read."""
+        return frozenset(p for p, pos in positions.items() if self._epochs.get(p) != pos.epoch)
 
     def commit(self, positions: Mapping[int, Position]) -> dict[int, int]:
         """Flush dead letters, then commit the positions still owned in their epoch; return what was committed."""
