@@ -150,7 +150,8 @@ class ConsumerWorker:
 
 
 # max_concurrency: `run` occupies one thread for the actor's life; commit/stop/stats use the others.
-ConsumerActor = ray.remote(max_concurrency=4, num_cpus=0)(ConsumerWorker)
+_ray_remote: Any = ray.remote  # its type stubs lack the actor options
+ConsumerActor = _ray_remote(max_concurrency=4, num_cpus=0)(ConsumerWorker)
 
 
 def embedded_partition_sets(partitions: int, consumers: int) -> list[frozenset[int]]:
