@@ -29,30 +29,30 @@ class StreamSettings(BaseSettings):
 
     # -- backend ----------------------------------------------------------------------------------
     kafka_bootstrap_servers: str | None = Field(
-        None, description="host:port[,host:port]; unset = the embedded file-backed log"
+        default=None, description="host:port[,host:port]; unset = the embedded file-backed log"
     )
-    embedded_log_dir: Path = Field(Path("var/stream"), description="directory of the embedded log")
-    embedded_fsync: bool = Field(False, description="fsync the embedded log on every flush (durable, slower)")
-    embedded_segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="embedded segment size")
+    embedded_log_dir: Path = Field(default=Path("var/stream"), description="directory of the embedded log")
+    embedded_fsync: bool = Field(default=False, description="fsync the embedded log on every flush (durable, slower)")
+    embedded_segment_bytes: int = Field(default=64 * 1024 * 1024, ge=4096, description="embedded segment size")
 
     # -- topics -----------------------------------------------------------------------------------
     topic_interactions: str = "sitn.interactions"
     topic_dead_letters: str = "sitn.interactions.dead-letters"
     topic_embedding_updates: str = "sitn.embedding-updates"
-    partitions: int = Field(4, ge=1, le=1024, description="partitions of the interactions topic")
-    replication_factor: int = Field(1, ge=1, description="replication factor of created Kafka topics")
-    domains: tuple[str, str] = Field(("movie", "book"), description="(source, target) domains accepted")
+    partitions: int = Field(default=4, ge=1, le=1024, description="partitions of the interactions topic")
+    replication_factor: int = Field(default=1, ge=1, description="replication factor of created Kafka topics")
+    domains: tuple[str, str] = Field(default=("movie", "book"), description="(source, target) domains accepted")
 
     # -- consuming --------------------------------------------------------------------------------
     consumer_group: str = "sitn-learner"
-    batch_size: int = Field(2000, ge=1, le=100_000, description="max records per poll")
-    poll_timeout_s: float = Field(0.5, gt=0, le=60)
+    batch_size: int = Field(default=2000, ge=1, le=100_000, description="max records per poll")
+    poll_timeout_s: float = Field(default=0.5, gt=0, le=60)
     max_poll_interval_s: float = Field(
-        600.0, ge=10, description="Kafka max_poll_interval_ms: longest gap between polls before eviction"
+        default=600.0, ge=10, description="Kafka max_poll_interval_ms: longest gap between polls before eviction"
     )
-    session_timeout_s: float = Field(45.0, ge=6, le=1800)
-    max_history: int = Field(50, ge=1, description="items kept per user per domain")
-    max_users: int = Field(1_000_000, ge=1, description="users kept per partition (LRU)")
+    session_timeout_s: float = Field(default=45.0, ge=6, le=1800)
+    max_history: int = Field(default=50, ge=1, description="items kept per user per domain")
+    max_users: int = Field(default=1_000_000, ge=1, description="users kept per partition (LRU)")
 
     # -- Kafka security passthrough ---------------------------------------------------------------
     security_protocol: SecurityProtocol = "PLAINTEXT"
