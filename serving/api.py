@@ -34,6 +34,7 @@ from stream.events import MAX_ID_CHARS
 logger = logging.getLogger(__name__)
 
 ALLOWED = {"k": f"an integer in 1..{MAX_K}", "user_id": f"a string of 1..{MAX_ID_CHARS} characters"}
+BEARER = HTTPBearer(auto_error=False)  # module level: FastAPI resolves handler annotations in globals
 KNOWN_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
 
 
@@ -123,9 +124,8 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
     )
     app.add_middleware(LatencyMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    bearer = HTTPBearer(auto_error=False)
 
-    def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         token = settings.admin_token
         if token is None:
             raise HTTPException(403, "admin endpoints are disabled: set SITN_SERVING_ADMIN_TOKEN")

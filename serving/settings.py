@@ -32,7 +32,11 @@ class ServingSettings(BaseSettings):
         None, description="file that /admin/snapshot writes and /admin/reload reads"
     )
     dim: int = Field(64, ge=1, le=4096, description="embedding dimension D")
-    index_factory: str = Field("Flat", description="FAISS index_factory string for the item index")
+    # HNSW32/efSearch=128: see bench/bench_index.py and the chosen-index note in serving/index.py.
+    index_factory: str = Field("HNSW32", description="FAISS index_factory string for the item index")
+    index_search_params: dict[str, int] = Field(
+        default_factory=lambda: {"efSearch": 128}, description="FAISS ParameterSpace settings, as JSON"
+    )
     merge_threshold_rows: int = Field(4096, ge=1, description="delta rows that trigger a base rebuild")
     max_consumed_per_user: int = Field(500, ge=1, description="consumed items remembered per user")
     popularity_refresh_s: float = Field(1.0, ge=0, description="popularity re-sort interval under writes")
