@@ -16,29 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from stream.events import EmbeddingUpdate, encode_update
+from stream.events import EmbeddingBatch, EmbeddingUpdate, encode_update
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EmbeddingBatch:
-    """One published version. ``item_vectors`` is (N, D); ``user_vectors`` is (U, V, D)."""
-
-    version: int
-    full: bool
-    item_ids: list[str]
-    item_vectors: np.ndarray
-    user_ids: list[str]
-    user_vectors: np.ndarray
-    popularity: list[str]  # target item ids, most popular first (the fallback path)
-    created_at_s: float  # wall clock when the batch was built
-    ingest_wall_s: dict[str, float] = field(default_factory=dict)  # user_id -> when its newest event arrived
 
 
 class Transport(Protocol):
@@ -114,17 +98,22 @@ class Publisher:
         self.popularity_size = popularity_size
         self.version = 0
         self._touched: dict[str, float] = {}
+        self._consumed: list[tuple[str, str]] = []
         self._item_counts: dict[str, int] = {}
         self._published_items: dict[str, np.ndarray] = {}
         self._last_step = 0
         self._last_s = time.monotonic()
 
-    def touch(self, user_ids: Iterable[str], target_items: Iterable[str], ingest_wall_s: float) -> None:
-        """Note users whose vectors changed and target items consumed (for the popularity fallback)."""
+    def touch(self, user_ids: Iterable[str], consumed: Iterable[tuple[str, str]], ingest_wall_s: float) -> None:
+        """Note users whose vectors changed, and (user, target item) pairs consumed since the last publish.
+
+        A user's ingest time is the *oldest* of its unpublished events, so freshness is not flattered.
+        """
         for user_id in user_ids:
-            self._touched[user_id] = ingest_wall_s
-        for item_id in target_items:
-            self._item_counts[item_id] = self._item_counts.get(item_id, 0) + 1
+            self._touched.setdefault(user_id, ingest_wall_s)
+        for pair in consumed:
+            self._consumed.append(pair)
+            self._item_counts[pair[1]] = self._item_counts.get(pair[1], 0) + 1
 
     def due(self, step: int, now_s: float | None = None) -> bool:
         now_s = time.monotonic() if now_s is None else now_s
@@ -167,13 +156,15 @@ class Publisher:
             popularity=popularity,
             created_at_s=time.time(),
             ingest_wall_s={u: self._touched[u] for u in user_ids if u in self._touched},
+            consumed=self._consumed,
         )
         self.transport.send(batch)
         log.info(
             "published version=%d full=%s items=%d users=%d step=%d",
             self.version, full, len(changed), len(user_ids), step,
         )
-        self._touched.clear()
+        self._touched = {}
+        self._consumed = []
         self._last_step = step
         self._last_s = time.monotonic()
         return batch

@@ -1,18 +1,19 @@
-"""The online trainer: stream records in, causal examples, prequential ranking, mini-batch steps,
-publishing and checkpoints. Plain Python around a SITNLearner; the Ray actor is a thin shell over it.
+"""The online trainer: example batches in, prequential ranking, mini-batch steps, publishing and
+checkpoints. Plain Python around a SITNLearner; the Ray actor in ``learner.actor`` is a thin shell.
 
-Exactly-once effect on the model. Records arrive as ``(partition, offset, event)``. The trainer keeps,
-per partition, the next offset it has not yet applied (``applied_offsets``); a record below it is a
-redelivery and is skipped. The order at a checkpoint is:
+Commit order (see also ``stream.consumer``):
 
-1. apply the records (user state -> examples -> prequential rank -> ``learn_many``),
-2. write the checkpoint atomically: model, optimizer, prototypes, id maps, user state, publisher
-   state and ``applied_offsets`` together,
-3. only then return the offsets to the caller, which commits them to the stream.
+1. ``process(batch)`` trains on *every* example of the delivered batch (in chunks of ``batch_size``)
+   before it returns, so between calls nothing is half-applied. It also replays the batch's events into
+   a per-partition mirror of the consumers' user state, and notes the batch's positions.
+2. ``checkpoint()`` writes model, optimizer, prototypes, id maps, the mirrored user state, publisher
+   state and the positions (next offset to read per partition) atomically, in one file.
+3. Only then does the caller commit the positions returned by ``take_commits()`` to the stream.
 
-A crash between 2 and 3 re-delivers records the checkpoint already holds; step 1's skip drops them.
-A crash before 2 loses nothing: the stream re-delivers from the last committed offsets, which are at
-or before the checkpoint's.
+A crash before 2 loses nothing: the stream re-delivers from the last committed offsets, which are the
+previous checkpoint's. A crash between 2 and 3 is repaired at restart: the supervisor moves the
+group's committed offsets to the checkpoint's positions (``resume_info``) before the consumers start,
+and seeds their user state from the checkpoint, so nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -20,23 +21,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from learner.checkpoint_store import CheckpointStore
 from learner.prequential import PrequentialEvaluator
-from learner.publisher import EmbeddingBatch, Publisher, Transport
-from stream.events import InteractionEvent
-from stream.user_state import Example, UserStateStore
+from learner.publisher import Publisher, Transport
+from stream.consumer import ExampleBatch, PendingCommits, Positions
+from stream.events import EmbeddingBatch, InteractionEvent
+from stream.user_state import UserStateStore
 
 log = logging.getLogger(__name__)
 
-Record = tuple[str, int, InteractionEvent]  # (partition, offset, event)
-
 
 class OnlineTrainer:
-    """Consumes records, trains, publishes and checkpoints. ``learner`` follows the SITNLearner contract."""
+    """Trains on delivered example batches. ``learner`` follows the SITNLearner contract."""
 
     def __init__(
         self,
@@ -54,59 +52,53 @@ class OnlineTrainer:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if checkpoint_every_steps < 1:
+            raise ValueError(f"checkpoint_every_steps must be >= 1, got {checkpoint_every_steps}")
         self.learner = learner
         self.source, self.target = learner.source, learner.target
         self.batch_size = batch_size
         self.checkpoints = checkpoints
         self.checkpoint_every_steps = checkpoint_every_steps
-        self.user_state = UserStateStore((self.source, self.target), learner.config.max_len, max_users)
+        self.max_users = max_users
         self.publisher = Publisher(learner, transport, publish_every_steps, publish_every_s, full_publish_every)
         self.prequential = PrequentialEvaluator(prequential_k, prequential_window)
-        self.applied_offsets: dict[str, int] = {}
+        self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
+        self.mirror: dict[int, UserStateStore] = {}  # partition -> the consumers' user state, as trained
+        self.pending = PendingCommits()
         self.events_applied = 0
-        self.events_skipped_redelivered = 0
-        self._pending: list[Example] = []
-        self._pending_ingest_s = 0.0
-        self._last_checkpoint_step = learner.step
+        self._last_checkpoint_step = int(learner.step)
         self.last_stats: dict[str, float] = {}
 
-    # -- the record path ---------------------------------------------------------------------------
-    def process(self, records: Sequence[Record], ingest_wall_s: float | None = None) -> list[dict[str, float]]:
-        """Apply records in order; returns the statistics of each learner step that ran."""
-        ingest_wall_s = time.time() if ingest_wall_s is None else ingest_wall_s
-        step_stats: list[dict[str, float]] = []
-        for partition, offset, event in records:
-            if offset < self.applied_offsets.get(partition, 0):
-                self.events_skipped_redelivered += 1
-                continue
-            self._pending.append(self.user_state.observe(event))
-            self.applied_offsets[partition] = offset + 1
-            self.events_applied += 1
-            self._pending_ingest_s = ingest_wall_s
-            if len(self._pending) >= self.batch_size:
-                step_stats.append(self._step())
-        return step_stats
+    # -- the batch path ------------------------------------------------------------------------------
+    def process(self, batch: ExampleBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
+        """Train on every example of ``batch``; returns the statistics of each learner step."""
+        received_wall_s = time.time() if received_wall_s is None else received_wall_s
+        domains = (self.source, self.target)
+        for partition, (start, end) in batch.spans.items():
+            store = self.mirror.get(partition)
+            if store is None:
+                store = self.mirror[partition] = UserStateStore(domains, self.learner.config.max_len, self.max_users)
+            for ex in batch.examples[start:end]:
+                store.observe(InteractionEvent(ex.event_id, ex.user_id, ex.item_id, ex.domain, ex.timestamp))
+        stats = [
+            self._step(batch.examples[i : i + self.batch_size], received_wall_s)
+            for i in range(0, len(batch.examples), self.batch_size)
+        ]
+        for partition, position in batch.positions.items():
+            self.positions[partition] = position.offset
+        self.pending.add(batch)
+        self.events_applied += len(batch.examples)
+        return stats
 
-    def flush(self) -> dict[str, float] | None:
-        """Train on a partial batch (end of stream)."""
-        return self._step() if self._pending else None
-
-    def _step(self) -> dict[str, float]:
-        batch, self._pending = self._pending, []
-        target_pairs = [(ex.user_id, ex.item_id) for ex in batch if ex.domain == self.target]
-        self.prequential.rank_many(target_pairs)  # test ...
-        stats = dict(self.learner.learn_many(batch))  # ... then train
-        self.publisher.touch(
-            (ex.user_id for ex in batch), (item for _, item in target_pairs), self._pending_ingest_s
-        )
+    def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
+        consumed = [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target]
+        self.prequential.rank_many(consumed)  # test with what is served ...
+        stats = dict(self.learner.learn_many(examples))  # ... then train
+        self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         stats.update(self.prequential.stats())
-        stats["events_applied"] = float(self.events_applied)
         self.last_stats = stats
-        step = int(self.learner.step)
-        if self.publisher.due(step):
+        if self.publisher.due(int(self.learner.step)):
             self.publish()
-        if self.checkpoints is not None and step - self._last_checkpoint_step >= self.checkpoint_every_steps:
-            self.checkpoint()
         return stats
 
     def publish(self, force_full: bool = False) -> EmbeddingBatch:
@@ -121,20 +113,25 @@ class OnlineTrainer:
         return batch
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def checkpoint(self) -> dict[str, int]:
-        """Write a checkpoint holding everything applied so far; return the offsets safe to commit."""
+    def checkpoint_due(self) -> bool:
+        return int(self.learner.step) - self._last_checkpoint_step >= self.checkpoint_every_steps
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint holding everything trained so far (call between ``process`` calls)."""
         if self.checkpoints is None:
-            return dict(self.applied_offsets)
+            return
         extra = {
-            "applied_offsets": dict(self.applied_offsets),
-            "user_state": self.user_state.state_dict(),
+            "positions": dict(self.positions),
+            "user_state": {p: s.state_dict() for p, s in self.mirror.items()},
             "publisher": self.publisher.state_dict(),
             "events_applied": self.events_applied,
         }
-        path = self.checkpoints.save(self.learner, int(self.learner.step), extra)
+        self.checkpoints.save(self.learner, int(self.learner.step), extra)
         self._last_checkpoint_step = int(self.learner.step)
-        log.info("checkpoint step=%d path=%s partitions=%d", self.learner.step, path, len(self.applied_offsets))
-        return dict(self.applied_offsets)
+
+    def take_commits(self) -> dict[str, Positions]:
+        """Positions, per consumer, made durable by the last checkpoint: commit them now."""
+        return self.pending.take()
 
     def restore(self) -> bool:
         """Load the newest good checkpoint, if any; True when one was loaded."""
@@ -146,20 +143,25 @@ class OnlineTrainer:
         learner, extra = loaded
         self.learner = learner
         self.publisher.learner = learner
-        self.user_state = UserStateStore.from_state_dict(extra["user_state"])
         self.publisher.load_state_dict(extra["publisher"])
-        self.applied_offsets = {str(k): int(v) for k, v in extra["applied_offsets"].items()}
+        self.positions = {int(p): int(o) for p, o in extra["positions"].items()}
+        self.mirror = {int(p): UserStateStore.from_state_dict(s) for p, s in extra["user_state"].items()}
         self.events_applied = int(extra["events_applied"])
         self._last_checkpoint_step = int(learner.step)
+        log.info("restored step=%d events_applied=%d partitions=%d", learner.step, self.events_applied,
+                 len(self.positions))
         return True
 
-    def summary(self) -> dict[str, float]:
-        out = {k: v for k, v in self.last_stats.items() if isinstance(v, int | float) and not math.isnan(v)}
-        out["events_applied"] = float(self.events_applied)
-        out["events_skipped_redelivered"] = float(self.events_skipped_redelivered)
-        out["step"] = float(self.learner.step)
-        return out
+    def resume_info(self) -> dict[str, Any]:
+        """What the consumers must resume from: the positions and per-partition user state trained so far."""
+        return {
+            "positions": dict(self.positions),
+            "user_state": {p: s.state_dict() for p, s in self.mirror.items()},
+        }
 
-    @staticmethod
-    def default_checkpoint_dir(run_dir: Path) -> Path:
-        return run_dir / "checkpoints"
+    def summary(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.last_stats.items() if isinstance(v, int | float) and not math.isnan(v)}
+        out["events_applied"] = float(self.events_applied)
+        out["step"] = float(self.learner.step)
+        out["published_version"] = float(self.publisher.version)
+        return out

@@ -15,9 +15,10 @@ sitn.errors.EventDecodeError: missing_field: 'event_id' is required
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 
 from sitn.errors import EventDecodeError
@@ -155,3 +156,23 @@ def decode_update(raw: bytes) -> EmbeddingUpdate:
         if isinstance(exc, EventDecodeError):
             raise
         raise EventDecodeError("bad_update", f"{type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """One published version, the in-cluster form of many :class:`EmbeddingUpdate` s.
+
+    ``item_vectors`` is (N, D); ``user_vectors`` is (U, V, D). ``full`` marks a complete snapshot of all
+    items and users (a new serving replica can start from it); otherwise it is a delta.
+    """
+
+    version: int
+    full: bool
+    item_ids: list[str]
+    item_vectors: np.ndarray
+    user_ids: list[str]
+    user_vectors: np.ndarray
+    popularity: list[str]  # target item ids, most popular first (the fallback path)
+    created_at_s: float  # wall clock when the batch was built
+    ingest_wall_s: dict[str, float] = field(default_factory=dict)  # user_id -> when its oldest unpublished event arrived
+    consumed: list[tuple[str, str]] = field(default_factory=list)  # (user_id, target item_id) since the last batch
