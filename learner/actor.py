@@ -1,0 +1,111 @@
+"""Ray shell around the online trainer: takes example batches from the consumers' bounded queue, trains,
+publishes to the serving actor through its handle, checkpoints, then commits offsets.
+
+The loop (``run``), once per delivered batch: ``trainer.process(batch)`` (prequential rank, then
+``learn_many`` on every example), and when a checkpoint is due: write it, *then* send each consumer the
+positions it made durable (``ConsumerWorker.commit``). See ``learner.trainer`` for why this order loses
+nothing. ``finish()`` ends the loop after the batch in hand with a last checkpoint, commit and full publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from learner.checkpoint_store import CheckpointStore
+from learner.config import SITNConfig
+from learner.learner import SITNLearner
+from learner.publisher import CallableTransport
+from learner.trainer import OnlineTrainer
+from stream.events import EmbeddingBatch
+
+log = logging.getLogger(__name__)
+
+
+class LearnerWorker:
+    """The actor's body, plain Python. ``serving`` is a handle with ``apply_batch.remote`` (or None)."""
+
+    def __init__(
+        self,
+        config: SITNConfig,
+        source: str,
+        target: str,
+        checkpoint_dir: Path,
+        serving: Any,
+        torch_threads: int = 2,
+        checkpoint_keep: int = 3,
+        **trainer_options: Any,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self._serving = serving
+        self.trainer = OnlineTrainer(
+            SITNLearner(config, source, target),
+            CallableTransport(self._send),
+            CheckpointStore(Path(checkpoint_dir), keep=checkpoint_keep),
+            **trainer_options,
+        )
+        self.restored = self.trainer.restore()
+        if self.restored:
+            self.trainer.publish(force_full=True)  # serving gets exactly the restored state
+        self._finish = threading.Event()
+        self._stopped = threading.Event()
+        self.batches_processed = 0
+        self.commit_rounds = 0
+
+    def _send(self, batch: EmbeddingBatch) -> None:
+        if self._serving is not None:
+            # Waiting for the apply keeps versions in order and bounds what is in flight.
+            ray.get(self._serving.apply_batch.remote(batch))
+
+    def resume_info(self) -> dict[str, Any]:
+        return self.trainer.resume_info()
+
+    def run(self, queue: Any, consumers: dict[str, Any], poll_timeout_s: float = 0.5) -> dict[str, float]:
+        """Train until ``finish()``; returns the final summary."""
+        from ray.util.queue import Empty
+
+        try:
+            while not self._finish.is_set():
+                try:
+                    batch = queue.get(timeout=poll_timeout_s)
+                except Empty:
+                    continue
+                self.trainer.process(batch, received_wall_s=time.time())
+                self.batches_processed += 1
+                if self.trainer.checkpoint_due():
+                    self._checkpoint_and_commit(consumers)
+            self.trainer.publish(force_full=True)
+            self._checkpoint_and_commit(consumers)
+            return self.trainer.summary()
+        finally:
+            self._stopped.set()
+
+    def _checkpoint_and_commit(self, consumers: dict[str, Any]) -> None:
+        self.trainer.checkpoint()  # 1. the checkpoint holds the batches' effect ...
+        commits = self.trainer.take_commits()  # 2. ... only then are their offsets committed
+        refs = [consumers[cid].commit.remote(positions) for cid, positions in commits.items() if cid in consumers]
+        ray.get(refs)
+        self.commit_rounds += 1
+
+    def finish(self) -> None:
+        self._finish.set()
+
+    def stats(self) -> dict[str, float]:
+        out = self.trainer.summary()
+        out["batches_processed"] = float(self.batches_processed)
+        out["commit_rounds"] = float(self.commit_rounds)
+        return out
+
+    def recommend(self, user_id: str, k: int = 10) -> list[tuple[str, float]]:
+        return list(self.trainer.learner.recommend(user_id, k))
+
+
+_ray_remote: Any = ray.remote
+# One CPU: the training loop. max_concurrency: run() holds one thread; stats/finish use the others.
+LearnerActor = _ray_remote(num_cpus=1, max_concurrency=4)(LearnerWorker)

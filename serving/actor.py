@@ -1,0 +1,116 @@
+"""Ray shell around the serving core: the RecommendationService plus its HTTP server in one actor.
+
+The learner actor hands it :class:`~stream.events.EmbeddingBatch` es through its handle (the in-cluster
+transport). Each batch's item rows go into the FAISS index as one upsert, user query vectors into the
+user store, consumed (user, item) pairs into the exclusion sets and popularity counts. Freshness, the
+time from an event's arrival at the learner to its effect being visible here, is recorded per user.
+The HTTP server runs in a thread of this actor, so ``/recommend`` reads the same in-memory state
+without a hop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import ray
+from prometheus_client import Histogram
+
+from serving.api import ServerHandle, create_app, serve_in_thread
+from serving.service import RecommendationService
+from serving.settings import ServingSettings
+from stream.events import EmbeddingBatch
+
+log = logging.getLogger(__name__)
+
+FRESHNESS_SECONDS = Histogram(
+    "sitn_serving_freshness_seconds",
+    "Seconds from an event's arrival at the learner to its user's vectors being served.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+)
+
+
+class ServingCore:
+    """Plain-Python body of the serving actor (testable without Ray)."""
+
+    def __init__(self, settings: ServingSettings, start_http: bool = True) -> None:
+        self.settings = settings
+        self.service = RecommendationService(
+            settings.dim,
+            index_factory=settings.index_factory,
+            search_params=settings.index_search_params,
+            merge_threshold_rows=settings.merge_threshold_rows,
+            max_consumed_per_user=settings.max_consumed_per_user,
+            popularity_refresh_s=settings.popularity_refresh_s,
+        )
+        self.http: ServerHandle | None = None
+        if start_http:
+            self.http = serve_in_thread(create_app(self.service, settings), settings.host, settings.port)
+        self.batches_applied = 0
+        self.version = 0
+        self._freshness_s: deque[float] = deque(maxlen=100_000)
+        self._applied_at: dict[int, float] = {}
+
+    def url(self) -> str | None:
+        return self.http.url if self.http is not None else None
+
+    def apply_batch(self, batch: EmbeddingBatch) -> dict[str, int]:
+        """Apply one published version; returns counts applied."""
+        items = 0
+        if batch.item_ids:
+            items = self.service.index.upsert(batch.item_ids, batch.item_vectors, batch.version)
+        users = 0
+        for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):  # views: (V, D)
+            users += self.service.users.upsert(user_id, views, batch.version)
+        by_user: dict[str, list[str]] = {}
+        for user_id, item_id in batch.consumed:
+            by_user.setdefault(user_id, []).append(item_id)
+        for user_id, item_ids in by_user.items():
+            self.service.record_consumed(user_id, item_ids)
+        self.service.refresh_gauges()
+        now_s = time.time()
+        for ingest_s in batch.ingest_wall_s.values():
+            self._freshness_s.append(now_s - ingest_s)
+            FRESHNESS_SECONDS.observe(now_s - ingest_s)
+        self.batches_applied += 1
+        self.version = max(self.version, batch.version)
+        self._applied_at[batch.version] = now_s
+        return {"items": int(items), "users": int(users), "consumed": len(batch.consumed)}
+
+    def recommend(self, user_id: str, k: int = 10) -> dict[str, Any]:
+        rec = self.service.recommend(user_id, k)
+        return {
+            "user_id": rec.user_id,
+            "served_by": rec.served_by,
+            "items": [(s.item_id, s.score) for s in rec.items],
+            "index_version": rec.index_version,
+        }
+
+    def stats(self) -> dict[str, float]:
+        fresh = np.array(self._freshness_s) if self._freshness_s else np.array([np.nan])
+        health = self.service.health()
+        return {
+            "served_version": float(self.version),
+            "batches_applied": float(self.batches_applied),
+            "index_items": float(health["index_items"]),
+            "users": float(health["users"]),
+            "freshness_p50_s": float(np.nanpercentile(fresh, 50)),
+            "freshness_p99_s": float(np.nanpercentile(fresh, 99)),
+        }
+
+    def check_health(self) -> bool:
+        return self.http is None or self.http.thread.is_alive()
+
+    def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+
+
+_ray_remote: Any = ray.remote
+# max_concurrency: apply_batch from the learner and stats/health from the driver must not queue behind
+# each other; the HTTP server has its own thread.
+ServingActor = _ray_remote(num_cpus=0, max_concurrency=4)(ServingCore)
