@@ -45,8 +45,10 @@ class ConsumerWorker:
         out: Any,
         partitions: frozenset[int] | None = None,
         put_wait_s: float = 1.0,
+        initial_user_state: Mapping[int, dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
+        self.initial_user_state = dict(initial_user_state or {})
         self.consumer_id = consumer_id
         self.out = out
         self.partitions = partitions
@@ -67,6 +69,7 @@ class ConsumerWorker:
             max_history=self.settings.max_history,
             max_users=self.settings.max_users,
             consumer_id=self.consumer_id,
+            initial_user_state=self.initial_user_state,
         )
         self._consumer = consumer
         self._started.set()
@@ -169,8 +172,14 @@ class ConsumerFleet:
     """``n`` consumer actors of one group feeding one bounded queue. Use as a context manager."""
 
     def __init__(
-        self, settings: StreamSettings, consumers: int = 2, queue_maxsize: int = 8, put_wait_s: float = 1.0
+        self,
+        settings: StreamSettings,
+        consumers: int = 2,
+        queue_maxsize: int = 8,
+        put_wait_s: float = 1.0,
+        initial_user_state: Mapping[int, dict[str, Any]] | None = None,
     ) -> None:
+        """``initial_user_state``: per-partition user state from the checkpoint the group resumes from."""
         if queue_maxsize < 1:
             raise ValueError(f"queue_maxsize must be >= 1 (bounded), got {queue_maxsize}")
         self.queue = Queue(maxsize=queue_maxsize, actor_options={"num_cpus": 0})
@@ -181,7 +190,9 @@ class ConsumerFleet:
         self._runs: dict[str, Any] = {}
         for i, partitions in enumerate(sets):
             consumer_id = f"consumer-{i}"
-            actor = ConsumerActor.remote(settings, consumer_id, self.queue, partitions, put_wait_s)
+            actor = ConsumerActor.remote(
+                settings, consumer_id, self.queue, partitions, put_wait_s, initial_user_state or {}
+            )
             self.actors[consumer_id] = actor
             self._runs[consumer_id] = actor.run.remote()
 

@@ -1,0 +1,168 @@
+"""``sitn run``: the live pipeline (replay, consume, train, publish, serve) until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# CLI flag -> (settings object, field). Every flag also reads its environment variable (shown in --help).
+RUN_FLAGS: dict[str, tuple[str, str, str]] = {
+    # flag: (env var, help, type name)
+    "events": ("SITN_RUN_EVENTS", "events.csv to replay (the shared format)", "path"),
+    "source": ("SITN_RUN_SOURCE", "source domain name (default: movie)", "str"),
+    "target": ("SITN_RUN_TARGET", "target domain name (default: book)", "str"),
+    "rate_events_per_s": ("SITN_RUN_RATE_EVENTS_PER_S", "replay pace, events per second (default: 3000)", "float"),
+    "limit": ("SITN_RUN_LIMIT", "replay only the first N rows", "int"),
+    "run_dir": ("SITN_RUN_RUN_DIR", "state directory; an existing one is resumed (default: var/run-<time>)", "path"),
+    "ray_address": ("SITN_RUN_RAY_ADDRESS", "join this Ray cluster instead of starting a local one", "str"),
+    "consumers": ("SITN_RUN_CONSUMERS", "consumer actors (default: 2)", "int"),
+    "batch_size": ("SITN_RUN_BATCH_SIZE", "examples per learner step (default: 256)", "int"),
+    "checkpoint_every_steps": ("SITN_RUN_CHECKPOINT_EVERY_STEPS", "steps between checkpoints (default: 200)", "int"),
+    "publish_every_steps": ("SITN_RUN_PUBLISH_EVERY_STEPS", "steps between publishes (default: 20)", "int"),
+    "publish_every_s": ("SITN_RUN_PUBLISH_EVERY_S", "seconds between publishes (default: 1.0)", "float"),
+    "learner_dim": ("SITN_RUN_LEARNER_DIM", "SITN embedding width d (default: 64)", "int"),
+    "learner_views": ("SITN_RUN_LEARNER_VIEWS", "SITN interest views V (default: 4)", "int"),
+}
+TYPES: dict[str, Any] = {"path": Path, "str": str, "float": float, "int": int}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run the live pipeline: replay, consume, train, publish, serve",
+        description=(
+            "Start (or join) a Ray cluster, the serving actor (HTTP on --host/--port), the learner actor and "
+            "the consumer actors; replay --events into the log (embedded by default, Kafka with "
+            "--kafka-bootstrap-servers); train, publish and serve until Ctrl-C (or --exit-after-replay)."
+        ),
+    )
+    for name, (env, help_, type_name) in RUN_FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=TYPES[type_name], default=None,
+                       help=f"{help_} [env {env}]")
+    p.add_argument("--max", action="store_true", help="replay as fast as possible (ignores --rate-events-per-s)")
+    p.add_argument("--exit-after-replay", action="store_true", default=None,
+                   help="stop once every replayed event is trained and published [env SITN_RUN_EXIT_AFTER_REPLAY]")
+    p.add_argument("--host", default=None, help="HTTP bind address (default: 127.0.0.1) [env SITN_SERVING_HOST]")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: 8000) [env SITN_SERVING_PORT]")
+    p.add_argument("--kafka-bootstrap-servers", default=None,
+                   help="use Kafka at host:port instead of the embedded log [env SITN_KAFKA_BOOTSTRAP_SERVERS]")
+    p.add_argument("--partitions", type=int, default=None, help="partitions of the interactions topic [env SITN_PARTITIONS]")
+    p.set_defaults(func=main)
+
+
+def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def main(args: argparse.Namespace) -> int:
+    from learner.config import SITNConfig
+    from serving.settings import ServingSettings
+    from sitn.settings import RunSettings
+    from stream.settings import StreamSettings
+
+    run_kwargs = _given(args, [*RUN_FLAGS, "exit_after_replay"])
+    if args.max:
+        run_kwargs["rate_events_per_s"] = None
+    run = RunSettings(**run_kwargs)
+    run_dir = run.run_dir or Path("var") / f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stream_kwargs = _given(args, ["kafka_bootstrap_servers", "partitions"])
+    stream = StreamSettings(
+        domains=(run.source, run.target),
+        embedded_log_dir=(run_dir / "log").resolve(),
+        max_history=run.learner_max_len,
+        **stream_kwargs,
+    )
+    serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
+    config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len)
+    log.info("settings run=%r", run)
+    log.info("settings stream=%r", stream)
+    log.info("settings serving=%r", serving)
+    return run_pipeline(run, stream, serving, config, run_dir.resolve())
+
+
+def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from sitn.pipeline import Pipeline, load_replay_events
+    from sitn.ray_cluster import init_ray
+
+    console = Console(stderr=True)
+    events = load_replay_events(run)
+    console.print(f"[bold]sitn run[/bold]: {len(events):,} events to replay from {run.events}, state in {run_dir}")
+    init_ray(run.ray_address, run.ray_temp_dir or Path(tempfile.mkdtemp(prefix="sitn-ray-", dir="/tmp")))
+    pipeline = Pipeline(run, stream, serving, config, run_dir)
+    stopping = {"flag": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        pipeline.start()
+        console.print(f"serving on [bold]{pipeline.serving_url}[/bold]  "
+                      f"(try {pipeline.serving_url}/recommend?user_id=...&k=10, /docs, /metrics)")
+        if events:
+            pipeline.start_replay(events)
+        with Live(console=console, refresh_per_second=2) as live:
+            while not stopping["flag"]:
+                pipeline.supervise()
+                status = pipeline.status()
+                live.update(render_status(status, pipeline.serving_url))
+                if run.exit_after_replay and pipeline.caught_up():
+                    break
+                time.sleep(run.status_every_s)
+        final = pipeline.status()
+        console.print(render_status(final, pipeline.serving_url))
+    finally:
+        pipeline.stop()
+        import ray
+
+        ray.shutdown()
+    return 0
+
+
+def _fmt(value: Any, spec: str = ",.0f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def render_status(s: dict[str, Any], url: str | None) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"sitn-stream  {url or ''}", show_header=False, expand=False)
+    table.add_column("metric", style="cyan")
+    table.add_column("value", justify="right")
+    rows = [
+        ("events replayed", f"{_fmt(s.get('replay_sent'))} / {_fmt(s.get('replay_total'))}"
+                            f"  ({_fmt(s.get('replay_rate'))}/s)"),
+        ("events trained", _fmt(s.get("events_applied"))),
+        ("dead letters", _fmt(s.get("dead_letters"))),
+        ("learner step", _fmt(s.get("step"))),
+        ("examples/s (last step)", _fmt(s.get("examples_per_s"))),
+        ("loss (main / i2i / i2c)", f"{_fmt(s.get('loss_main'), '.3f')} / {_fmt(s.get('loss_i2i'), '.3f')}"
+                                    f" / {_fmt(s.get('loss_i2c'), '.3f')}"),
+        ("prototype agreement", _fmt(s.get("proto_agreement"), ".3f")),
+        ("prequential HR@10 / NDCG@10", f"{_fmt(s.get('prequential_hr_at_10'), '.4f')} / "
+                                        f"{_fmt(s.get('prequential_ndcg_at_10'), '.4f')}"),
+        ("served version / items / users", f"{_fmt(s.get('served_version'))} / {_fmt(s.get('index_items'))}"
+                                           f" / {_fmt(s.get('users'))}"),
+        ("freshness p50 / p99 (s)", f"{_fmt(s.get('freshness_p50_s'), '.2f')} / "
+                                    f"{_fmt(s.get('freshness_p99_s'), '.2f')}"),
+        ("restarts", _fmt(s.get("restarts"))),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

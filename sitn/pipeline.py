@@ -1,0 +1,256 @@
+"""The composition root of the live system: replay -> log -> consumer actors -> learner actor -> serving.
+
+``Pipeline`` wires the pieces for one deployment and supervises them:
+
+- the **serving actor** (FAISS index + HTTP API) starts first and keeps answering through every restart
+  below it;
+- the **learner actor** restores the newest good checkpoint (if the run directory has one);
+- the group's committed offsets are moved to that checkpoint's positions and the **consumer actors**
+  start with the checkpoint's per-partition user state, so the stream resumes exactly after what the
+  model holds;
+- a **replay thread** produces the data set into the log (embedded or Kafka) at a chosen rate.
+
+If the learner or a consumer actor dies, ``supervise()`` stops the consumers, starts a new learner from
+the last checkpoint and new consumers from its positions. Nothing is lost: offsets are only committed
+after the checkpoint that contains their effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from learner.actor import LearnerActor
+from learner.config import SITNConfig
+from serving.actor import ServingActor
+from serving.settings import ServingSettings
+from sitn.settings import RunSettings
+from stream.actors import ConsumerFleet
+from stream.dataset import load_events
+from stream.events import InteractionEvent
+from stream.group_offsets import reset_group_offsets
+from stream.producer import open_producer, send_event
+from stream.settings import StreamSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayProgress:
+    total: int = 0
+    sent: int = 0
+    done: bool = False
+    started_s: float = field(default_factory=time.monotonic)
+    error: str | None = None
+
+    @property
+    def rate_events_per_s(self) -> float:
+        elapsed = time.monotonic() - self.started_s
+        return self.sent / elapsed if elapsed > 0 else 0.0
+
+
+def paced_replay(
+    events: list[InteractionEvent],
+    producer: Any,
+    rate_events_per_s: float | None,
+    progress: ReplayProgress,
+    stop: threading.Event,
+    tick_s: float = 0.1,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Send ``events`` in order at ``rate_events_per_s`` (None: flat out), flushing every tick."""
+    chunk = len(events) if rate_events_per_s is None else max(1, int(rate_events_per_s * tick_s))
+    start = clock()
+    for i in range(0, len(events), chunk):
+        if stop.is_set():
+            break
+        for event in events[i : i + chunk]:
+            send_event(producer, event)
+        producer.flush()
+        progress.sent = min(len(events), i + chunk)
+        if rate_events_per_s is not None:
+            due_s = start + progress.sent / rate_events_per_s
+            stop.wait(max(0.0, due_s - clock()))
+    producer.flush()
+
+
+class Pipeline:
+    """One deployment of the live system. Call ``start()``, then ``supervise()`` periodically, then ``stop()``."""
+
+    def __init__(
+        self,
+        run: RunSettings,
+        stream: StreamSettings,
+        serving: ServingSettings,
+        config: SITNConfig,
+        run_dir: Path,
+    ) -> None:
+        self.run_settings = run
+        self.stream = stream
+        self.serving_settings = serving
+        self.config = config
+        self.run_dir = run_dir
+        self.serving: Any = None
+        self.learner: Any = None
+        self.fleet: ConsumerFleet | None = None
+        self._learner_run: Any = None
+        self.restarts = 0
+        self.replay_progress = ReplayProgress()
+        self._replay_stop = threading.Event()
+        self._replay_thread: threading.Thread | None = None
+        self.serving_url: str | None = None
+
+    # -- start-up ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.serving = ServingActor.remote(self.serving_settings)
+        self.serving_url = ray.get(self.serving.url.remote())
+        log.info("serving url=%s", self.serving_url)
+        self._start_training()
+
+    def _start_training(self) -> None:
+        r = self.run_settings
+        self.learner = LearnerActor.remote(
+            self.config,
+            r.source,
+            r.target,
+            self.run_dir / "checkpoints",
+            self.serving,
+            torch_threads=r.torch_threads,
+            batch_size=r.batch_size,
+            checkpoint_every_steps=r.checkpoint_every_steps,
+            publish_every_steps=r.publish_every_steps,
+            publish_every_s=r.publish_every_s,
+            full_publish_every=r.full_publish_every,
+        )
+        resume = ray.get(self.learner.resume_info.remote())
+        reset_group_offsets(self.stream, resume["positions"])
+        self.fleet = ConsumerFleet(
+            self.stream, consumers=r.consumers, queue_maxsize=r.queue_maxsize,
+            initial_user_state={int(p): s for p, s in resume["user_state"].items()},
+        )
+        self._learner_run = self.learner.run.remote(self.fleet.queue, self.fleet.actors)
+
+    def start_replay(self, events: list[InteractionEvent]) -> None:
+        producer = open_producer(self.stream)
+        self.replay_progress = ReplayProgress(total=len(events))
+
+        def body() -> None:
+            try:
+                paced_replay(events, producer, self.run_settings.rate_events_per_s, self.replay_progress,
+                             self._replay_stop)
+            except Exception as exc:  # reported on the status line and re-raised in the thread's log
+                self.replay_progress.error = f"{type(exc).__name__}: {exc}"
+                log.exception("replay failed")
+                raise
+            finally:
+                producer.close()
+                self.replay_progress.done = True
+
+        self._replay_thread = threading.Thread(target=body, name="sitn-replay", daemon=True)
+        self._replay_thread.start()
+
+    # -- supervision -----------------------------------------------------------------------------------
+    def supervise(self) -> None:
+        """Restart learner and consumers from the last checkpoint if either died."""
+        assert self.fleet is not None
+        failure: str | None = None
+        done, _ = ray.wait([self._learner_run], timeout=0)
+        if done:
+            try:
+                ray.get(done[0])
+                failure = "learner loop returned"
+            except Exception as exc:
+                failure = f"learner: {type(exc).__name__}: {exc}"
+        else:
+            try:
+                self.fleet.check_health()
+            except Exception as exc:
+                failure = f"consumer: {type(exc).__name__}: {exc}"
+        if failure is None:
+            return
+        log.error("recovering from failure=%s", failure.splitlines()[0])
+        self.restarts += 1
+        self._stop_training(graceful=False)
+        self._start_training()
+
+    def _stop_training(self, graceful: bool) -> None:
+        if self.fleet is not None:
+            try:
+                self.fleet.stop(timeout_s=30)
+            except Exception:
+                log.exception("stopping consumers")
+            self.fleet = None
+        if self.learner is not None:
+            if not graceful:
+                ray.kill(self.learner)
+            self.learner = None
+
+    # -- status ------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "replay_sent": self.replay_progress.sent,
+            "replay_total": self.replay_progress.total,
+            "replay_rate": self.replay_progress.rate_events_per_s,
+            "restarts": self.restarts,
+        }
+        try:
+            out.update(ray.get(self.learner.stats.remote(), timeout=10))
+        except Exception as exc:  # a dead learner shows as such until supervise() replaces it
+            out["learner_error"] = type(exc).__name__
+        try:
+            out.update(ray.get(self.serving.stats.remote(), timeout=10))
+        except Exception as exc:
+            out["serving_error"] = type(exc).__name__
+        if self.fleet is not None:
+            try:
+                stats = self.fleet.stats(timeout_s=10)
+                out["dead_letters"] = sum(s.dead_letters for s in stats.values())
+                out["records_in"] = sum(s.records_in for s in stats.values())
+            except Exception as exc:
+                out["consumer_error"] = type(exc).__name__
+        return out
+
+    def caught_up(self) -> bool:
+        """Every replayed event has been trained on (or dead-lettered)."""
+        if not self.replay_progress.done:
+            return False
+        status = self.status()
+        return status.get("events_applied", 0) + status.get("dead_letters", 0) >= self.replay_progress.total
+
+    # -- shutdown ------------------------------------------------------------------------------------------
+    def finish_training(self, timeout_s: float = 120) -> dict[str, float]:
+        """Final checkpoint, commit and full publish; returns the learner's summary."""
+        assert self.learner is not None
+        self.learner.finish.remote()
+        summary: dict[str, float] = ray.get(self._learner_run, timeout=timeout_s)
+        return summary
+
+    def stop(self) -> None:
+        self._replay_stop.set()
+        if self._replay_thread is not None:
+            self._replay_thread.join(timeout=30)
+        if self.learner is not None:
+            try:
+                self.finish_training()
+            except Exception:
+                log.exception("finishing the learner")
+        self._stop_training(graceful=True)
+        if self.serving is not None:
+            try:
+                ray.get(self.serving.stop.remote(), timeout=30)
+            except Exception:
+                log.exception("stopping serving")
+            self.serving = None
+
+
+def load_replay_events(run: RunSettings) -> list[InteractionEvent]:
+    if run.events is None:
+        return []
+    return load_events(run.events, run.source, run.target, limit=run.limit).events

@@ -1,0 +1,43 @@
+"""Settings of the main job (``sitn run``): one frozen, typed object read from ``SITN_RUN_*`` variables.
+
+Stream settings (``SITN_*``, see ``stream.settings``) and serving settings (``SITN_SERVING_*``, see
+``serving.settings``) are separate objects; the composition root builds all three once at start-up and
+logs them with secrets hidden.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RunSettings(BaseSettings):
+    """The live pipeline: what to replay, how fast, where state goes, how the cluster is reached."""
+
+    model_config = SettingsConfigDict(env_prefix="SITN_RUN_", frozen=True, extra="forbid")
+
+    events: Path | None = Field(None, description="events.csv to replay; unset = consume only (events arrive from elsewhere)")
+    source: str = Field("movie", description="source domain name")
+    target: str = Field("book", description="target domain name")
+    rate_events_per_s: float | None = Field(
+        3000.0, gt=0, description="replay pace in events per wall second; unset with --max = as fast as possible"
+    )
+    limit: int | None = Field(None, ge=1, description="replay only the first N rows of the file")
+    exit_after_replay: bool = Field(False, description="stop once every replayed event is trained and published")
+    run_dir: Path | None = Field(None, description="state directory (log, checkpoints); reused = resumed")
+    ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
+    ray_temp_dir: Path | None = Field(None, description="temp dir of the local Ray cluster (default: a fresh /tmp dir)")
+    consumers: int = Field(2, ge=1, le=64, description="consumer actors")
+    queue_maxsize: int = Field(8, ge=1, description="bounded queue between consumers and the learner (batches)")
+    batch_size: int = Field(256, ge=1, le=65536, description="examples per learner step")
+    checkpoint_every_steps: int = Field(200, ge=1, description="learner steps between checkpoints (and commits)")
+    publish_every_steps: int = Field(20, ge=1, description="learner steps between publishes")
+    publish_every_s: float = Field(1.0, gt=0, description="seconds between publishes (whichever comes first)")
+    full_publish_every: int = Field(50, ge=1, description="every Nth publish is a full snapshot")
+    torch_threads: int = Field(2, ge=1, le=64, description="torch threads in the learner actor")
+    learner_dim: int = Field(64, ge=8, description="embedding width d of the SITN model")
+    learner_views: int = Field(4, ge=1, description="interest views V")
+    learner_max_len: int = Field(50, ge=1, description="history length L per domain")
+    status_every_s: float = Field(1.0, gt=0, description="progress display refresh period")
