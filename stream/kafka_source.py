@@ -33,25 +33,50 @@ log = logging.getLogger(__name__)
 
 
 class _ListenerAdapter(ConsumerRebalanceListener):
-    """Forwards kafka-python's callbacks (topic-partitions) to a RebalanceListener (partition numbers)."""
+    """Forwards kafka-python's callbacks (topic-partitions) to a RebalanceListener (partition numbers).
+
+    kafka-python's default (eager) protocol revokes *every* partition at the start of a rebalance and then
+    assigns the new set, keeping the fetch position of partitions it hands back to the same member. No
+    other member can have read a partition in between, so a partition that comes straight back was never
+    really lost: its consumer state and uncommitted positions stay valid. The adapter therefore holds the
+    revocation until the assignment arrives and forwards only the difference: ``on_revoked`` for the
+    partitions that moved away, ``on_assigned`` for the ones that are new. On close, or when the member
+    was evicted (``on_partitions_lost``), the revocation is forwarded at once.
+    """
 
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
+        self._pending_revoke: frozenset[int] = frozenset()
+
+    def _partitions(self, tps: Any) -> frozenset[int]:
+        return frozenset(tp.partition for tp in tps if tp.topic == self.source.topic)
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        partitions = frozenset(tp.partition for tp in revoked if tp.topic == self.source.topic)
-        if partitions:
-            self.source.listener.on_revoked(partitions)
+        partitions = self._partitions(revoked)
+        if self.source.closing:
+            self.source.listener.on_revoked(partitions | self._pending_revoke)
+            self._pending_revoke = frozenset()
+        else:
+            self._pending_revoke |= partitions
 
     def on_partitions_lost(self, lost: Any) -> None:
-        self.on_partitions_revoked(lost)
+        partitions = self._partitions(lost) | self._pending_revoke
+        self._pending_revoke = frozenset()
+        if partitions:
+            self.source.listener.on_revoked(partitions)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         tps = [tp for tp in assigned if tp.topic == self.source.topic]
         if self.source.paused and tps:
             self.source.consumer.pause(*tps)
-        if tps:
-            self.source.listener.on_assigned(frozenset(tp.partition for tp in tps))
+        partitions = frozenset(tp.partition for tp in tps)
+        moved_away = self._pending_revoke - partitions
+        new = partitions - self._pending_revoke
+        self._pending_revoke = frozenset()
+        if moved_away:
+            self.source.listener.on_revoked(moved_away)
+        if new:
+            self.source.listener.on_assigned(new)
 
 
 def kafka_consumer_config(settings: StreamSettings, group: str) -> dict[str, Any]:
@@ -85,6 +110,7 @@ class KafkaSource:
         self.group = group
         self.listener: RebalanceListener = listener or NoRebalanceListener()
         self.paused = False
+        self.closing = False
         config = kafka_consumer_config(settings, group)
         config.update(consumer_overrides)
         self.consumer = KafkaConsumer(**config)
@@ -132,4 +158,5 @@ class KafkaSource:
 
     def close(self) -> None:
         """Leave the group (the listener hears ``on_revoked``). Commits nothing."""
+        self.closing = True
         self.consumer.close(autocommit=False)
