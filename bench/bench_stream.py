@@ -1,0 +1,184 @@
+"""Stream throughput: replay -> log -> decoded, validated training examples per second, one consumer process.
+
+For each backend (the embedded log, and Kafka) the events are replayed once (producer rate reported),
+then consumed ``--repeats`` times by a fresh consumer group after one warm-up run, per batch size
+(the swept knob). Each run times ``StreamConsumer.poll`` from the first poll until every event came out
+as an example, and the count check (examples out == events in, no dead letters) is printed next to the
+speed. Medians and the spread (min..max) over the repeats are printed.
+
+    python bench/bench_stream.py [--events PATH] [--limit N] [--repeats R] [--batch-sizes 500,2000,5000]
+                                 [--backends embedded,kafka]
+
+Kafka: ``SITN_KAFKA_BOOTSTRAP_SERVERS`` if set, else a local broker is started in a temporary directory.
+The workload is the shipped events.csv (offline); without it, a seeded synthetic one of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stream.consumer import StreamConsumer  # noqa: E402
+from stream.dataset import load_events  # noqa: E402
+from stream.dead_letter import open_dead_letters  # noqa: E402
+from stream.events import InteractionEvent  # noqa: E402
+from stream.producer import open_producer, replay  # noqa: E402
+from stream.settings import StreamSettings  # noqa: E402
+from stream.source import open_source  # noqa: E402
+
+DEFAULT_EVENTS = REPO.parent / "shared" / "data" / "amazon_movie_book_c2dsr" / "events.csv"
+
+
+def synthetic_events(n: int, seed: int = 0) -> list[InteractionEvent]:
+    rng = random.Random(seed)
+    out = [
+        InteractionEvent(f"syn:{i}", f"u{rng.randrange(n // 10 + 1)}", f"i{rng.randrange(60_000)}",
+                         rng.choice(("movie", "book")), 1_200_000_000 + i * 60)
+        for i in range(n)
+    ]
+    return out
+
+
+def consume_once(
+    settings: StreamSettings, expected: int, timeout_s: float = 300.0
+) -> tuple[float, float, int, int]:
+    """(records/s wall, records/s of process CPU time, examples out, dead letters) for a fresh group reading all.
+
+    CPU time covers every thread of this process (kafka-python's IO thread too): on a busy shared machine
+    it estimates what one otherwise idle core would sustain, while wall time is what this run got.
+    """
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    consumer = StreamConsumer(
+        open_source(settings, group=group), open_dead_letters(settings), settings.domains,
+        max_history=settings.max_history,
+    )
+    try:
+        # Setup (group join, first fetch) is outside the timed region: wait for the first records.
+        out = 0
+        deadline = time.monotonic() + timeout_s
+        first = consumer.poll(1.0)
+        while not first.positions:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no records within {timeout_s}s")
+            first = consumer.poll(1.0)
+        out += len(first.examples)
+        records_before = consumer.stats.records_in
+        start = time.perf_counter()
+        start_cpu = time.process_time()
+        while consumer.stats.records_in < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{consumer.stats.records_in} of {expected} records within {timeout_s}s")
+            out += len(consumer.poll(0.5).examples)
+        elapsed_s = time.perf_counter() - start
+        cpu_s = time.process_time() - start_cpu
+        timed = consumer.stats.records_in - records_before
+        return timed / elapsed_s, timed / cpu_s, out, consumer.stats.dead_letters
+    finally:
+        consumer.close()
+
+
+def run_backend(name: str, base: StreamSettings, events: list[InteractionEvent], batch_sizes: list[int],
+                repeats: int) -> None:
+    producer = open_producer(base)
+    stats = replay(events, producer)
+    producer.close()
+    print(f"\n[{name}] replay: {stats.events:,} events in {stats.wall_s:.2f} s = {stats.events_per_s:,.0f} events/s")
+    print(f"[{name}] load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    print(
+        f"[{name}] {'batch':>6} {'wall ev/s median':>17} {'min..max':>19} {'cpu ev/s median':>16} {'min..max':>19} "
+        f"{'out/in':>16} {'dead':>5}"
+    )
+    for batch_size in batch_sizes:
+        settings = base.model_copy(update={"batch_size": batch_size})
+        consume_once(settings, len(events))  # warm-up: page cache, JIT-free but imports and allocators
+        rates: list[float] = []
+        cpu_rates: list[float] = []
+        counts: list[tuple[int, int]] = []
+        for _ in range(repeats):
+            rate, cpu_rate, out, dead = consume_once(settings, len(events))
+            rates.append(rate)
+            cpu_rates.append(cpu_rate)
+            counts.append((out, dead))
+        ok = all(out == len(events) and dead == 0 for out, dead in counts)
+        outs = {out for out, _ in counts}
+        print(
+            f"[{name}] {batch_size:>6} {statistics.median(rates):>17,.0f} {min(rates):>9,.0f}..{max(rates):<9,.0f} "
+            f"{statistics.median(cpu_rates):>16,.0f} {min(cpu_rates):>9,.0f}..{max(cpu_rates):<9,.0f} "
+            f"{'/'.join(map(str, sorted(outs))):>7}/{len(events):<8} "
+            f"{max(d for _, d in counts):>5} {'OK' if ok else 'COUNT MISMATCH'}"
+        )
+
+
+def with_kafka(fn: Callable[[str], None]) -> None:
+    servers = os.environ.get("SITN_KAFKA_BOOTSTRAP_SERVERS")
+    if servers:
+        fn(servers)
+        return
+    from stream.broker import DEFAULT_CACHE_DIR, KafkaBroker
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:
+        broker = KafkaBroker(Path(tmp), port=ports[0], controller_port=ports[1], cache_dir=DEFAULT_CACHE_DIR)
+        broker.start(timeout_s=180)
+        try:
+            fn(broker.bootstrap_servers)
+        finally:
+            broker.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=Path, default=DEFAULT_EVENTS)
+    parser.add_argument("--limit", type=int, default=None, help="first N rows only")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-sizes", default="500,2000,5000")
+    parser.add_argument("--backends", default="embedded,kafka")
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args()
+    if args.events.is_file():
+        events = load_events(args.events, "movie", "book", limit=args.limit).events
+        print(f"workload: {args.events} ({len(events):,} events)")
+    else:
+        events = synthetic_events(args.limit or 148_205)
+        print(f"workload: synthetic, seed 0 ({len(events):,} events); {args.events} not found")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    backends = args.backends.split(",")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, partitions={args.partitions}, repeats={args.repeats}")
+    run = uuid.uuid4().hex[:8]
+    if "embedded" in backends:
+        with tempfile.TemporaryDirectory(prefix="bench-log-") as tmp:
+            base = StreamSettings(embedded_log_dir=Path(tmp), partitions=args.partitions)
+            run_backend("embedded", base, events, batch_sizes, args.repeats)
+    if "kafka" in backends:
+        def kafka(servers: str) -> None:
+            from stream.topics import ensure_topics
+
+            base = StreamSettings(
+                kafka_bootstrap_servers=servers, partitions=args.partitions, topic_interactions=f"bench-{run}",
+                topic_dead_letters=f"bench-dlq-{run}", topic_embedding_updates=f"bench-up-{run}",
+            )
+            ensure_topics(base)
+            run_backend("kafka", base, events, batch_sizes, args.repeats)
+
+        with_kafka(kafka)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
