@@ -251,6 +251,12 @@ class KafkaBroker:
         if running is not None:
             raise BrokerError(f"a broker is already running from {self.data_dir} (pid {running}); stop it first")
         self.pid_path.unlink(missing_ok=True)  # stale: its process is gone
+        for name, port in (("port", self.port), ("controller port", self.controller_port)):
+            if not _port_is_free(port):
+                raise BrokerError(
+                    f"the Kafka {name} {HOST}:{port} is already in use by another process (another broker? "
+                    f"`sitn kafka status`); choose another port or stop that process. Broker log: {self.log_path}"
+                )
         java = _java()
         libs = self.libs_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -394,14 +400,20 @@ class KafkaBroker:
                 bootstrap_timeout_ms=int(timeout_s * 1000),
                 request_timeout_ms=int(timeout_s * 1000),
             )
-            brokers = admin.describe_cluster()["brokers"]
+            cluster = admin.describe_cluster()
         except (KafkaError, OSError) as exc:
             logger.debug("kafka broker not ready yet bootstrap_servers=%s error=%r", self.bootstrap_servers, exc)
             return False
         finally:
             if admin is not None:
                 admin.close()
-        return any(b["broker_id"] == NODE_ID and not b.get("is_fenced", False) for b in brokers)
+        if cluster["cluster_id"] != self._cluster_id():
+            return False  # some other broker answers on this port, not the one formatted here
+        return any(b["broker_id"] == NODE_ID and not b.get("is_fenced", False) for b in cluster["brokers"])
+
+    def _cluster_id(self) -> str | None:
+        meta = self.log_dir / "meta.properties"
+        return read_properties(meta.read_text()).get("cluster.id") if meta.is_file() else None
 
     def _is_our_broker(self, pid: int) -> bool:
         """Guards against a reused pid: the process must be Kafka started with this data dir's config."""
@@ -439,6 +451,17 @@ class KafkaBroker:
 def _check_port(name: str, port: int) -> None:
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"{name} must be an integer in 1..65535, got {port!r}")
+
+
+def _port_is_free(port: int) -> bool:
+    """True when a listener could bind ``HOST:port`` now (SO_REUSEADDR, as the JVM's acceptors use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def _java() -> str:
