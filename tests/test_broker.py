@@ -70,6 +70,19 @@ def test_kafka_home_without_kafka_jars_is_an_operator_error(tmp_path: Path) -> N
         broker.libs_dir()
 
 
+def test_kafka_home_libs_are_used_instead_of_fetching(tmp_path: Path) -> None:
+    libs = tmp_path / "kafka_2.13-4.4.0" / "libs"
+    libs.mkdir(parents=True)
+    (libs / "kafka_2.13-4.4.0.jar").write_bytes(b"")
+    broker = KafkaBroker(tmp_path / "data", port=19092, kafka_home=libs.parent, cache_dir=tmp_path / "never-used")
+    cmd = broker.console_producer_cmd("events")
+    assert cmd[cmd.index("-cp") + 1] == f"{libs}/*"
+    assert cmd[cmd.index("-cp") + 2 :] == [
+        "org.apache.kafka.tools.ConsoleProducer", "--bootstrap-server", "127.0.0.1:19092", "--topic", "events",
+    ]
+    assert not (tmp_path / "never-used").exists()
+
+
 def test_status_of_a_never_started_data_dir_is_stopped(tmp_path: Path) -> None:
     status = KafkaBroker(tmp_path).status()
     assert (status.running, status.pid, status.bootstrap_servers) == (False, None, None)

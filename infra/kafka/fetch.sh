@@ -54,7 +54,8 @@ staging=$(mktemp -d "$dest/libs.tmp.XXXXXX")
 trap 'rm -rf "$staging"' EXIT
 # --batch-mode: no colour codes or progress bars in CI logs. -q keeps the output to errors only.
 mvn --batch-mode -q -Dstyle.color=never -f "$pom" -Dkafka.version="$version" \
-  dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$staging" >&2
+  dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$staging" 2>&1 \
+  | sed 's/\x1b\[[0-9;]*m//g' >&2  # Maven 3.8 prints colour resets even in batch mode
 if ! ls "$staging"/kafka_2.13-"$version".jar >/dev/null 2>&1; then
   echo "fetch.sh: Maven finished but kafka_2.13-$version.jar is missing from $staging" >&2
   exit 4
