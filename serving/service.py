@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from serving import metrics
-from serving.index import ItemIndex, set_faiss_threads
+from serving.index import ItemIndex
 from serving.store import ConsumedItems, PopularityCounter, UserVectorStore
 from stream.events import MAX_ID_CHARS, EmbeddingUpdate
 
@@ -110,7 +110,7 @@ class RecommendationService:
         index_factory, search_params, merge_threshold_rows: see :class:`serving.index.ItemIndex`.
         max_consumed_per_user: how many consumed items are remembered (and excluded) per user.
         popularity_refresh_s: how often the popularity ranking is re-sorted under writes.
-        faiss_threads: FAISS OpenMP threads (process-wide); 1 suits single queries. None: leave as is.
+        faiss_threads: FAISS OpenMP threads in each searching/building thread; 1 suits single queries.
         clock: wall clock in unix seconds, for the index age.
     """
 
@@ -126,10 +126,8 @@ class RecommendationService:
         faiss_threads: int | None = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if faiss_threads is not None:
-            set_faiss_threads(faiss_threads)
         self.dim = dim
-        self.index = ItemIndex(dim, index_factory, search_params, merge_threshold_rows, clock)
+        self.index = ItemIndex(dim, index_factory, search_params, merge_threshold_rows, faiss_threads, clock)
         self.users = UserVectorStore(dim)
         self.consumed = ConsumedItems(max_consumed_per_user)
         self.popularity = PopularityCounter(popularity_refresh_s)

@@ -161,3 +161,23 @@ def test_reader_never_sees_a_half_built_index_while_writer_swaps() -> None:
 def test_merge_by_max_takes_each_items_best_view() -> None:
     merged = merge_by_max([[("a", 0.1), ("b", 0.9)], [("a", 0.95)], []], k=5)
     assert merged == [("a", 0.95), ("b", 0.9)]
+
+
+def test_faiss_threads_are_set_in_the_thread_that_searches() -> None:
+    """OpenMP keeps the thread count per thread: a server thread must get the setting too."""
+    import faiss
+
+    index = ItemIndex(dim=2, faiss_threads=3)
+    index.upsert(["a"], np.array([[1.0, 0.0]]), version=1)
+    seen: list[int] = []
+
+    def search_in_new_thread() -> None:
+        before = faiss.omp_get_max_threads()
+        index.search(np.array([[1.0, 0.0]]), k=1)
+        seen.extend([before, faiss.omp_get_max_threads()])
+
+    thread = threading.Thread(target=search_in_new_thread)
+    thread.start()
+    thread.join(timeout=10)
+    assert seen[1] == 3
+    assert seen[0] != 3  # the thread's own default differs, so the check above is meaningful
