@@ -69,7 +69,9 @@ class SITNLearner:
             self.model = SITNModel(config)
             self._rng_state = torch.get_rng_state()
         self.idmaps = {role: IdMap() for role in self.domains}
-        self._dense_opt = torch.optim.AdamW(self._dense_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self._dense_opt = torch.optim.AdamW(
+            self._dense_parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+        )
         self._sparse_opt = torch.optim.SparseAdam(
             [self.model.encoder(role).item_weight for role in self.domains], lr=config.lr
         )

@@ -28,6 +28,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,11 @@ def assign(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     >>> assign(np.array([[0.0, 1.0], [1.0, 0.1]]), np.eye(2)).tolist()
     [1, 0]
     """
-    return np.argmax(z @ centroids.T, axis=1).astype(np.int64)
+    # torch matmul: respects the process's torch thread setting, unlike numpy's BLAS pool
+    sim = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)) @ torch.from_numpy(
+        np.ascontiguousarray(centroids, dtype=np.float32)
+    ).T  # (N, K)
+    return sim.argmax(dim=1).numpy().astype(np.int64)
 
 
 def pcl_concentration(
@@ -217,8 +222,7 @@ class StreamingPrototypes:
         """Move each centroid with members in ``z`` toward their mean by ``1 - ema``; renormalise."""
         proto = self.sets[(role, k)]
         counts = np.bincount(labels, minlength=k)
-        sums = np.zeros_like(proto.centroids)
-        np.add.at(sums, labels, z)
+        sums = torch.zeros(proto.centroids.shape).index_add_(0, torch.from_numpy(labels), torch.from_numpy(z)).numpy()
         hit = counts > 0
         means = sums[hit] / counts[hit, None]
         c = proto.centroids

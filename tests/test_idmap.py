@@ -1,0 +1,81 @@
+"""Growing id maps and table growth with consistent optimizer state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from learner.idmap import IdMap, grow_buffer, grow_parameter, next_capacity
+
+torch.set_num_threads(1)
+
+
+def test_rows_are_stable_and_unknown_maps_to_padding() -> None:
+    ids = IdMap()
+    assert ids.add(["x", "y", "x", "z"]).tolist() == [1, 2, 1, 3]
+    assert ids.add(["z", "w"]).tolist() == [3, 4]
+    assert ids.rows(["w", "nope", "x"]).tolist() == [4, 0, 1]
+    assert (len(ids), ids.n_rows, ids.ids()) == (4, 5, ["x", "y", "z", "w"])
+    assert "y" in ids and "nope" not in ids
+    assert ids.row("nope") == 0
+    with pytest.raises(KeyError, match=r"row 0 is not a known id row; known rows are 1..4"):
+        ids.item_id(0)
+
+
+def test_state_round_trip() -> None:
+    ids = IdMap()
+    ids.add(["b", "a", "c"])
+    copy = IdMap.from_state_dict(ids.state_dict())
+    assert copy.ids() == ["b", "a", "c"]
+    assert copy.rows(["a", "c"]).tolist() == [2, 3]
+
+
+def test_next_capacity_doubles() -> None:
+    assert [next_capacity(4, n) for n in (1, 4, 5, 9, 17)] == [4, 4, 8, 16, 32]
+
+
+class Table(torch.nn.Module):
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(rows * 2, dtype=torch.float32).view(rows, 2))
+        self.register_buffer("count", torch.arange(rows))
+
+
+def sparse_step(table: Table, opt: torch.optim.Optimizer, rows: list[int]) -> None:
+    opt.zero_grad()
+    F.embedding(torch.tensor(rows), table.weight, sparse=True).sum().backward()
+    opt.step()
+
+
+def test_grow_parameter_keeps_rows_and_pads_optimizer_state() -> None:
+    torch.manual_seed(0)
+    table = Table(4)
+    opt = torch.optim.SparseAdam([table.weight], lr=0.1)
+    sparse_step(table, opt, [1, 2])
+    old = table.weight
+    old_rows = old.detach().clone()
+    old_state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[old].items()}
+    new = grow_parameter(table, "weight", 8, init_std=0.5, optimizers=[opt])
+    assert table.weight is new and new.shape == (8, 2)
+    assert torch.equal(new.detach()[:4], old_rows)
+    assert float(new.detach()[4:].abs().sum()) > 0  # new rows drawn from N(0, 0.5^2)
+    assert opt.param_groups[0]["params"] == [new] and old not in opt.state
+    state = opt.state[new]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key].shape == (8, 2)
+        assert torch.equal(state[key][:4], old_state[key])
+        assert torch.equal(state[key][4:], torch.zeros(4, 2))
+    # the optimizer keeps working on the new parameter, including new rows
+    before = new.detach().clone()
+    sparse_step(table, opt, [6])
+    changed = (table.weight.detach() != before).any(dim=1).tolist()
+    assert changed == [False] * 6 + [True, False]
+
+
+def test_grow_parameter_never_shrinks_and_grow_buffer_fills() -> None:
+    table = Table(4)
+    assert grow_parameter(table, "weight", 3, 0.1, []) is table.weight
+    grow_buffer(table, "count", 6, fill=-1)
+    assert table.count.tolist() == [0, 1, 2, 3, -1, -1]
+    assert "count" in dict(table.named_buffers())

@@ -1,0 +1,219 @@
+"""SITNLearner on a few hundred real events: learning, checkpoints, determinism, edge cases, ablations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from learner import SITNConfig, SITNLearner
+from sitn.errors import CheckpointError
+from stream.dataset import load_events
+from stream.user_state import Example, UserStateStore
+
+torch.set_num_threads(1)
+
+SMALL = SITNConfig(
+    dim=16, max_len=20, n_views=2, view_hidden=16, proj_dim=16, cluster_counts=(4, 8), reservoir_size=128,
+    recluster_every_steps=4, i2c_warmup_steps=4, n_item_clusters=4, n_sampled_negatives=32,
+    initial_item_capacity=64, lr=1e-2,
+)
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def examples(events_csv: Path) -> list[Example]:
+    log = load_events(events_csv, "movie", "book", limit=4000)
+    store = UserStateStore(("movie", "book"), max_len=20)
+    out = store.observe_many(log.events)
+    # the first rows of the file are mostly users' first events; keep examples with some history
+    with_history = [ex for ex in out if any(items for items, _ in ex.history.values())]
+    return with_history[:384]
+
+
+def batches(examples: list[Example]) -> list[list[Example]]:
+    return [examples[i : i + BATCH] for i in range(0, len(examples), BATCH)]
+
+
+def train(learner: SITNLearner, examples: list[Example], epochs: int = 1) -> list[dict[str, float]]:
+    return [learner.learn_many(b) for _ in range(epochs) for b in batches(examples)]
+
+
+def test_losses_finite_and_falling(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL, "movie", "book")
+    stats = train(learner, examples, epochs=4)
+    keys = {"loss", "loss_main", "loss_i2i", "loss_i2c", "examples_per_s", "step", "batch_size", "i2i_pairs",
+            "proto_agreement", "proto_entropy"}
+    assert keys <= set(stats[0])
+    for s in stats:
+        for k in ("loss", "loss_main", "loss_i2i", "loss_i2c", "examples_per_s"):
+            assert math.isfinite(s[k]), (k, s)
+    assert [s["step"] for s in stats] == list(range(1, len(stats) + 1))
+    assert stats[0]["batch_size"] == BATCH and stats[0]["i2i_pairs"] > 1
+    assert math.isnan(stats[0]["proto_agreement"])  # no prototypes before the first re-clustering
+    assert stats[-1]["loss_i2c"] > 0 and 0 <= stats[-1]["proto_agreement"] <= 1
+    per_epoch = len(stats) // 4
+    first = np.mean([s["loss_main"] for s in stats[:per_epoch]])
+    last = np.mean([s["loss_main"] for s in stats[-per_epoch:]])
+    assert last < first - 0.2, (first, last)
+    proto = learner.prototype_stats()
+    assert proto["n_reclusters"] == len(stats) // SMALL.recluster_every_steps
+    assert learner.prototypes is not None
+    assert sum(proto["source_k4_sizes"]) == len(learner.prototypes.reservoir("source"))  # type: ignore[arg-type]
+    assert sum(proto["item_clusters_target_sizes"]) > 0  # type: ignore[arg-type]
+
+
+def test_checkpoint_round_trip_gives_identical_scores_and_continuation(examples: list[Example],
+                                                                      tmp_path: Path) -> None:
+    learner = SITNLearner(SMALL, "movie", "book")
+    train(learner, examples[:256])
+    path = tmp_path / "ckpt.sitn"
+    learner.save(path, extra={"offsets": {"events": 256}})
+    restored = SITNLearner.load(path)
+    assert restored.step == learner.step and restored.extra == {"offsets": {"events": 256}}
+    assert restored.config == learner.config and restored.known_users() == learner.known_users()
+    users = learner.known_users()[:20]
+    np.testing.assert_array_equal(restored.embed_users(users), learner.embed_users(users))
+    ids_a, vec_a = learner.embed_items()
+    ids_b, vec_b = restored.embed_items()
+    assert ids_a == ids_b and np.array_equal(vec_a, vec_b)
+    assert restored.recommend(users[0], k=5) == learner.recommend(users[0], k=5)
+    assert restored.prototype_stats() == learner.prototype_stats()
+    # same RNG stream, optimizer state and prototypes: the next step is identical too
+    s1, s2 = learner.learn_many(examples[256:320]), restored.learn_many(examples[256:320])
+    for k in ("loss", "loss_main", "loss_i2i", "loss_i2c"):
+        assert s1[k] == s2[k]
+    np.testing.assert_array_equal(restored.embed_users(users), learner.embed_users(users))
+
+
+def test_corrupt_checkpoint_is_refused(examples: list[Example], tmp_path: Path) -> None:
+    learner = SITNLearner(SMALL, "movie", "book")
+    learner.learn_many(examples[:32])
+    path = tmp_path / "ckpt.sitn"
+    learner.save(path)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        SITNLearner.load(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        SITNLearner.load(tmp_path / "missing")
+
+
+def test_same_seed_same_embeddings_even_interleaved(examples: list[Example]) -> None:
+    a, b = SITNLearner(SMALL, "movie", "book"), SITNLearner(SMALL, "movie", "book")
+    for batch in batches(examples[:192]):
+        a.learn_many(batch)
+        b.learn_many(batch)
+    users = a.known_users()[:10]
+    np.testing.assert_array_equal(a.embed_users(users), b.embed_users(users))
+    other = SITNLearner(SMALL.replace(seed=1), "movie", "book")
+    train(other, examples[:192])
+    assert not np.array_equal(other.embed_users(users), a.embed_users(users))
+
+
+def test_unknown_user_unseen_item_and_cold_start(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL, "movie", "book")
+    train(learner, examples[:256])
+    q = learner.embed_users(["nobody", "nobody-else"])
+    assert q.shape == (2, SMALL.n_views, SMALL.dim) and q.dtype == np.float32
+    np.testing.assert_array_equal(q[0], q[1])  # unknown users: the learned empty-history query
+    np.testing.assert_allclose(q[0], learner.embed_histories([{}])[0], atol=1e-6)
+    assert len(learner.recommend("nobody", k=3)) == 3
+    # an item never learned is dropped from a query history
+    known = next(ex for ex in examples if ex.history["book"][0])
+    items, times = known.history["book"]
+    with_unknown = {"movie": known.history["movie"], "book": (("never-seen", *items), (times[0], *times))}
+    np.testing.assert_allclose(
+        learner.embed_histories([with_unknown])[0], learner.embed_histories([known.history])[0], atol=1e-6
+    )
+    # cold start: no target history, target vectors come from the source side alone
+    movie_only = next(ex for ex in examples if len(ex.history["movie"][0]) >= 2)
+    cold = learner.embed_histories([{"movie": movie_only.history["movie"], "book": ((), ())}])[0]
+    empty = learner.embed_histories([{}])[0]
+    assert np.abs(cold).sum() > 0 and not np.allclose(cold, empty)
+    # a registered but never trained item gets a defined, initialised row
+    n_before = len(learner.embed_items()[0])
+    learner.register_items("book", ["brand-new-book"])
+    ids, vectors = learner.embed_items("book")
+    assert len(ids) == n_before + 1 and ids[-1] == "brand-new-book" and np.abs(vectors[-1]).sum() > 0
+    scores = learner.score_items(learner.embed_users(["nobody"]))
+    assert scores.shape == (1, n_before + 1)
+
+
+def test_recommend_excludes_consumed_and_scores_are_max_over_views(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL, "movie", "book")
+    train(learner, examples[:256])
+    user = next(u for u in learner.known_users() if learner.consumed(u, "book"))
+    consumed = learner.consumed(user, "book")
+    recs = learner.recommend(user, k=10)
+    assert len(recs) == 10 and not consumed & {i for i, _ in recs}
+    assert [s for _, s in recs] == sorted((s for _, s in recs), reverse=True)
+    q = learner.embed_users([user])
+    ids, vectors = learner.embed_items()
+    expected = max(float(q[0, v] @ vectors[ids.index(recs[0][0])]) for v in range(SMALL.n_views))
+    assert recs[0][1] == pytest.approx(expected, rel=1e-5)
+    with_consumed = {i for i, _ in learner.recommend(user, k=len(ids), exclude_consumed=False)}
+    assert consumed <= with_consumed
+
+
+def test_tables_grow_past_initial_capacity(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL.replace(initial_item_capacity=8), "movie", "book")
+    stats = train(learner, examples[:192])
+    assert all(math.isfinite(s["loss"]) for s in stats)
+    assert len(learner.embed_items()[0]) > 8
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"n_views": 1},
+        {"cluster_counts": (4,)},
+        {"use_i2i": False},
+        {"use_i2c": False},
+        {"use_coarse_level": False, "use_time_gap": False, "use_transfer_gate": False},
+        {"n_layers": 2, "causal": True, "dropout": 0.1},
+    ],
+)
+def test_ablation_configs_run(examples: list[Example], changes: dict) -> None:
+    config = SMALL.replace(**changes)
+    learner = SITNLearner(config, "movie", "book")
+    stats = train(learner, examples)  # 6 steps: prototypes exist from step 4, I2C runs from step 5
+    assert all(math.isfinite(s["loss"]) for s in stats)
+    if not config.use_i2i:
+        assert all(s["loss_i2i"] == 0.0 and s["i2i_pairs"] == 0 for s in stats)
+    if not config.use_i2c:
+        assert all(s["loss_i2c"] == 0.0 for s in stats)
+    else:
+        assert stats[-1]["loss_i2c"] > 0
+    q = learner.embed_users(learner.known_users()[:3])
+    assert q.shape == (3, config.n_views, config.dim) and np.isfinite(q).all()
+
+
+def test_single_domain_model_trains_on_target_events_only(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL.replace(use_source=False), "movie", "book")
+    stats = train(learner, examples[:256])
+    n_target = sum(ex.domain == "book" for ex in examples[:256])
+    assert sum(s["trained_examples"] for s in stats) == n_target
+    assert all(s["loss_i2i"] == 0.0 and math.isnan(s["proto_agreement"]) for s in stats)
+    assert learner.embed_users(learner.known_users()[:2]).shape == (2, SMALL.n_views, SMALL.dim)
+    with pytest.raises(ValueError, match=r"domain 'movie' is not served by this learner; allowed: \['book'\]"):
+        learner.embed_items("movie")
+
+
+def test_bad_input_is_refused(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL, "movie", "book")
+    with pytest.raises(ValueError, match="empty batch"):
+        learner.learn_many([])
+    bad = Example("e", "u", "music", "i", 1, {})
+    with pytest.raises(ValueError, match=r"domain 'music'; allowed: \['movie', 'book'\]"):
+        learner.learn_many([bad])
+    with pytest.raises(ValueError, match="source and target domains must differ"):
+        SITNLearner(SMALL, "book", "book")
+    with pytest.raises(ValueError, match=r"queries must have shape \(N, V, 16\), got \(2, 16\)"):
+        learner.score_items(np.zeros((2, 16)))
+    with pytest.raises(ValueError, match="n_heads must be a divisor of dim=16, got 3"):
+        SMALL.replace(n_heads=3)
