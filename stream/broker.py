@@ -244,8 +244,13 @@ class KafkaBroker:
                 self._libs_dir = ensure_kafka_distribution(self.cache_dir)
         return self._libs_dir
 
-    def start(self, timeout_s: float = 60) -> None:
-        """Format the data directory if new, start the broker in the background, wait until it answers."""
+    def start(self, timeout_s: float = 60, *, stop_with_parent: bool = False) -> None:
+        """Format the data directory if new, start the broker in the background, wait until it answers.
+
+        The broker outlives this process (``sitn kafka start`` returns while it runs) unless
+        ``stop_with_parent``: then it gets SIGTERM when the calling thread's process dies, even by
+        SIGKILL, so a killed test run leaves no broker behind (Linux, util-linux ``setpriv``).
+        """
         started = time.monotonic()
         running = self.pid
         if running is not None:
@@ -268,6 +273,7 @@ class KafkaBroker:
             log.write(f"==== sitn: starting Kafka broker at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode())
             log.flush()
             cmd = [
+                *_parent_death_signal_prefix(stop_with_parent),
                 java,
                 f"-Xmx{self.heap}",
                 "-XX:+UseSerialGC",  # a small heap on a small machine: no concurrent GC threads
@@ -462,6 +468,14 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _parent_death_signal_prefix(enabled: bool) -> list[str]:
+    """``setpriv --pdeathsig TERM --``: the exec'd broker gets SIGTERM when its parent dies."""
+    setpriv = shutil.which("setpriv") if enabled else None
+    if enabled and setpriv is None:
+        logger.warning("setpriv not found: the broker will outlive this process if it is killed")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def _java() -> str:

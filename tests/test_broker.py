@@ -175,7 +175,7 @@ def test_messages_survive_a_clean_restart_and_status_follows(
         f"stopped: pid {old_pid} (data {data_dir})\nstopped (data {data_dir}, log {private_broker.log_path})\n"
     )
 
-    private_broker.start(timeout_s=120)
+    private_broker.start(timeout_s=120, stop_with_parent=True)
     assert private_broker.pid not in (None, old_pid)
     assert consume_all(private_broker.bootstrap_servers, topic, len(payloads)) == payloads
     assert private_broker.log_path.read_text().count("==== sitn: formatted") == 1  # reused, not reformatted
@@ -190,7 +190,7 @@ def test_messages_acknowledged_before_a_crash_survive_it(private_broker: KafkaBr
 
     private_broker.kill()
     assert private_broker.status().running is False
-    private_broker.start(timeout_s=120)
+    private_broker.start(timeout_s=120, stop_with_parent=True)
 
     assert consume_all(private_broker.bootstrap_servers, topic, len(payloads)) == payloads
 
