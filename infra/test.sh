@@ -12,6 +12,8 @@ venv=$(bash infra/bootstrap.sh)
 export PATH="$venv/bin:$PATH"
 export RAY_USAGE_STATS_ENABLED=0
 
+echo "== kafka (fetch the broker from Maven Central into ~/.cache once)"
+bash infra/kafka/fetch.sh >/dev/null || echo "test.sh: Kafka fetch failed; tests marked kafka will be skipped (see message above)" >&2
 echo "== ruff"
 ruff check .
 echo "== mypy"
