@@ -30,7 +30,7 @@ def init_ray(address: str | None = None, temp_dir: Path | None = None, num_cpus:
 
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
     if address:
-        context = ray.init(address=address, runtime_env={"env_vars": env})
+        context: Any = ray.init(address=address, runtime_env={"env_vars": env})
         log.info("ray joined address=%s", address)
         return dict(context.address_info)
     for attempt in range(1, START_ATTEMPTS + 1):
