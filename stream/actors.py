@@ -148,6 +148,10 @@ class ConsumerWorker:
     def stats(self) -> ConsumerStats:
         return self._consumer.stats if self._consumer is not None else ConsumerStats()
 
+    def delivery(self) -> dict[str, int]:
+        """Batches put on the queue, and how often the queue was full for ``put_wait_s`` (backpressure)."""
+        return {"batches_delivered": self.batches_delivered, "waits_on_full_queue": self.waits_on_full_queue}
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -221,6 +225,10 @@ class ConsumerFleet:
 
     def stats(self, timeout_s: float = 30.0) -> dict[str, ConsumerStats]:
         refs = {cid: a.stats.remote() for cid, a in self.actors.items()}
+        return {cid: ray.get(ref, timeout=timeout_s) for cid, ref in refs.items()}
+
+    def delivery(self, timeout_s: float = 30.0) -> dict[str, dict[str, int]]:
+        refs = {cid: a.delivery.remote() for cid, a in self.actors.items()}
         return {cid: ray.get(ref, timeout=timeout_s) for cid, ref in refs.items()}
 
     def check_health(self) -> None:

@@ -18,6 +18,7 @@ from stream.settings import StreamSettings
 
 N_EVENTS = 6000
 DEADLINE_S = 120.0
+SLOW_STEP_S = 0.3  # the learner's step; longer than put_wait_s=0.2, so the bounded queue pushes back
 
 
 def _drain(fleet: ConsumerFleet, expected: int, deadline_s: float, slow_s: float = 0.0) -> list[ExampleBatch]:
@@ -76,9 +77,13 @@ def test_two_actors_over_the_embedded_log(ray_cluster: object, events_csv: Path,
     with ConsumerFleet(settings, consumers=2, queue_maxsize=2, put_wait_s=0.2) as fleet:
         owned = _wait_for_full_assignment(fleet, 4)
         assert owned == {"consumer-0": frozenset({0, 2}), "consumer-1": frozenset({1, 3})}
-        batches = _drain(fleet, len(events), DEADLINE_S, slow_s=0.05)
+        batches = _drain(fleet, len(events), DEADLINE_S, slow_s=SLOW_STEP_S)
         assert fleet.get(timeout_s=0.5) is None
+        delivery = fleet.delivery()
         stats = fleet.stop()
+    # The learner is slower than put_wait_s: the queue filled up and the actors waited (paused) on it.
+    assert sum(d["waits_on_full_queue"] for d in delivery.values()) > 0
+    assert sum(d["batches_delivered"] for d in delivery.values()) == len(batches)
     _check_exactly_once_in_order(batches, events)
     assert {b.consumer_id for b in batches} == {"consumer-0", "consumer-1"}
     assert sum(s.examples_out for s in stats.values()) == len(events)
@@ -118,9 +123,14 @@ def test_two_actors_in_one_kafka_group(
         producer = open_producer(settings)
         replay(events, producer)
         producer.close()
-        batches = _drain(fleet, len(events), DEADLINE_S, slow_s=0.05)
+        batches = _drain(fleet, len(events), DEADLINE_S, slow_s=SLOW_STEP_S)
         assert fleet.get(timeout_s=1.0) is None
+        delivery = fleet.delivery()
+        revoked_while_running = {cid: s.partitions_revoked for cid, s in fleet.stats().items()}
         stats = fleet.stop()
+    assert sum(d["waits_on_full_queue"] for d in delivery.values()) > 0
+    # Waiting on the full queue (paused, still polling) kept both members in the group throughout.
+    assert revoked_while_running == {"consumer-0": 0, "consumer-1": 0}
     _check_exactly_once_in_order(batches, events)
     assert {b.consumer_id for b in batches} == {"consumer-0", "consumer-1"}
     assert sum(s.examples_out for s in stats.values()) == len(events)
