@@ -37,6 +37,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +46,9 @@ from learner.baselines import History, Ranker
 from learner.metrics import ranks_full, ranks_sampled, summarize
 from stream.events import InteractionEvent
 from stream.user_state import UserStateStore
+
+if TYPE_CHECKING:
+    from learner.config import SITNConfig
 
 log = logging.getLogger(__name__)
 
@@ -276,3 +281,122 @@ def aggregate(runs: Sequence[RunResult]) -> dict[str, dict[str, dict[str, float 
             std = float(values.std(ddof=1)) if len(values) > 1 else None
             out[setting][metric] = {"mean": float(values.mean()), "std": std}
     return out
+
+
+class SITNRanker:
+    """The SITN learner behind the ranker interface.
+
+    ``partial_fit`` rebuilds the causal training examples with ``UserStateStore`` over the training
+    events, shuffles them (seeded, a fresh order per epoch) and takes one ``learn_many`` step per
+    mini-batch. A single-domain config (``use_source=False``) trains on target-domain examples only.
+    Scores come from ``embed_histories`` on the query history (the learner's own per-user state is
+    never used), so cold-start queries see exactly the history they are given.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: SITNConfig,
+        split: Split,
+        batch_size: int,
+        workdir: str | Path,
+        on_step: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        from learner.learner import SITNLearner  # torch is imported only when SITN rows run
+
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+        self._learner_cls = SITNLearner
+        self.name = name
+        self.config = config
+        self.source, self.target = split.source, split.target
+        self.catalogue = list(split.catalogue)
+        self.batch_size = batch_size
+        self.workdir = Path(workdir)
+        self.on_step = on_step
+        self.learner = SITNLearner(config, split.source, split.target)
+        self.learner.register_items(split.target, split.catalogue)
+        if config.use_source:
+            self.learner.register_items(split.source, split.source_items)
+        self._rng = random.Random(config.seed)
+        self._items: np.ndarray | None = None
+        self.last_stats: dict[str, float] = {}
+
+    def partial_fit(self, events: Sequence[InteractionEvent]) -> None:
+        store = UserStateStore((self.source, self.target), self.config.max_len, max_users=10**9)
+        examples = store.observe_many(events)
+        if not self.config.use_source:
+            examples = [ex for ex in examples if ex.domain == self.target]
+        self._rng.shuffle(examples)
+        for start in range(0, len(examples), self.batch_size):
+            batch = examples[start:start + self.batch_size]
+            if len(batch) < 2:
+                continue
+            self.last_stats = self.learner.learn_many(batch)
+            if self.on_step is not None:
+                self.on_step(self.last_stats)
+        self._items = None
+
+    def _catalogue_items(self) -> np.ndarray:
+        """``(C, D)`` target item vectors in catalogue order (cached until the weights change)."""
+        if self._items is None:
+            item_ids, vectors = self.learner.embed_items(self.target)
+            position = {item_id: j for j, item_id in enumerate(item_ids)}
+            self._items = np.ascontiguousarray(vectors[[position[i] for i in self.catalogue]])
+        return self._items
+
+    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
+        """Max over views of <q_v, e_i>, the learner's ``score_items`` rule, as one BLAS matmul."""
+        queries = self.learner.embed_histories(list(histories), self.target)  # (N, V, D)
+        n, v, d = queries.shape
+        items = self._catalogue_items()  # (C, D)
+        scores = queries.reshape(n * v, d) @ items.T  # (N * V, C)
+        return scores.reshape(n, v, -1).max(axis=1)  # (N, C)
+
+    def snapshot(self) -> object:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / f"{self.name}-best.pt"
+        self.learner.save(path)
+        return path
+
+    def restore(self, state: object) -> None:
+        assert isinstance(state, Path)
+        self.learner = self._learner_cls.load(state)
+        self._items = None
+
+
+# -- the results table -------------------------------------------------------------------------------
+
+METRICS_ORDER = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
+
+
+def _cell(stat: dict[str, float | None]) -> str:
+    mean, std = stat["mean"], stat["std"]
+    assert mean is not None
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """One Markdown table per setting; ``rows`` are the ``rows`` entries of results.json.
+
+    >>> row = {"name": "pop", "summary": {"full/overlap": {m: {"mean": 0.5, "std": None} for m in METRICS_ORDER}},
+    ...        "per_seed": [{"epoch": 1}]}
+    >>> print(markdown_tables([row]))
+    ### full/overlap
+    <BLANKLINE>
+    | model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | MRR | epochs |
+    | --- | --- | --- | --- | --- | --- | --- |
+    | pop | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 1 |
+    """
+    parts: list[str] = []
+    settings = [s for s in SETTINGS if s in rows[0]["summary"]]
+    for setting in settings:
+        parts.append(f"### {setting}\n")
+        parts.append("| model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | MRR | epochs |")
+        parts.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for row in rows:
+            cells = [_cell(row["summary"][setting][m]) for m in METRICS_ORDER]
+            epochs = ",".join(str(r["epoch"]) for r in row["per_seed"])
+            parts.append(f"| {row['name']} | {' | '.join(cells)} | {epochs} |")
+        parts.append("")
+    return "\n".join(parts).rstrip("\n")
