@@ -98,6 +98,16 @@ def kafka_client_kwargs(settings: StreamSettings) -> dict[str, Any]:
 
     >>> kafka_client_kwargs(StreamSettings(kafka_bootstrap_servers="h:1"))
     {'bootstrap_servers': 'h:1', 'security_protocol': 'PLAINTEXT'}
+    >>> sasl = StreamSettings(kafka_bootstrap_servers="h:1", security_protocol="SASL_SSL", sasl_mechanism="PLAIN",
+    ...                       sasl_plain_username="app", sasl_plain_password="pw", ssl_cafile="/ca.pem")
+    >>> kafka_client_kwargs(sasl)  # doctest: +NORMALIZE_WHITESPACE
+    {'bootstrap_servers': 'h:1', 'security_protocol': 'SASL_SSL', 'sasl_mechanism': 'PLAIN',
+     'sasl_plain_username': 'app', 'sasl_plain_password': 'pw', 'ssl_cafile': '/ca.pem', 'ssl_check_hostname': True}
+    >>> StreamSettings(security_protocol="SASL_PLAINTEXT")
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for StreamSettings
+      Value error, security_protocol=SASL_PLAINTEXT needs sasl_mechanism ...
     """
     if settings.kafka_bootstrap_servers is None:
         raise ValueError("kafka_bootstrap_servers is unset: the embedded log is configured, not Kafka")
