@@ -44,8 +44,13 @@ DEFAULT_EVENTS = REPO.parent / "shared" / "data" / "amazon_movie_book_c2dsr" / "
 def synthetic_events(n: int, seed: int = 0) -> list[InteractionEvent]:
     rng = random.Random(seed)
     out = [
-        InteractionEvent(f"syn:{i}", f"u{rng.randrange(n // 10 + 1)}", f"i{rng.randrange(60_000)}",
-                         rng.choice(("movie", "book")), 1_200_000_000 + i * 60)
+        InteractionEvent(
+            f"syn:{i}",
+            f"u{rng.randrange(n // 10 + 1)}",
+            f"i{rng.randrange(60_000)}",
+            rng.choice(("movie", "book")),
+            1_200_000_000 + i * 60,
+        )
         for i in range(n)
     ]
     return out
@@ -61,7 +66,9 @@ def consume_once(
     """
     group = f"bench-{uuid.uuid4().hex[:8]}"
     consumer = StreamConsumer(
-        open_source(settings, group=group), open_dead_letters(settings), settings.domains,
+        open_source(settings, group=group),
+        open_dead_letters(settings),
+        settings.domains,
         max_history=settings.max_history,
     )
     try:
@@ -89,12 +96,15 @@ def consume_once(
         consumer.close()
 
 
-def run_backend(name: str, base: StreamSettings, events: list[InteractionEvent], batch_sizes: list[int],
-                repeats: int) -> None:
+def run_backend(
+    name: str, base: StreamSettings, events: list[InteractionEvent], batch_sizes: list[int], repeats: int
+) -> None:
     producer = open_producer(base)
     stats = replay(events, producer)
     producer.close()
-    print(f"\n[{name}] replay: {stats.events:,} events in {stats.wall_s:.2f} s = {stats.events_per_s:,.0f} events/s")
+    print(
+        f"\n[{name}] replay: {stats.events:,} events in {stats.wall_s:.2f} s = {stats.events_per_s:,.0f} events/s"
+    )
     print(f"[{name}] load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     print(
         f"[{name}] {'batch':>6} {'wall ev/s median':>17} {'min..max':>19} {'cpu ev/s median':>16} {'min..max':>19} "
@@ -143,7 +153,9 @@ def with_kafka(fn: Callable[[str], None]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=Path, default=DEFAULT_EVENTS)
     parser.add_argument("--limit", type=int, default=None, help="first N rows only")
     parser.add_argument("--repeats", type=int, default=5)
@@ -159,19 +171,25 @@ def main() -> int:
         print(f"workload: synthetic, seed 0 ({len(events):,} events); {args.events} not found")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     backends = args.backends.split(",")
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, partitions={args.partitions}, repeats={args.repeats}")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, partitions={args.partitions}, repeats={args.repeats}"
+    )
     run = uuid.uuid4().hex[:8]
     if "embedded" in backends:
         with tempfile.TemporaryDirectory(prefix="bench-log-") as tmp:
             base = StreamSettings(embedded_log_dir=Path(tmp), partitions=args.partitions)
             run_backend("embedded", base, events, batch_sizes, args.repeats)
     if "kafka" in backends:
+
         def kafka(servers: str) -> None:
             from stream.topics import ensure_topics
 
             base = StreamSettings(
-                kafka_bootstrap_servers=servers, partitions=args.partitions, topic_interactions=f"bench-{run}",
-                topic_dead_letters=f"bench-dlq-{run}", topic_embedding_updates=f"bench-up-{run}",
+                kafka_bootstrap_servers=servers,
+                partitions=args.partitions,
+                topic_interactions=f"bench-{run}",
+                topic_dead_letters=f"bench-dlq-{run}",
+                topic_embedding_updates=f"bench-up-{run}",
             )
             ensure_topics(base)
             run_backend("kafka", base, events, batch_sizes, args.repeats)
