@@ -90,15 +90,15 @@ class ServingCore:
         }
 
     def stats(self) -> dict[str, float]:
-        fresh = np.array(self._freshness_s) if self._freshness_s else np.array([np.nan])
+        fresh = np.array(self._freshness_s)
         health = self.service.health()
         return {
             "served_version": float(self.version),
             "batches_applied": float(self.batches_applied),
             "index_items": float(health["index_items"]),
             "users": float(health["users"]),
-            "freshness_p50_s": float(np.nanpercentile(fresh, 50)),
-            "freshness_p99_s": float(np.nanpercentile(fresh, 99)),
+            "freshness_p50_s": float(np.percentile(fresh, 50)) if fresh.size else float("nan"),
+            "freshness_p99_s": float(np.percentile(fresh, 99)) if fresh.size else float("nan"),
         }
 
     def check_health(self) -> bool:

@@ -109,6 +109,10 @@ class Pipeline:
 
     # -- start-up ------------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.stream.uses_kafka:
+            from stream.topics import ensure_topics
+
+            ensure_topics(self.stream)
         self.serving = ServingActor.remote(self.serving_settings)
         self.serving_url = ray.get(self.serving.url.remote())
         log.info("serving url=%s", self.serving_url)
