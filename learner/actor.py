@@ -21,9 +21,10 @@ import torch
 from learner.checkpoint_store import CheckpointStore
 from learner.config import SITNConfig
 from learner.learner import SITNLearner
-from learner.publisher import CallableTransport
+from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
 from learner.trainer import OnlineTrainer
 from stream.events import EmbeddingBatch
+from stream.settings import StreamSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,20 @@ class LearnerWorker:
         serving: Any,
         torch_threads: int = 2,
         checkpoint_keep: int = 3,
+        kafka_updates: StreamSettings | None = None,
         **trainer_options: Any,
     ) -> None:
+        """``kafka_updates``: also publish every version to that settings' compacted updates topic."""
         torch.set_num_threads(torch_threads)
         self._serving = serving
+        transports: list[Transport] = [CallableTransport(self._send)]
+        if kafka_updates is not None and kafka_updates.uses_kafka:
+            from stream.producer import make_kafka_producer
+
+            transports.append(KafkaTransport(make_kafka_producer(kafka_updates), kafka_updates.topic_embedding_updates))
         self.trainer = OnlineTrainer(
             SITNLearner(config, source, target),
-            CallableTransport(self._send),
+            FanoutTransport(transports),
             CheckpointStore(Path(checkpoint_dir), keep=checkpoint_keep),
             **trainer_options,
         )

@@ -70,6 +70,17 @@ class KafkaTransport:
         self._producer.flush()
 
 
+class FanoutTransport:
+    """Sends each batch to every transport in order (e.g. the serving actor, then the Kafka topic)."""
+
+    def __init__(self, transports: list[Transport]) -> None:
+        self.transports = transports
+
+    def send(self, batch: EmbeddingBatch) -> None:
+        for transport in self.transports:
+            transport.send(batch)
+
+
 class Publisher:
     """Decides when to publish and what; ``learner`` follows the SITNLearner contract."""
 

@@ -132,6 +132,7 @@ class Pipeline:
             publish_every_steps=r.publish_every_steps,
             publish_every_s=r.publish_every_s,
             full_publish_every=r.full_publish_every,
+            kafka_updates=self.stream if self.stream.uses_kafka else None,
         )
         resume = ray.get(self.learner.resume_info.remote())
         reset_group_offsets(self.stream, resume["positions"])
