@@ -18,7 +18,9 @@ import faiss
 import numpy as np
 
 
-def make_vectors(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray, spread: float) -> np.ndarray:
+def make_vectors(
+    rng: np.random.Generator, n: int, dim: int, centers: np.ndarray, spread: float
+) -> np.ndarray:
     """Points around random cluster centres (overlapping when ``spread`` ~ 1), unit norm, float32 (n, dim)."""
     labels = rng.integers(0, len(centers), size=n)
     points = centers[labels] + spread * rng.standard_normal((n, dim))
@@ -36,7 +38,9 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / truth.size
 
 
-def time_queries(index: faiss.Index, queries: np.ndarray, k: int, warmup: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def time_queries(
+    index: faiss.Index, queries: np.ndarray, k: int, warmup: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
     """Search one query at a time (as a request does); return (labels (Q, k), latencies_s (Q,))."""
     for q in queries[:warmup]:
         index.search(q[None, :], k)
@@ -51,7 +55,9 @@ def time_queries(index: faiss.Index, queries: np.ndarray, k: int, warmup: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--items", type=int, default=63_937, help="catalogue size (book catalogue: 63,937)")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--clusters", type=int, default=512)
