@@ -21,7 +21,9 @@ if [[ ! -f "$venv/.complete" ]]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade "uv==0.13.9" >&2
-  "$venv/bin/uv" pip install --python "$venv/bin/python" -r "$repo/requirements.lock" >&2
+  # Bytecode up front: a fresh venv otherwise compiles on first import in every Ray worker and agent,
+  # which on a 2-core machine is slow enough to trip Ray's start-up timeouts.
+  "$venv/bin/uv" pip install --compile-bytecode --python "$venv/bin/python" -r "$repo/requirements.lock" >&2
   touch "$venv/.complete"
 fi
 # The project itself: editable, so this clone's code is what runs. Cheap (no dependencies).
