@@ -13,7 +13,7 @@ adds the event. Memory is bounded: at most ``max_len`` items per user per domain
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +36,11 @@ class Example:
 
 
 class UserStateStore:
-    """Last ``max_len`` (item, timestamp) pairs per user per domain, with LRU eviction of users."""
+    """Last ``max_len`` (item, timestamp) pairs per user per domain, with LRU eviction of users.
+
+    Each user's history is kept as the immutable tuples an :class:`Example` carries, so building an
+    example shares them instead of copying; an event rebuilds only its own domain's pair of tuples.
+    """
 
     def __init__(self, domains: tuple[str, ...], max_len: int = 50, max_users: int = 1_000_000) -> None:
         if max_len < 1:
@@ -46,7 +50,8 @@ class UserStateStore:
         self.domains = tuple(domains)
         self.max_len = max_len
         self.max_users = max_users
-        self._users: OrderedDict[str, dict[str, deque[tuple[str, int]]]] = OrderedDict()
+        self._users: OrderedDict[str, dict[str, Sequence_]] = OrderedDict()
+        self._empty: dict[str, Sequence_] = {d: ((), ()) for d in self.domains}
         self.evicted_users = 0
 
     def __len__(self) -> int:
@@ -57,30 +62,30 @@ class UserStateStore:
 
     def history(self, user_id: str) -> dict[str, Sequence_]:
         """The user's current history per domain (empty tuples for an unknown user). Does not touch LRU."""
-        state = self._users.get(user_id)
-        out: dict[str, Sequence_] = {}
-        for d in self.domains:
-            q = state[d] if state is not None else ()
-            out[d] = (tuple(i for i, _ in q), tuple(t for _, t in q))
-        return out
+        return dict(self._users.get(user_id, self._empty))
 
     def observe(self, event: InteractionEvent) -> Example:
         """Build the example for ``event`` from the history before it, then record the event."""
-        example = Example(
-            event.event_id, event.user_id, event.domain, event.item_id, event.timestamp,
-            self.history(event.user_id),
-        )
-        state = self._users.get(event.user_id)
+        users = self._users
+        state = users.get(event.user_id)
         if state is None:
-            state = {d: deque(maxlen=self.max_len) for d in self.domains}
-            self._users[event.user_id] = state
-            if len(self._users) > self.max_users:
-                self._users.popitem(last=False)
+            state = dict(self._empty)
+            users[event.user_id] = state
+            if len(users) > self.max_users:
+                users.popitem(last=False)
                 self.evicted_users += 1
         else:
-            self._users.move_to_end(event.user_id)
-        if event.domain in state:
-            state[event.domain].append((event.item_id, event.timestamp))
+            users.move_to_end(event.user_id)
+        example = Example(
+            event.event_id, event.user_id, event.domain, event.item_id, event.timestamp, dict(state)
+        )
+        old = state.get(event.domain)
+        if old is not None:
+            items, stamps = old
+            keep = self.max_len - 1  # room for the new event
+            if len(items) > keep:
+                items, stamps = (items[len(items) - keep :], stamps[len(items) - keep :]) if keep else ((), ())
+            state[event.domain] = ((*items, event.item_id), (*stamps, event.timestamp))
         return example
 
     def observe_many(self, events: Iterable[InteractionEvent]) -> list[Example]:
@@ -96,7 +101,10 @@ class UserStateStore:
             "max_len": self.max_len,
             "max_users": self.max_users,
             "evicted_users": self.evicted_users,
-            "users": [(u, {d: list(q) for d, q in s.items()}) for u, s in self._users.items()],
+            "users": [
+                (u, {d: list(zip(items, stamps, strict=True)) for d, (items, stamps) in s.items()})
+                for u, s in self._users.items()
+            ],
         }
 
     @classmethod
@@ -104,7 +112,9 @@ class UserStateStore:
         store = cls(tuple(state["domains"]), state["max_len"], state["max_users"])
         store.evicted_users = state["evicted_users"]
         for user_id, per_domain in state["users"]:
-            store._users[user_id] = {
-                d: deque((tuple(p) for p in per_domain.get(d, [])), maxlen=store.max_len) for d in store.domains
-            }
+            restored = dict(store._empty)
+            for d in store.domains:
+                pairs = per_domain.get(d, [])[-store.max_len :]
+                restored[d] = (tuple(p[0] for p in pairs), tuple(int(p[1]) for p in pairs))
+            store._users[user_id] = restored
         return store
