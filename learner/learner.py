@@ -1,8 +1,8 @@
 """``SITNLearner``: the online learner contract (one optimizer step per ``learn_many``) around SITNModel.
 
 Optimisation: dense parameters use AdamW; the growing item tables get *sparse* gradients and a lazy
-Adam (``torch.optim.SparseAdam``: only rows a batch touched are updated, no weight decay). A dense
-AdamW over 100k x 64 table rows every step would cost more than the rest of the step.
+Adam (:class:`learner.optim.LazyAdam`, SparseAdam's update: only rows a batch touched are updated, no
+weight decay). A dense AdamW over 100k x 64 table rows every step would cost more than the rest of it.
 
 Defined behaviour at the edges:
 
@@ -36,6 +36,7 @@ from learner.history import EMPTY, RecentHistories
 from learner.idmap import IdMap, next_capacity
 from learner.loss import info_nce_i2i, sampled_softmax_loss, swapped_proto_nce
 from learner.model import Interests, SITNModel
+from learner.optim import LazyAdam
 from learner.prototypes import ItemClusters, StreamingPrototypes
 from sitn.errors import CheckpointError
 from stream.user_state import Example
@@ -72,9 +73,7 @@ class SITNLearner:
         self._dense_opt = torch.optim.AdamW(
             self._dense_parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
         )
-        self._sparse_opt = torch.optim.SparseAdam(
-            [self.model.encoder(role).item_weight for role in self.domains], lr=config.lr
-        )
+        self._sparse_opt = LazyAdam([self.model.encoder(role).item_weight for role in self.domains], lr=config.lr)
         self.prototypes = (
             StreamingPrototypes(
                 cluster_counts=config.cluster_counts, dim=config.proj_dim, reservoir_size=config.reservoir_size,

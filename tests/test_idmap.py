@@ -79,3 +79,25 @@ def test_grow_parameter_never_shrinks_and_grow_buffer_fills() -> None:
     grow_buffer(table, "count", 6, fill=-1)
     assert table.count.tolist() == [0, 1, 2, 3, -1, -1]
     assert "count" in dict(table.named_buffers())
+
+
+def test_lazy_adam_matches_sparse_adam_and_survives_growth() -> None:
+    from learner.optim import LazyAdam
+
+    torch.manual_seed(1)
+    ours, ref = Table(6), Table(6)
+    opt_ours = LazyAdam([ours.weight], lr=0.05)
+    opt_ref = torch.optim.SparseAdam([ref.weight], lr=0.05)
+    steps = [[1, 2, 2], [4], [1, 5, 0], [2]]
+    for rows in steps:
+        for table, opt in ((ours, opt_ours), (ref, opt_ref)):
+            opt.zero_grad()
+            idx = torch.tensor(rows)
+            (F.embedding(idx, table.weight, sparse=True) * torch.arange(1.0, 1.0 + 2 * len(rows)).view(-1, 2)).sum().backward()
+            opt.step()
+    torch.testing.assert_close(ours.weight.detach(), ref.weight.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(opt_ours.state[ours.weight]["exp_avg_sq"], opt_ref.state[ref.weight]["exp_avg_sq"],
+                               atol=1e-6, rtol=0)
+    grow_parameter(ours, "weight", 12, 0.1, [opt_ours])
+    sparse_step(ours, opt_ours, [11, 1])
+    assert opt_ours.state[ours.weight]["step"] == len(steps) + 1
