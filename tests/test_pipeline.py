@@ -163,3 +163,47 @@ def test_learner_killed_mid_stream_recovers_without_loss(pipeline: Pipeline, eve
     # Exactly once in effect: restored count + re-delivered count == what was replayed.
     assert int(summary["events_applied"]) == len(events)
     pipeline.learner = None  # finished; stop() must not finish it again
+
+
+@pytest.fixture
+def kafka_pipeline(tmp_path: Path, ray_cluster: Any, kafka_broker: Any) -> Iterator[Pipeline]:
+    p = make_pipeline(tmp_path, kafka_broker.bootstrap_servers)
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_standalone_replica_follows_the_updates_topic(kafka_pipeline: Pipeline, events: list[InteractionEvent]) -> None:
+    """A serving replica deployed on its own (``sitn serve``) rebuilds the served state from the compacted topic."""
+    from serving.service import RecommendationService
+    from serving.update_consumer import UpdateConsumer
+
+    p = kafka_pipeline
+    p.start_replay(events[:1500])
+    wait_for(p.caught_up, DEADLINE_S, "the slice trained", p)
+    p.finish_training()  # the last, full publish is on the topic now
+    p.learner = None
+    replica = RecommendationService(16, index_factory="Flat")
+    assert p.stream.kafka_bootstrap_servers is not None
+    consumer = UpdateConsumer.connect(replica, p.stream.kafka_bootstrap_servers, p.stream.topic_embedding_updates)
+    try:
+        deadline = time.monotonic() + 60
+        while not consumer.caught_up.is_set():
+            consumer.poll_once()
+            assert time.monotonic() < deadline, "replica did not catch up within 60 s"
+    finally:
+        consumer.close()
+    url = p.serving_url
+    assert url is not None
+    user = events[0].user_id
+    in_cluster = recommend(url, user, k=5)
+    standalone = replica.recommend(user, k=5)
+    assert in_cluster["served_by"] == standalone.served_by == "model"
+    assert replica.health()["index_items"] == in_cluster["index"]["items"]
+    # Same vectors, same index contents: the same top items (consumed items excluded only in-cluster).
+    consumed = {e.item_id for e in events[:1500] if e.user_id == user}
+    assert [s.item_id for s in standalone.items if s.item_id not in consumed][:3] == [
+        it["item_id"] for it in in_cluster["items"]
+    ][:3]
