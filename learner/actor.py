@@ -47,6 +47,7 @@ class LearnerWorker:
         """``kafka_updates``: also publish every version to that settings' compacted updates topic."""
         torch.set_num_threads(torch_threads)
         self._serving = serving
+        self._in_flight: Any = None
         transports: list[Transport] = [CallableTransport(self._send)]
         if kafka_updates is not None and kafka_updates.uses_kafka:
             from stream.producer import make_kafka_producer
@@ -67,9 +68,17 @@ class LearnerWorker:
         self.commit_rounds = 0
 
     def _send(self, batch: EmbeddingBatch) -> None:
-        if self._serving is not None:
-            # Waiting for the apply keeps versions in order and bounds what is in flight.
-            ray.get(self._serving.apply_batch.remote(batch))
+        """Hand a version to serving without waiting for it to be applied.
+
+        At most one version is in flight: before sending the next, wait for the previous apply. That
+        keeps versions in order (the serving actor is threaded) and bounds memory, while training goes
+        on during an apply (e.g. an index rebuild).
+        """
+        if self._serving is None:
+            return
+        if self._in_flight is not None:
+            ray.get(self._in_flight)
+        self._in_flight = self._serving.apply_batch.remote(batch)
 
     def resume_info(self) -> dict[str, Any]:
         return self.trainer.resume_info()
