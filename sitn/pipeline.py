@@ -48,11 +48,13 @@ class ReplayProgress:
     sent: int = 0
     done: bool = False
     started_s: float = field(default_factory=time.monotonic)
+    finished_s: float | None = None
     error: str | None = None
 
     @property
     def rate_events_per_s(self) -> float:
-        elapsed = time.monotonic() - self.started_s
+        """Events sent per second over the replay (up to now while it runs)."""
+        elapsed = (self.finished_s or time.monotonic()) - self.started_s
         return self.sent / elapsed if elapsed > 0 else 0.0
 
 
@@ -156,6 +158,7 @@ class Pipeline:
                 raise
             finally:
                 producer.close()
+                self.replay_progress.finished_s = time.monotonic()
                 self.replay_progress.done = True
 
         self._replay_thread = threading.Thread(target=body, name="sitn-replay", daemon=True)
