@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -95,9 +96,12 @@ def serve(args: argparse.Namespace) -> None:
 
 
 async def drive(
-    url: str, rate: float, warmup_s: float, duration_s: float, users: int, seed: int
+    url: str, rate: float, warmup_s: float, duration_s: float, user_ids: Sequence[str], seed: int
 ) -> dict[str, object]:
-    """Open-loop load: request i is due at start + i / rate; latency = done - due."""
+    """Open-loop load: request i is due at start + i / rate; latency = done - due.
+
+    90% of requests name a user from ``user_ids``, 10% an unknown user (the popularity path).
+    """
     rng = np.random.default_rng(seed)
     latencies_s: list[float] = []
     served_by: dict[str, int] = {}
@@ -126,7 +130,7 @@ async def drive(
             due_s = start_s + i / rate
             await asyncio.sleep(max(0.0, due_s - time.perf_counter()))
             known = rng.random() < 0.9  # 10% unknown users: popularity path
-            user_id = f"user{rng.integers(0, users)}" if known else f"stranger{i}"
+            user_id = user_ids[int(rng.integers(0, len(user_ids)))] if known else f"stranger{i}"
             tasks.append(asyncio.create_task(one(due_s, user_id, measured=i >= warmup_s * rate)))
         await asyncio.gather(*tasks)
     return {"latencies_s": np.array(latencies_s), "served_by": served_by, "errors": errors}
@@ -141,7 +145,8 @@ def run_phase(args: argparse.Namespace, updates_per_s: int) -> None:
     first = child.stdout.readline().split()
     port, build_s = int(first[1]), first[3]
     result = asyncio.run(
-        drive(f"http://127.0.0.1:{port}", args.rate, args.warmup_s, args.duration_s, args.users, args.seed)
+        drive(f"http://127.0.0.1:{port}", args.rate, args.warmup_s, args.duration_s,
+              [f"user{i}" for i in range(args.users)], args.seed)
     )
     child.stdin.close()
     last = child.stdout.readline().strip()
