@@ -90,9 +90,10 @@ def pcl_concentration(
 def kmeans(x: np.ndarray, k: int, iters: int, seed: int, spherical: bool, init: np.ndarray | None) -> np.ndarray:
     """faiss k-means centroids (k, d), warm-started from ``init`` when given."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    # faiss subsamples to 256 points per centroid (seeded): bounds the cost of item clustering
     km = faiss.Kmeans(
         x.shape[1], k, niter=iters, seed=seed, spherical=spherical, min_points_per_centroid=1,
-        max_points_per_centroid=1 << 20,
+        max_points_per_centroid=256,
     )
     km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
     return np.asarray(km.centroids, dtype=np.float32).copy()
