@@ -39,7 +39,7 @@ class LearnerWorker:
         target: str,
         checkpoint_dir: Path,
         serving: Any,
-        torch_threads: int = 2,
+        torch_threads: int = 1,
         checkpoint_keep: int = 3,
         kafka_updates: StreamSettings | None = None,
         **trainer_options: Any,

@@ -36,7 +36,7 @@ class RunSettings(BaseSettings):
     publish_every_steps: int = Field(20, ge=1, description="learner steps between publishes")
     publish_every_s: float = Field(1.0, gt=0, description="seconds between publishes (whichever comes first)")
     full_publish_every: int = Field(50, ge=1, description="every Nth publish is a full snapshot")
-    torch_threads: int = Field(2, ge=1, le=64, description="torch threads in the learner actor")
+    torch_threads: int = Field(1, ge=1, le=64, description="torch threads in the learner actor (1 leaves a core to serving on 2-core machines)")
     learner_dim: int = Field(64, ge=8, description="embedding width d of the SITN model")
     learner_views: int = Field(4, ge=1, description="interest views V")
     learner_max_len: int = Field(50, ge=1, description="history length L per domain")
