@@ -59,6 +59,7 @@ def make_pipeline(tmp_path: Path, kafka: str | None) -> Pipeline:
         embedded_log_dir=tmp_path / "log",
         topic_interactions=f"t-{uuid.uuid4().hex[:8]}",
         topic_dead_letters=f"dl-{uuid.uuid4().hex[:8]}",
+        topic_embedding_updates=f"up-{uuid.uuid4().hex[:8]}",
         consumer_group=f"g-{uuid.uuid4().hex[:8]}",
         partitions=2,
         batch_size=500,
