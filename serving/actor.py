@@ -38,14 +38,7 @@ class ServingCore:
 
     def __init__(self, settings: ServingSettings, start_http: bool = True) -> None:
         self.settings = settings
-        self.service = RecommendationService(
-            settings.dim,
-            index_factory=settings.index_factory,
-            search_params=settings.index_search_params,
-            merge_threshold_rows=settings.merge_threshold_rows,
-            max_consumed_per_user=settings.max_consumed_per_user,
-            popularity_refresh_s=settings.popularity_refresh_s,
-        )
+        self.service = RecommendationService.from_settings(settings)
         self.http: ServerHandle | None = None
         if start_http:
             self.http = serve_in_thread(create_app(self.service, settings), settings.host, settings.port)

@@ -34,6 +34,7 @@ import numpy as np
 
 from serving import metrics
 from serving.index import ItemIndex
+from serving.settings import ServingSettings
 from serving.store import ConsumedItems, PopularityCounter, UserVectorStore
 from stream.events import MAX_ID_CHARS, EmbeddingUpdate
 
@@ -284,6 +285,18 @@ class RecommendationService:
             info.users,
         )
         return info
+
+    @classmethod
+    def from_settings(cls, settings: ServingSettings) -> RecommendationService:
+        """A service shaped by the serving settings (dimension, index, bounds)."""
+        return cls(
+            settings.dim,
+            index_factory=settings.index_factory,
+            search_params=settings.index_search_params,
+            merge_threshold_rows=settings.merge_threshold_rows,
+            max_consumed_per_user=settings.max_consumed_per_user,
+            popularity_refresh_s=settings.popularity_refresh_s,
+        )
 
     @classmethod
     def from_snapshot(cls, path: str | os.PathLike[str], **kwargs: object) -> RecommendationService:

@@ -42,11 +42,7 @@ def main(args: argparse.Namespace) -> int:
                                            "index_factory") if getattr(args, k) is not None}
     settings = ServingSettings(**given)
     log.info("settings serving=%r", settings)
-    service = RecommendationService(
-        settings.dim, index_factory=settings.index_factory, search_params=settings.index_search_params,
-        merge_threshold_rows=settings.merge_threshold_rows, max_consumed_per_user=settings.max_consumed_per_user,
-        popularity_refresh_s=settings.popularity_refresh_s,
-    )
+    service = RecommendationService.from_settings(settings)
     updates = UpdateConsumer.connect(service, settings.kafka_bootstrap_servers, settings.updates_topic,
                                      settings.update_batch_size)
     stop = threading.Event()
