@@ -338,7 +338,8 @@ class SITNLearner:
         if queries.ndim != 3 or queries.shape[2] != self.config.dim:
             raise ValueError(f"queries must have shape (N, V, {self.config.dim}), got {queries.shape}")
         _, items = self.embed_items(domain)
-        return np.einsum("nvd,id->nvi", queries, items).max(axis=1)  # (N, n_items)
+        n, v, d = queries.shape
+        return (queries.reshape(n * v, d) @ items.T).reshape(n, v, -1).max(axis=1)  # (N, n_items), BLAS
 
     def recommend(self, user_id: str, k: int = 10, exclude_consumed: bool = True) -> list[tuple[str, float]]:
         """Top-``k`` target items for ``user_id`` by score, best first."""

@@ -124,7 +124,8 @@ class PrequentialEvaluator:
                 ranks.append(0)
         if model_rows:
             queries = self._users[model_rows]  # (B, V, D)
-            scores = np.einsum("bvd,nd->bvn", queries, self._items).max(axis=1)  # (B, N)
+            b, v, d = queries.shape
+            scores = (queries.reshape(b * v, d) @ self._items.T).reshape(b, v, -1).max(axis=1)  # (B, N), BLAS
             positive = scores[np.arange(len(model_pos)), model_pos]  # (B,)
             model_ranks = (scores > positive[:, None]).sum(axis=1) + 1
             for slot, r in zip(model_slots, model_ranks, strict=True):
