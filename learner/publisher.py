@@ -111,7 +111,8 @@ class Publisher:
         self._touched: dict[str, float] = {}
         self._consumed: list[tuple[str, str]] = []
         self._item_counts: dict[str, int] = {}
-        self._published_items: dict[str, np.ndarray] = {}
+        self._published_ids: list[str] = []  # embed_items order at the last publish
+        self._published_vectors = np.zeros((0, 0), dtype=np.float32)  # (N, D): what serving holds per row
         self._last_step = 0
         self._last_s = time.monotonic()
 
@@ -137,20 +138,21 @@ class Publisher:
         self.version += 1
         full = force_full or self.version == 1 or self.version % self.full_every == 0
         item_ids, item_vectors = self.learner.embed_items()
+        item_ids = list(item_ids)
         item_vectors = np.asarray(item_vectors, dtype=np.float32)
-        if full:
-            changed = list(range(len(item_ids)))
-            user_ids = list(self.learner.known_users())
+        n_old = len(self._published_ids)
+        if full or item_ids[:n_old] != self._published_ids:  # id maps only append; anything else: all
+            changed = np.arange(len(item_ids))
         else:
-            changed = [
-                row
-                for row, item_id in enumerate(item_ids)
-                if (old := self._published_items.get(item_id)) is None
-                or float(np.abs(old - item_vectors[row]).max()) > self.tolerance
-            ]
-            user_ids = list(self._touched)
-        for row in changed:
-            self._published_items[item_ids[row]] = item_vectors[row].copy()
+            moved = np.abs(item_vectors[:n_old] - self._published_vectors).max(axis=1) > self.tolerance  # (n_old,)
+            changed = np.concatenate([np.flatnonzero(moved), np.arange(n_old, len(item_ids))])
+        user_ids = list(self.learner.known_users()) if full else list(self._touched)
+        if len(changed) == len(item_ids):
+            self._published_vectors = item_vectors.copy()
+        else:
+            self._published_vectors = np.concatenate([self._published_vectors, item_vectors[n_old:]])
+            self._published_vectors[changed] = item_vectors[changed]
+        self._published_ids = list(item_ids)
         user_vectors = (
             np.asarray(self.learner.embed_users(user_ids), dtype=np.float32)
             if user_ids
@@ -160,7 +162,7 @@ class Publisher:
         batch = EmbeddingBatch(
             version=self.version,
             full=full,
-            item_ids=[item_ids[r] for r in changed],
+            item_ids=[item_ids[r] for r in changed.tolist()],
             item_vectors=item_vectors[changed],
             user_ids=user_ids,
             user_vectors=user_vectors,
