@@ -114,12 +114,16 @@ def main() -> None:
             pipeline.supervise()
             time.sleep(0.2)
         trained_s = time.monotonic() - t0
-        still_streaming = loader.is_alive()
+        load_overlapped_training = loader.is_alive()  # the whole load phase ran while training went on
         loader.join()
         status = pipeline.status()
         summary = pipeline.finish_training()
         pipeline.learner = None
-        time.sleep(2.0)  # let the last publish settle before the idle phase
+        # Idle means idle: wait until serving has applied the last (full) publish and nothing more arrives.
+        applied = -1.0
+        while (now := pipeline.status().get("batches_applied", 0.0)) != applied:
+            applied = now
+            time.sleep(3.0)
         idle = asyncio.run(drive(url, args.rate, args.warmup_s, args.duration_s, users, args.seed + 1))
         final = pipeline.status()
     finally:
@@ -129,8 +133,8 @@ def main() -> None:
     print(f"  trained {len(events)} events in {trained_s:.1f} s: {len(events) / trained_s:,.0f} events/s end to end "
           f"(replay {status['replay_rate']:,.0f}/s, steps={int(summary['step'])}, restarts={status['restarts']})")
     print(f"  freshness p50_s={final['freshness_p50_s']:.2f} p99_s={final['freshness_p99_s']:.2f}")
-    if not still_streaming:
-        print("  note: the load phase ended after training caught up; its tail ran against an idle pipeline")
+    if not load_overlapped_training:
+        print("  note: training caught up before the load phase ended; the tail of 'streaming' ran idle")
     s = summarize("streaming", streaming)
     i = summarize("idle", idle)
     print(f"  p99 streaming / idle = {s['p99_ms'] / i['p99_ms']:.2f}x")
