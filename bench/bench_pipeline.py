@@ -114,7 +114,7 @@ def main() -> None:
             pipeline.supervise()
             time.sleep(0.2)
         trained_s = time.monotonic() - t0
-        load_overlapped_training = loader.is_alive()  # the whole load phase ran while training went on
+        load_outlived_training = loader.is_alive()  # then the tail of the load phase met an idle pipeline
         loader.join()
         status = pipeline.status()
         summary = pipeline.finish_training()
@@ -133,7 +133,7 @@ def main() -> None:
     print(f"  trained {len(events)} events in {trained_s:.1f} s: {len(events) / trained_s:,.0f} events/s end to end "
           f"(replay {status['replay_rate']:,.0f}/s, steps={int(summary['step'])}, restarts={status['restarts']})")
     print(f"  freshness p50_s={final['freshness_p50_s']:.2f} p99_s={final['freshness_p99_s']:.2f}")
-    if not load_overlapped_training:
+    if load_outlived_training:
         print("  note: training caught up before the load phase ended; the tail of 'streaming' ran idle")
     s = summarize("streaming", streaming)
     i = summarize("idle", idle)
