@@ -1,7 +1,10 @@
 """Starting or joining the Ray cluster the pipeline runs on.
 
-A local cluster binds to 127.0.0.1, has no dashboard, reports no usage stats and keeps its files in a
-temp dir of its own; ``address`` joins an existing cluster instead.
+A local cluster has no dashboard, reports no usage stats and keeps its files in a temp dir of its own;
+``address`` joins an existing cluster instead. It is asked for 127.0.0.1, but Ray 2.60 resolves a
+loopback node address to the machine's routable one (``services.resolve_ip_for_localhost``) and its
+gRPC servers listen on all interfaces: confining Ray to loopback needs a firewall or network namespace
+(an open item of the security issue). The HTTP API itself binds to 127.0.0.1 by default.
 
 On a busy 2-core machine a local start can fail: the raylet gives the dashboard agent a hard-coded 15 s
 to write its port file and aborts otherwise (ray-project/ray#65983), surfacing only as "The current node
