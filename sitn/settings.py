@@ -22,7 +22,7 @@ class RunSettings(BaseSettings):
     source: str = Field("movie", description="source domain name")
     target: str = Field("book", description="target domain name")
     rate_events_per_s: float | None = Field(
-        3000.0, gt=0, description="replay pace in events per wall second; unset with --max = as fast as possible"
+        1000.0, gt=0, description="replay pace in events per wall second; unset with --max = as fast as possible"
     )
     limit: int | None = Field(None, ge=1, description="replay only the first N rows of the file")
     exit_after_replay: bool = Field(False, description="stop once every replayed event is trained and published")

@@ -20,7 +20,7 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
     "events": ("SITN_RUN_EVENTS", "events.csv to replay (the shared format)", "path"),
     "source": ("SITN_RUN_SOURCE", "source domain name (default: movie)", "str"),
     "target": ("SITN_RUN_TARGET", "target domain name (default: book)", "str"),
-    "rate_events_per_s": ("SITN_RUN_RATE_EVENTS_PER_S", "replay pace, events per second (default: 3000)", "float"),
+    "rate_events_per_s": ("SITN_RUN_RATE_EVENTS_PER_S", "replay pace, events per second (default: 1000, which training on 2 cores keeps up with)", "float"),
     "limit": ("SITN_RUN_LIMIT", "replay only the first N rows", "int"),
     "run_dir": ("SITN_RUN_RUN_DIR", "state directory; an existing one is resumed (default: var/run-<time>)", "path"),
     "ray_address": ("SITN_RUN_RAY_ADDRESS", "join this Ray cluster instead of starting a local one", "str"),
