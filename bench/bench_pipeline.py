@@ -16,7 +16,6 @@ Replays the shipped data set (or its first ``--limit`` rows) through the real pi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import sys
 import tempfile
@@ -106,7 +105,7 @@ def main() -> None:
         streaming: dict[str, Any] = {}
 
         def load() -> None:
-            streaming.update(asyncio.run(drive(url, args.rate, args.warmup_s, args.duration_s, users, args.seed)))
+            streaming.update(drive(url, args.rate, args.warmup_s, args.duration_s, users, args.seed))
 
         loader = threading.Thread(target=load)
         loader.start()
@@ -124,7 +123,7 @@ def main() -> None:
         while (now := pipeline.status().get("batches_applied", 0.0)) != applied:
             applied = now
             time.sleep(3.0)
-        idle = asyncio.run(drive(url, args.rate, args.warmup_s, args.duration_s, users, args.seed + 1))
+        idle = drive(url, args.rate, args.warmup_s, args.duration_s, users, args.seed + 1)
         final = pipeline.status()
     finally:
         pipeline.stop()
