@@ -218,6 +218,11 @@ class KafkaBroker:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
+        if self._process is not None and self._process.pid == pid:
+            # Our own live child. The command-line check below is for pids read from the file by
+            # another process; right after start it can also fail spuriously, while ``setpriv`` execs
+            # the JVM (/proc/<pid>/cmdline is briefly empty), which killed good brokers at start.
+            return pid
         return pid if self._is_our_broker(pid) else None
 
     def is_running(self) -> bool:

@@ -112,7 +112,7 @@ def test_two_actors_in_one_kafka_group(
         partitions=4,
         batch_size=500,
         poll_timeout_s=0.2,
-        session_timeout_s=10,
+        session_timeout_s=30,  # heartbeats come from a thread; 10 s proved tight on a busy 2-core box
     )
     assert sorted(ensure_topics(settings)) == sorted([f"it-{run}", f"dlq-{run}", f"up-{run}"])
     events = load_events(events_csv, "movie", "book", limit=N_EVENTS).events
@@ -120,6 +120,9 @@ def test_two_actors_in_one_kafka_group(
         # Produce only once the group is stable with both members, so no startup rebalance re-delivers.
         owned = _wait_for_full_assignment(fleet, 4)
         assert sorted(p for ps in owned.values() for p in ps) == [0, 1, 2, 3]
+        # The group may form in two generations (one member first, then both), which revokes
+        # partitions once during start-up; only revocations after this point count.
+        revoked_at_start = {cid: s.partitions_revoked for cid, s in fleet.stats().items()}
         producer = open_producer(settings)
         replay(events, producer)
         producer.close()
@@ -130,7 +133,7 @@ def test_two_actors_in_one_kafka_group(
         stats = fleet.stop()
     assert sum(d["waits_on_full_queue"] for d in delivery.values()) > 0
     # Waiting on the full queue (paused, still polling) kept both members in the group throughout.
-    assert revoked_while_running == {"consumer-0": 0, "consumer-1": 0}
+    assert revoked_while_running == revoked_at_start
     _check_exactly_once_in_order(batches, events)
     assert {b.consumer_id for b in batches} == {"consumer-0", "consumer-1"}
     assert sum(s.examples_out for s in stats.values()) == len(events)
