@@ -112,14 +112,15 @@ def test_live_pipeline_serves_fresh_recommendations(pipeline: Pipeline, events: 
         assert set(items) <= books  # target-domain items only
         assert not set(items) & consumed[user]  # nothing the user already consumed
     # New target events for a user change that user's recommendations after the next publish.
-    before = [it["item_id"] for it in recommend(url, with_target)["items"]]
+    before_body = recommend(url, with_target)
+    before = [it["item_id"] for it in before_body["items"]]
+    version = before_body["index"]["version"]  # read before producing: the publish can beat the next line
     producer = open_producer(pipeline.stream)
     new_events = [InteractionEvent(f"new-{i}", with_target, item, "book", events[-1].timestamp + i)
                   for i, item in enumerate(before[:3])]
     for e in new_events:
         send_event(producer, e)
     producer.close()
-    version = recommend(url, with_target)["index"]["version"]
     wait_for(lambda: recommend(url, with_target)["index"]["version"] > version
              and not set(before[:3]) & {it["item_id"] for it in recommend(url, with_target)["items"]},
              60, "the user's new events to reach serving", pipeline)
