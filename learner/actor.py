@@ -87,11 +87,14 @@ class LearnerWorker:
         """Train until ``finish()``; returns the final summary."""
         from ray.util.queue import Empty
 
+        poll_timeout_s = min(poll_timeout_s, self.trainer.publisher.every_s)
+
         try:
             while not self._finish.is_set():
                 try:
                     batch = queue.get(timeout=poll_timeout_s)
                 except Empty:
+                    self.trainer.publish_if_due()  # an idle stream still publishes its last steps
                     continue
                 self.trainer.process(batch, received_wall_s=time.time())
                 self.batches_processed += 1

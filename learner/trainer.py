@@ -97,9 +97,15 @@ class OnlineTrainer:
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         stats.update(self.prequential.stats())
         self.last_stats = stats
-        if self.publisher.due(int(self.learner.step)):
-            self.publish()
+        self.publish_if_due()
         return stats
+
+    def publish_if_due(self, now_s: float | None = None) -> EmbeddingBatch | None:
+        """Publish when steps or time say so. Call it while the stream is idle too: the last steps before
+        a pause must still reach serving once ``publish_every_s`` has passed, not wait for the next event."""
+        if self.publisher.due(int(self.learner.step), now_s):
+            return self.publish()
+        return None
 
     def publish(self, force_full: bool = False) -> EmbeddingBatch:
         batch = self.publisher.publish(int(self.learner.step), force_full=force_full)

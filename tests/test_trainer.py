@@ -115,3 +115,25 @@ def test_checkpoint_holds_only_trained_batches(tmp_path: Path, events: list[Inte
     fresh.restore()
     assert fresh.resume_info()["positions"] == first
     assert fresh.events_applied == 200
+
+
+def test_steps_before_an_idle_pause_are_published_once_the_interval_passes(
+    tmp_path: Path, events: list[InteractionEvent]
+) -> None:
+    """A step right after a publish is not due yet; with no further events it must still go out on time."""
+    sent: list[EmbeddingBatch] = []
+    trainer = OnlineTrainer(
+        SITNLearner(small_config(), "movie", "book"), CallableTransport(sent.append), None, batch_size=64,
+        publish_every_steps=100, publish_every_s=5.0,
+    )
+    first, second = batches_from(events[:128], per_batch=64)
+    trainer.process(first)
+    trainer.publish()  # serving is current
+    trainer.process(second)  # one step, neither 100 steps nor 5 s since the publish
+    assert [b.version for b in sent] == [1]
+    now = trainer.publisher._last_s
+    assert trainer.publish_if_due(now + 1.0) is None  # too early
+    late = trainer.publish_if_due(now + 5.0)
+    assert late is not None and late.version == 2
+    assert {u for u, _ in late.consumed} == {e.user_id for e in events[64:128] if e.domain == "book"}
+    assert trainer.publish_if_due(now + 60.0) is None  # nothing trained since: nothing to publish
