@@ -23,6 +23,7 @@ from learner.config import SITNConfig
 from learner.learner import SITNLearner
 from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
 from learner.trainer import OnlineTrainer
+from sitn.telemetry import TelemetrySettings, start_exporter
 from stream.events import EmbeddingBatch
 from stream.settings import StreamSettings
 
@@ -42,10 +43,14 @@ class LearnerWorker:
         torch_threads: int = 1,
         checkpoint_keep: int = 3,
         kafka_updates: StreamSettings | None = None,
+        metrics: TelemetrySettings | None = None,
+        targets_dir: Path | None = None,
         **trainer_options: Any,
     ) -> None:
-        """``kafka_updates``: also publish every version to that settings' compacted updates topic."""
+        """``kafka_updates``: also publish every version to that settings' compacted updates topic.
+        ``metrics``/``targets_dir``: expose this process's metrics and register them (``sitn.telemetry``)."""
         torch.set_num_threads(torch_threads)
+        self.exporter = start_exporter(metrics, "learner", targets_dir)
         self._serving = serving
         self._in_flight: Any = None
         transports: list[Transport] = [CallableTransport(self._send)]

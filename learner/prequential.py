@@ -102,6 +102,10 @@ class PrequentialEvaluator:
         self._users = _upsert(self._user_row, self._users, batch.user_ids, batch.user_vectors)
         self._pop_rank = {item: rank for rank, item in enumerate(batch.popularity, start=1)}
 
+    def serves_user(self, user_id: str) -> bool:
+        """True when the user has published vectors (ranked by the model, not the popularity fallback)."""
+        return user_id in self._user_row
+
     def rank_many(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
         """Rank each (user_id, item_id) with the served state and record it; None if unrankable."""
         ranks: list[int | None] = []

@@ -133,6 +133,11 @@ class Publisher:
             step > self._last_step and now_s - self._last_s >= self.every_s
         )
 
+    def hold(self, step: int) -> None:
+        """A publish was due but held back (publish gate): keep what is pending, ask again after the interval."""
+        self._last_step = step
+        self._last_s = time.monotonic()
+
     def publish(self, step: int, force_full: bool = False) -> EmbeddingBatch:
         """Build the next version and send it."""
         self.version += 1

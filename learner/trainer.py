@@ -23,8 +23,12 @@ import math
 import time
 from typing import Any
 
+import numpy as np
+
+from learner import telemetry
 from learner.checkpoint_store import CheckpointStore
-from learner.prequential import PrequentialEvaluator
+from learner.gate import PublishGate, ndcg_gain
+from learner.prequential import PrequentialEvaluator, rank_of
 from learner.publisher import Publisher, Transport
 from stream.consumer import ExampleBatch, PendingCommits, Positions
 from stream.events import EmbeddingBatch, InteractionEvent
@@ -49,7 +53,11 @@ class OnlineTrainer:
         prequential_k: int = 10,
         prequential_window: int = 2000,
         max_users: int = 1_000_000,
+        gate: PublishGate | None = None,
+        gate_sample_per_step: int = 64,
     ) -> None:
+        """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
+        ``gate_sample_per_step`` target events of each step with the live model as well."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if checkpoint_every_steps < 1:
@@ -68,6 +76,9 @@ class OnlineTrainer:
         self.events_applied = 0
         self._last_checkpoint_step = int(learner.step)
         self.last_stats: dict[str, float] = {}
+        self.gate = gate
+        self.gate_sample_per_step = gate_sample_per_step
+        self._gate_rng = np.random.default_rng(0)
 
     # -- the batch path ------------------------------------------------------------------------------
     def process(self, batch: ExampleBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
@@ -88,17 +99,47 @@ class OnlineTrainer:
             self.positions[partition] = position.offset
         self.pending.add(batch)
         self.events_applied += len(batch.examples)
+        telemetry.EVENTS_APPLIED.set(self.events_applied)
         return stats
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
+        start_s = time.perf_counter()
         consumed = [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target]
-        self.prequential.rank_many(consumed)  # test with what is served ...
+        served_ranks = self.prequential.rank_many(consumed)  # test with what is served ...
+        if self.gate is not None and consumed:
+            self._shadow_rank(consumed, served_ranks)  # ... and with what would be published ...
         stats = dict(self.learner.learn_many(examples))  # ... then train
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         stats.update(self.prequential.stats())
+        if self.gate is not None:
+            stats.update(self.gate.state())
         self.last_stats = stats
+        n_target = len(consumed)
+        telemetry.record_step(stats, time.perf_counter() - start_s,
+                              {self.source: len(examples) - n_target, self.target: n_target})
         self.publish_if_due()
         return stats
+
+    def _shadow_rank(self, consumed: list[tuple[str, str]], served_ranks: list[int | None]) -> None:
+        """Rank a sample of the step's target events with the live model too (before it trains on them)."""
+        if not consumed:
+            return
+        assert self.gate is not None
+        # Compare version with version: only events whose user the served version ranks with its model
+        # vectors (not the popularity fallback) and whose item it holds.
+        candidates = [i for i, (user, _) in enumerate(consumed)
+                      if served_ranks[i] is not None and self.prequential.serves_user(user)]
+        if not candidates:
+            return
+        picked = np.asarray(candidates)
+        if len(candidates) > self.gate_sample_per_step:
+            picked = np.sort(self._gate_rng.choice(picked, self.gate_sample_per_step, replace=False))
+        rows = self.learner.idmaps["target"].rows(consumed[i][1] for i in picked) - 1  # embed_items order
+        scores = self.learner.score_items(self.learner.embed_users([consumed[i][0] for i in picked]))  # (B, N)
+        k = self.prequential.k
+        live = [ndcg_gain(rank_of(scores[j], int(r)) if r >= 0 else None, k) for j, r in enumerate(rows.tolist())]
+        served = [ndcg_gain(served_ranks[i], k) for i in picked.tolist()]
+        self.gate.record(served, live)
 
     def publish_if_due(self, now_s: float | None = None) -> EmbeddingBatch | None:
         """Publish when steps or time say so. Call it while the stream is idle too: the last steps before
@@ -107,7 +148,16 @@ class OnlineTrainer:
             return self.publish()
         return None
 
-    def publish(self, force_full: bool = False) -> EmbeddingBatch:
+    def publish(self, force_full: bool = False) -> EmbeddingBatch | None:
+        """Publish the live model, unless the publish gate holds it back (then None; serving keeps its version)."""
+        if self.gate is not None:
+            allowed = self.gate.allows(self.publisher.version + 1)
+            telemetry.PUBLISH_GATE_CLOSED.set(0.0 if allowed else 1.0)
+            if not allowed:
+                telemetry.PUBLISH_HELD.inc()
+                self.publisher.hold(int(self.learner.step))
+                return None
+        start_s = time.perf_counter()
         batch = self.publisher.publish(int(self.learner.step), force_full=force_full)
         if batch.full:
             self.prequential.set_served(
@@ -116,6 +166,12 @@ class OnlineTrainer:
             )
         else:
             self.prequential.set_served_delta(batch)
+        telemetry.PUBLISH_SECONDS.observe(time.perf_counter() - start_s)
+        telemetry.PUBLISHES.labels("full" if batch.full else "delta").inc()
+        telemetry.PUBLISHED_VERSION.set(batch.version)
+        for ingest_s in batch.ingest_wall_s.values():
+            telemetry.PUBLISH_LAG_SECONDS.observe(max(0.0, batch.created_at_s - ingest_s))
+        telemetry.record_prototypes(self.learner)
         return batch
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -132,7 +188,10 @@ class OnlineTrainer:
             "publisher": self.publisher.state_dict(),
             "events_applied": self.events_applied,
         }
+        start_s = time.perf_counter()
         self.checkpoints.save(self.learner, int(self.learner.step), extra)
+        telemetry.CHECKPOINT_SECONDS.observe(time.perf_counter() - start_s)
+        telemetry.EVENTS_APPLIED.set(self.events_applied)
         self._last_checkpoint_step = int(self.learner.step)
 
     def take_commits(self) -> dict[str, Positions]:

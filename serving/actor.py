@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,12 +37,18 @@ FRESHNESS_SECONDS = Histogram(
 class ServingCore:
     """Plain-Python body of the serving actor (testable without Ray)."""
 
-    def __init__(self, settings: ServingSettings, start_http: bool = True) -> None:
+    def __init__(self, settings: ServingSettings, start_http: bool = True, targets_dir: Path | None = None) -> None:
+        """``targets_dir``: register the API's ``/metrics`` there for Prometheus (file_sd, see ``sitn.telemetry``)."""
         self.settings = settings
         self.service = RecommendationService.from_settings(settings)
         self.http: ServerHandle | None = None
+        self._target_file: Path | None = None
         if start_http:
             self.http = serve_in_thread(create_app(self.service, settings), settings.host, settings.port)
+            if targets_dir is not None:
+                from sitn.telemetry import write_target
+
+                self._target_file = write_target(targets_dir, "serving", self.http.url.removeprefix("http://"))
         self.batches_applied = 0
         self.version = 0
         self._freshness_s: deque[float] = deque(maxlen=100_000)
@@ -98,6 +105,8 @@ class ServingCore:
         return self.http is None or self.http.thread.is_alive()
 
     def stop(self) -> None:
+        if self._target_file is not None:
+            self._target_file.unlink(missing_ok=True)
         if self.http is not None:
             self.http.stop()
             self.http = None

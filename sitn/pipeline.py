@@ -29,9 +29,11 @@ import ray
 
 from learner.actor import LearnerActor
 from learner.config import SITNConfig
+from learner.gate import PublishGate
 from serving.actor import ServingActor
 from serving.settings import ServingSettings
 from sitn.settings import RunSettings
+from sitn.telemetry import TelemetrySettings
 from stream.actors import ConsumerFleet
 from stream.dataset import load_events
 from stream.events import InteractionEvent
@@ -93,7 +95,9 @@ class Pipeline:
         serving: ServingSettings,
         config: SITNConfig,
         run_dir: Path,
+        metrics: TelemetrySettings | None = None,
     ) -> None:
+        """``metrics``: every actor exposes Prometheus metrics, registered under ``targets_dir`` (file_sd)."""
         self.run_settings = run
         self.stream = stream
         self.serving_settings = serving
@@ -108,6 +112,11 @@ class Pipeline:
         self._replay_stop = threading.Event()
         self._replay_thread: threading.Thread | None = None
         self.serving_url: str | None = None
+        self.metrics = metrics
+        self.targets_dir: Path | None = None
+        if metrics is not None and metrics.enabled:
+            self.targets_dir = metrics.targets_dir or run_dir / "metrics" / "targets"
+        self.drift_log = run_dir / "metrics" / "drift.jsonl"
 
     # -- start-up ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -115,7 +124,7 @@ class Pipeline:
             from stream.topics import ensure_topics
 
             ensure_topics(self.stream)
-        self.serving = ServingActor.remote(self.serving_settings)
+        self.serving = ServingActor.remote(self.serving_settings, targets_dir=self.targets_dir)
         self.serving_url = ray.get(self.serving.url.remote())
         log.info("serving url=%s", self.serving_url)
         self._start_training()
@@ -135,14 +144,26 @@ class Pipeline:
             publish_every_s=r.publish_every_s,
             full_publish_every=r.full_publish_every,
             kafka_updates=self.stream if self.stream.uses_kafka else None,
+            metrics=self.metrics,
+            targets_dir=self.targets_dir,
+            gate=self._gate(),
+            gate_sample_per_step=r.gate_sample_per_step,
         )
         resume = ray.get(self.learner.resume_info.remote())
         reset_group_offsets(self.stream, resume["positions"])
         self.fleet = ConsumerFleet(
             self.stream, consumers=r.consumers, queue_maxsize=r.queue_maxsize,
             initial_user_state={int(p): s for p, s in resume["user_state"].items()},
+            metrics=self.metrics, targets_dir=self.targets_dir,
         )
         self._learner_run = self.learner.run.remote(self.fleet.queue, self.fleet.actors)
+
+    def _gate(self) -> PublishGate | None:
+        r = self.run_settings
+        if not r.gate_enabled:
+            return None
+        return PublishGate(r.gate_max_drop, r.gate_window, r.gate_min_events, log_path=self.drift_log,
+                           z_critical=r.gate_z_critical)
 
     def start_replay(self, events: list[InteractionEvent]) -> None:
         producer = open_producer(self.stream)

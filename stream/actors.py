@@ -20,13 +20,17 @@ from __future__ import annotations
 import logging
 import queue as stdlib_queue
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.queue import Empty, Full, Queue
 
+from sitn.telemetry import Exporter, TelemetrySettings, start_exporter
+from stream import telemetry
 from stream.consumer import ConsumerStats, ExampleBatch, Position, Positions, StreamConsumer
 from stream.dead_letter import open_dead_letters
 from stream.settings import StreamSettings
@@ -46,7 +50,11 @@ class ConsumerWorker:
         partitions: frozenset[int] | None = None,
         put_wait_s: float = 1.0,
         initial_user_state: Mapping[int, dict[str, Any]] | None = None,
+        metrics: TelemetrySettings | None = None,
+        targets_dir: Path | None = None,
+        lag_every_s: float = 1.0,
     ) -> None:
+        """``metrics``/``targets_dir``: expose this process's metrics and register them (``sitn.telemetry``)."""
         self.settings = settings
         self.initial_user_state = dict(initial_user_state or {})
         self.consumer_id = consumer_id
@@ -59,6 +67,8 @@ class ConsumerWorker:
         self._consumer: StreamConsumer | None = None
         self.batches_delivered = 0
         self.waits_on_full_queue = 0
+        self.lag_every_s = lag_every_s
+        self.exporter: Exporter | None = start_exporter(metrics, "consumer", targets_dir)
 
     def run(self) -> ConsumerStats:
         """Poll and deliver until ``stop()``; then close the consumer (leaving the group). Returns the stats."""
@@ -74,11 +84,15 @@ class ConsumerWorker:
         self._consumer = consumer
         self._started.set()
         try:
+            lag_due_s = 0.0
             while not self._stop.is_set():
                 self._serve_commits(consumer)
                 batch = consumer.poll(self.settings.poll_timeout_s)
                 if batch.positions:
                     self._deliver(consumer, batch)
+                if time.monotonic() >= lag_due_s:
+                    consumer.export_lag()
+                    lag_due_s = time.monotonic() + self.lag_every_s
             self._serve_commits(consumer)
         except Exception:
             log.exception("consumer loop failed consumer=%s", self.consumer_id)
@@ -86,6 +100,8 @@ class ConsumerWorker:
         finally:
             self._fail_pending_commits()
             consumer.close()
+            if self.exporter is not None:
+                self.exporter.unregister()
             log.info("consumer stopped consumer=%s stats=%s", self.consumer_id, consumer.stats)
         return consumer.stats
 
@@ -96,9 +112,12 @@ class ConsumerWorker:
                 try:
                     self.out.put(batch, timeout=self.put_wait_s)
                     self.batches_delivered += 1
+                    telemetry.BATCHES_DELIVERED.inc()
                     return
                 except Full:
                     self.waits_on_full_queue += 1
+                    telemetry.QUEUE_FULL_WAITS.inc()
+                    consumer.export_lag()  # lag grows while we wait: keep the gauge honest
                 if not paused:
                     consumer.source.pause()
                     paused = True
@@ -182,8 +201,11 @@ class ConsumerFleet:
         queue_maxsize: int = 8,
         put_wait_s: float = 1.0,
         initial_user_state: Mapping[int, dict[str, Any]] | None = None,
+        metrics: TelemetrySettings | None = None,
+        targets_dir: Path | None = None,
     ) -> None:
-        """``initial_user_state``: per-partition user state from the checkpoint the group resumes from."""
+        """``initial_user_state``: per-partition user state from the checkpoint the group resumes from.
+        ``metrics``/``targets_dir``: each actor exposes its metrics (``sitn.telemetry``)."""
         if queue_maxsize < 1:
             raise ValueError(f"queue_maxsize must be >= 1 (bounded), got {queue_maxsize}")
         self.queue = Queue(maxsize=queue_maxsize, actor_options={"num_cpus": 0})
@@ -195,7 +217,8 @@ class ConsumerFleet:
         for i, partitions in enumerate(sets):
             consumer_id = f"consumer-{i}"
             actor = ConsumerActor.remote(
-                settings, consumer_id, self.queue, partitions, put_wait_s, initial_user_state or {}
+                settings, consumer_id, self.queue, partitions, put_wait_s, initial_user_state or {}, metrics,
+                targets_dir,
             )
             self.actors[consumer_id] = actor
             self._runs[consumer_id] = actor.run.remote()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sitn.errors import EventDecodeError
+from stream import telemetry
 from stream.dead_letter import DeadLetter, DeadLetterSink
 from stream.events import decode_event
 from stream.source import Source
@@ -155,6 +156,7 @@ class StreamConsumer:
         self._epochs: dict[int, int] = {}
         self._epoch_counter = 0
         self.stats = ConsumerStats()
+        self._lag_exported: set[int] = set()
         source.listener = self
 
     # -- rebalance listener (called by the source inside next_batch / close) -------------------------
@@ -205,7 +207,12 @@ class StreamConsumer:
             positions[batch.partition] = Position(self._epochs[batch.partition], batch.next_offset)
             spans[batch.partition] = (start, len(examples))
             self.stats.records_in += len(batch)
+            telemetry.RECORDS_CONSUMED.inc(len(batch))
         self.stats.examples_out += len(examples)
+        if examples:
+            by_domain = Counter(ex.domain for ex in examples)
+            for domain, n in by_domain.items():
+                telemetry.EVENTS_DECODED.labels(domain).inc(n)
         return ExampleBatch(examples, positions, spans, dead, self.consumer_id)
 
     def _dead_letter(self, topic: str, partition: int, offset: int, raw: bytes | None, exc: EventDecodeError) -> None:
@@ -213,6 +220,7 @@ class StreamConsumer:
             DeadLetter(exc.reason, exc.detail, topic, partition, offset, raw, failed_at_ms=int(time.time() * 1000))
         )
         self.stats.dead_letters_by_reason[exc.reason] += 1
+        telemetry.DEAD_LETTERS.labels(exc.reason).inc()
         log.debug("dead letter topic=%s partition=%s offset=%s reason=%s", topic, partition, offset, exc.reason)
 
     def positions(self) -> Positions:
@@ -236,8 +244,21 @@ class StreamConsumer:
                 log.info("not committing a revoked partition consumer=%s partition=%s epoch=%s", self.consumer_id,
                          p, pos.epoch)
         if owned and not self.source.commit(owned):
+            telemetry.COMMITS.labels("rejected").inc()
             return {}
+        if owned:
+            telemetry.COMMITS.labels("committed").inc()
         return owned
+
+    def export_lag(self) -> dict[int, int]:
+        """Set the per-partition lag gauge (partitions revoked since are set to 0); returns the lag."""
+        lag = self.source.lag()
+        for p, n in lag.items():
+            telemetry.CONSUMER_LAG.labels(str(p)).set(n)
+        for p in self._lag_exported - lag.keys():
+            telemetry.CONSUMER_LAG.labels(str(p)).set(0)
+        self._lag_exported = set(lag)
+        return lag
 
     def user_state(self) -> dict[int, dict[str, Any]]:
         """Per-partition ``UserStateStore.state_dict()``, for a checkpoint taken with ``positions()``."""

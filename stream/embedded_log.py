@@ -435,6 +435,11 @@ class EmbeddedSource:
         readers = self._readers if self._readers is not None else self._start()
         return {p: r.position for p, r in readers.items()}
 
+    def lag(self) -> Offsets:
+        readers = self._readers if self._readers is not None else self._start()
+        ends = self.log.end_offsets()
+        return {p: max(0, ends[p] - r.position) for p, r in readers.items()}
+
     def commit(self, offsets: Mapping[int, int]) -> bool:
         owned = {p: o for p, o in offsets.items() if p in self._partitions}
         if owned:

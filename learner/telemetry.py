@@ -1,0 +1,104 @@
+"""Prometheus metrics of the learner process, defined once, and the function that records a step.
+Labels are bounded (loss terms, domains, prototype granularities). Catalogue: ``docs/metrics.md``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+STEP_SECONDS = Histogram(
+    "sitn_learner_step_seconds",
+    "Wall seconds of one learn_many step (prequential ranking included).",
+    buckets=(0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5),
+)
+STEPS = Counter("sitn_learner_steps", "Optimizer steps taken.")
+EXAMPLES_TRAINED = Counter("sitn_learner_examples_trained", "Examples trained on, by domain.", ["domain"])
+EXAMPLES_PER_SECOND = Gauge("sitn_learner_examples_per_second", "Examples per second of the last step.")
+LOSS = Gauge("sitn_learner_loss", "Loss of the last step, by term (total, main, i2i, i2c).", ["term"])
+PROTOTYPES_NONEMPTY = Gauge(
+    "sitn_learner_prototypes_nonempty", "Prototypes with at least one member, by side (source, target) and granularity K.",
+    ["side", "k"],
+)
+PROTOTYPE_LARGEST_SHARE = Gauge(
+    "sitn_learner_prototype_largest_share",
+    "Share of the reservoir in the largest prototype (1 = collapsed), by side and granularity K.",
+    ["side", "k"],
+)
+PROTOTYPE_ENTROPY = Gauge(
+    "sitn_learner_prototype_assignment_entropy_ratio",
+    "Mean assignment entropy over prototype sets, divided by log K (1 = uniform use of the prototypes).",
+)
+PROTOTYPE_AGREEMENT = Gauge(
+    "sitn_learner_prototype_agreement",
+    "Cross-domain prototype agreement: matched-cluster share of users with both domains, by granularity K.",
+    ["k"],
+)
+PREQUENTIAL_HR = Gauge("sitn_learner_prequential_hr_at_10", "Windowed prequential HR@10 (test-then-train).")
+PREQUENTIAL_NDCG = Gauge("sitn_learner_prequential_ndcg_at_10", "Windowed prequential NDCG@10 (test-then-train).")
+PREQUENTIAL_RANKED = Counter("sitn_learner_prequential_ranked", "Target events ranked before training on them.")
+PUBLISH_LAG_SECONDS = Histogram(
+    "sitn_learner_publish_lag_seconds",
+    "Seconds from an event's arrival at the learner to the publish that carries its user's vectors.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+)
+PUBLISH_SECONDS = Histogram(
+    "sitn_learner_publish_seconds", "Seconds to build and hand over one published version.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+PUBLISHED_VERSION = Gauge("sitn_learner_published_version", "Last embedding version published to serving.")
+PUBLISHES = Counter("sitn_learner_publishes", "Versions published, by kind (delta, full).", ["kind"])
+PUBLISH_HELD = Counter(
+    "sitn_learner_publish_held", "Versions held back by the publish gate (prequential NDCG@10 dropped)."
+)
+PUBLISH_GATE_CLOSED = Gauge(
+    "sitn_learner_publish_gate_closed", "1 while the publish gate holds new versions back, else 0."
+)
+CHECKPOINT_SECONDS = Histogram(
+    "sitn_learner_checkpoint_seconds", "Seconds to write one checkpoint.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+EVENTS_APPLIED = Gauge("sitn_learner_events_applied", "Events whose effect the model holds (restored + trained).")
+
+_LOSS_TERMS = {"loss": "total", "loss_main": "main", "loss_i2i": "i2i", "loss_i2c": "i2c"}
+
+
+def record_step(stats: Mapping[str, float], seconds: float, examples_by_domain: Mapping[str, int]) -> None:
+    """Export one step's statistics (the dict ``learn_many`` returns, plus the prequential stats)."""
+    STEP_SECONDS.observe(seconds)
+    STEPS.inc()
+    for domain, n in examples_by_domain.items():
+        EXAMPLES_TRAINED.labels(domain).inc(n)
+    if seconds > 0:
+        EXAMPLES_PER_SECOND.set(sum(examples_by_domain.values()) / seconds)
+    for key, term in _LOSS_TERMS.items():
+        value = stats.get(key)
+        if value is not None and not math.isnan(value):
+            LOSS.labels(term).set(value)
+    entropy = stats.get("proto_entropy")
+    if entropy is not None and not math.isnan(entropy):
+        PROTOTYPE_ENTROPY.set(entropy)
+    hr, ndcg = stats.get("prequential_hr_at_10"), stats.get("prequential_ndcg_at_10")
+    if hr is not None and not math.isnan(hr):
+        PREQUENTIAL_HR.set(hr)
+    if ndcg is not None and not math.isnan(ndcg):
+        PREQUENTIAL_NDCG.set(ndcg)
+
+
+def record_prototypes(learner: Any) -> None:
+    """Export prototype sizes and cross-domain agreement (after a publish: cheap, not every step)."""
+    prototypes = getattr(learner, "prototypes", None)
+    if prototypes is None:
+        return
+    for (side, k), proto in prototypes.sets.items():
+        sizes = np.asarray(proto.sizes)
+        total = float(sizes.sum())
+        PROTOTYPES_NONEMPTY.labels(side, str(k)).set(float((sizes > 0).sum()))
+        if total > 0:
+            PROTOTYPE_LARGEST_SHARE.labels(side, str(k)).set(float(sizes.max()) / total)
+    for k, value in prototypes.reservoir_agreement.items():
+        if not math.isnan(value):
+            PROTOTYPE_AGREEMENT.labels(str(k)).set(value)
