@@ -29,11 +29,11 @@ lazily, ``chunk_events`` at a time, so memory stays flat however many are drawn.
 >>> config = SyntheticConfig(events=5, n_users=3, n_source_items=20, n_target_items=10, n_clusters=2, seed=7)
 >>> for event in SyntheticStream(config).events():
 ...     print(event.event_id, event.user_id, event.item_id, event.domain, event.timestamp)
-syn:0 u1 book7 book 1500000000
-syn:1 u2 book8 book 1500000000
-syn:2 u0 movie1 movie 1500000000
-syn:3 u0 movie14 movie 1500000000
-syn:4 u1 movie1 movie 1500000000
+syn:0 u2 movie1 movie 1500000000
+syn:1 u1 movie12 movie 1500000000
+syn:2 u2 book4 book 1500000000
+syn:3 u0 movie4 movie 1500000000
+syn:4 u0 movie10 movie 1500000000
 >>> SyntheticConfig(drift="seasonal", drift_at_event=10)
 Traceback (most recent call last):
 ...
@@ -266,6 +266,14 @@ class SyntheticStream:
         secondary = _mix64(user ^ self._keys[1]) % k
         return primary.astype(np.int64), secondary.astype(np.int64)
 
+    def item_clusters(self, target: bool) -> np.ndarray:
+        """(n_items,) the interest cluster of every item of the target (or source) domain; fixed by the seed."""
+        cat = self._catalogues[int(target)]
+        out = np.empty(cat.n_items, dtype=np.int64)
+        for c, (lo, hi) in enumerate(zip(cat.lo.tolist(), cat.hi.tolist(), strict=True)):
+            out[cat.members[lo : hi + 1]] = c
+        return out
+
     def chunks(self) -> Iterator[EventChunk]:
         """Every event, ``chunk_events`` at a time (the last chunk may be shorter)."""
         c = self.config
@@ -276,8 +284,9 @@ class SyntheticStream:
         while c.events is None or start < c.events:
             n = c.chunk_events if c.events is None else min(c.chunk_events, c.events - start)
             rng = np.random.default_rng([c.seed, _CHUNK, chunk_no])
-            # Every draw covers the whole chunk, in a fixed order, whatever the masks: same seed, same events.
-            r_new, r_user, r_domain, r_primary, r_noise, r_uniform, r_rank = rng.random((7, n))
+            # Every draw covers a whole chunk, in a fixed order, whatever the masks and however many events are
+            # asked for: same seed, same events, and a shorter run is a prefix of a longer one.
+            r_new, r_user, r_domain, r_primary, r_noise, r_uniform, r_rank = rng.random((7, c.chunk_events))[:, :n]
             index = start + np.arange(n, dtype=np.int64)  # (n,)
             after = np.zeros(n, dtype=bool) if drift_at is None else index >= drift_at
 
