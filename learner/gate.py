@@ -5,7 +5,9 @@ events is ranked twice, with the vectors *served* (the prequential evaluator's r
 the *live model's* vectors (what the next publish would send). Both gains go into one window of paired
 results, so the two NDCG@k figures are measured on exactly the same events and neither has seen them.
 
-At publish time ``allows()`` compares them: if the live model's windowed NDCG@k has dropped by more than
+The window holds only events ranked since the served version was published (``published()`` empties
+it): gains of an older served version, or of the model lineage before that publish, say nothing about
+the next version. At publish time ``allows()`` compares them: if the live model's windowed NDCG@k has dropped by more than
 ``max_drop`` (a fraction) below the served version's on the same window, *and* the drop is significant
 (one-sided paired z-test on the per-event gain differences, ``z <= -z_critical``), the version is held
 back, the alarm counter and gauge move, and a line goes to the JSON-lines alarm log; serving keeps the
@@ -72,7 +74,13 @@ class PublishGate:
         self._served: deque[float] = deque(maxlen=window)
         self._live: deque[float] = deque(maxlen=window)
         self.closed = False
-        self.held_total = 0
+        self.held_total = 0  # publish attempts held back
+        self.judged_total = 0  # publish attempts with enough paired events to judge
+
+    def published(self) -> None:
+        """A new version is being served: start a fresh paired window for it."""
+        self._served.clear()
+        self._live.clear()
 
     def record(self, served_gains: Sequence[float], live_gains: Sequence[float]) -> None:
         """Add paired gains of the same events (ranked before training on them)."""
@@ -111,6 +119,7 @@ class PublishGate:
         if self.events < self.min_events:
             ok = True
         else:
+            self.judged_total += 1
             dropped = self.live_ndcg < self.served_ndcg * (1.0 - self.max_drop)
             ok = not (dropped and self.z <= -self.z_critical)
         if not ok:

@@ -159,6 +159,8 @@ class OnlineTrainer:
                 return None
         start_s = time.perf_counter()
         batch = self.publisher.publish(int(self.learner.step), force_full=force_full)
+        if self.gate is not None:
+            self.gate.published()
         if batch.full:
             self.prequential.set_served(
                 batch.version, batch.item_ids, batch.item_vectors, batch.user_ids, batch.user_vectors,

@@ -44,6 +44,6 @@ class RunSettings(BaseSettings):
     gate_enabled: bool = Field(True, description="publish gate: hold back versions whose shadow NDCG@10 dropped")
     gate_max_drop: float = Field(0.5, gt=0, le=1, description="largest allowed relative NDCG@10 drop vs served")
     gate_window: int = Field(2000, ge=1, description="paired target events in the gate's window")
-    gate_min_events: int = Field(500, ge=1, description="paired events needed before the gate can close")
+    gate_min_events: int = Field(200, ge=1, description="paired events since the last publish needed before the gate can close")
     gate_z_critical: float = Field(2.33, ge=0, description="paired z-test bound: a drop must also be this significant")
     gate_sample_per_step: int = Field(64, ge=1, description="target events per step also ranked by the live model")
