@@ -15,7 +15,8 @@ How each series is derived (``derive``):
 - *rates* (``events_decoded_per_s{domain}``, ``examples_trained_per_s``): counter increase between the
   last two rounds divided by their time apart. Increases are taken per process, then summed: a process
   whose counter went down was restarted, and its new value is its increase (as Prometheus's ``rate``
-  does). A process seen for the first time contributes nothing to that round.
+  does). A process seen for the first time contributes nothing to that round; a label value new in a
+  process seen before counts from 0 (a consumer's first ``book`` events are not lost).
 - *quantiles* (``freshness_p50_s``, ``freshness_p99_s``, ``publish_lag_p99_s``): linear interpolation
   in the histogram's buckets, from the bucket *increases over the last* ``window_s`` (30 s by default),
   not the cumulative counts: what a run does now, not its average since start. It is the number
@@ -37,6 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,9 @@ class Scrape:
 def increase(old: Scrape, new: Scrape, name: str, label: str | None = None) -> dict[str | None, float]:
     """Counter increase from ``old`` to ``new``, per process (a decrease is a restart), summed by ``label``.
 
+    A process absent from ``old`` contributes nothing (it may have counted for long before it was first
+    scraped); a labelled child new in a process that ``old`` has started at 0 since then.
+
     >>> a = Scrape(0.0, {"p": {("c_total", ()): 5.0}, "q": {("c_total", ()): 9.0}})
     >>> b = Scrape(2.0, {"p": {("c_total", ()): 8.0}, "q": {("c_total", ()): 4.0}, "r": {("c_total", ()): 7.0}})
     >>> increase(a, b, "c_total")  # p: +3; q restarted: +4; r is new: not counted
@@ -163,9 +168,10 @@ def increase(old: Scrape, new: Scrape, name: str, label: str | None = None) -> d
     """
     out: dict[str | None, float] = {}
     for address, key, value in new.select(name):
-        before = old.samples.get(address, {}).get(key)
-        if before is None:
+        known = old.samples.get(address)
+        if known is None:
             continue
+        before = known.get(key, 0.0)
         group = dict(key[1]).get(label) if label is not None else None
         out[group] = out.get(group, 0.0) + (value - before if value >= before else value)
     return out
@@ -263,7 +269,7 @@ class MetricsCollector:
     interval_s: float = 2.0
     capacity: int = 1800
     window_s: float = 30.0
-    timeout_s: float = 1.0
+    timeout_s: float = 1.5
     skip_components: tuple[str, ...] = ("driver",)
     clock: Callable[[], float] = time.time
     _series: dict[str, deque[tuple[float, float]]] = field(default_factory=dict, init=False)
@@ -281,6 +287,7 @@ class MetricsCollector:
         if self.capacity < 2:
             raise ValueError(f"capacity must be >= 2 points, got {self.capacity!r}")
         self._client = httpx.Client(timeout=self.timeout_s)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sitn-dashboard-scrape")
 
     def ingest(self, scrape: Scrape) -> dict[str, float]:
         """Derive this round's points from ``scrape`` and the rounds before it; append and return them."""
@@ -300,25 +307,16 @@ class MetricsCollector:
         """Fetch every target's ``/metrics`` (unreachable ones are skipped and counted), then ``ingest``."""
         started_s = time.perf_counter()
         t_s = self.clock()
+        targets = [(c, a) for c, a in read_targets(self.targets_dir) if c not in self.skip_components]
+        # Concurrently: one slow process (a busy learner) must not delay the others' samples.
+        results = list(self._pool.map(lambda target: self._fetch(*target), targets))
         samples: dict[str, dict[SampleKey, float]] = {}
         families: set[str] = set()
-        statuses: list[TargetStatus] = []
-        for component, address in read_targets(self.targets_dir):
-            if component in self.skip_components:
-                continue
-            t0 = time.perf_counter()
-            try:
-                response = self._client.get(f"http://{address}/metrics")
-                response.raise_for_status()
-                samples[address], declared = parse_exposition(response.text)
+        for status, parsed in results:
+            if parsed is not None:
+                samples[status.address], declared = parsed
                 families |= declared
-                statuses.append(TargetStatus(component, address, True, scrape_s=time.perf_counter() - t0))
-            except (httpx.HTTPError, ValueError) as exc:  # restarting, gone or unparsable: skipped and counted
-                SCRAPE_FAILURES.labels(component).inc()
-                self.failures += 1
-                error = f"{type(exc).__name__}: {exc}"
-                log.warning("scrape failed component=%s address=%s error=%s", component, address, error)
-                statuses.append(TargetStatus(component, address, False, error, time.perf_counter() - t0))
+        statuses = [status for status, _ in results]
         scrape = Scrape(t_s, samples, frozenset(families))
         with self._lock:
             self._targets = statuses
@@ -326,6 +324,21 @@ class MetricsCollector:
         points = self.ingest(scrape)
         SCRAPE_ROUND_SECONDS.observe(time.perf_counter() - started_s)
         return points
+
+    def _fetch(self, component: str, address: str) -> tuple[TargetStatus, tuple[dict[SampleKey, float], set[str]] | None]:
+        t0 = time.perf_counter()
+        try:
+            response = self._client.get(f"http://{address}/metrics")
+            response.raise_for_status()
+            parsed = parse_exposition(response.text)
+        except (httpx.HTTPError, ValueError) as exc:  # restarting, gone or unparsable: skipped and counted
+            SCRAPE_FAILURES.labels(component).inc()
+            with self._lock:
+                self.failures += 1
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("scrape failed component=%s address=%s error=%s", component, address, error)
+            return TargetStatus(component, address, False, error, time.perf_counter() - t0), None
+        return TargetStatus(component, address, True, scrape_s=time.perf_counter() - t0), parsed
 
     def series(self) -> dict[str, Any]:
         """Every series as parallel lists ``{"t": [...], "v": [...]}`` (JSON-ready)."""
@@ -364,6 +377,7 @@ class MetricsCollector:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self._pool.shutdown(wait=True)
         self._client.close()
 
 
