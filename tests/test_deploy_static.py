@@ -28,6 +28,7 @@ ALERTS = REPO / "infra" / "prometheus" / "alerts.yml"
 GRAFANA = REPO / "infra" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "sitn-stream.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
+METRICS_DOC = REPO / "docs" / "metrics.md"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "sitn.yml"
 
 SERVICES = {"kafka", "ray-head", "ray-worker", "learner", "serving", "prometheus", "grafana"}
@@ -467,11 +468,13 @@ def test_prometheus_settings_and_static_targets(services: dict[str, Any], promet
         assert host in services, f"{job}: {target} names no compose service"
         assert int(port) in [c for _, _, c in published(services[host])], f"{job}: {host} does not listen on {port}"
         checked += 1
-    assert checked >= 2, "the driver and the serving replica must be scraped"
+    assert checked >= 1 and any(t.startswith("serving:") for _, t in static), (
+        "the standalone replica registers in no targets file: it must be a static target")
 
 
-def exposed_metric_names() -> tuple[set[str], str | None]:
-    """Every sample name the application's registries expose, and why drift names are missing (or None)."""
+def metric_families() -> tuple[dict[str, str], str | None]:
+    """name -> type of every sitn_* family the application's registries hold, and why drift names are
+    missing (or None)."""
     from prometheus_client import REGISTRY
 
     for module in METRIC_MODULES:  # importing a module registers its metrics
@@ -481,13 +484,19 @@ def exposed_metric_names() -> tuple[set[str], str | None]:
         importlib.import_module("learner.drift")
     except ImportError as exc:
         drift_missing = f"learner/drift.py is not importable yet ({exc}); drift metric names not checked"
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
-                "summary": ("", "_count", "_sum", "_created"), "gauge": ("",), "info": ("_info",)}
-    names = set()
-    for family in REGISTRY.collect():
-        if family.name.startswith("sitn_"):
-            names |= {family.name + s for s in suffixes.get(family.type, ("",))}
-    return names, drift_missing
+    registries = [REGISTRY, importlib.import_module("sitn.dashboard").REGISTRY]  # + the driver's own /metrics
+    return {family.name: family.type for registry in registries for family in registry.collect()
+            if family.name.startswith("sitn_")}, drift_missing
+
+
+SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+            "summary": ("", "_count", "_sum", "_created"), "gauge": ("",), "info": ("_info",)}
+
+
+def exposed_metric_names() -> tuple[set[str], str | None]:
+    """Every sample name the application's registries expose, and why drift names are missing (or None)."""
+    families, drift_missing = metric_families()
+    return {name + s for name, kind in families.items() for s in SUFFIXES.get(kind, ("",))}, drift_missing
 
 
 def used_metric_names(alerts: list[dict[str, Any]], dashboard: dict[str, Any]) -> dict[str, set[str]]:
@@ -516,6 +525,17 @@ def test_metric_names_in_alerts_and_dashboard_exist(group: str, alerts: list[dic
     assert len(used) >= (4 if group == "drift" else 20), f"too few {group} metrics used: {sorted(used)}"
     unknown = {n: sorted(w) for n, w in used.items() if n not in names}
     assert not unknown, f"metric names the code does not expose: {unknown}"
+
+
+def test_metrics_catalogue_lists_every_metric_and_only_those() -> None:
+    families, _ = metric_families()
+    documented = set(METRIC_RE.findall(METRICS_DOC.read_text()))
+    primary = {name + ("_total" if kind == "counter" else "") for name, kind in families.items()}
+    assert len(primary) >= 40, f"only {len(primary)} metric families found"
+    assert not primary - documented, f"missing from {METRICS_DOC.name}: {sorted(primary - documented)}"
+    exposed, _ = exposed_metric_names()
+    stale = {n for n in documented if n not in exposed and n not in families}
+    assert not stale, f"{METRICS_DOC.name} names metrics the code does not define: {sorted(stale)}"
 
 
 def test_alert_rules_are_complete(alerts: list[dict[str, Any]]) -> None:
