@@ -146,7 +146,7 @@ class Publisher:
         item_ids = list(item_ids)
         item_vectors = np.asarray(item_vectors, dtype=np.float32)
         n_old = len(self._published_ids)
-        if full or item_ids[:n_old] != self._published_ids:  # id maps only append; anything else: all
+        if full or n_old == 0 or item_ids[:n_old] != self._published_ids:  # id maps only append; else all
             changed = np.arange(len(item_ids))
         else:
             moved = np.abs(item_vectors[:n_old] - self._published_vectors).max(axis=1) > self.tolerance  # (n_old,)

@@ -27,6 +27,7 @@ import numpy as np
 
 from learner import telemetry
 from learner.checkpoint_store import CheckpointStore
+from learner.drift import DriftMonitor
 from learner.gate import PublishGate, ndcg_gain
 from learner.prequential import PrequentialEvaluator, rank_of
 from learner.publisher import Publisher, Transport
@@ -55,9 +56,12 @@ class OnlineTrainer:
         max_users: int = 1_000_000,
         gate: PublishGate | None = None,
         gate_sample_per_step: int = 64,
+        drift: DriftMonitor | None = None,
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
-        ``gate_sample_per_step`` target events of each step with the live model as well."""
+        ``gate_sample_per_step`` target events of each step with the live model as well.
+        ``drift``: watches each step's losses and prequential metrics, the input events and, after each
+        publish, the prototype assignments (``learner.drift``); its detectors are checkpointed."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if checkpoint_every_steps < 1:
@@ -78,6 +82,7 @@ class OnlineTrainer:
         self.last_stats: dict[str, float] = {}
         self.gate = gate
         self.gate_sample_per_step = gate_sample_per_step
+        self.drift = drift
         self._gate_rng = np.random.default_rng(0)
 
     # -- the batch path ------------------------------------------------------------------------------
@@ -113,6 +118,10 @@ class OnlineTrainer:
         stats.update(self.prequential.stats())
         if self.gate is not None:
             stats.update(self.gate.state())
+        if self.drift is not None:
+            self.drift.observe_events([ex.domain for ex in examples], [ex.item_id for ex in examples])
+            self.drift.observe_step(stats, int(self.learner.step))
+            stats["drift_alarms_total"] = float(self.drift.alarms_total)
         self.last_stats = stats
         n_target = len(consumed)
         telemetry.record_step(stats, time.perf_counter() - start_s,
@@ -174,6 +183,9 @@ class OnlineTrainer:
         for ingest_s in batch.ingest_wall_s.values():
             telemetry.PUBLISH_LAG_SECONDS.observe(max(0.0, batch.created_at_s - ingest_s))
         telemetry.record_prototypes(self.learner)
+        if self.drift is not None and getattr(self.learner, "prototypes", None) is not None:
+            for (side, k), proto in self.learner.prototypes.sets.items():
+                self.drift.observe_assignments(f"proto_{side}_k{k}", proto.sizes, int(self.learner.step))
         return batch
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -189,6 +201,7 @@ class OnlineTrainer:
             "user_state": {p: s.state_dict() for p, s in self.mirror.items()},
             "publisher": self.publisher.state_dict(),
             "events_applied": self.events_applied,
+            "drift": self.drift.state_dict() if self.drift is not None else None,
         }
         start_s = time.perf_counter()
         self.checkpoints.save(self.learner, int(self.learner.step), extra)
@@ -214,6 +227,8 @@ class OnlineTrainer:
         self.positions = {int(p): int(o) for p, o in extra["positions"].items()}
         self.mirror = {int(p): UserStateStore.from_state_dict(s) for p, s in extra["user_state"].items()}
         self.events_applied = int(extra["events_applied"])
+        if self.drift is not None and extra.get("drift") is not None:
+            self.drift.load_state_dict(extra["drift"])
         self._last_checkpoint_step = int(learner.step)
         log.info("restored step=%d events_applied=%d partitions=%d", learner.step, self.events_applied,
                  len(self.positions))

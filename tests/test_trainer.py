@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 import torch
 
@@ -137,3 +138,39 @@ def test_steps_before_an_idle_pause_are_published_once_the_interval_passes(
     assert late is not None and late.version == 2
     assert {u for u, _ in late.consumed} == {e.user_id for e in events[64:128] if e.domain == "book"}
     assert trainer.publish_if_due(now + 60.0) is None  # nothing trained since: nothing to publish
+
+
+def test_drift_monitor_sees_the_stream_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    from learner.drift import DriftMonitor, DriftSettings
+    from stream.synthetic import SyntheticConfig, SyntheticStream
+
+    stream = SyntheticStream(SyntheticConfig(events=10_000, n_users=500, n_source_items=300, n_target_items=300,
+                                             target_share=0.3, drift="domain_mix", drift_at_event=6_000, seed=1))
+    events = list(stream.events())
+    settings = DriftSettings(reference_window_events=3000, current_window_events=1000)
+
+    def make(path: Path) -> OnlineTrainer:
+        torch.manual_seed(0)
+        return OnlineTrainer(SITNLearner(small_config(), "movie", "book"), CallableTransport(lambda b: None),
+                             CheckpointStore(path), batch_size=250, publish_every_steps=4, publish_every_s=3600.0,
+                             drift=DriftMonitor(settings, tmp_path / "drift.jsonl"))
+
+    trainer = make(tmp_path / "ckpt")
+    all_batches = batches_from(events, per_batch=500)
+    for b in all_batches[:10]:  # 5,000 stationary events: reference plus two quiet windows
+        trainer.process(b)
+    assert trainer.drift is not None and trainer.drift.state()["signals"]["input_domain_mix"]["alarms"] == 0
+    trainer.checkpoint()
+    restored = make(tmp_path / "ckpt")
+    assert restored.restore() and restored.drift is not None
+    assert restored.drift.events_seen == trainer.drift.events_seen == 5000
+    for b in all_batches[10:]:  # the target share jumps from 0.3 to 0.7 at event 6,000
+        restored.process(b)
+    mix = restored.drift.state()["signals"]["input_domain_mix"]
+    assert 6_000 < mix["last_alarm_event"] <= 6_000 + 2 * 1000  # within two current windows of the shift
+    logged = [orjson.loads(line) for line in (tmp_path / "drift.jsonl").read_text().splitlines()]
+    mix_alarms = [a for a in logged if a["signal"] == "input_domain_mix"]
+    # One shift, one check that alarms (PSI and JS both fire there), then a new reference: no repeat.
+    assert mix["alarms"] == len(mix_alarms) == 2
+    assert {a["detector"] for a in mix_alarms} == {"psi", "js"}
+    assert {a["index"] for a in mix_alarms} == {mix["last_alarm_event"]}
