@@ -32,10 +32,12 @@ are bounded (docs: ``sitn.telemetry``), so the number of buffers is too.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import math
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -263,6 +264,8 @@ class MetricsCollector:
     """Scrapes every target in ``targets_dir`` each ``interval_s`` and keeps ``capacity`` points per series.
 
     ``skip_components``: targets not scraped (the driver itself: its registry is local, see ``REGISTRY``).
+    Scrapes use the standard library's ``urllib``, not httpx: httpx logs every request at INFO, which
+    would put two lines a second into the operator's log (and through ``sitn run``'s live table).
     """
 
     targets_dir: Path
@@ -286,7 +289,6 @@ class MetricsCollector:
             raise ValueError(f"interval_s must be > 0, got {self.interval_s!r}")
         if self.capacity < 2:
             raise ValueError(f"capacity must be >= 2 points, got {self.capacity!r}")
-        self._client = httpx.Client(timeout=self.timeout_s)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sitn-dashboard-scrape")
 
     def ingest(self, scrape: Scrape) -> dict[str, float]:
@@ -328,10 +330,10 @@ class MetricsCollector:
     def _fetch(self, component: str, address: str) -> tuple[TargetStatus, tuple[dict[SampleKey, float], set[str]] | None]:
         t0 = time.perf_counter()
         try:
-            response = self._client.get(f"http://{address}/metrics")
-            response.raise_for_status()
-            parsed = parse_exposition(response.text)
-        except (httpx.HTTPError, ValueError) as exc:  # restarting, gone or unparsable: skipped and counted
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=self.timeout_s) as response:
+                text = response.read().decode("utf-8")
+            parsed = parse_exposition(text)
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # restarting, gone or unparsable: counted
             SCRAPE_FAILURES.labels(component).inc()
             with self._lock:
                 self.failures += 1
@@ -378,7 +380,6 @@ class MetricsCollector:
         if self._thread is not None:
             self._thread.join(timeout_s)
         self._pool.shutdown(wait=True)
-        self._client.close()
 
 
 # -- HTTP ------------------------------------------------------------------------------------------------------

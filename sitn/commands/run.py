@@ -67,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from learner.config import SITNConfig
     from serving.settings import ServingSettings
     from sitn.settings import RunSettings
+    from sitn.telemetry import TelemetrySettings
     from stream.settings import StreamSettings
 
     run_kwargs = _given(args, [*RUN_FLAGS, "exit_after_replay"])
@@ -84,16 +85,21 @@ def main(args: argparse.Namespace) -> int:
     )
     serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
     config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len)
+    # Environment only (SITN_METRICS_*). **{}: mypy takes TelemetrySettings' positional Field defaults as required.
+    telemetry = TelemetrySettings(**{})
     log.info("settings run=%r", run)
     log.info("settings stream=%r", stream)
     log.info("settings serving=%r", serving)
-    return run_pipeline(run, stream, serving, config, run_dir.resolve())
+    log.info("settings telemetry=%r", telemetry)
+    return run_pipeline(run, stream, serving, config, run_dir.resolve(), telemetry)
 
 
-def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path) -> int:
+def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None) -> int:
+    """``telemetry``: every process exposes metrics and the driver serves the dashboard (``sitn.dashboard``)."""
     from rich.console import Console
     from rich.live import Live
 
+    from sitn.dashboard import PipelineMetrics, start_dashboard
     from sitn.pipeline import Pipeline, load_replay_events
     from sitn.ray_cluster import init_ray
 
@@ -101,7 +107,9 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
     events = load_replay_events(run)
     console.print(f"[bold]sitn run[/bold]: {len(events):,} events to replay from {run.events}, state in {run_dir}")
     init_ray(run.ray_address, run.ray_temp_dir or Path(tempfile.mkdtemp(prefix="sitn-ray-", dir="/tmp")))
-    pipeline = Pipeline(run, stream, serving, config, run_dir)
+    pipeline = Pipeline(run, stream, serving, config, run_dir, metrics=telemetry)
+    driver_metrics = PipelineMetrics()
+    dashboard: Any = None
     stopping = {"flag": False}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -113,12 +121,17 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
         pipeline.start()
         console.print(f"serving on [bold]{pipeline.serving_url}[/bold]  "
                       f"(try {pipeline.serving_url}/recommend?user_id=...&k=10, /docs, /metrics)")
+        if pipeline.metrics is not None and pipeline.targets_dir is not None:
+            dashboard = start_dashboard(pipeline.metrics, pipeline.targets_dir)
+            console.print(f"dashboard on [bold]{dashboard.url}/dashboard[/bold]  "
+                          f"(/metrics; Prometheus targets in {pipeline.targets_dir})")
         if events:
             pipeline.start_replay(events)
         with Live(console=console, refresh_per_second=2) as live:
             while not stopping["flag"]:
                 pipeline.supervise()
                 status = pipeline.status()
+                driver_metrics.observe(status)
                 live.update(render_status(status, pipeline.serving_url))
                 if run.exit_after_replay and pipeline.caught_up():
                     break
@@ -126,10 +139,14 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
         final = pipeline.status()
         console.print(render_status(final, pipeline.serving_url))
     finally:
-        pipeline.stop()
-        import ray
+        try:
+            pipeline.stop()
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
+            import ray
 
-        ray.shutdown()
+            ray.shutdown()
     return 0
 
 
