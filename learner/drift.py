@@ -26,7 +26,9 @@ Three kinds of signal, three methods of :class:`DriftMonitor`:
   sudden shift alarms once. Memory is bounded: at most ``reference_window_events`` distinct keys while
   a reference is collected, then ``top_items`` keys; at most ``max_domains`` domains are tracked.
 - ``observe_assignments(name, counts)``: members per prototype (e.g. ``proto_user_k16``'s sizes after a
-  re-clustering). The first non-empty histogram is the reference; each later one is compared with it
+  re-clustering), by default sorted largest first (``assignment_compare="sorted"``: the distribution's
+  shape, so a collapse onto few prototypes or a spread alarms, a relabelling does not). The first
+  non-empty histogram is the reference; each later one is compared with it
   by PSI and JS; after an alarm the current histogram becomes the reference. A change in the number of
   prototypes re-baselines without an alarm.
 
@@ -122,6 +124,12 @@ class DriftSettings(BaseSettings):
     js_threshold: float = Field(default=0.03, gt=0, le=1, description="Jensen-Shannon divergence (bits) above this is an alarm")
     pseudo_count: float = Field(default=0.5, ge=0, description="added to every bin before PSI (empty bins)")
     # -- prototype assignments ----------------------------------------------------------------------
+    assignment_compare: Literal["sorted", "matched"] = Field(
+        default="sorted",
+        description="sorted: compare the size histograms sorted largest first (the shape: collapse or spread, "
+        "whichever prototype it is); matched: prototype by prototype (alarms on most re-clusterings while the "
+        "model is still learning, bench/bench_drift.py)",
+    )
     assignment_psi_threshold: float = Field(default=0.2, gt=0)
     assignment_js_threshold: float = Field(default=0.03, gt=0, le=1)
     # -- output -------------------------------------------------------------------------------------
@@ -473,6 +481,8 @@ class DriftMonitor:
             signal = self._assignments[name] = _AssignmentSignal()
         if c.sum() == 0:
             return []  # nothing clustered yet
+        if self.settings.assignment_compare == "sorted":
+            c = np.sort(c)[::-1].copy()  # (K,) largest first
         signal.observations += 1
         unit: Literal["step", "observation"] = "step" if step is not None else "observation"
         index = step if step is not None else signal.observations

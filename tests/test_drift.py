@@ -237,8 +237,19 @@ def test_metrics_and_log_follow_each_alarm(tmp_path: Path) -> None:
     ]
     assert set(lines[0]) == {"signal", "detector", "index", "index_unit", "value", "threshold", "wall_time_s"}
     DriftMonitor(DriftSettings(log_path=log_path)).observe_assignments(name, [1, 1, 1])
-    monitor.observe_assignments(name, [1, 1, 28])
+    monitor.observe_assignments(name, [10, 10, 10])  # spread out again
     assert len(log_path.read_bytes().splitlines()) == 4  # appended, never truncated
+
+
+def test_assignment_relabelling_alarms_only_when_matched() -> None:
+    """Sorted (the default) sees the shape of the size histogram; matched sees which prototype grew."""
+    sorted_monitor = DriftMonitor(DriftSettings())
+    matched = DriftMonitor(DriftSettings(assignment_compare="matched"))
+    for monitor in (sorted_monitor, matched):
+        monitor.observe_assignments("p_k3", [28, 1, 1], step=1)
+    assert sorted_monitor.observe_assignments("p_k3", [1, 1, 28], step=2) == []  # a relabelling
+    assert [a.detector for a in matched.observe_assignments("p_k3", [1, 1, 28], step=2)] == ["psi", "js"]
+    assert [a.detector for a in sorted_monitor.observe_assignments("p_k3", [10, 10, 10], step=3)] == ["psi", "js"]
 
 
 def test_step_gauges_show_detector_state() -> None:
