@@ -4,8 +4,20 @@ Layout: ``ckpt-<step:012d>.pt`` (the learner's own checkpoint file) plus ``ckpt-
 manifest with its size and sha256 written *after* the checkpoint file is complete. Both are written to
 a temporary name, fsynced and moved into place with ``os.replace``, so a process killed mid-write
 leaves at worst a stray ``.tmp`` file, never a half-written checkpoint under a real name. Loading walks
-from the newest manifest down: a checkpoint whose bytes do not match its manifest, or that fails to
-load, is refused with a :class:`CheckpointError` logged, and the previous good one is used.
+from the newest manifest down: a checkpoint whose bytes do not match its manifest, that fails to load,
+or that ``accept_fn`` rejects (e.g. :func:`same_config`: it was trained with another config) is refused
+with a :class:`CheckpointError` naming the file and what is wrong, and the previous good one is used.
+
+What a kill at each point of :meth:`CheckpointStore.save` leaves (``tests/test_checkpoint_faults.py``
+SIGKILLs a real writer at each), and what :meth:`CheckpointStore.load_latest` then does:
+
+1. while the payload is written: ``.ckpt-N.pt.tmp.tmp-<pid>`` (partial) -> removed, previous loads;
+2. before it is renamed: ``ckpt-N.pt.tmp`` (complete, no manifest) -> removed, previous loads;
+3. before the manifest is in place: ``ckpt-N.pt`` without ``ckpt-N.json`` (unverifiable) -> removed,
+   previous loads; the learner redoes those steps, and their offsets were never committed;
+4. after the manifest is in place: ``ckpt-N`` is complete and loads.
+
+A directory has one writer: the learner, which calls ``load_latest`` at start-up before it saves.
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +57,10 @@ class CheckpointStore:
     """Saves and loads learner checkpoints in ``directory``, keeping the newest ``keep``.
 
     ``save_fn(learner, path, extra)`` writes one checkpoint file; ``load_fn(path)`` returns
-    ``(learner, extra)`` or raises. Both default to the SITNLearner contract.
+    ``(learner, extra)`` or raises. Both default to the SITNLearner contract. ``accept_fn(learner,
+    extra)`` raises ``ValueError`` saying why a checkpoint that loaded cannot be used by this job.
+    ``refused`` lists ``(manifest, reason)`` of every checkpoint refused; ``removed`` the leftovers of
+    interrupted saves that ``load_latest`` deleted.
     """
 
     def __init__(
@@ -54,6 +69,7 @@ class CheckpointStore:
         keep: int = 3,
         save_fn: Callable[[Any, Path, dict[str, Any]], None] | None = None,
         load_fn: Callable[[Path], tuple[Any, dict[str, Any]]] | None = None,
+        accept_fn: Callable[[Any, dict[str, Any]], None] | None = None,
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
@@ -62,7 +78,9 @@ class CheckpointStore:
         self.keep = keep
         self._save_fn = save_fn or _default_save
         self._load_fn = load_fn or _default_load
+        self._accept_fn = accept_fn
         self.refused: list[tuple[Path, str]] = []
+        self.removed: list[Path] = []
 
     def manifests(self) -> list[Path]:
         """Manifests, newest first."""
@@ -119,21 +137,71 @@ class CheckpointStore:
             raise CheckpointError(f"{path}: sha256 {digest[:12]}… does not match manifest {manifest['sha256'][:12]}…")
         return path
 
+    def remove_stale_files(self) -> list[Path]:
+        """Delete what interrupted saves left: temp files, and checkpoint files that have no manifest."""
+        manifested = {m.with_suffix(".pt") for m in self.manifests()}
+        stale = [
+            *self.directory.glob("ckpt-*.tmp"),  # ckpt-N.pt.tmp, ckpt-N.json.tmp
+            *self.directory.glob(".ckpt-*.tmp-*"),  # save_checkpoint's own temp file inside a save_fn
+            *(p for p in self.directory.glob("ckpt-*.pt") if p not in manifested),
+        ]
+        for path in sorted(stale):
+            log.warning("removing leftover of an interrupted checkpoint save path=%s size_bytes=%d",
+                        path, path.stat().st_size)  # fmt: skip
+            path.unlink(missing_ok=True)
+            self.removed.append(path)
+        return stale
+
     def load_latest(self) -> tuple[Any, dict[str, Any]] | None:
-        """The newest checkpoint that verifies and loads, or None if there is none."""
+        """The newest checkpoint that verifies, loads and is accepted, or None if there is none.
+
+        First removes the leftovers of interrupted saves (see the module docstring).
+        """
+        self.remove_stale_files()
         for manifest in self.manifests():
             try:
                 path = self.verify(manifest)
                 try:
-                    return self._load_fn(path)
-                except CheckpointError:
-                    raise
+                    loaded = self._load_fn(path)
+                except CheckpointError as exc:
+                    message = str(exc)  # e.g. the learner's "checkpoint version 2, expected 1"
+                    raise CheckpointError(message if str(path) in message else f"{path}: {message}") from exc
                 except Exception as exc:
                     raise CheckpointError(f"{path}: failed to load ({type(exc).__name__}: {exc})") from exc
+                if self._accept_fn is not None:
+                    try:
+                        self._accept_fn(*loaded)
+                    except ValueError as exc:
+                        raise CheckpointError(f"{path}: {exc}") from exc
+                return loaded
             except CheckpointError as exc:
                 log.error("refusing checkpoint: %s; trying the previous one", exc)
                 self.refused.append((manifest, str(exc)))
         return None
+
+
+def same_config(expected: Mapping[str, Any]) -> Callable[[Any, dict[str, Any]], None]:
+    """An ``accept_fn`` that refuses a learner whose ``config.to_dict()`` differs from ``expected``.
+
+    >>> from types import SimpleNamespace
+    >>> learner = SimpleNamespace(config=SimpleNamespace(to_dict=lambda: {"dim": 32, "lr": 0.01}))
+    >>> same_config({"dim": 64, "lr": 0.01})(learner, {})
+    Traceback (most recent call last):
+    ...
+    ValueError: trained with another config: dim is 32 in the checkpoint, 64 in this job
+    """
+
+    def accept(learner: Any, extra: dict[str, Any]) -> None:
+        found = learner.config.to_dict()
+        diffs = [
+            f"{name} is {found.get(name, '(absent)')!r} in the checkpoint, {expected.get(name, '(absent)')!r} in this job"
+            for name in sorted(set(found) | set(expected))
+            if found.get(name) != expected.get(name)
+        ]
+        if diffs:
+            raise ValueError(f"trained with another config: {'; '.join(diffs)}")
+
+    return accept
 
 
 def _default_save(learner: Any, path: Path, extra: dict[str, Any]) -> None:
