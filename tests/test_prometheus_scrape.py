@@ -1,0 +1,160 @@
+"""A real Prometheus server (the Debian binary) scrapes a small live pipeline through file-based service
+discovery (``sitn.telemetry``): every process is found and up, and the queries an operator would run
+return the numbers the pipeline itself reports."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sitn import dashboard
+from tests.test_dashboard import make_metrics_pipeline, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMETHEUS = shutil.which("prometheus")
+N_EVENTS = 3000
+SCRAPE_INTERVAL_S = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrometheusServer:
+    """``prometheus`` in a child process, scraping the file_sd files in ``targets_dir`` every second."""
+
+    def __init__(self, targets_dir: Path, work_dir: Path) -> None:
+        assert PROMETHEUS is not None
+        work_dir.mkdir(parents=True, exist_ok=True)
+        config = work_dir / "prometheus.yml"
+        config.write_text(
+            "global:\n"
+            f"  scrape_interval: {SCRAPE_INTERVAL_S}s\n"
+            f"  scrape_timeout: {SCRAPE_INTERVAL_S}s\n"
+            f"  evaluation_interval: {SCRAPE_INTERVAL_S}s\n"
+            "scrape_configs:\n"
+            "  - job_name: sitn\n"
+            "    file_sd_configs:\n"
+            f"      - files: ['{targets_dir}/*.json']\n"
+            "        refresh_interval: 1s\n"
+        )
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = work_dir / "prometheus.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={work_dir / 'tsdb'}",
+             f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 30) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                return httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout_s, "prometheus to be ready")
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """The instant vector of ``promql`` (``[{"metric": {...}, "value": [t, "v"]}, ...]``)."""
+        r = httpx.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=5)
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", f"{promql}: {r.status_code} {r.text[:500]}"
+        return list(body["data"]["result"])
+
+    def scalar(self, promql: str) -> float | None:
+        """The single value of a one-element result, or None when the result is empty."""
+        result = self.query(promql)
+        assert len(result) <= 1, f"{promql}: expected at most one series, got {result}"
+        return float(result[0]["value"][1]) if result else None
+
+    def active_targets(self) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.url}/api/v1/targets", params={"state": "active"}, timeout=5)
+        return list(r.json()["data"]["activeTargets"])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, ray_cluster: Any) -> Iterator[Any]:
+    p = make_metrics_pipeline(tmp_path, rate_events_per_s=None)
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def prometheus(pipeline: Any, tmp_path: Path) -> Iterator[PrometheusServer]:
+    if PROMETHEUS is None:
+        pytest.skip("prometheus not installed (infra/test.sh installs the Debian package)")
+    server = PrometheusServer(pipeline.targets_dir, tmp_path / "prometheus")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_prometheus_scrapes_every_process_of_a_live_pipeline(pipeline: Any, prometheus: PrometheusServer,
+                                                              events_csv: Path) -> None:
+    from stream.dataset import load_events
+
+    driver = dashboard.start_dashboard(pipeline.metrics, pipeline.targets_dir, interval_s=1.0)
+    try:
+        events = load_events(events_csv, "movie", "book", limit=N_EVENTS).events
+        pipeline.start_replay(events)
+        wait_for(pipeline.caught_up, 75, "every replayed event trained", pipeline)
+        wait_for(lambda: pipeline.status().get("served_version", 0) > 0, 30, "a publish")
+        url = pipeline.serving_url
+        for user_id in sorted({e.user_id for e in events})[:40]:
+            r = httpx.get(f"{url}/recommend", params={"user_id": user_id, "k": 10}, timeout=10)
+            assert r.status_code == 200, r.text
+        status = pipeline.status()
+        dashboard.PipelineMetrics().observe(status)  # as sitn run's status loop does
+        # Prometheus has the pipeline's own numbers once it scraped after the last step (1 s interval).
+        wait_for(lambda: prometheus.scalar("sum(sitn_learner_steps_total)") == status["step"]
+                 and prometheus.scalar('sum(sitn_serving_http_request_seconds_count{route="/recommend"})') == 40,
+                 20, "prometheus to scrape the final step and the requests")
+
+        by_component: dict[str, list[str]] = {}
+        for t in prometheus.active_targets():
+            by_component.setdefault(t["labels"]["component"], []).append(t["health"])
+        assert by_component == {"learner": ["up"], "consumer": ["up", "up"], "serving": ["up"], "driver": ["up"]}
+        assert prometheus.scalar('count(up{job="sitn"} == 1)') == 5
+
+        assert prometheus.scalar("sum(sitn_stream_events_decoded_total)") == N_EVENTS - status.get("dead_letters", 0)
+        assert prometheus.scalar("sum(sitn_learner_examples_trained_total)") == status["events_applied"]
+        assert prometheus.scalar("sum(sitn_stream_consumer_lag_records)") == 0  # caught up
+        ndcg = prometheus.scalar("sitn_learner_prequential_ndcg_at_10 > 0")
+        assert ndcg is not None and ndcg == pytest.approx(status["prequential_ndcg_at_10"], abs=1e-9)
+        p99 = prometheus.scalar('histogram_quantile(0.99, sum by (le) '
+                                '(rate(sitn_serving_http_request_seconds_bucket{route="/recommend"}[30s])))')
+        assert p99 is not None and 0 < p99 <= 2.5  # within the histogram's finite buckets
+        freshness = prometheus.scalar("histogram_quantile(0.5, sum by (le) (sitn_serving_freshness_seconds_bucket))")
+        assert freshness is not None and freshness > 0
+        wait_for(lambda: (prometheus.scalar("sitn_pipeline_replay_events_sent_total") or 0) >= N_EVENTS
+                 and prometheus.scalar("sitn_dashboard_targets_up") == 4, 15, "the driver's own metrics")
+    finally:
+        driver.stop()
