@@ -27,15 +27,18 @@ WORKDIR /app
 COPY requirements.lock ./
 RUN pip install --no-cache-dir -r requirements.lock
 
-# The project itself, without re-resolving dependencies.
+# The project itself, without re-resolving dependencies. Editable, i.e. run from /app: the packages carry
+# data files (sitn/dashboard.html) that pyproject.toml declares no package-data for, so a wheel would
+# leave them out.
 COPY pyproject.toml README.md ./
 COPY sitn ./sitn
 COPY stream ./stream
 COPY learner ./learner
 COPY serving ./serving
 COPY infra ./infra
-RUN pip install --no-cache-dir --no-deps . \
-    && pip check
+RUN pip install --no-cache-dir --no-deps -e . \
+    && pip check \
+    && python -c "import sitn.cli, sitn.dashboard; assert sitn.dashboard.PAGE.is_file()"
 
 # An unprivileged user. /targets (Prometheus file_sd) and /state (run directory: checkpoints, drift log)
 # exist here owned by it, so the named volumes compose mounts there start out writable by it.
