@@ -111,6 +111,7 @@ class OnlineTrainer:
         start_s = time.perf_counter()
         consumed = [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target]
         served_ranks = self.prequential.rank_many(consumed)  # test with what is served ...
+        telemetry.PREQUENTIAL_RANKED.inc(sum(r is not None for r in served_ranks))
         if self.gate is not None and consumed:
             self._shadow_rank(consumed, served_ranks)  # ... and with what would be published ...
         stats = dict(self.learner.learn_many(examples))  # ... then train

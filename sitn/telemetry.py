@@ -91,8 +91,10 @@ def _advertised(settings: TelemetrySettings, bound_host: str) -> str:
 def write_target(targets_dir: Path, component: str, address: str, labels: dict[str, str] | None = None) -> Path:
     """Register ``address`` (host:port) for scraping: an atomic write of ``<component>-<pid>.json``.
 
-    Files of processes that no longer exist on this machine are removed at the same time (an actor killed
-    with SIGKILL cannot remove its own).
+    The file is ``<component>-<node>-<pid>.json`` (``node``: this machine's host name), so a targets
+    directory shared by several nodes keeps one file per process. Files of this node whose process no
+    longer exists are removed at the same time (an actor killed with SIGKILL cannot remove its own);
+    other nodes' files are left to their own processes.
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp())
@@ -102,8 +104,7 @@ def write_target(targets_dir: Path, component: str, address: str, labels: dict[s
     """
     targets_dir.mkdir(parents=True, exist_ok=True)
     prune_targets(targets_dir)
-    pid = os.getpid()
-    path = targets_dir / f"{component}-{pid}.json"
+    path = targets_dir / f"{component}-{_node()}-{os.getpid()}.json"
     entry = {"targets": [address], "labels": {"job": TARGETS_JOB, "component": component, **(labels or {})}}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(orjson.dumps([entry], option=orjson.OPT_INDENT_2))
@@ -111,12 +112,18 @@ def write_target(targets_dir: Path, component: str, address: str, labels: dict[s
     return path
 
 
+def _node() -> str:
+    """This machine's name as used in targets file names (no dashes: the pid follows the last one)."""
+    return socket.gethostname().replace("-", "_") or "node"
+
+
 def prune_targets(targets_dir: Path) -> list[Path]:
-    """Remove targets files whose process (``<component>-<pid>.json``, this machine) is gone."""
+    """Remove this node's targets files (``<component>-<node>-<pid>.json``) whose process is gone."""
     removed = []
+    node = _node()
     for path in targets_dir.glob("*.json"):
-        _, _, pid = path.stem.rpartition("-")
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        rest, _, pid = path.stem.rpartition("-")
+        if rest.rpartition("-")[2] == node and pid.isdigit() and not _pid_alive(int(pid)):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
