@@ -15,8 +15,8 @@ How each series is derived (``derive``):
 - *rates* (``events_decoded_per_s{domain}``, ``examples_trained_per_s``): counter increase between the
   last two rounds divided by their time apart. Increases are taken per process, then summed: a process
   whose counter went down was restarted, and its new value is its increase (as Prometheus's ``rate``
-  does). A process seen for the first time contributes nothing to that round; a label value new in a
-  process seen before counts from 0 (a consumer's first ``book`` events are not lost).
+  does). A child (label value) that appeared since the previous round counts from 0 when it was created
+  since then (``increase``); a process first seen with counts of unknown age contributes nothing.
 - *quantiles* (``freshness_p50_s``, ``freshness_p99_s``, ``publish_lag_p99_s``): linear interpolation
   in the histogram's buckets, from the bucket *increases over the last* ``window_s`` (30 s by default),
   not the cumulative counts: what a run does now, not its average since start. It is the number
@@ -99,8 +99,9 @@ SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labe
 def parse_exposition(text: str) -> tuple[dict[SampleKey, float], set[str]]:
     """Samples of a Prometheus text exposition, and the names of the families it declares.
 
-    ``_created`` samples are dropped. A labelled metric with no child yet declares its family but has no
-    samples: its sum is 0, not missing.
+    ``_created`` samples (when a counter or histogram child was created, in the process's clock) are kept
+    under their own names. A labelled metric with no child yet declares its family but has no samples:
+    its sum is 0, not missing.
 
     >>> samples, families = parse_exposition('# HELP x_total X.\\n# TYPE x_total counter\\n'
     ...                                      'x_total{domain="book"} 3.0\\n# TYPE y gauge\\n')
@@ -110,12 +111,8 @@ def parse_exposition(text: str) -> tuple[dict[SampleKey, float], set[str]]:
     samples: dict[SampleKey, float] = {}
     families: set[str] = set()
     for family in text_string_to_metric_families(text):
-        if family.name.endswith("_created") and family.type == "unknown":
-            continue
         families.add(family.name)
         for s in family.samples:
-            if s.name.endswith("_created"):
-                continue
             samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
     return samples, families
 
@@ -159,23 +156,37 @@ class Scrape:
 def increase(old: Scrape, new: Scrape, name: str, label: str | None = None) -> dict[str | None, float]:
     """Counter increase from ``old`` to ``new``, per process (a decrease is a restart), summed by ``label``.
 
-    A process absent from ``old`` contributes nothing (it may have counted for long before it was first
-    scraped); a labelled child new in a process that ``old`` has started at 0 since then.
+    A child that did not exist at ``old`` counts from 0 if it was created after ``old`` was taken: a label
+    value new in a process ``old`` has, or any child whose ``_created`` time is later than ``old.t_s`` (a
+    process that started in between, such as a consumer actor whose first events came in a burst). A
+    child of a process absent from ``old`` without such proof is skipped: it may have counted for long
+    before the dashboard first saw it.
 
     >>> a = Scrape(0.0, {"p": {("c_total", ()): 5.0}, "q": {("c_total", ()): 9.0}})
-    >>> b = Scrape(2.0, {"p": {("c_total", ()): 8.0}, "q": {("c_total", ()): 4.0}, "r": {("c_total", ()): 7.0}})
-    >>> increase(a, b, "c_total")  # p: +3; q restarted: +4; r is new: not counted
-    {None: 7.0}
+    >>> b = Scrape(2.0, {"p": {("c_total", ()): 8.0}, "q": {("c_total", ()): 4.0}, "r": {("c_total", ()): 7.0},
+    ...                  "s": {("c_total", ()): 6.0, ("c_created", ()): 1.5}})
+    >>> increase(a, b, "c_total")  # p: +3; q restarted: +4; r: unknown start, skipped; s: created at 1.5: +6
+    {None: 13.0}
     """
     out: dict[str | None, float] = {}
     for address, key, value in new.select(name):
         known = old.samples.get(address)
-        if known is None:
+        if known is not None and key in known:
+            before = known[key]
+        elif known is not None or new.samples[address].get(_created_key(key), -math.inf) >= old.t_s:
+            before = 0.0
+        else:
             continue
-        before = known.get(key, 0.0)
         group = dict(key[1]).get(label) if label is not None else None
         out[group] = out.get(group, 0.0) + (value - before if value >= before else value)
     return out
+
+
+def _created_key(key: SampleKey) -> SampleKey:
+    """The ``_created`` sample of a counter's or histogram bucket's child (``x_total`` / ``x_bucket{le}``)."""
+    name, labels = key
+    base = name.removesuffix("_total").removesuffix("_bucket")
+    return f"{base}_created", tuple(kv for kv in labels if kv[0] != "le")
 
 
 def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:

@@ -127,9 +127,9 @@ def test_parse_exposition_keys_samples_by_name_and_sorted_labels() -> None:
     samples, families = parse_exposition(LEARNER_0)
     assert samples[("sitn_learner_examples_trained_total", (("domain", "movie"),))] == 1000.0
     assert samples[("sitn_learner_publish_lag_seconds_bucket", (("le", "+Inf"),))] == 10.0
-    assert not [k for k in samples if k[0].endswith("_created")]
-    assert families == {"sitn_learner_examples_trained", "sitn_learner_loss", "sitn_learner_prequential_ndcg_at_10",
-                        "sitn_learner_publish_lag_seconds"}
+    assert samples[("sitn_learner_examples_trained_created", (("domain", "movie"),))] == 1.7e9  # kept, own name
+    assert families == {"sitn_learner_examples_trained", "sitn_learner_examples_trained_created", "sitn_learner_loss",
+                        "sitn_learner_prequential_ndcg_at_10", "sitn_learner_publish_lag_seconds"}
     with pytest.raises(ValueError):
         parse_exposition("sitn_x{broken 1\n")
 
@@ -172,6 +172,18 @@ def test_increase_treats_a_decrease_as_a_restart_and_skips_new_processes() -> No
     newer = Scrape.from_texts(4.0, {"c:1": consumer(30, 15, {}), "c:2": consumer(55, 12, {})})
     no_book = Scrape.from_texts(2.0, {"c:1": consumer(30, 15, {}), "c:2": consumer(55, None, {})})
     assert increase(no_book, newer, "sitn_stream_events_decoded_total", "domain") == {"movie": 0.0, "book": 12.0}
+
+
+def test_increase_counts_a_new_process_from_zero_only_if_its_children_were_created_since() -> None:
+    old = Scrape.from_texts(100.0, {"c:1": consumer(10, 10, {})})
+    late = consumer(500, 400, {}) + (
+        '# HELP sitn_x_total x\n# TYPE sitn_x_total counter\n'  # (another family, to keep the text realistic)
+        'sitn_x_total 1.0\n'
+        '# HELP sitn_stream_events_decoded_created when\n# TYPE sitn_stream_events_decoded_created gauge\n'
+        'sitn_stream_events_decoded_created{domain="movie"} 100.5\n'  # after the old round: counts from 0
+        'sitn_stream_events_decoded_created{domain="book"} 99.0\n')  # before it: its age is unknown, skipped
+    new = Scrape.from_texts(102.0, {"c:1": consumer(10, 10, {}), "c:2": late})
+    assert increase(old, new, "sitn_stream_events_decoded_total", "domain") == {"movie": 500.0, "book": 0.0}
 
 
 
@@ -326,7 +338,7 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, pipelin
 
 
 # -- against a small live pipeline, in a real browser -----------------------------------------------------
-N_EVENTS = 4000
+N_EVENTS = 3000
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -369,7 +381,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, ray_cluster: Any, events
     from stream.dataset import load_events
 
     events = load_events(events_csv, "movie", "book", limit=N_EVENTS).events
-    pipeline = make_metrics_pipeline(tmp_path, rate_events_per_s=800.0)
+    pipeline = make_metrics_pipeline(tmp_path, rate_events_per_s=1000.0)
     pipeline.start()
     handle = None
     try:
