@@ -12,7 +12,19 @@
 
 If the learner or a consumer actor dies, ``supervise()`` stops the consumers, starts a new learner from
 the last checkpoint and new consumers from its positions. Nothing is lost: offsets are only committed
-after the checkpoint that contains their effect.
+after the checkpoint that contains their effect. What was trained after that checkpoint is trained again
+(at most one checkpoint interval plus the batches in flight). A restart that fails (the broker is down,
+a killed consumer is still a member of the group until its session times out) is retried by the next
+``supervise()`` call.
+
+If the serving actor dies, ``supervise()`` starts a new one, on the same port when it can (so the URL
+stays), and hands it to the learner, whose loop sends it a full version first. Only that restart
+interrupts answers.
+
+The replay producer is idempotent (acks=all, retries until its delivery timeout), and each tick waits
+for every record of the tick to be acknowledged: a broker that is killed and restarted within the
+delivery timeout loses nothing and duplicates nothing; one that stays away longer fails the replay loudly
+(``ReplayProgress.error``), with ``sent`` the count acknowledged.
 """
 
 from __future__ import annotations
@@ -38,10 +50,19 @@ from stream.actors import ConsumerFleet
 from stream.dataset import load_events
 from stream.events import InteractionEvent
 from stream.group_offsets import reset_group_offsets
-from stream.producer import open_producer, send_event
+from stream.producer import (
+    KafkaRecordProducer,
+    RecordProducer,
+    make_kafka_producer,
+    open_producer,
+    send_event,
+)
 from stream.settings import StreamSettings
 
 log = logging.getLogger(__name__)
+
+REPLAY_DELIVERY_TIMEOUT_S = 300.0  # how long the replay producer retries a record while the broker is away
+SERVING_HEALTH_TIMEOUT_S = 10.0  # a serving actor that does not answer within this is busy, not dead
 
 
 @dataclass
@@ -69,7 +90,11 @@ def paced_replay(
     tick_s: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Send ``events`` in order at ``rate_events_per_s`` (None: flat out), flushing every tick."""
+    """Send ``events`` in order at ``rate_events_per_s`` (None: flat out), flushing every tick.
+
+    ``progress.sent`` counts the events acknowledged (a flush returned). A flush that fails raises, naming
+    the first event that may not be stored: the replay stops there, loudly, and sends nothing after it.
+    """
     chunk = len(events) if rate_events_per_s is None else max(1, int(rate_events_per_s * tick_s))
     start = clock()
     for i in range(0, len(events), chunk):
@@ -77,12 +102,28 @@ def paced_replay(
             break
         for event in events[i : i + chunk]:
             send_event(producer, event)
-        producer.flush()
+        try:
+            producer.flush()
+        except Exception as exc:
+            raise RuntimeError(
+                f"replay stopped: events[{i}:] (event_id {events[i].event_id!r} on) may not be stored; "
+                f"{i} of {len(events)} were acknowledged"
+            ) from exc
         progress.sent = min(len(events), i + chunk)
         if rate_events_per_s is not None:
             due_s = start + progress.sent / rate_events_per_s
             stop.wait(max(0.0, due_s - clock()))
     producer.flush()
+
+
+def open_replay_producer(settings: StreamSettings) -> RecordProducer:
+    """The replay's producer. On Kafka it rides out a broker restart: the idempotent producer retries each
+    record for up to ``REPLAY_DELIVERY_TIMEOUT_S`` (no loss, no duplicates), and a flush waits that long."""
+    if not settings.uses_kafka:
+        return open_producer(settings)
+    timeout_ms = int(REPLAY_DELIVERY_TIMEOUT_S * 1000)
+    producer = make_kafka_producer(settings, delivery_timeout_ms=timeout_ms, max_block_ms=timeout_ms)
+    return KafkaRecordProducer(producer, settings.topic_interactions, flush_timeout_s=REPLAY_DELIVERY_TIMEOUT_S + 30)
 
 
 class Pipeline:
@@ -96,8 +137,10 @@ class Pipeline:
         config: SITNConfig,
         run_dir: Path,
         metrics: TelemetrySettings | None = None,
+        audit_log: Path | None = None,
     ) -> None:
-        """``metrics``: every actor exposes Prometheus metrics, registered under ``targets_dir`` (file_sd)."""
+        """``metrics``: every actor exposes Prometheus metrics, registered under ``targets_dir`` (file_sd).
+        ``audit_log``: every learner incarnation appends what it trained there (``learner.actor``)."""
         self.run_settings = run
         self.stream = stream
         self.serving_settings = serving
@@ -108,6 +151,9 @@ class Pipeline:
         self.fleet: ConsumerFleet | None = None
         self._learner_run: Any = None
         self.restarts = 0
+        self.serving_restarts = 0
+        self.recovering: str | None = None  # the failure whose restart has not succeeded yet
+        self.audit_log = audit_log
         self.replay_progress = ReplayProgress()
         self._replay_stop = threading.Event()
         self._replay_thread: threading.Thread | None = None
@@ -124,14 +170,39 @@ class Pipeline:
             from stream.topics import ensure_topics
 
             ensure_topics(self.stream)
-        self.serving = ServingActor.remote(self.serving_settings, targets_dir=self.targets_dir)
-        self.serving_url = ray.get(self.serving.url.remote())
+        self.serving, self.serving_url = self._start_serving(self.serving_settings)
         log.info("serving url=%s", self.serving_url)
         self._start_training()
 
+    def _start_serving(self, settings: ServingSettings) -> tuple[Any, str]:
+        actor = ServingActor.remote(settings, targets_dir=self.targets_dir)
+        try:
+            url: str = ray.get(actor.url.remote(), timeout=60)
+        except Exception:
+            ray.kill(actor, no_restart=True)
+            raise
+        return actor, url
+
     def _start_training(self) -> None:
+        """A learner restored from the newest checkpoint (kept from a failed attempt if there is one), the
+        group's offsets moved to its positions, consumers seeded with its user state, then its loop."""
+        if self.learner is None:
+            self.learner = self._new_learner()
+        resume = ray.get(self.learner.resume_info.remote())
+        # Refused while a killed consumer is still a member of the group (until its session times out) or
+        # while the broker is away: supervise() retries.
+        reset_group_offsets(self.stream, resume["positions"])
         r = self.run_settings
-        self.learner = LearnerActor.remote(
+        self.fleet = ConsumerFleet(
+            self.stream, consumers=r.consumers, queue_maxsize=r.queue_maxsize,
+            initial_user_state={int(p): s for p, s in resume["user_state"].items()},
+            metrics=self.metrics, targets_dir=self.targets_dir,
+        )
+        self._learner_run = self.learner.run.remote(self.fleet.queue, self.fleet.actors)
+
+    def _new_learner(self) -> Any:
+        r = self.run_settings
+        return LearnerActor.remote(
             self.config,
             r.source,
             r.target,
@@ -148,15 +219,8 @@ class Pipeline:
             targets_dir=self.targets_dir,
             gate=self._gate(),
             gate_sample_per_step=r.gate_sample_per_step,
+            audit_log=self.audit_log,
         )
-        resume = ray.get(self.learner.resume_info.remote())
-        reset_group_offsets(self.stream, resume["positions"])
-        self.fleet = ConsumerFleet(
-            self.stream, consumers=r.consumers, queue_maxsize=r.queue_maxsize,
-            initial_user_state={int(p): s for p, s in resume["user_state"].items()},
-            metrics=self.metrics, targets_dir=self.targets_dir,
-        )
-        self._learner_run = self.learner.run.remote(self.fleet.queue, self.fleet.actors)
 
     def _gate(self) -> PublishGate | None:
         r = self.run_settings
@@ -166,7 +230,7 @@ class Pipeline:
                            z_critical=r.gate_z_critical)
 
     def start_replay(self, events: list[InteractionEvent]) -> None:
-        producer = open_producer(self.stream)
+        producer = open_replay_producer(self.stream)
         self.replay_progress = ReplayProgress(total=len(events))
 
         def body() -> None:
@@ -187,38 +251,96 @@ class Pipeline:
 
     # -- supervision -----------------------------------------------------------------------------------
     def supervise(self) -> None:
-        """Restart learner and consumers from the last checkpoint if either died."""
+        """Restart what died: serving on its own; learner and consumers together, from the last checkpoint.
+
+        Call it periodically. A restart that fails is logged and retried by the next call.
+        """
+        self._supervise_serving()
+        if self.recovering is None:
+            self.recovering = self._training_failure()
+            if self.recovering is None:
+                return
+            log.error("recovering from failure=%s", self.recovering.splitlines()[0])
+            self.restarts += 1
+            self._stop_training(graceful=False)
+        try:
+            self._start_training()
+        except Exception as exc:
+            log.warning("restart failed, retried at the next supervise() failure=%s error=%s: %s",
+                        self.recovering.splitlines()[0], type(exc).__name__, (str(exc) or "-").splitlines()[0])
+            self._stop_fleet()
+            if isinstance(exc, ray.exceptions.RayActorError) and self.learner is not None:
+                ray.kill(self.learner, no_restart=True)  # the new learner itself died: start another
+                self.learner = None
+            return
+        log.info("recovered from failure=%s", self.recovering.splitlines()[0])
+        self.recovering = None
+
+    def _training_failure(self) -> str | None:
+        """Why the learner or a consumer is down, or None."""
         assert self.fleet is not None
-        failure: str | None = None
         done, _ = ray.wait([self._learner_run], timeout=0)
         if done:
             try:
                 ray.get(done[0])
-                failure = "learner loop returned"
+                return "learner loop returned"
             except Exception as exc:
-                failure = f"learner: {type(exc).__name__}: {exc}"
-        else:
-            try:
-                self.fleet.check_health()
-            except Exception as exc:
-                failure = f"consumer: {type(exc).__name__}: {exc}"
-        if failure is None:
-            return
-        log.error("recovering from failure=%s", failure.splitlines()[0])
-        self.restarts += 1
-        self._stop_training(graceful=False)
-        self._start_training()
+                return f"learner: {type(exc).__name__}: {exc}"
+        try:
+            self.fleet.check_health()
+        except Exception as exc:
+            return f"consumer: {type(exc).__name__}: {exc}"
+        return None
 
-    def _stop_training(self, graceful: bool) -> None:
+    def _supervise_serving(self) -> None:
+        """Start a new serving actor if this one died (or its HTTP server stopped), and hand it to the learner."""
+        try:
+            healthy = ray.get(self.serving.check_health.remote(), timeout=SERVING_HEALTH_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            log.warning("serving did not answer its health check within timeout_s=%s", SERVING_HEALTH_TIMEOUT_S)
+            return
+        except ray.exceptions.RayActorError as exc:
+            healthy = False
+            log.error("serving actor died error=%s", str(exc).splitlines()[0])
+        if healthy:
+            return
+        ray.kill(self.serving, no_restart=True)
+        self.serving = None
+        # The same port first, so clients keep their URL (with port 0 configured, the port it had).
+        assert self.serving_url is not None
+        last_port = int(self.serving_url.rsplit(":", 1)[1])
+        candidates = [self.serving_settings.model_copy(update={"port": last_port})]
+        if last_port != self.serving_settings.port:
+            candidates.append(self.serving_settings)
+        for settings in candidates:
+            try:
+                self.serving, self.serving_url = self._start_serving(settings)
+                break
+            except Exception as exc:
+                log.warning("serving did not start port=%s error=%s", settings.port, type(exc).__name__)
+        if self.serving is None:
+            raise RuntimeError(f"serving could not be restarted on port {last_port} nor {self.serving_settings.port}")
+        self.serving_restarts += 1
+        log.info("serving restarted url=%s", self.serving_url)
+        if self.learner is not None:
+            try:
+                ray.get(self.learner.set_serving.remote(self.serving), timeout=30)
+            except Exception as exc:  # a learner that died meanwhile gets the new replica when it is restarted
+                log.warning("new serving replica not handed to the learner error=%s", type(exc).__name__)
+
+    def _stop_fleet(self) -> None:
         if self.fleet is not None:
             try:
                 self.fleet.stop(timeout_s=30)
-            except Exception:
+            except Exception:  # a consumer that died raises its error here; the others are stopped anyway
                 log.exception("stopping consumers")
             self.fleet = None
+
+    def _stop_training(self, graceful: bool) -> None:
+        self._stop_fleet()
         if self.learner is not None:
             if not graceful:
-                ray.kill(self.learner)
+                ray.kill(self.learner, no_restart=True)
             self.learner = None
 
     # -- status ------------------------------------------------------------------------------------------
