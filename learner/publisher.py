@@ -6,6 +6,13 @@ hands a :class:`EmbeddingBatch` to a transport. Items are sent as a delta (rows 
 ``tolerance`` since they were last published); every ``full_every`` publishes a full snapshot of all
 items and all known users goes out instead, so a new serving replica can start from it.
 
+The publisher counts consumed target items for the popularity order it publishes (serving's fallback, as
+the prequential evaluator mirrors it). Counts are cumulative, like serving's own, and bounded by a cap
+rather than decayed: decay would make the published order differ from the cumulative counts serving
+ranks by. The catalogue bounds the items in practice; ``max_counted_items`` only guards against an
+unbounded id space, and what it prunes (the least counted) never reaches the published top
+``popularity_size`` while the cap is well above it.
+
 Two transports: a Ray actor handle (everything in one cluster) and a Kafka topic of
 :class:`stream.events.EmbeddingUpdate` messages keyed ``kind:key`` (compacted) for replicas deployed
 on their own.
@@ -93,13 +100,20 @@ class Publisher:
         full_every: int = 50,
         tolerance: float = 1e-4,
         popularity_size: int = 1000,
+        max_counted_items: int = 1_000_000,
     ) -> None:
+        """``max_counted_items``: after each publish, only the most counted items keep their counts (ties:
+        the first seen); the others are forgotten and count from zero if they come back."""
         if every_steps < 1:
             raise ValueError(f"every_steps must be >= 1, got {every_steps}")
         if every_s <= 0:
             raise ValueError(f"every_s must be > 0, got {every_s}")
         if full_every < 1:
             raise ValueError(f"full_every must be >= 1, got {full_every}")
+        if max_counted_items < popularity_size:
+            raise ValueError(
+                f"max_counted_items must be >= popularity_size ({popularity_size}), got {max_counted_items}"
+            )
         self.learner = learner
         self.transport = transport
         self.every_steps = every_steps
@@ -107,6 +121,8 @@ class Publisher:
         self.full_every = full_every
         self.tolerance = tolerance
         self.popularity_size = popularity_size
+        self.max_counted_items = max_counted_items
+        self.items_pruned = 0
         self.version = 0
         self._touched: dict[str, float] = {}
         self._consumed: list[tuple[str, str]] = []
@@ -163,7 +179,9 @@ class Publisher:
             if user_ids
             else np.zeros((0, self.learner.config.n_views, self.learner.config.dim), dtype=np.float32)
         )
-        popularity = sorted(self._item_counts, key=lambda i: -self._item_counts[i])[: self.popularity_size]
+        ranked = sorted(self._item_counts, key=lambda i: -self._item_counts[i])  # stable: ties by first seen
+        popularity = ranked[: self.popularity_size]
+        self._prune_counts(ranked)
         batch = EmbeddingBatch(
             version=self.version,
             full=full,
@@ -186,6 +204,12 @@ class Publisher:
         self._last_step = step
         self._last_s = time.monotonic()
         return batch
+
+    def _prune_counts(self, ranked: list[str]) -> None:
+        """Keep the counts of the ``max_counted_items`` first of ``ranked`` (the dict keeps first-seen order)."""
+        for item_id in ranked[self.max_counted_items :]:
+            del self._item_counts[item_id]
+        self.items_pruned += max(0, len(ranked) - self.max_counted_items)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": self.version, "item_counts": dict(self._item_counts)}

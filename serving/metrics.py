@@ -21,6 +21,11 @@ INDEX_VERSION = Gauge("sitn_serving_index_version", "Highest item-embedding vers
 INDEX_SIZE = Gauge("sitn_serving_index_items", "Items in the live index.")
 INDEX_AGE_SECONDS = Gauge("sitn_serving_index_age_seconds", "Seconds since the live index was last swapped.")
 USERS = Gauge("sitn_serving_users", "Users with query vectors.")
+USERS_EVICTED = Counter(
+    "sitn_serving_users_evicted",
+    "Users evicted at the max_users cap (least recently updated), by store: vectors or consumed.",
+    ["store"],
+)
 UPDATES_APPLIED = Counter("sitn_serving_updates_applied", "Embedding updates applied, by kind.", ["kind"])
 UPDATES_REJECTED = Counter(
     "sitn_serving_updates_rejected", "Embedding updates rejected (bad or stale), by reason.", ["reason"]

@@ -110,6 +110,8 @@ class RecommendationService:
         dim: embedding dimension D shared by items and user views.
         index_factory, search_params, merge_threshold_rows: see :class:`serving.index.ItemIndex`.
         max_consumed_per_user: how many consumed items are remembered (and excluded) per user.
+        max_users: users kept in the vector store and in the consumed sets, each; beyond it the least
+            recently updated user is evicted and served by popularity (see :mod:`serving.store`).
         popularity_refresh_s: how often the popularity ranking is re-sorted under writes.
         faiss_threads: FAISS OpenMP threads in each searching/building thread; 1 suits single queries.
         clock: wall clock in unix seconds, for the index age.
@@ -123,15 +125,17 @@ class RecommendationService:
         search_params: Mapping[str, int] | None = None,
         merge_threshold_rows: int = 4096,
         max_consumed_per_user: int = 500,
+        max_users: int = 1_000_000,
         popularity_refresh_s: float = 1.0,
         faiss_threads: int | None = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.dim = dim
         self.index = ItemIndex(dim, index_factory, search_params, merge_threshold_rows, faiss_threads, clock)
-        self.users = UserVectorStore(dim)
-        self.consumed = ConsumedItems(max_consumed_per_user)
+        self.users = UserVectorStore(dim, max_users)
+        self.consumed = ConsumedItems(max_consumed_per_user, max_users)
         self.popularity = PopularityCounter(popularity_refresh_s)
+        self._evictions_exported = {"vectors": 0, "consumed": 0}
 
     # --- updates -----------------------------------------------------------------------------
 
@@ -163,6 +167,8 @@ class RecommendationService:
         item_ids = list(item_ids)
         self.consumed.add(user_id, item_ids)
         self.popularity.add(item_ids)
+        if self.consumed.evicted_users != self._evictions_exported["consumed"]:
+            self._export_evictions()
 
     def record_popularity(self, item_ids: Iterable[str]) -> None:
         self.popularity.add(item_ids)
@@ -196,6 +202,7 @@ class RecommendationService:
             "index_items": snap.size,
             "index_age_s": round(self.index.age_s(), 3),
             "users": len(self.users),
+            "users_evicted": self.users.evicted_users,
             "ready": snap.size > 0,
         }
 
@@ -204,6 +211,14 @@ class RecommendationService:
         metrics.INDEX_SIZE.set(self.index.size)
         metrics.INDEX_AGE_SECONDS.set(self.index.age_s())
         metrics.USERS.set(len(self.users))
+        self._export_evictions()
+
+    def _export_evictions(self) -> None:
+        """The stores count evictions (plain Python); the counter catches up after each write path."""
+        for store, evicted in (("vectors", self.users.evicted_users), ("consumed", self.consumed.evicted_users)):
+            if evicted != self._evictions_exported[store]:
+                metrics.USERS_EVICTED.labels(store=store).inc(evicted - self._evictions_exported[store])
+                self._evictions_exported[store] = evicted
 
     # --- snapshots ---------------------------------------------------------------------------
 
@@ -295,6 +310,7 @@ class RecommendationService:
             search_params=settings.index_search_params,
             merge_threshold_rows=settings.merge_threshold_rows,
             max_consumed_per_user=settings.max_consumed_per_user,
+            max_users=settings.max_users,
             popularity_refresh_s=settings.popularity_refresh_s,
         )
 

@@ -41,6 +41,12 @@ class ServingSettings(BaseSettings):
     # 64k catalogue costs ~8 s of a core; on a 2-core machine a 4096-row delta rebuilt every few seconds.
     merge_threshold_rows: int = Field(16384, ge=1, description="delta rows that trigger a base rebuild")
     max_consumed_per_user: int = Field(500, ge=1, description="consumed items remembered per user")
+    # Bounds memory under an endless stream of new users: ~1 KiB of vectors (V=4, D=64) plus up to
+    # max_consumed_per_user ids per user. The least recently updated user is evicted and served by
+    # popularity until published again; keep it >= the learner's max_users, or each full publish churns.
+    max_users: int = Field(
+        1_000_000, ge=1, description="users whose vectors and consumed items are kept (least recently updated evicted)"
+    )
     popularity_refresh_s: float = Field(1.0, ge=0, description="popularity re-sort interval under writes")
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma separated")
     updates_topic: str = Field("sitn.embedding-updates", description="compacted topic of embedding updates")

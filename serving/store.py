@@ -4,6 +4,13 @@ Readers (the request path) take no lock that a bulk write can hold for long: use
 immutable arrays swapped per user; consumed sets copy at most ``max_items_per_user`` ids under a
 short lock; the popularity ranking is a precomputed tuple swapped by the writer.
 
+Memory is bounded however many users the stream brings: the user stores keep at most ``max_users``
+users each and evict the least recently *updated* one (a read does not refresh a user: a user who only
+asks for recommendations has nothing new to serve). An evicted user is served like a stranger, by
+popularity, until the learner publishes them again (their next event, or a full publish while the
+learner still holds their history); an evicted consumed set is forgotten, so items consumed before
+the eviction may be recommended again. Popularity holds one count per item: bounded by the catalogue.
+
 >>> users = UserVectorStore(dim=2)
 >>> users.upsert("u1", np.array([[1.0, 0.0]]), version=3)
 True
@@ -15,6 +22,11 @@ False
 >>> consumed.add("u1", ["a", "b", "c"])
 >>> sorted(consumed.get("u1"))
 ['b', 'c']
+>>> capped = UserVectorStore(dim=1, max_users=2)
+>>> for user_id in ("u1", "u2", "u1", "u3"):  # u1 updated again: u2 is now the least recently updated
+...     _ = capped.upsert(user_id, np.ones((1, 1)), version=1)
+>>> [user_id for user_id, _, _ in capped.export()], capped.evicted_users
+(['u1', 'u3'], 1)
 >>> popularity = PopularityCounter(refresh_s=0.0)
 >>> popularity.add(["x", "y", "y"])
 >>> popularity.top(2)
@@ -31,15 +43,27 @@ from collections.abc import Callable, Collection, Iterable
 import numpy as np
 
 
-class UserVectorStore:
-    """``user_id -> (V, D)`` float32 query vectors, versioned; an older version never overwrites."""
+def _check_max_users(max_users: int) -> None:
+    if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+        raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
 
-    def __init__(self, dim: int) -> None:
+
+class UserVectorStore:
+    """``user_id -> (V, D)`` float32 query vectors, versioned; an older version never overwrites.
+
+    At most ``max_users`` users; an upsert of a new user beyond that evicts the least recently updated
+    one (``evicted_users`` counts them). An evicted user's version is forgotten with its vectors.
+    """
+
+    def __init__(self, dim: int, max_users: int = 1_000_000) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
+        _check_max_users(max_users)
         self.dim = dim
+        self.max_users = max_users
+        self.evicted_users = 0
         self._lock = threading.Lock()  # serialises writers' version checks; get() does not take it
-        self._vectors: dict[str, np.ndarray] = {}
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()  # least recently updated first
         self._versions: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -55,7 +79,12 @@ class UserVectorStore:
             if self._versions.get(user_id, -1) > version:
                 return False
             self._vectors[user_id] = array
+            self._vectors.move_to_end(user_id)
             self._versions[user_id] = version
+            while len(self._vectors) > self.max_users:
+                evicted, _ = self._vectors.popitem(last=False)
+                del self._versions[evicted]
+                self.evicted_users += 1
         return True
 
     def get(self, user_id: str) -> np.ndarray | None:
@@ -65,39 +94,53 @@ class UserVectorStore:
         return self._versions.get(user_id)
 
     def export(self) -> list[tuple[str, int, np.ndarray]]:
-        """``(user_id, version, vectors)`` for every user, in insertion order."""
+        """``(user_id, version, vectors)`` for every user, least recently updated first (re-upserting them
+        in this order restores the eviction order)."""
         with self._lock:
             return [(user_id, self._versions[user_id], v) for user_id, v in self._vectors.items()]
 
     def replace_all(self, rows: Iterable[tuple[str, int, np.ndarray]]) -> None:
-        fresh = UserVectorStore(self.dim)
+        """Replace every user by ``rows`` (upserted in order, so beyond ``max_users`` the first go)."""
+        fresh = UserVectorStore(self.dim, self.max_users)
         for user_id, version, vectors in rows:
             fresh.upsert(user_id, vectors, version)
         with self._lock:
             self._vectors, self._versions = fresh._vectors, fresh._versions
+            self.evicted_users += fresh.evicted_users
 
 
 class ConsumedItems:
-    """The last ``max_items_per_user`` items each user consumed (oldest evicted first)."""
+    """The last ``max_items_per_user`` items each user consumed (oldest evicted first), for at most
+    ``max_users`` users: adding for a new user beyond that evicts the least recently updated user."""
 
-    def __init__(self, max_items_per_user: int = 500) -> None:
+    def __init__(self, max_items_per_user: int = 500, max_users: int = 1_000_000) -> None:
         if max_items_per_user < 1:
             raise ValueError(f"max_items_per_user must be >= 1, got {max_items_per_user}")
+        _check_max_users(max_users)
         self.max_items_per_user = max_items_per_user
+        self.max_users = max_users
+        self.evicted_users = 0
         self._lock = threading.Lock()
-        self._items: dict[str, OrderedDict[str, None]] = {}
+        self._items: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # least recently updated first
 
     def __len__(self) -> int:
         return len(self._items)
 
     def add(self, user_id: str, item_ids: Iterable[str]) -> None:
         with self._lock:
-            items = self._items.setdefault(user_id, OrderedDict())
+            items = self._items.get(user_id)
+            if items is None:
+                items = self._items[user_id] = OrderedDict()
+            else:
+                self._items.move_to_end(user_id)
             for item_id in item_ids:
                 items[item_id] = None
                 items.move_to_end(item_id)
             while len(items) > self.max_items_per_user:
                 items.popitem(last=False)
+            while len(self._items) > self.max_users:
+                self._items.popitem(last=False)
+                self.evicted_users += 1
 
     def get(self, user_id: str) -> frozenset[str]:
         with self._lock:
@@ -105,16 +148,18 @@ class ConsumedItems:
             return frozenset(items) if items else frozenset()
 
     def export(self) -> list[tuple[str, str]]:
-        """``(user_id, item_id)`` pairs, oldest first per user, so re-adding them restores the order."""
+        """``(user_id, item_id)`` pairs, least recently updated user first and oldest item first per user,
+        so re-adding them restores both orders."""
         with self._lock:
             return [(user_id, item_id) for user_id, items in self._items.items() for item_id in items]
 
     def replace_all(self, pairs: Iterable[tuple[str, str]]) -> None:
-        fresh = ConsumedItems(self.max_items_per_user)
+        fresh = ConsumedItems(self.max_items_per_user, self.max_users)
         for user_id, item_id in pairs:
             fresh.add(user_id, (item_id,))
         with self._lock:
             self._items = fresh._items
+            self.evicted_users += fresh.evicted_users
 
 
 class PopularityCounter:
