@@ -21,7 +21,10 @@ MIN_TOKEN_CHARS = 16
 class ServingSettings(BaseSettings):
     """Settings for ``sitn serve``; every field can be set as ``SITN_SERVING_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="SITN_SERVING_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a validation error would otherwise echo the input, a too-short token included.
+    model_config = SettingsConfigDict(
+        env_prefix="SITN_SERVING_", frozen=True, extra="forbid", hide_input_in_errors=True
+    )
 
     host: str = Field("127.0.0.1", description="interface to bind; the default keeps the API local")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one")

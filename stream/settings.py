@@ -25,7 +25,8 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"
 class StreamSettings(BaseSettings):
     """Where events come from and go to, and how they are consumed. Environment prefix ``SITN_``."""
 
-    model_config = SettingsConfigDict(env_prefix="SITN_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a validation error would otherwise echo the input, passwords included.
+    model_config = SettingsConfigDict(env_prefix="SITN_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
     # -- backend ----------------------------------------------------------------------------------
     kafka_bootstrap_servers: str | None = Field(

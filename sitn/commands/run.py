@@ -91,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
     log.info("settings stream=%r", stream)
     log.info("settings serving=%r", serving)
     log.info("settings telemetry=%r", telemetry)
+    log.info("settings learner=%r", config)
     return run_pipeline(run, stream, serving, config, run_dir.resolve(), telemetry)
 
 
