@@ -260,7 +260,7 @@ def main() -> int:
             end_s = time.monotonic() + duration_s
             next_s = time.monotonic()
             while time.monotonic() < end_s:
-                next_s += args.sample_s
+                next_s = max(next_s + args.sample_s, time.monotonic())  # a slow sample delays, never bunches, the next
                 sample(phase)
                 time.sleep(max(0.0, next_s - time.monotonic()))
 
@@ -336,7 +336,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, float]], errors: list[
           f"(second half: median {p50:,.0f}, p95 {p95:,.0f}, max {lag[late].max():,.0f}); bound {max_lag:,}")
     print(f"serving users at the end: {col['serving_users'][-1]:,.0f} (cap {args.max_users:,}); "
           f"prequential HR@10 at the end: {col['hr_at_10'][-1]:.4f}")
-    plot(png_path, rows, marks)
+    plot(png_path, rows, marks, max_lag)
     print(f"wrote {csv_path} and {png_path}")
     if errors:
         print(f"FAIL: {len(errors)} error(s): " + "; ".join(errors[:10]))
@@ -352,7 +352,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, float]], errors: list[
     return 0
 
 
-def plot(path: Path, rows: list[dict[str, float]], marks: dict[str, float]) -> None:
+def plot(path: Path, rows: list[dict[str, float]], marks: dict[str, float], max_lag: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,6 +367,9 @@ def plot(path: Path, rows: list[dict[str, float]], marks: dict[str, float]) -> N
     ax_mem.set_ylabel("resident memory (MB)")
     ax_mem.legend(loc="upper left", ncol=3, fontsize=8)
     ax_lag.plot(t_min, [r["lag_events"] for r in rows], label="group lag (events)", color="tab:red")
+    ax_lag.axhline(max_lag, color="tab:red", linestyle="--", linewidth=0.8, label="backpressure bound")
+    ax_lag.set_ylim(bottom=0)
+    ax_mem.set_ylim(bottom=0)
     ax_lag.set_ylabel("consumer group lag (events)")
     ax_rate = ax_lag.twinx()
     produced = np.array([r["produced"] for r in rows])
