@@ -54,12 +54,15 @@ class OnlineTrainer:
         prequential_k: int = 10,
         prequential_window: int = 2000,
         max_users: int = 1_000_000,
+        served_max_users: int = 1_000_000,
         gate: PublishGate | None = None,
         gate_sample_per_step: int = 64,
         drift: DriftMonitor | None = None,
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
+        ``max_users``: users kept per partition in the mirror of the consumers' user state;
+        ``served_max_users``: users in the mirror of what serving holds (``ServingSettings.max_users``).
         ``drift``: watches each step's losses and prequential metrics, the input events and, after each
         publish, the prototype assignments (``learner.drift``); its detectors are checkpointed."""
         if batch_size < 1:
@@ -73,7 +76,7 @@ class OnlineTrainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.max_users = max_users
         self.publisher = Publisher(learner, transport, publish_every_steps, publish_every_s, full_publish_every)
-        self.prequential = PrequentialEvaluator(prequential_k, prequential_window)
+        self.prequential = PrequentialEvaluator(prequential_k, prequential_window, max_users=served_max_users)
         self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
         self.mirror: dict[int, UserStateStore] = {}  # partition -> the consumers' user state, as trained
         self.pending = PendingCommits()
