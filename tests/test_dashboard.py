@@ -382,7 +382,9 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, ray_cluster: Any, events
 
     events = load_events(events_csv, "movie", "book", limit=N_EVENTS).events
     pipeline = make_metrics_pipeline(tmp_path, rate_events_per_s=1000.0)
+    t0 = time.monotonic()
     pipeline.start()
+    phases_s = {"pipeline start": time.monotonic() - t0}
     handle = None
     try:
         assert pipeline.targets_dir is not None and pipeline.metrics is not None
@@ -395,6 +397,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, ray_cluster: Any, events
             return all(any(name.startswith(p) for name in series for p in prefixes) for prefixes in wanted.values())
 
         wait_for(lambda: every_chart_has_points() and pipeline.caught_up(), 75, "points on every chart", pipeline)
+        phases_s["replay until every chart has points"] = time.monotonic() - t0 - sum(phases_s.values())
         series = handle.collector.series()["series"]
         for prefix in ("events_decoded_per_s", "examples_trained_per_s"):  # the replay was seen flowing
             assert max(v for name, s in series.items() if name.startswith(prefix) for v in s["v"]) > 0, prefix
@@ -409,9 +412,11 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, ray_cluster: Any, events
         run_chromium(["--virtual-time-budget=4000", "--window-size=1400,1000", f"--screenshot={shot}", url],
                      tmp_path / "profile")
         assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        phases_s["chromium: DOM and screenshot"] = time.monotonic() - t0 - sum(phases_s.values())
         ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, ARTIFACT)
-        print(f"dashboard screenshot: {ARTIFACT} (and {shot}); chart points {points}")
+        print(f"dashboard screenshot: {ARTIFACT} (and {shot}); chart points {points}; "
+              f"seconds {({k: round(v, 1) for k, v in phases_s.items()})}")
     finally:
         if handle is not None:
             handle.stop()
