@@ -42,15 +42,15 @@ class TelemetrySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SITN_METRICS_", frozen=True, extra="forbid")
 
-    enabled: bool = Field(True, description="expose Prometheus metrics from every process")
-    host: str = Field("127.0.0.1", description="address the metrics exporters bind")
-    advertise_host: str | None = Field(None, description="address written to the targets files (default: host, "
+    enabled: bool = Field(default=True, description="expose Prometheus metrics from every process")
+    host: str = Field(default="127.0.0.1", description="address the metrics exporters bind")
+    advertise_host: str | None = Field(default=None, description="address written to the targets files (default: host, "
                                                          "or the node IP when host is 0.0.0.0)")
-    actor_port: int = Field(0, ge=0, le=65535, description="port of the actor exporters; 0 = any free port")
-    targets_dir: Path | None = Field(None, description="file_sd directory Prometheus watches "
+    actor_port: int = Field(default=0, ge=0, le=65535, description="port of the actor exporters; 0 = any free port")
+    targets_dir: Path | None = Field(default=None, description="file_sd directory Prometheus watches "
                                                        "(default: <run dir>/metrics/targets)")
-    dashboard_host: str = Field("127.0.0.1", description="address of the driver's /metrics and /dashboard")
-    dashboard_port: int = Field(9400, ge=0, le=65535, description="port of the driver's /metrics and /dashboard")
+    dashboard_host: str = Field(default="127.0.0.1", description="address of the driver's /metrics and /dashboard")
+    dashboard_port: int = Field(default=9400, ge=0, le=65535, description="port of the driver's /metrics and /dashboard")
 
 
 class Exporter:

@@ -85,8 +85,7 @@ def main(args: argparse.Namespace) -> int:
     )
     serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
     config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len)
-    # Environment only (SITN_METRICS_*). **{}: mypy takes TelemetrySettings' positional Field defaults as required.
-    telemetry = TelemetrySettings(**{})
+    telemetry = TelemetrySettings()  # environment only (SITN_METRICS_*)
     log.info("settings run=%r", run)
     log.info("settings stream=%r", stream)
     log.info("settings serving=%r", serving)
