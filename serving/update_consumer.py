@@ -82,12 +82,18 @@ class UpdateConsumer:
         batch_size: int = 512,
         poll_timeout_ms: int = 200,
         metadata_timeout_s: float = 30.0,
+        client_options: Mapping[str, Any] | None = None,
     ) -> UpdateConsumer:
-        """Create a kafka-python consumer (no group, auto-commit off) and start from the beginning."""
-        from kafka import KafkaConsumer  # imported here so tests with a fake need no broker client
+        """Create a kafka-python consumer (no group, auto-commit off) and start from the beginning.
 
-        consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers.split(","),
+        ``client_options``: extra KafkaConsumer settings, e.g. the SASL/TLS options of
+        ``stream.settings.kafka_client_kwargs`` for a secured cluster.
+        """
+        import kafka  # imported here so tests with a fake need no broker client
+
+        options = {"bootstrap_servers": bootstrap_servers.split(","), **(client_options or {})}
+        consumer = kafka.KafkaConsumer(
+            **options,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

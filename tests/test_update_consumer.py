@@ -104,3 +104,32 @@ def test_empty_topic_is_caught_up_at_start() -> None:
 
 def test_compaction_key_is_kind_and_key() -> None:
     assert key_of(EmbeddingUpdate("user", "u7", 1, 1, (0.0,))) == b"user:u7"
+
+
+def test_connect_passes_kafka_security_options_to_the_client(monkeypatch: Any) -> None:
+    """A standalone replica reaches a SASL/TLS cluster: the stream settings' client options reach KafkaConsumer."""
+    import kafka
+
+    from stream.settings import StreamSettings, kafka_client_kwargs
+
+    made: list[dict[str, Any]] = []
+
+    def fake_consumer(**config: Any) -> InMemoryConsumer:
+        made.append(config)
+        return InMemoryConsumer({0: []})
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", fake_consumer)
+    secured = StreamSettings(kafka_bootstrap_servers="b1:9093,b2:9093", security_protocol="SASL_SSL",
+                             sasl_mechanism="SCRAM-SHA-512", sasl_plain_username="svc", sasl_plain_password="pw",
+                             ssl_cafile="/etc/ca.pem")
+    options = kafka_client_kwargs(secured)
+    options.pop("bootstrap_servers")
+    consumer = UpdateConsumer.connect(RecommendationService(2, index_factory="Flat"), "b1:9093,b2:9093", TOPIC,
+                                      client_options=options)
+    assert consumer.caught_up.is_set()
+    (config,) = made
+    assert config["bootstrap_servers"] == ["b1:9093", "b2:9093"]
+    assert (config["security_protocol"], config["sasl_mechanism"]) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert (config["sasl_plain_username"], config["sasl_plain_password"], config["ssl_cafile"]) == (
+        "svc", "pw", "/etc/ca.pem")
+    assert config["group_id"] is None and config["enable_auto_commit"] is False

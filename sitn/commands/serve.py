@@ -37,14 +37,18 @@ def main(args: argparse.Namespace) -> int:
     from serving.service import RecommendationService
     from serving.settings import ServingSettings
     from serving.update_consumer import UpdateConsumer
+    from stream.settings import StreamSettings, kafka_client_kwargs
 
     given = {k: getattr(args, k) for k in ("host", "port", "kafka_bootstrap_servers", "updates_topic", "dim",
                                            "index_factory") if getattr(args, k) is not None}
     settings = ServingSettings(**given)
     log.info("settings serving=%r", settings)
     service = RecommendationService.from_settings(settings)
+    # Kafka security (SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_*) comes from the stream settings.
+    security = kafka_client_kwargs(StreamSettings(kafka_bootstrap_servers=settings.kafka_bootstrap_servers))
+    security.pop("bootstrap_servers", None)
     updates = UpdateConsumer.connect(service, settings.kafka_bootstrap_servers, settings.updates_topic,
-                                     settings.update_batch_size)
+                                     settings.update_batch_size, client_options=security)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
