@@ -38,7 +38,7 @@ from typing import Any
 import ray
 import torch
 
-from learner.checkpoint_store import CheckpointStore
+from learner.checkpoint_store import CheckpointStore, same_config
 from learner.config import SITNConfig
 from learner.learner import SITNLearner
 from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
@@ -163,7 +163,8 @@ class LearnerWorker:
         self.trainer = OnlineTrainer(
             SITNLearner(config, source, target),
             FanoutTransport(transports),
-            CheckpointStore(Path(checkpoint_dir), keep=checkpoint_keep),
+            # A checkpoint trained with another config is refused (named in the log), not loaded silently.
+            CheckpointStore(Path(checkpoint_dir), keep=checkpoint_keep, accept_fn=same_config(config.to_dict())),
             **trainer_options,
         )
         self.restored = self.trainer.restore()

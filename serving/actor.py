@@ -48,11 +48,21 @@ class ServingCore:
             if targets_dir is not None:
                 from sitn.telemetry import write_target
 
-                self._target_file = write_target(targets_dir, "serving", self.http.url.removeprefix("http://"))
+                self._target_file = write_target(targets_dir, "serving", self._advertised_address())
         self.batches_applied = 0
         self.version = 0
         self._freshness_s: deque[float] = deque(maxlen=100_000)
         self._applied_at: dict[int, float] = {}
+
+    def _advertised_address(self) -> str:
+        """host:port others can scrape: the bound address, or this node's IP when bound to all interfaces."""
+        assert self.http is not None
+        host, _, port = self.http.url.removeprefix("http://").rpartition(":")
+        if host in ("0.0.0.0", "[::]", "::", ""):
+            import ray
+
+            host = str(ray.util.get_node_ip_address())
+        return f"{host}:{port}"
 
     def url(self) -> str | None:
         return self.http.url if self.http is not None else None

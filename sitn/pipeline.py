@@ -41,6 +41,7 @@ import ray
 
 from learner.actor import LearnerActor
 from learner.config import SITNConfig
+from learner.drift import DriftMonitor, DriftSettings
 from learner.gate import PublishGate
 from serving.actor import ServingActor
 from serving.settings import ServingSettings
@@ -49,13 +50,14 @@ from sitn.telemetry import TelemetrySettings
 from stream.actors import ConsumerFleet
 from stream.dataset import load_events
 from stream.events import InteractionEvent
-from stream.group_offsets import reset_group_offsets
+from stream.group_offsets import GroupLag, reset_group_offsets
 from stream.producer import (
     KafkaRecordProducer,
+    LagThrottle,
     RecordProducer,
     make_kafka_producer,
     open_producer,
-    send_event,
+    paced_send,
 )
 from stream.settings import StreamSettings
 
@@ -89,31 +91,17 @@ def paced_replay(
     stop: threading.Event,
     tick_s: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
+    throttle: LagThrottle | None = None,
 ) -> None:
     """Send ``events`` in order at ``rate_events_per_s`` (None: flat out), flushing every tick.
 
     ``progress.sent`` counts the events acknowledged (a flush returned). A flush that fails raises, naming
     the first event that may not be stored: the replay stops there, loudly, and sends nothing after it.
+    ``throttle``: wait before each chunk while the consumer group's lag is above its bound (backpressure).
     """
-    chunk = len(events) if rate_events_per_s is None else max(1, int(rate_events_per_s * tick_s))
-    start = clock()
-    for i in range(0, len(events), chunk):
-        if stop.is_set():
-            break
-        for event in events[i : i + chunk]:
-            send_event(producer, event)
-        try:
-            producer.flush()
-        except Exception as exc:
-            raise RuntimeError(
-                f"replay stopped: events[{i}:] (event_id {events[i].event_id!r} on) may not be stored; "
-                f"{i} of {len(events)} were acknowledged"
-            ) from exc
-        progress.sent = min(len(events), i + chunk)
-        if rate_events_per_s is not None:
-            due_s = start + progress.sent / rate_events_per_s
-            stop.wait(max(0.0, due_s - clock()))
-    producer.flush()
+    paced_send(events, producer, rate_events_per_s, throttle=throttle, stop=stop, tick_s=tick_s,
+               max_chunk_events=max(1, len(events)) if rate_events_per_s is None and throttle is None else 4096,
+               on_sent=lambda n: setattr(progress, "sent", n), clock=clock)
 
 
 def open_replay_producer(settings: StreamSettings) -> RecordProducer:
@@ -138,9 +126,12 @@ class Pipeline:
         run_dir: Path,
         metrics: TelemetrySettings | None = None,
         audit_log: Path | None = None,
+        drift: DriftSettings | None = None,
     ) -> None:
         """``metrics``: every actor exposes Prometheus metrics, registered under ``targets_dir`` (file_sd).
-        ``audit_log``: every learner incarnation appends what it trained there (``learner.actor``)."""
+        ``audit_log``: every learner incarnation appends what it trained there (``learner.actor``).
+        ``drift``: drift detector settings (built here, in the driver, so ``SITN_DRIFT_*`` of the process
+        that runs ``sitn run`` apply, not the Ray workers' environment); alarms go to ``drift_log``."""
         self.run_settings = run
         self.stream = stream
         self.serving_settings = serving
@@ -162,7 +153,9 @@ class Pipeline:
         self.targets_dir: Path | None = None
         if metrics is not None and metrics.enabled:
             self.targets_dir = metrics.targets_dir or run_dir / "metrics" / "targets"
-        self.drift_log = run_dir / "metrics" / "drift.jsonl"
+        self.drift_settings = drift if drift is not None else DriftSettings()
+        self.drift_log = self.drift_settings.log_path or run_dir / "metrics" / "drift.jsonl"
+        self._throttle: LagThrottle | None = None
 
     # -- start-up ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -219,6 +212,9 @@ class Pipeline:
             targets_dir=self.targets_dir,
             gate=self._gate(),
             gate_sample_per_step=r.gate_sample_per_step,
+            drift=DriftMonitor(self.drift_settings, self.drift_log),
+            max_users=self.stream.max_users,
+            served_max_users=self.serving_settings.max_users,
             audit_log=self.audit_log,
         )
 
@@ -232,17 +228,27 @@ class Pipeline:
     def start_replay(self, events: list[InteractionEvent]) -> None:
         producer = open_replay_producer(self.stream)
         self.replay_progress = ReplayProgress(total=len(events))
+        r = self.run_settings
+        throttle = None
+        if r.max_lag_events is not None:
+            throttle = LagThrottle(GroupLag(self.stream), r.max_lag_events)
+            throttle.check_headroom(r.checkpoint_every_steps * r.batch_size, r.queue_maxsize * self.stream.batch_size)
+        self._throttle = throttle
 
         def body() -> None:
             try:
                 paced_replay(events, producer, self.run_settings.rate_events_per_s, self.replay_progress,
-                             self._replay_stop)
+                             self._replay_stop, throttle=throttle)
             except Exception as exc:  # reported on the status line and re-raised in the thread's log
                 self.replay_progress.error = f"{type(exc).__name__}: {exc}"
                 log.exception("replay failed")
                 raise
             finally:
                 producer.close()
+                if throttle is not None:
+                    close = getattr(throttle.lag_events, "close", None)
+                    if close is not None:
+                        close()
                 self.replay_progress.finished_s = time.monotonic()
                 self.replay_progress.done = True
 
@@ -351,6 +357,9 @@ class Pipeline:
             "replay_rate": self.replay_progress.rate_events_per_s,
             "restarts": self.restarts,
         }
+        if self._throttle is not None:
+            out["replay_throttled_s"] = self._throttle.throttled_s
+            out["lag_events"] = self._throttle.last_lag_events
         try:
             out.update(ray.get(self.learner.stats.remote(), timeout=10))
         except Exception as exc:  # a dead learner shows as such until supervise() replaces it

@@ -41,6 +41,10 @@ class RunSettings(BaseSettings):
     learner_views: int = Field(4, ge=1, description="interest views V")
     learner_max_len: int = Field(50, ge=1, description="history length L per domain")
     status_every_s: float = Field(1.0, gt=0, description="progress display refresh period")
+    max_lag_events: int | None = Field(
+        None, ge=1, description="replay backpressure: wait while the consumer group's lag is above this "
+        "(must exceed one checkpoint interval plus the queue, since offsets are committed with checkpoints)",
+    )
     gate_enabled: bool = Field(True, description="publish gate: hold back versions whose shadow NDCG@10 dropped")
     gate_max_drop: float = Field(0.5, gt=0, le=1, description="largest allowed relative NDCG@10 drop vs served")
     gate_window: int = Field(2000, ge=1, description="paired target events in the gate's window")

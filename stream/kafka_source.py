@@ -14,13 +14,18 @@ The interval is also the rebalance timeout, so it is not set higher than needed.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import (
+    BrokerNotAvailableError,
     CommitFailedError,
     IllegalGenerationError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
@@ -30,6 +35,9 @@ from stream.settings import StreamSettings, kafka_client_kwargs
 from stream.source import NoRebalanceListener, Offsets, RebalanceListener, RecordBatch
 
 log = logging.getLogger(__name__)
+
+# The broker is away for a while (restart, network): the consumer retries by itself on the next call.
+TRANSIENT_ERRORS = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, BrokerNotAvailableError)
 
 
 class _ListenerAdapter(ConsumerRebalanceListener):
@@ -117,7 +125,13 @@ class KafkaSource:
         self.consumer.subscribe([topic], listener=_ListenerAdapter(self))
 
     def next_batch(self, timeout_s: float) -> list[RecordBatch]:
-        polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        """Records after the positions; ``[]`` while the broker cannot be reached (logged, retried next call)."""
+        try:
+            polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        except TRANSIENT_ERRORS as exc:
+            log.warning("poll failed, will retry topic=%s group=%s error=%r", self.topic, self.group, exc)
+            time.sleep(min(timeout_s, 1.0))
+            return []
         out: list[RecordBatch] = []
         for tp, records in polled.items():
             if records:
@@ -151,6 +165,10 @@ class KafkaSource:
             return True
         try:
             self.consumer.commit(offsets=to_commit)
+        except TRANSIENT_ERRORS as exc:
+            # Nothing committed; the caller keeps the positions and the next commit round covers them.
+            log.warning("commit failed, broker unreachable topic=%s group=%s error=%r", self.topic, self.group, exc)
+            return False
         except (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError) as exc:
             # The group moved on: these partitions belong to someone else now, who resumes from the last
             # successful commit. Nothing to undo here; the caller learns it from the return value.

@@ -65,6 +65,7 @@ def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     from learner.config import SITNConfig
+    from learner.drift import DriftSettings
     from serving.settings import ServingSettings
     from sitn.settings import RunSettings
     from sitn.telemetry import TelemetrySettings
@@ -86,16 +87,20 @@ def main(args: argparse.Namespace) -> int:
     serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
     config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len)
     telemetry = TelemetrySettings()  # environment only (SITN_METRICS_*)
+    drift = DriftSettings()  # environment only (SITN_DRIFT_*), read here in the driver
     log.info("settings run=%r", run)
     log.info("settings stream=%r", stream)
     log.info("settings serving=%r", serving)
     log.info("settings telemetry=%r", telemetry)
+    log.info("settings drift=%r", drift)
     log.info("settings learner=%r", config)
-    return run_pipeline(run, stream, serving, config, run_dir.resolve(), telemetry)
+    return run_pipeline(run, stream, serving, config, run_dir.resolve(), telemetry, drift)
 
 
-def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None) -> int:
-    """``telemetry``: every process exposes metrics and the driver serves the dashboard (``sitn.dashboard``)."""
+def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None,
+                 drift: Any = None) -> int:
+    """``telemetry``: every process exposes metrics and the driver serves the dashboard (``sitn.dashboard``).
+    ``drift``: the drift detectors' settings (``learner.drift.DriftSettings``)."""
     from rich.console import Console
     from rich.live import Live
 
@@ -107,7 +112,7 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
     events = load_replay_events(run)
     console.print(f"[bold]sitn run[/bold]: {len(events):,} events to replay from {run.events}, state in {run_dir}")
     init_ray(run.ray_address, run.ray_temp_dir or Path(tempfile.mkdtemp(prefix="sitn-ray-", dir="/tmp")))
-    pipeline = Pipeline(run, stream, serving, config, run_dir, metrics=telemetry)
+    pipeline = Pipeline(run, stream, serving, config, run_dir, metrics=telemetry, drift=drift)
     driver_metrics = PipelineMetrics()
     dashboard: Any = None
     stopping = {"flag": False}
