@@ -31,6 +31,8 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
     "publish_every_s": ("SITN_RUN_PUBLISH_EVERY_S", "seconds between publishes (default: 1.0)", "float"),
     "learner_dim": ("SITN_RUN_LEARNER_DIM", "SITN embedding width d (default: 64)", "int"),
     "learner_views": ("SITN_RUN_LEARNER_VIEWS", "SITN interest views V (default: 4)", "int"),
+    "max_lag_events": ("SITN_RUN_MAX_LAG_EVENTS", "replay backpressure: wait while the consumer group lags more "
+                       "than N events (default: off)", "int"),
 }
 TYPES: dict[str, Any] = {"path": Path, "str": str, "float": float, "int": int}
 
