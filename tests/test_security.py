@@ -57,7 +57,7 @@ def test_sitn_run_logs_every_settings_object_with_the_secrets_hidden(
     started: dict[str, Any] = {}
 
     def pipeline(
-        run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None
+        run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None, drift: Any = None
     ) -> int:
         started.update(stream=stream, serving=serving)
         return 0
