@@ -220,7 +220,8 @@ def js_divergence(reference: Sequence[float] | np.ndarray, current: Sequence[flo
 class _StepSignal:
     """ADWIN and Page-Hinkley on one scalar of the learner steps, both fed ``value / scale``.
 
-    ``scale`` is the standard deviation of the first ``min_observations`` values; it is fixed from then on
+    ``scale`` is the standard deviation of the first ``min_observations`` values (a constant run, such as a
+    loss that is not switched on yet, does not count: the warm-up starts again); it is fixed from then on
     (PH restarts after each of its alarms, on the same scale). Standardising matters for ADWIN too: its
     bound has a term for values in [0, 1], which would make it slow on a hit rate that moves by 0.01.
     """
@@ -258,7 +259,12 @@ class _StepSignal:
             self._m2 += d * (value - self._mean)
             if self._n >= settings.min_observations:
                 std = math.sqrt(self._m2 / (self._n - 1))
-                self.scale = max(std, 1e-6 * abs(self._mean), 1e-12)
+                if std <= 1e-9 * max(1.0, abs(self._mean)):
+                    # Constant so far (a loss not switched on yet, e.g. loss_i2c before its warm-up): not a
+                    # signal yet. Estimate the scale once it moves, or its switch-on reads as a huge shift.
+                    self._n, self._mean, self._m2 = 0, 0.0, 0.0
+                else:
+                    self.scale = max(std, 1e-6 * abs(self._mean), 1e-12)
             return []
         z = value / self.scale
         fired: list[tuple[str, float, float]] = []

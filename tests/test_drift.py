@@ -316,3 +316,15 @@ def test_alarm_is_a_plain_record() -> None:
     assert alarm.to_dict() == {"signal": "loss", "detector": "adwin", "index": 3, "index_unit": "step",
                                "value": 1.5, "threshold": 0.002, "wall_time_s": 10.0}
     assert replace(alarm, index=4).index == 4
+
+
+def test_a_loss_switching_on_after_a_constant_run_is_not_drift() -> None:
+    """loss_i2c is 0 until its warm-up ends; that switch-on must not be read as a shift of the zeros."""
+    rng = np.random.default_rng(5)
+    monitor = DriftMonitor(DriftSettings(min_observations=50))
+    alarms = []
+    for step in range(1, 401):
+        value = 0.0 if step <= 200 else 1.5 + 0.05 * float(rng.standard_normal())
+        alarms += monitor.observe_step({"loss_i2c": value}, step)
+    assert alarms == []
+    assert monitor.state()["signals"]["loss_i2c"]["values"] == 400
