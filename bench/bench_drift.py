@@ -187,7 +187,9 @@ def main() -> int:
         args.min_observations = args.min_observations or 50
     logging.basicConfig(level=logging.ERROR)  # alarms are logged at WARNING: keep the report readable
     settings = DriftSettings()
-    model_settings = settings if args.min_observations is None else DriftSettings(min_observations=args.min_observations)
+    # The model part runs its own unmonitored burn-in (--burn-in-steps), so the monitor's is off.
+    model_settings = DriftSettings(burn_in_steps=0, **(
+        {} if args.min_observations is None else {"min_observations": args.min_observations}))
     print(f"settings: {settings.model_dump(exclude={'log_path'})}")
     print(f"cpus={os.cpu_count()} load_avg_1m={os.getloadavg()[0]:.1f}")
     if args.part in ("input", "both"):

@@ -3,7 +3,8 @@
 
 Three kinds of signal, three methods of :class:`DriftMonitor`:
 
-- ``observe_step(stats, step)``: each configured scalar of a learner step (``loss``, ``loss_main``,
+- ``observe_step(stats, step)``: after the first ``burn_in_steps`` steps (a fresh model's learning curve is
+  not drift), each configured scalar of a learner step (``loss``, ``loss_main``,
   ``loss_i2i``, ``loss_i2c``, ``prequential_hr_at_<k>``, ``prequential_ndcg_at_<k>``) feeds two detectors:
   River's ADWIN (an adaptive window that cuts when two sub-windows' means differ by more than a
   Hoeffding/Bernstein bound; scale-free, catches both sudden and gradual changes) and Page-Hinkley (a CUSUM
@@ -115,6 +116,11 @@ class DriftSettings(BaseSettings):
         default=100, ge=2, description="values of a step signal that estimate its scale; no alarms meanwhile"
     )
     cooldown_steps: int = Field(default=100, ge=0, description="steps after an alarm before the same detector alarms again")
+    burn_in_steps: int = Field(
+        default=1000, ge=0,
+        description="learner steps not watched at all: a fresh model's learning curve is not drift (a restored "
+        "model past this step is watched at once)",
+    )
     # -- input distribution -------------------------------------------------------------------------
     reference_window_events: int = Field(default=20_000, ge=1, description="events in a reference window")
     current_window_events: int = Field(default=5_000, ge=1, description="events in each compared window")
@@ -392,6 +398,8 @@ class DriftMonitor:
         """Feed the statistics of one learner step (``learn_many``'s dict, with the prequential ones)."""
         alarms: list[DriftAlarm] = []
         s = self.settings
+        if s.burn_in_steps > 0 and step <= s.burn_in_steps:
+            return alarms
         for key, raw in stats.items():
             watched = self._watched.get(key)
             if watched is None:

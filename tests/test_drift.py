@@ -154,7 +154,7 @@ def step_series(seed: int, change_at: int, n: int, level: float, std: float, shi
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_adwin_and_page_hinkley_catch_a_loss_step_and_stay_quiet_before(seed: int) -> None:
-    monitor = DriftMonitor(DriftSettings())
+    monitor = DriftMonitor(DriftSettings(burn_in_steps=0))
     loss = step_series(seed, 3_000, 5_000, level=5.0, std=0.1, shift=0.1)  # +1 std at step 3000
     hr = step_series(seed + 10, 3_000, 5_000, level=0.2, std=0.01, shift=0.0)  # stationary
     alarms: list[DriftAlarm] = []
@@ -170,14 +170,14 @@ def test_adwin_and_page_hinkley_catch_a_loss_step_and_stay_quiet_before(seed: in
 
 
 def test_exact_alarms_for_a_seeded_series_and_a_hit_rate_drop() -> None:
-    monitor = DriftMonitor(DriftSettings())
+    monitor = DriftMonitor(DriftSettings(burn_in_steps=0))
     hr = step_series(0, 2_000, 3_000, level=0.2, std=0.01, shift=-0.03)
     alarms = [a for step, y in enumerate(hr) for a in monitor.observe_step({"prequential_hr_at_10": y}, step)]
     assert brief(alarms) == [("prequential_hr_at_10", "page_hinkley", 2_012), ("prequential_hr_at_10", "adwin", 2_019)]
 
 
 def test_nan_is_skipped_and_min_observations_and_cooldown_hold() -> None:
-    settings = DriftSettings(min_observations=10, cooldown_steps=50, ph_threshold_std=5.0)
+    settings = DriftSettings(min_observations=10, cooldown_steps=50, ph_threshold_std=5.0, burn_in_steps=0)
     monitor = DriftMonitor(settings)
     for step in range(5):
         assert monitor.observe_step({"loss": math.nan, "loss_i2c": math.inf}, step) == []
@@ -253,7 +253,7 @@ def test_assignment_relabelling_alarms_only_when_matched() -> None:
 
 
 def test_step_gauges_show_detector_state() -> None:
-    monitor = DriftMonitor(DriftSettings())
+    monitor = DriftMonitor(DriftSettings(burn_in_steps=0))
     for step in range(150):
         monitor.observe_step({"loss_i2i": 1.0 + 0.01 * (step % 2)}, step)
     # ADWIN's window: the 50 values after the 100-value warm-up that fixed the scale.
@@ -276,7 +276,7 @@ def test_settings_come_from_the_environment_and_are_validated(monkeypatch: pytes
 
 
 def test_state_dict_resumes_exactly() -> None:
-    settings = DriftSettings(reference_window_events=5_000, current_window_events=2_000)
+    settings = DriftSettings(reference_window_events=5_000, current_window_events=2_000, burn_in_steps=0)
     config = SyntheticConfig(events=60_000, seed=3, drift="popularity", drift_at_event=30_000)
     chunks = list(SyntheticStream(config.replace(chunk_events=10_000)).chunks())
     loss = step_series(0, 300, 600, level=3.0, std=0.1, shift=0.2)
@@ -321,10 +321,19 @@ def test_alarm_is_a_plain_record() -> None:
 def test_a_loss_switching_on_after_a_constant_run_is_not_drift() -> None:
     """loss_i2c is 0 until its warm-up ends; that switch-on must not be read as a shift of the zeros."""
     rng = np.random.default_rng(5)
-    monitor = DriftMonitor(DriftSettings(min_observations=50))
+    monitor = DriftMonitor(DriftSettings(min_observations=50, burn_in_steps=0))
     alarms = []
     for step in range(1, 401):
         value = 0.0 if step <= 200 else 1.5 + 0.05 * float(rng.standard_normal())
         alarms += monitor.observe_step({"loss_i2c": value}, step)
     assert alarms == []
     assert monitor.state()["signals"]["loss_i2c"]["values"] == 400
+
+
+def test_the_learning_curve_of_a_fresh_model_is_not_watched() -> None:
+    """A loss falling steeply over the first steps is learning, not drift: nothing is fed before burn_in_steps."""
+    monitor = DriftMonitor(DriftSettings(burn_in_steps=300, min_observations=20))
+    alarms = [a for step in range(1, 301) for a in monitor.observe_step({"loss": 10.0 * 0.99**step}, step)]
+    assert alarms == [] and monitor.state()["signals"] == {}
+    monitor.observe_step({"loss": 0.5}, 301)
+    assert monitor.state()["signals"]["loss"]["values"] == 1
