@@ -39,7 +39,7 @@ ALERTS_EXPECTED = {
     "SitnDeadLettersHigh", "SitnFreshnessP99High", "SitnHttp5xxRate", "SitnTargetDown",
 }
 # every module that defines metrics (docs/metrics.md); learner.drift is imported separately
-METRIC_MODULES = ("stream.telemetry", "learner.telemetry", "serving.metrics", "serving.actor")
+METRIC_MODULES = ("stream.telemetry", "learner.telemetry", "learner.drift", "serving.metrics", "serving.actor")
 METRIC_RE = re.compile(r"\bsitn_[a-z0-9_]+\b")
 SHELL_OPERATORS = {"&&", "||", ";", "|"}
 
@@ -397,7 +397,7 @@ def test_replica_follows_what_the_learner_publishes(services: dict[str, Any]) ->
     assert serving_dim == learner_dim
 
 
-def test_replay_data_is_the_shared_data_set_mounted_read_only(services: dict[str, Any]) -> None:
+def test_replay_data_is_the_shared_data_set_mounted_read_only(services: dict[str, Any], events_csv: Path) -> None:
     learner = services["learner"]
     (run_argv,) = sitn_invocations(learner)
     events = PurePosixPath(flag_value(run_argv, "--events") or environment(learner)["SITN_RUN_EVENTS"])
@@ -409,8 +409,7 @@ def test_replay_data_is_the_shared_data_set_mounted_read_only(services: dict[str
     host_path = (REPO / source / events.relative_to(target)).resolve()
     # compose's relative source assumes the conventional layout: ../shared beside the checkout
     assert host_path == (REPO.parent / "shared" / "data" / EVENTS_CSV.relative_to(SHARED_DATA)).resolve()
-    if not host_path.is_file():
-        pytest.skip(f"mount and path checked; the shared data set itself is not on this machine ({host_path})")
+    assert host_path == events_csv.resolve() and host_path.is_file()
 
 
 def test_run_directory_is_one_volume_on_every_ray_node(services: dict[str, Any]) -> None:
@@ -464,31 +463,24 @@ def test_prometheus_settings_and_static_targets(services: dict[str, Any], promet
         "the standalone replica registers in no targets file: it must be a static target")
 
 
-def metric_families() -> tuple[dict[str, str], str | None]:
-    """name -> type of every sitn_* family the application's registries hold, and why drift names are
-    missing (or None)."""
+def metric_families() -> dict[str, str]:
+    """name -> type of every sitn_* family the application's registries hold."""
     from prometheus_client import REGISTRY
 
     for module in METRIC_MODULES:  # importing a module registers its metrics
         importlib.import_module(module)
-    drift_missing = None
-    try:
-        importlib.import_module("learner.drift")
-    except ImportError as exc:
-        drift_missing = f"learner/drift.py is not importable yet ({exc}); drift metric names not checked"
     registries = [REGISTRY, importlib.import_module("sitn.dashboard").REGISTRY]  # + the driver's own /metrics
     return {family.name: family.type for registry in registries for family in registry.collect()
-            if family.name.startswith("sitn_")}, drift_missing
+            if family.name.startswith("sitn_")}
 
 
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
             "summary": ("", "_count", "_sum", "_created"), "gauge": ("",), "info": ("_info",)}
 
 
-def exposed_metric_names() -> tuple[set[str], str | None]:
-    """Every sample name the application's registries expose, and why drift names are missing (or None)."""
-    families, drift_missing = metric_families()
-    return {name + s for name, kind in families.items() for s in SUFFIXES.get(kind, ("",))}, drift_missing
+def exposed_metric_names() -> set[str]:
+    """Every sample name the application's registries expose."""
+    return {name + s for name, kind in metric_families().items() for s in SUFFIXES.get(kind, ("",))}
 
 
 def used_metric_names(alerts: list[dict[str, Any]], dashboard: dict[str, Any]) -> dict[str, set[str]]:
@@ -508,10 +500,8 @@ def used_metric_names(alerts: list[dict[str, Any]], dashboard: dict[str, Any]) -
 @pytest.mark.parametrize("group", ["application", "drift"])
 def test_metric_names_in_alerts_and_dashboard_exist(group: str, alerts: list[dict[str, Any]],
                                                     dashboard: dict[str, Any]) -> None:
-    names, drift_missing = exposed_metric_names()
-    assert {"sitn_serving_freshness_seconds_bucket", "sitn_learner_steps_total"} <= names
-    if group == "drift" and drift_missing:
-        pytest.skip(drift_missing)
+    names = exposed_metric_names()
+    assert {"sitn_serving_freshness_seconds_bucket", "sitn_learner_steps_total", "sitn_drift_alarms_total"} <= names
     used = {n: w for n, w in used_metric_names(alerts, dashboard).items()
             if n.startswith("sitn_drift_") == (group == "drift")}
     assert len(used) >= (4 if group == "drift" else 20), f"too few {group} metrics used: {sorted(used)}"
@@ -520,12 +510,12 @@ def test_metric_names_in_alerts_and_dashboard_exist(group: str, alerts: list[dic
 
 
 def test_metrics_catalogue_lists_every_metric_and_only_those() -> None:
-    families, _ = metric_families()
+    families = metric_families()
     documented = set(METRIC_RE.findall(METRICS_DOC.read_text()))
     primary = {name + ("_total" if kind == "counter" else "") for name, kind in families.items()}
     assert len(primary) >= 40, f"only {len(primary)} metric families found"
     assert not primary - documented, f"missing from {METRICS_DOC.name}: {sorted(primary - documented)}"
-    exposed, _ = exposed_metric_names()
+    exposed = exposed_metric_names()
     stale = {n for n in documented if n not in exposed and n not in families}
     assert not stale, f"{METRICS_DOC.name} names metrics the code does not define: {sorted(stale)}"
 
