@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from sitn.dashboard import (
     parse_exposition,
 )
 from sitn.telemetry import TelemetrySettings, write_target
+from tests.test_pipeline import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACT = REPO / "var" / "artifacts" / "dashboard.png"
@@ -325,16 +326,6 @@ def chart_points(page: str) -> dict[str, int]:
     parser = _Charts()
     parser.feed(page)
     return parser.points
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, pipeline: Any = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if pipeline is not None:
-            pipeline.supervise()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.2)
 
 
 # -- against a small live pipeline, in a real browser -----------------------------------------------------
