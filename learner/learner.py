@@ -337,7 +337,9 @@ class SITNLearner:
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 3 or queries.shape[2] != self.config.dim:
             raise ValueError(f"queries must have shape (N, V, {self.config.dim}), got {queries.shape}")
-        _, items = self.embed_items(domain)
+        role = self._role(domain)
+        with torch.no_grad():  # a view of the table: no copy, no id list (the publish gate calls this per step)
+            items = self.model.encoder(role).item_weight[1 : len(self.idmaps[role]) + 1].detach().numpy()
         n, v, d = queries.shape
         return (queries.reshape(n * v, d) @ items.T).reshape(n, v, -1).max(axis=1)  # (N, n_items), BLAS
 

@@ -135,8 +135,6 @@ class OnlineTrainer:
 
     def _shadow_rank(self, consumed: list[tuple[str, str]], served_ranks: list[int | None]) -> None:
         """Rank a sample of the step's target events with the live model too (before it trains on them)."""
-        if not consumed:
-            return
         assert self.gate is not None
         # Compare version with version: only events whose user the served version ranks with its model
         # vectors (not the popularity fallback) and whose item it holds.
