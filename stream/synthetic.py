@@ -3,13 +3,22 @@
 The model: ``n_clusters`` latent interest clusters. The items of each domain are dealt into the clusters
 (sizes differ by at most one) and ranked inside their cluster by a random order; popularity within a
 cluster is Zipf-like (``1 / (rank + 1) ** zipf_exponent``). Every user has a primary and a secondary
-cluster (a hash of the user and the seed, so nothing per user is stored). Each event:
+cluster per domain (a hash of the user and the seed, so nothing per user is stored). How far the two
+domains share them is ``shared_interest``: a user *shares* their interests (a hash of the user and the
+seed, true with probability ``shared_interest``) has the same clusters in both domains, so their source
+items predict their target items; any other user's target clusters come from independent hash keys, so
+their source items say nothing about their target items. At the default 1.0 every user shares them.
+Each event:
 
 1. picks its user: with probability ``new_user_share`` a brand-new user (ids keep growing), else a
    uniformly drawn user among those who have arrived so far;
 2. picks its domain: the target with probability ``target_share``, else the source;
 3. picks its item: with probability ``noise`` uniformly among the domain's items, else from the user's
-   primary cluster (probability ``primary_share``) or secondary cluster, by within-cluster popularity.
+   primary cluster (probability ``primary_share``) or secondary cluster in that domain, by within-cluster
+   popularity;
+4. with ``unique_pairs``, is dropped if its user already had its item (the offline evaluation assumes
+   that a user never repeats an item, as in the shipped data): the kept events are numbered
+   consecutively, and ``events`` counts the events drawn, before any is dropped.
 
 Event time advances by ``1 / events_per_second`` per event, so timestamps never decrease and
 ``stream.dataset.load_events`` keeps the file order.
@@ -75,6 +84,9 @@ class SyntheticConfig:
     target_share: float = 0.3  # probability that an event is in the target domain
     noise: float = 0.1  # probability that the item is uniform over the domain instead of from a cluster
     zipf_exponent: float = 1.0  # within-cluster popularity ~ 1 / (rank + 1) ** zipf_exponent
+    shared_interest: float = 1.0  # probability that a user's target clusters are their source clusters;
+    #                               otherwise they are drawn independently (0: the source says nothing)
+    unique_pairs: bool = False  # drop every repeat of a (user, item) pair (the set of pairs seen grows)
     # -- time --------------------------------------------------------------------------------------
     events_per_second: float = 10.0  # event-time pace: timestamps advance by 1 / events_per_second per event
     start_timestamp: int = 1_500_000_000  # unix seconds of the first event
@@ -101,9 +113,11 @@ class SyntheticConfig:
         need(is_int(self.n_clusters) and self.n_clusters >= 2, "n_clusters", "an int >= 2")
         need(min(self.n_source_items, self.n_target_items) >= self.n_clusters, "n_clusters",
              f"at most the smaller catalogue ({min(self.n_source_items, self.n_target_items)} items)")
-        for name in ("new_user_share", "primary_share", "target_share", "noise", "drift_target_share"):
+        for name in ("new_user_share", "primary_share", "target_share", "noise", "drift_target_share",
+                     "shared_interest"):
             need(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
         need(self.zipf_exponent >= 0, "zipf_exponent", ">= 0")
+        need(isinstance(self.unique_pairs, bool), "unique_pairs", "a bool")
         need(self.events_per_second > 0, "events_per_second", "> 0")
         need(MIN_TIMESTAMP_S <= self.start_timestamp < MAX_TIMESTAMP_S, "start_timestamp",
              f"in [{MIN_TIMESTAMP_S}, {MAX_TIMESTAMP_S}) unix seconds")
@@ -249,6 +263,8 @@ class SyntheticStream:
             _Catalogue(c.n_target_items, c.n_clusters, c.zipf_exponent, static),
         )
         self._keys = static.integers(0, 2**63, size=2, dtype=np.uint64)  # hash keys: primary, secondary cluster
+        # Drawn after everything above, so the catalogues and the source clusters do not depend on them.
+        self._target_keys = static.integers(0, 2**63, size=3, dtype=np.uint64)  # shares?, own primary, own secondary
         drift = np.random.default_rng([c.seed, _DRIFT])
         order = drift.permutation(c.n_clusters)
         self.swap = np.empty(c.n_clusters, dtype=np.int64)  # cluster -> cluster after "interest_swap": one K-cycle
@@ -258,12 +274,44 @@ class SyntheticStream:
             if c.drift == "popularity" else self._catalogues
         )
 
-    def user_clusters(self, user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(primary, secondary) interest clusters of user indices ``user``, before any drift."""
+    def shares_interest(self, user: np.ndarray) -> np.ndarray:
+        """(n,) bool: whether each of the user indices ``user`` has the same clusters in both domains.
+
+        True with probability ``shared_interest`` per user, by a hash of the user and the seed.
+
+        >>> stream = SyntheticStream(SyntheticConfig(shared_interest=0.5, seed=3))
+        >>> stream.shares_interest(np.arange(8)).astype(int).tolist()
+        [1, 0, 1, 1, 1, 0, 0, 1]
+        >>> SyntheticStream(SyntheticConfig(seed=3)).shares_interest(np.arange(8)).all()  # the default: 1.0
+        np.True_
+        """
+        user = np.asarray(user, dtype=np.uint64)
+        uniform = (_mix64(user ^ self._target_keys[0]) >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
+        return uniform < self.config.shared_interest
+
+    def user_clusters(self, user: np.ndarray, target: bool | np.ndarray = False) -> tuple[np.ndarray, np.ndarray]:
+        """(primary, secondary) interest clusters of user indices ``user``, before any drift: in the source
+        domain, or in the target domain where ``target`` (a bool, or one per user) is true.
+
+        Users 1, 5 and 6 do not share (see :meth:`shares_interest`): their target clusters are drawn
+        anew, and only chance (1 in ``n_clusters``) would make one equal its source cluster.
+
+        >>> stream = SyntheticStream(SyntheticConfig(n_clusters=4, shared_interest=0.5, seed=3))
+        >>> users = np.arange(8)
+        >>> stream.user_clusters(users)[0].tolist()
+        [0, 0, 1, 1, 2, 2, 0, 2]
+        >>> stream.user_clusters(users, target=True)[0].tolist()
+        [0, 3, 1, 1, 2, 1, 3, 2]
+        """
         user = np.asarray(user, dtype=np.uint64)
         k = np.uint64(self.config.n_clusters)
         primary = _mix64(user ^ self._keys[0]) % k
         secondary = _mix64(user ^ self._keys[1]) % k
+        if self.config.shared_interest < 1.0:
+            own = np.broadcast_to(np.asarray(target, dtype=bool), user.shape) & ~self.shares_interest(user)
+            if own.any():
+                primary = np.where(own, _mix64(user ^ self._target_keys[1]) % k, primary)
+                secondary = np.where(own, _mix64(user ^ self._target_keys[2]) % k, secondary)
         return primary.astype(np.int64), secondary.astype(np.int64)
 
     def item_clusters(self, target: bool) -> np.ndarray:
@@ -275,11 +323,15 @@ class SyntheticStream:
         return out
 
     def chunks(self) -> Iterator[EventChunk]:
-        """Every event, ``chunk_events`` at a time (the last chunk may be shorter)."""
+        """Every event, ``chunk_events`` drawn at a time (the last chunk may be shorter, and with
+        ``unique_pairs`` any chunk)."""
         c = self.config
         drift_at = c.drift_index
         arrived = c.n_users  # users 0..arrived-1 have appeared
-        start = 0
+        start = 0  # index of the next event drawn
+        kept = 0  # index of the next event yielded (less than ``start`` once unique_pairs drops repeats)
+        n_pair_items = c.n_source_items + c.n_target_items
+        seen = np.empty(0, dtype=np.int64)  # sorted (user, item) pair keys yielded so far (unique_pairs)
         chunk_no = 0
         while c.events is None or start < c.events:
             n = c.chunk_events if c.events is None else min(c.chunk_events, c.events - start)
@@ -298,7 +350,7 @@ class SyntheticStream:
             share = np.where(after, c.drift_target_share, c.target_share) if c.drift == "domain_mix" else c.target_share
             is_target = r_domain < share
 
-            primary, secondary = self.user_clusters(user)
+            primary, secondary = self.user_clusters(user, is_target)
             cluster = np.where(r_primary < c.primary_share, primary, secondary)
             if c.drift == "interest_swap":
                 cluster = np.where(after, self.swap[cluster], cluster)
@@ -314,7 +366,16 @@ class SyntheticStream:
                 item = np.where(in_domain & noise, uniform, item)
 
             timestamp = c.start_timestamp + np.floor(index / c.events_per_second).astype(np.int64)
-            yield EventChunk(start, timestamp, user, is_target, item, cluster, noise, (c.source, c.target))
+            fields = (timestamp, user, is_target, item, cluster, noise)
+            if c.unique_pairs:
+                pair = user * n_pair_items + np.where(is_target, c.n_source_items + item, item)  # (n,) pair key
+                keep = np.zeros(n, dtype=bool)
+                keep[np.unique(pair, return_index=True)[1]] = True  # first in this chunk ...
+                keep &= ~np.isin(pair, seen)  # ... and never seen before it
+                seen = np.union1d(seen, pair[keep])
+                fields = tuple(f[keep] for f in fields)
+            yield EventChunk(kept, *fields, (c.source, c.target))
+            kept += len(fields[0])
             start += n
             chunk_no += 1
 

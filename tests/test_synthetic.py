@@ -1,7 +1,9 @@
-"""The seeded synthetic stream: determinism, the CSV format, growing users, and each drift kind in the data."""
+"""The seeded synthetic stream: determinism, the CSV format, growing users, each drift kind in the data,
+the shared interest between domains and unique (user, item) pairs."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import tracemalloc
 from pathlib import Path
@@ -137,6 +139,77 @@ def test_memory_stays_flat_on_an_endless_stream() -> None:
     assert peak < 40 * 1024 * 1024  # a few chunks' arrays, never the whole stream
 
 
+def test_default_output_is_byte_identical_to_before_shared_interest(tmp_path: Path) -> None:
+    # The SHA-256 of this file as the generator wrote it before shared_interest and unique_pairs existed:
+    # the new hash keys are drawn after the old ones, so no seeded file changes.
+    path = tmp_path / "default.csv"
+    write_csv(path, SyntheticConfig(events=100_000, seed=0))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == (
+        "ebd8b119508b599afdc17c7e426e629b4a26e09622de03df375ae46a7353e455"
+    )
+    explicit = tmp_path / "explicit.csv"
+    write_csv(explicit, SyntheticConfig(events=100_000, seed=0, shared_interest=1.0, unique_pairs=False))
+    assert explicit.read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("strength", "sharing", "same_primary", "same_both"),
+    [(0.0, 0, 617, 34), (0.5, 5_007, 5_305, 5_022), (1.0, 10_000, 10_000, 10_000)],
+)
+def test_shared_interest_is_the_share_of_users_with_the_same_clusters_in_both_domains(
+    strength: float, sharing: int, same_primary: int, same_both: int
+) -> None:
+    stream = SyntheticStream(SyntheticConfig(shared_interest=strength, seed=0))
+    users = np.arange(10_000)
+    source_primary, source_secondary = stream.user_clusters(users)
+    target_primary, target_secondary = stream.user_clusters(users, target=True)
+    shares = stream.shares_interest(users)
+    assert int(shares.sum()) == sharing  # ~ strength x 10,000
+    assert int((source_primary == target_primary).sum()) == same_primary  # sharing + chance (1/16) of the rest
+    assert int(((source_primary == target_primary) & (source_secondary == target_secondary)).sum()) == same_both
+    assert np.array_equal(source_primary[shares], target_primary[shares])
+    assert np.array_equal(source_secondary[shares], target_secondary[shares])
+    assert np.array_equal(stream.user_clusters(users, target=False)[0], source_primary)
+    per_user = stream.user_clusters(users, target=users % 2 == 1)[0]  # a flag per user
+    assert np.array_equal(per_user, np.where(users % 2 == 1, target_primary, source_primary))
+
+
+def test_shared_interest_moves_only_the_target_events_to_the_target_clusters() -> None:
+    config = SyntheticConfig(events=60_000, n_users=2_000, noise=0.1, seed=8)
+    shared = concat(SyntheticStream(config))
+    stream = SyntheticStream(config.replace(shared_interest=0.0))
+    apart = concat(stream)
+    source = ~apart.is_target
+    assert np.array_equal(apart.is_target, shared.is_target) and np.array_equal(apart.user, shared.user)
+    assert np.array_equal(apart.item[source], shared.item[source])  # the source side does not move
+    target_primary, target_secondary = stream.user_clusters(apart.user, target=True)
+    drawn = ~apart.noise
+    assert np.all((apart.cluster == target_primary) | (apart.cluster == target_secondary) | source)
+    assert np.all(stream.item_clusters(True)[apart.item[apart.is_target & drawn]]
+                  == apart.cluster[apart.is_target & drawn])
+    source_primary, _ = stream.user_clusters(apart.user)
+    # At strength 0 a target event comes from the user's source primary cluster only by chance.
+    from_source_primary = (apart.cluster == source_primary)[apart.is_target & drawn].mean()
+    assert from_source_primary == pytest.approx(0.0599, abs=1e-4)  # ~ 1 / n_clusters
+    assert (shared.cluster == source_primary)[shared.is_target & drawn].mean() == pytest.approx(0.8167, abs=1e-4)
+
+
+def test_unique_pairs_keeps_the_first_of_every_user_item_pair() -> None:
+    config = SyntheticConfig(events=50_000, n_users=1_000, seed=4, chunk_events=8_192)
+    every = concat(SyntheticStream(config))
+    unique = concat(SyntheticStream(config.replace(unique_pairs=True)))
+    pair = every.user * 10_000 + np.where(every.is_target, 5_000 + every.item, every.item)
+    first = np.sort(np.unique(pair, return_index=True)[1])  # index of each pair's first event
+    assert len(unique) == len(first) == 42_322
+    for name in ("timestamp", "user", "is_target", "item", "cluster", "noise"):
+        assert np.array_equal(getattr(unique, name), getattr(every, name)[first]), name
+    events = list(SyntheticStream(config.replace(unique_pairs=True)).events())
+    assert [e.event_id for e in events[-2:]] == ["syn:42320", "syn:42321"]  # numbered consecutively
+    assert len({(e.user_id, e.item_id) for e in events}) == len(events)
+    short = list(SyntheticStream(config.replace(events=20_000, unique_pairs=True)).events())
+    assert short == events[:len(short)]  # still a prefix of the longer run
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -151,6 +224,8 @@ def test_memory_stays_flat_on_an_endless_stream() -> None:
         ({"n_clusters": 9_000}, "n_clusters must be at most the smaller catalogue (5000 items), got 9000"),
         ({"target": "movie"}, "target must be a non-empty domain name other than source='movie', got 'movie'"),
         ({"events_per_second": 0}, "events_per_second must be > 0, got 0"),
+        ({"shared_interest": -0.1}, "shared_interest must be in [0, 1], got -0.1"),
+        ({"unique_pairs": "yes"}, "unique_pairs must be a bool, got 'yes'"),
     ],
 )
 def test_config_rejects_bad_values(changes: dict, message: str) -> None:
@@ -178,3 +253,18 @@ def test_cli_writes_the_same_file_as_the_library(tmp_path: Path, monkeypatch: py
     assert "wrote 5,000 events (movie -> book, seed 3, drift=domain_mix from event 2500)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"sitn generate: --drift: expected one of"):
         sitn_main(["generate", "--output", str(out), "--drift", "weekly"])
+
+
+def test_cli_passes_shared_interest_and_unique_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SITN_GENERATE_UNIQUE_PAIRS", "yes")
+    out = tmp_path / "cli.csv"
+    assert sitn_main(["generate", "--output", str(out), "--events", "4000", "--users", "100",
+                      "--shared-interest", "0.25"]) == 0
+    expected = tmp_path / "lib.csv"
+    rows = write_csv(expected, SyntheticConfig(events=4_000, n_users=100, shared_interest=0.25, unique_pairs=True))
+    assert rows < 4_000  # repeats were dropped
+    assert out.read_bytes() == expected.read_bytes()
+    with pytest.raises(SystemExit, match=r"sitn generate: --unique-pairs: expected boolean, got 'maybe'"):
+        sitn_main(["generate", "--output", str(out), "--unique-pairs", "maybe"])
+    with pytest.raises(SystemExit, match=r"sitn generate: shared_interest must be in \[0, 1\], got 2.0"):
+        sitn_main(["generate", "--output", str(out), "--shared-interest", "2"])

@@ -6,6 +6,7 @@ byte. Every option can also come from its environment variable (shown in bracket
 
     sitn generate --output var/synthetic.csv --events 1000000 --seed 1
     sitn generate --output var/drift.csv --events 200000 --drift domain_mix --drift-at 0.5
+    sitn generate --output var/no-transfer.csv --shared-interest 0 --unique-pairs true
 """
 
 from __future__ import annotations
@@ -21,6 +22,23 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DRIFT_CHOICES = ("none", "interest_swap", "domain_mix", "popularity")
+
+
+def boolean(raw: str) -> bool:
+    """A flag's boolean value.
+
+    >>> boolean("true"), boolean("0")
+    (True, False)
+    >>> boolean("maybe")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'maybe' is not one of 1, 0, true, false, yes, no
+    """
+    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(raw.lower())
+    if value is None:
+        raise ValueError(f"{raw!r} is not one of 1, 0, true, false, yes, no")
+    return value
+
 
 # flag -> (SyntheticConfig field, parser, help). Every flag also reads SITN_GENERATE_<FLAG> (shown in --help).
 FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
@@ -41,6 +59,11 @@ FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "target-share": ("target_share", float, "probability of a target-domain event (default: 0.3)"),
     "noise": ("noise", float, "probability of a uniformly drawn item (default: 0.1)"),
     "zipf-exponent": ("zipf_exponent", float, "within-cluster popularity exponent (default: 1.0)"),
+    "shared-interest": ("shared_interest", float,
+                        "probability that a user's target-domain clusters are their source-domain ones; "
+                        "0 = the source says nothing about the target (default: 1.0)"),
+    "unique-pairs": ("unique_pairs", boolean,
+                     "drop every repeat of a (user, item) pair, as `sitn eval` expects (default: false)"),
     "events-per-second": ("events_per_second", float, "event-time pace: events per second of event time (default: 10)"),
     "start-timestamp": ("start_timestamp", int, "unix seconds of the first event (default: 1500000000)"),
 }
@@ -65,7 +88,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--output", type=Path, default=None,
                    help=f"the events.csv to write (required) [env {env_name('output')}]")
     for flag, (_field, parse, help_) in FLAGS.items():
-        metavar = "N" if parse is int else "X" if parse is float else "NAME"
+        metavar = {int: "N", float: "X", boolean: "BOOL"}.get(parse, "NAME")
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), default=None, metavar=metavar,
                        help=f"{help_} [env {env_name(flag)}]")
     p.set_defaults(func=run)
