@@ -32,8 +32,8 @@ class SITNConfig:
     n_layers: int = 1  # self-attention layers (spec: 1-2; 1 is the default for stream throughput)
     n_heads: int = 2  # attention heads; must divide dim
     ffn_mult: int = 2  # feed-forward hidden width = ffn_mult * dim
-    dropout: float = 0.0  # encoder dropout; 0 by default: a single pass over a stream barely overfits,
-    #                      and CPU dropout masks cost ~20% of a step
+    dropout: float = 0.2  # dropout on the history tokens (embeddings) and inside the encoder blocks; ids are
+    #                      sparse (most items occur once), so without it the model memorises (issue 9)
     causal: bool = False  # False: bidirectional attention over the history (it is all in the past)
     n_views: int = 4  # V: interest vectors per user per domain (ComiRec-SA learned queries)
     view_hidden: int = 64  # hidden width of the ComiRec-SA view scorer (W2 tanh(W1 h))
@@ -44,6 +44,10 @@ class SITNConfig:
     # -- cross-domain transfer ---------------------------------------------------------------------
     use_source: bool = True  # False: single-domain model (target events and target history only)
     use_transfer_gate: bool = True  # gate the mapped other-domain interests (False: plain addition)
+    gate_init_bias: float = -4.0  # the gate starts closed (sigmoid(-4) = 0.018): transfer must earn its way in
+    source_dropout: float = 0.5  # share of training examples whose *other* domain's history is blanked (for a
+    #                              target event: the source history), so each domain's path must stand alone
+    #                              and the other side cannot serve as a user fingerprint
     # -- multi-granularity (a): item level + coarse level (item cluster ids) ------------------------
     use_coarse_level: bool = True  # add an embedding of the item's cluster id to each history token
     n_item_clusters: int = 64  # k of the periodic k-means over item embeddings (the data has no categories)
@@ -68,7 +72,14 @@ class SITNConfig:
     kmeans_iters: int = 20  # faiss k-means iterations per re-clustering
     # -- optimisation ------------------------------------------------------------------------------
     lr: float = 1e-3  # AdamW (dense parameters) and lazy Adam (item tables) learning rate
-    weight_decay: float = 1e-4  # AdamW weight decay on dense parameters (item tables: none, see learner)
+    weight_decay: float = 1e-4  # AdamW weight decay on dense parameters
+    item_weight_decay: float = 0.0  # decoupled weight decay on the item-table rows a step touches (lazy)
+    init_new_items_from_history: bool = True  # a new item row starts at the mean of the rows of the same
+    #                                           domain's items in the history it first arrives with (the items
+    #                                           it co-occurs with), not at random
+    replay_buffer_size: int = 0  # last N trained examples kept; 0 = no replay (offline training has epochs)
+    replay_ratio: float = 1.0  # replayed examples added to each step, per fresh example (stream: each event
+    #                           then trains about 1 + replay_ratio times while it is in the buffer)
     seed: int = 0  # seeds torch (own RNG stream per learner) and faiss k-means
     # -- state bounds ------------------------------------------------------------------------------
     max_users: int = 1_000_000  # stored per-user histories; least recently seen users are evicted
@@ -89,6 +100,10 @@ class SITNConfig:
         need(self.n_layers in (1, 2), "n_layers", "1 or 2 (the spec's encoder)")
         need(self.dim % self.n_heads == 0, "n_heads", f"a divisor of dim={self.dim}")
         need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        need(0.0 <= self.source_dropout <= 1.0, "source_dropout", "in [0, 1]")
+        need(isinstance(self.replay_buffer_size, int) and self.replay_buffer_size >= 0, "replay_buffer_size",
+             "an int >= 0")
+        need(self.replay_ratio >= 0, "replay_ratio", ">= 0")
         need(self.item_init_std > 0, "item_init_std", "> 0")
         need(
             isinstance(self.cluster_counts, tuple)
@@ -104,7 +119,7 @@ class SITNConfig:
              "n_sampled_negatives", "an int >= 0")
         for name in ("tau_i2i", "tau_proto", "pcl_alpha", "lr"):
             need(getattr(self, name) > 0, name, "> 0")
-        for name in ("lambda_i2i", "lambda_i2c", "weight_decay"):
+        for name in ("lambda_i2i", "lambda_i2c", "weight_decay", "item_weight_decay"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(isinstance(self.i2c_warmup_steps, int) and self.i2c_warmup_steps >= 0, "i2c_warmup_steps",
              "an int >= 0")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,7 +74,10 @@ class SITNLearner:
         self._dense_opt = torch.optim.AdamW(
             self._dense_parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
         )
-        self._sparse_opt = LazyAdam([self.model.encoder(role).item_weight for role in self.domains], lr=config.lr)
+        self._sparse_opt = LazyAdam(
+            [self.model.encoder(role).item_weight for role in self.domains], lr=config.lr,
+            weight_decay=config.item_weight_decay,
+        )
         self.prototypes = (
             StreamingPrototypes(
                 cluster_counts=config.cluster_counts, dim=config.proj_dim, reservoir_size=config.reservoir_size,
@@ -89,6 +93,8 @@ class SITNLearner:
             else {}
         )
         self.histories = RecentHistories((source, target), config.max_len, config.max_users)
+        # the last replay_buffer_size trained examples; each step also replays a sample of them
+        self._replay: deque[Example] = deque(maxlen=config.replay_buffer_size)
 
     # -- internals ---------------------------------------------------------------------------------
     def _dense_parameters(self) -> list[torch.nn.Parameter]:
@@ -147,16 +153,20 @@ class SITNLearner:
             "loss": math.nan, "loss_main": math.nan, "loss_i2i": 0.0, "loss_i2c": 0.0, "i2i_pairs": 0.0,
             "proto_agreement": math.nan,
         }
+        replayed: list[Example] = []
         if trained:
             with self._own_rng():
-                stats.update(self._train_step(trained))
+                replayed = self._sample_replay(len(trained))
+                stats.update(self._train_step(trained + replayed, n_fresh=len(trained)))
             self.step += 1
             self._maybe_recluster()
+            self._replay.extend(trained)
         for ex in examples:
             self.histories.record(ex.user_id, ex.domain, ex.item_id, ex.timestamp, ex.history)
         stats["step"] = float(self.step)
         stats["batch_size"] = float(len(examples))
         stats["trained_examples"] = float(len(trained))
+        stats["replayed_examples"] = float(len(replayed))
         if self.prototypes is not None:
             stats["proto_entropy"] = self.prototypes.mean_entropy()
             for (role, k), proto in self.prototypes.sets.items():
@@ -166,13 +176,28 @@ class SITNLearner:
         stats["examples_per_s"] = len(examples) / max(time.perf_counter() - start_s, 1e-9)
         return stats
 
-    def _train_step(self, examples: list[Example]) -> dict[str, float]:
+    def _sample_replay(self, n_fresh: int) -> list[Example]:
+        """``replay_ratio * n_fresh`` earlier examples drawn uniformly (with replacement) from the buffer."""
+        n = min(round(self.config.replay_ratio * n_fresh), len(self._replay)) if self._replay else 0
+        if n == 0:
+            return []
+        picks = torch.randint(0, len(self._replay), (n,)).tolist()
+        return [self._replay[i] for i in picks]
+
+    def _train_step(self, examples: list[Example], n_fresh: int) -> dict[str, float]:
+        """One step on ``examples``; the first ``n_fresh`` are new, the rest replayed (not counted again
+        in the label frequencies behind the logQ correction)."""
         cfg = self.config
+        known_rows = {role: len(idmap) for role, idmap in self.idmaps.items()}  # rows 1..n existed before
         tb = build_training_batch(examples, self.domains, self.idmaps, cfg.max_len, cfg.n_time_gap_buckets)
         self._ensure_capacity()
+        if cfg.init_new_items_from_history:
+            self._init_new_rows(tb, known_rows)
+        if cfg.use_source and cfg.source_dropout > 0:
+            self._drop_other_history(tb)
         for role, idx in (("source", 0), ("target", 1)):
             if role in self.domains:
-                rows = tb.label_rows[tb.event_role == idx]
+                rows = tb.label_rows[:n_fresh][tb.event_role[:n_fresh] == idx]
                 self.model.encoder(role).item_count.index_add_(0, rows, torch.ones_like(rows))
         self.model.train()
         interests = self.model(tb.sequences)
@@ -200,6 +225,33 @@ class SITNLearner:
         self._sparse_opt.step()
         out["loss"] = total.item()
         return out
+
+    def _init_new_rows(self, tb: TrainingBatch, known_rows: Mapping[str, int]) -> None:
+        """Start each item row first seen as a label in this batch at the mean of the rows of the
+        same-domain items in its example's history that existed before the batch (random if none)."""
+        for role, idx in (("source", 0), ("target", 1)):
+            if role not in self.domains:
+                continue
+            first = known_rows[role] + 1  # rows >= first were added by this batch
+            labels = tb.label_rows  # (B,)
+            new = (labels >= first) & (tb.event_role == idx)  # (B,)
+            if not bool(new.any()):
+                continue
+            seq = tb.sequences[role]
+            old = seq.valid & (seq.items < first)  # (B, L) history items with trained rows
+            weight = self.model.encoder(role).item_weight
+            with torch.no_grad():
+                for b in new.nonzero().squeeze(1).tolist():
+                    rows = seq.items[b][old[b]]
+                    if rows.numel():
+                        weight[labels[b]] = weight.index_select(0, rows).mean(dim=0)
+
+    def _drop_other_history(self, tb: TrainingBatch) -> None:
+        """Blank the other domain's history of a random ``source_dropout`` share of the examples."""
+        drop = torch.rand(tb.label_rows.shape[0]) < self.config.source_dropout  # (B,)
+        for role, other_idx in (("source", 1), ("target", 0)):  # role's history of the other role's events
+            seq = tb.sequences[role]
+            seq.valid[drop & (tb.event_role == other_idx)] = False
 
     def _main_loss(self, tb: TrainingBatch, interests: Interests) -> torch.Tensor:
         """Sampled softmax per event domain, weighted by the domain's share of the batch."""
@@ -397,6 +449,7 @@ class SITNLearner:
             "item_clusters": {role: c.state_dict() for role, c in self.item_clusters.items()},
             "histories": self.histories.state_dict(),
             "rng_state": self._rng_state,
+            "replay": list(self._replay),
             "extra": self.extra,
         }
 
@@ -424,6 +477,7 @@ class SITNLearner:
             out.item_clusters[role].load_state_dict(s)
         out.histories = RecentHistories.from_state_dict(state["histories"])
         out._rng_state = state["rng_state"]
+        out._replay.extend(state.get("replay", ()))
         out.step = int(state["step"])
         out.extra = dict(state["extra"])
         return out

@@ -7,7 +7,8 @@ domain's interests, view by view (view v of one domain is mapped onto view v of 
 queries of both encoders are learned jointly, so they can align):
 
     m_v = W_map other_v + b                      (D -> D)
-    g_v = sigmoid(W_gate [own_v ; m_v] + b)      (use_transfer_gate; else g_v = 1)
+    g_v = sigmoid(W_gate [own_v ; m_v] + b)      (use_transfer_gate; else g_v = 1; b starts at
+                                                  gate_init_bias < 0, so transfer starts nearly closed)
     q_v = own_v + g_v * m_v                      -> (B, V, D)
 
 A user with no target history has ``own_v = 0``, so the target queries come from the source side
@@ -36,10 +37,12 @@ ROLES = ("source", "target")
 class InterestTransfer(nn.Module):
     """Adds the gated, mapped interests of the other domain to a domain's own interests."""
 
-    def __init__(self, dim: int, gated: bool) -> None:
+    def __init__(self, dim: int, gated: bool, gate_init_bias: float = 0.0) -> None:
         super().__init__()
         self.map = nn.Linear(dim, dim)
         self.gate = nn.Linear(2 * dim, dim) if gated else None
+        if self.gate is not None:
+            nn.init.constant_(self.gate.bias, gate_init_bias)  # negative: the gate starts (nearly) closed
 
     def forward(self, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """``own``, ``other`` (B, V, D) -> queries (B, V, D)."""
@@ -93,7 +96,7 @@ class SITNModel(nn.Module):
         if config.use_source:
             # transfer[role] builds role's queries from the *other* role's interests
             self.transfer = nn.ModuleDict(
-                {role: InterestTransfer(config.dim, config.use_transfer_gate) for role in roles}
+                {role: InterestTransfer(config.dim, config.use_transfer_gate, config.gate_init_bias) for role in roles}
             )
             self.heads = nn.ModuleDict({role: ProjectionHead(config.dim, config.proj_dim) for role in roles})
 

@@ -24,7 +24,9 @@ import torch
 
 
 class LazyAdam(torch.optim.Optimizer):
-    """Adam over the rows a sparse gradient touches; no weight decay."""
+    """Adam over the rows a sparse gradient touches, with optional decoupled weight decay on those rows
+    (AdamW's ``row *= 1 - lr * weight_decay``, applied only to the touched rows: an item that is not in
+    the batch is neither updated nor decayed)."""
 
     def __init__(
         self,
@@ -32,10 +34,13 @@ class LazyAdam(torch.optim.Optimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        weight_decay: float = 0.0,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -61,5 +66,8 @@ class LazyAdam(torch.optim.Optimizer):
                 v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
                 exp_avg.index_copy_(0, rows, m)
                 exp_avg_sq.index_copy_(0, rows, v)
+                decay = group.get("weight_decay", 0.0)
+                if decay > 0:
+                    p.index_copy_(0, rows, p.index_select(0, rows).mul_(1.0 - group["lr"] * decay))
                 step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
                 p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)

@@ -43,7 +43,8 @@ def train(learner: SITNLearner, examples: list[Example], epochs: int = 1) -> lis
 
 
 def test_losses_finite_and_falling(examples: list[Example]) -> None:
-    learner = SITNLearner(SMALL, "movie", "book")
+    # without the regularisers (dropout, source-history dropout) the training loss must fall fast
+    learner = SITNLearner(SMALL.replace(dropout=0.0, source_dropout=0.0), "movie", "book")
     stats = train(learner, examples, epochs=4)
     keys = {"loss", "loss_main", "loss_i2i", "loss_i2c", "examples_per_s", "step", "batch_size", "i2i_pairs",
             "proto_agreement", "proto_entropy"}
@@ -217,3 +218,64 @@ def test_bad_input_is_refused(examples: list[Example]) -> None:
         learner.score_items(np.zeros((2, 16)))
     with pytest.raises(ValueError, match="n_heads must be a divisor of dim=16, got 3"):
         SMALL.replace(n_heads=3)
+
+
+def test_replay_buffer_trains_earlier_examples_again_and_survives_a_checkpoint(
+    examples: list[Example], tmp_path: Path
+) -> None:
+    config = SMALL.replace(replay_buffer_size=100, replay_ratio=0.5)
+    learner = SITNLearner(config, "movie", "book")
+    stats = train(learner, examples[:192])  # 3 batches of 64
+    assert [s["replayed_examples"] for s in stats] == [0.0, 32.0, 32.0]
+    assert [s["trained_examples"] for s in stats] == [64.0, 64.0, 64.0]
+    # label counts behind the logQ correction count each fresh example once, never a replay
+    assert int(learner.model.encoder("target").item_count.sum()) == sum(ex.domain == "book" for ex in examples[:192])
+    path = tmp_path / "ckpt.sitn"
+    learner.save(path)
+    restored = SITNLearner.load(path)
+    assert len(restored._replay) == 100 and list(restored._replay) == list(learner._replay)
+    s1, s2 = learner.learn_many(examples[192:256]), restored.learn_many(examples[192:256])
+    assert s1["loss"] == s2["loss"] and s1["replayed_examples"] == 32.0
+
+
+def test_source_dropout_blanks_the_other_domains_history_of_a_share_of_examples(examples: list[Example]) -> None:
+    from learner.batch import build_training_batch
+
+    learner = SITNLearner(SMALL.replace(source_dropout=0.5), "movie", "book")
+    tb = build_training_batch(examples[:256], learner.domains, learner.idmaps, SMALL.max_len, SMALL.n_time_gap_buckets)
+    had = {role: tb.sequences[role].valid.any(dim=1).clone() for role in ("source", "target")}
+    torch.manual_seed(0)
+    learner._drop_other_history(tb)
+    has = {role: tb.sequences[role].valid.any(dim=1) for role in ("source", "target")}
+    target_events = tb.event_role == 1
+    # only the *other* domain's history is ever blanked: a target event keeps its target history
+    assert torch.equal(has["target"][target_events], had["target"][target_events])
+    assert torch.equal(has["source"][~target_events], had["source"][~target_events])
+    dropped = (had["source"] & ~has["source"])[target_events].float().mean().item()
+    assert 0.35 < dropped / had["source"][target_events].float().mean().item() < 0.65
+
+
+def test_new_item_rows_start_at_the_mean_of_their_history_items(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL.replace(source_dropout=0.0), "movie", "book")
+    train(learner, examples[:128])
+    enc = learner.model.encoder("target")
+    user_history = next(ex.history for ex in examples[128:] if len(ex.history["book"][0]) >= 2)
+    items = user_history["book"][0]
+    rows = learner.idmaps["target"].rows(items)
+    assert (rows > 0).all()
+    expected = enc.item_weight[torch.from_numpy(rows)].detach().mean(dim=0)
+    new = Example("x1", "someone", "book", "a-brand-new-book", 10**9, user_history)
+    from learner.batch import build_training_batch
+
+    known = {role: len(m) for role, m in learner.idmaps.items()}
+    tb = build_training_batch([new], learner.domains, learner.idmaps, SMALL.max_len, SMALL.n_time_gap_buckets)
+    learner._ensure_capacity()
+    learner._init_new_rows(tb, known)
+    row = int(learner.idmaps["target"].rows(["a-brand-new-book"])[0])
+    torch.testing.assert_close(enc.item_weight[row].detach(), expected)
+
+
+def test_transfer_gate_starts_closed() -> None:
+    learner = SITNLearner(SMALL.replace(gate_init_bias=-4.0), "movie", "book")
+    gate = learner.model.transfer["target"].gate
+    assert gate is not None and torch.all(gate.bias == -4.0)
