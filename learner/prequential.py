@@ -1,44 +1,226 @@
-"""Prequential (test-then-train) evaluation against what serving currently holds.
+"""Prequential (test-then-train) evaluation: the served model, and the tallies every ranker is judged by.
 
 Each target-domain event is first ranked with the vectors *then served* (the last published item
-matrix and the user's last published query vectors), then the model learns from it. Windowed HR@K
-and NDCG@K over the most recent ``window`` ranked events are the stream's quality signal.
+matrix and the user's last published query vectors), then the model learns from it. A user with no
+published vectors is ranked by the served popularity order (serving's fallback). The measurement is
+honest, the same for every ranker (``learner.shadow`` ranks the baselines on the same events):
 
-A user with no published vectors is ranked by the served popularity order (the serving fallback).
+- ranks are 1-based and ties count *against* the held-out item: rank = 1 + the other candidates scoring
+  at least as high, so a query that scores every item alike ranks the item last, never first;
+- the items the user consumed before the event are excluded from the candidates (the held-out item
+  itself stays a candidate, even when it is a repeat). Which items: the user's target history that the
+  event's :class:`stream.user_state.Example` carries, the last ``max_len`` target items before it. The
+  consumers keep it, the checkpoint holds it, and serving's consumed sets exclude the same items
+  (serving keeps up to ``max_consumed_per_user``, so a user with more than ``max_len`` target events
+  has a few older items excluded there and not here);
+- an event whose item the ranker cannot rank (not in the served index yet; never seen by a baseline)
+  counts as a miss. :class:`RankTally` reports HR@k and NDCG@k over *all* target events and over the
+  *rankable* ones (the item occurred in the target stream before: the same events for every ranker),
+  with the rankable fraction; each whole-stream (cumulative) and over the last ``window`` target events.
+  ``all = rankable fraction * rankable`` holds exactly for both spans.
 
 The served users are mirrored in a bounded :class:`RowTable`: at most ``max_users`` (set it to serving's
 ``max_users``), the least recently published evicted, as serving evicts them; an evicted user is then
 ranked by popularity here too. Items are bounded by the catalogue and not capped.
 
 >>> import numpy as np
->>> ev = PrequentialEvaluator(k=2, window=10)
+>>> ev = PrequentialEvaluator()
 >>> ev.set_served(version=1, item_ids=["a", "b", "c"], item_vectors=np.eye(3, dtype=np.float32),
 ...               user_ids=["u"], user_vectors=np.array([[[0.0, 1.0, 0.5]]], dtype=np.float32),
 ...               popularity=["c", "a", "b"])
->>> ev.rank_many([("u", "b"), ("u", "c"), ("new", "c"), ("u", "zzz")])
-[1, 2, 1, None]
->>> round(ev.hr, 3), round(ev.ndcg, 3)
-(1.0, 0.877)
+>>> ev.rank_many([("u", "b"), ("u", "c"), ("u", "c"), ("new", "a"), ("new", "a"), ("u", "zzz")],
+...              consumed=[(), (), ("b",), (), ("c",), ()])
+[1, 2, 1, 2, 1, None]
+>>> tally = RankTally(k=1, window=4)
+>>> for rank, rankable in [(1, True), (2, True), (None, False), (1, True), (None, True)]:
+...     _ = tally.record(rank, rankable)
+>>> f = tally.figures()
+>>> f["stream"]["hr"], f["stream"]["hr_rankable"], f["stream"]["rankable_ratio"], f["window"]["hr"]
+(0.4, 0.5, 0.8, 0.25)
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from learner.publisher import EmbeddingBatch
+from stream.events import EmbeddingBatch
+
+SPANS = ("stream", "window")  # whole stream (cumulative), the last ``window`` target events
 
 
-def rank_of(scores: np.ndarray, positive: int) -> int:
-    """1-based rank of column ``positive`` in ``scores`` (N,): one plus the number scoring strictly higher.
+class RankTally:
+    """HR@k and NDCG@k of one ranker over the target events it was asked to rank, whole-stream and windowed.
 
-    >>> rank_of(np.array([0.1, 0.9, 0.8, 0.3]), 2)
-    2
+    ``record(rank, rankable)`` takes the 1-based rank (None: the ranker could not rank the item, a miss)
+    and whether the event is rankable (its item occurred in the target stream before). Each span keeps
+    integer counts only (events, rankable events, and hits by rank 1..k, over all and over rankable
+    events), so sliding the window never accumulates rounding and every figure is exact.
     """
-    return int((scores > scores[positive]).sum()) + 1
+
+    def __init__(self, k: int = 10, window: int = 2000) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        self.k = k
+        self.window = window
+        self._gain = np.array([0.0] + [1.0 / math.log2(r + 1) for r in range(1, k + 1)])  # (k + 1,) by rank bin
+        # per span: (2, k + 1) counts: row 0 all events, row 1 rankable ones; column = rank (0: outside the top k)
+        self._counts = {span: np.zeros((2, k + 1), dtype=np.int64) for span in SPANS}
+        self._recent: deque[tuple[bool, int]] = deque()  # (rankable, rank bin), oldest first
+
+    def record(self, rank: int | None, rankable: bool) -> float:
+        """Count one event; returns its NDCG@k gain (0 for a miss)."""
+        rank_bin = rank if rank is not None and rank <= self.k else 0
+        entry = (bool(rankable), rank_bin)
+        for span in SPANS:
+            self._add(self._counts[span], entry, 1)
+        self._recent.append(entry)
+        if len(self._recent) > self.window:
+            self._add(self._counts["window"], self._recent.popleft(), -1)
+        return float(self._gain[rank_bin])
+
+    @staticmethod
+    def _add(counts: np.ndarray, entry: tuple[bool, int], sign: int) -> None:
+        rankable, rank_bin = entry
+        counts[0, rank_bin] += sign
+        if rankable:
+            counts[1, rank_bin] += sign
+
+    @property
+    def events(self) -> int:
+        """Target events recorded over the whole stream."""
+        return int(self._counts["stream"][0].sum())
+
+    def figures(self, span: str | None = None) -> dict[str, Any]:
+        """``{span: {"events", "rankable", "rankable_ratio", "hr", "ndcg", "hr_rankable", "ndcg_rankable"}}``
+        for both spans (or the one named); a ratio over no events is nan."""
+        if span is not None and span not in SPANS:
+            raise ValueError(f"span must be one of {SPANS}, got {span!r}")
+        out = {}
+        for name in SPANS if span is None else (span,):
+            counts = self._counts[name]
+            n, n_rankable = (int(x) for x in counts.sum(axis=1))
+            hits = counts[:, 1:].sum(axis=1)  # (2,)
+            gains = counts @ self._gain  # (2,)
+            out[name] = {
+                "events": n,
+                "rankable": n_rankable,
+                "rankable_ratio": _ratio(n_rankable, n),
+                "hr": _ratio(hits[0], n),
+                "ndcg": _ratio(gains[0], n),
+                "hr_rankable": _ratio(hits[1], n_rankable),
+                "ndcg_rankable": _ratio(gains[1], n_rankable),
+            }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "window": self.window, "stream": self._counts["stream"].tolist(),
+                "recent": [list(e) for e in self._recent]}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], window: int | None = None) -> RankTally:
+        """The tally of ``state``; ``window``: a new window length (its newest events are kept)."""
+        out = cls(int(state["k"]), int(state["window"]) if window is None else window)
+        out._counts["stream"] = np.asarray(state["stream"], dtype=np.int64).reshape(2, out.k + 1)
+        for rankable, rank_bin in state["recent"][-out.window :]:
+            entry = (bool(rankable), int(rank_bin))
+            out._recent.append(entry)
+            out._add(out._counts["window"], entry, 1)
+        return out
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / den if den else math.nan
+
+
+class StreamQuality:
+    """One :class:`RankTally` per ranker, all fed the same target events, and the model's lift.
+
+    >>> q = StreamQuality(("model", "popularity"), k=10, window=100)
+    >>> q.record([True, True], {"model": [1, 20], "popularity": [3, None]})
+    {'model': [1.0, 0.0], 'popularity': [0.5, 0.0]}
+    >>> q.lift()  # model NDCG@10 / best baseline NDCG@10, whole stream
+    2.0
+    """
+
+    def __init__(self, rankers: Sequence[str], k: int = 10, window: int = 2000, model: str = "model") -> None:
+        if model not in rankers or len(rankers) < 2:
+            raise ValueError(f"rankers must hold {model!r} and at least one baseline, got {list(rankers)}")
+        self.rankers = tuple(rankers)
+        self.model = model
+        self.k = k
+        self.tallies = {name: RankTally(k, window) for name in self.rankers}
+
+    @property
+    def baselines(self) -> tuple[str, ...]:
+        return tuple(r for r in self.rankers if r != self.model)
+
+    def record(self, rankable: Sequence[bool], ranks: Mapping[str, Sequence[int | None]]) -> dict[str, list[float]]:
+        """Record the ranks every ranker gave the same events; returns the NDCG@k gains, by ranker."""
+        if set(ranks) != set(self.rankers):
+            raise ValueError(f"ranks must be given for every ranker {sorted(self.rankers)}, got {sorted(ranks)}")
+        gains: dict[str, list[float]] = {}
+        for name in self.rankers:
+            if len(ranks[name]) != len(rankable):
+                raise ValueError(f"{name}: {len(ranks[name])} ranks for {len(rankable)} events")
+            tally = self.tallies[name]
+            gains[name] = [tally.record(r, flag) for r, flag in zip(ranks[name], rankable, strict=True)]
+        return gains
+
+    def best_baseline(self, span: str = "stream") -> str:
+        """The baseline with the highest NDCG@k over all events of ``span`` (ties: the first listed)."""
+        scores = {b: self.tallies[b].figures(span)[span]["ndcg"] for b in self.baselines}
+        return max(self.baselines, key=lambda b: -math.inf if math.isnan(scores[b]) else scores[b])
+
+    def lift(self, span: str = "stream") -> float:
+        """Model NDCG@k divided by the best baseline's, over all events of ``span`` (nan while undefined)."""
+        best = self.tallies[self.best_baseline(span)].figures(span)[span]["ndcg"]
+        model = self.tallies[self.model].figures(span)[span]["ndcg"]
+        if math.isnan(best) or math.isnan(model) or best == 0.0:
+            return math.nan
+        return model / best
+
+    def figures(self) -> dict[str, Any]:
+        """Everything, JSON-ready: per ranker and span the tally's figures, the best baseline and the lift."""
+        return {
+            "k": self.k,
+            "rankers": {name: tally.figures() for name, tally in self.tallies.items()},
+            "best_baseline": self.best_baseline(),
+            "lift": self.lift(),
+            "lift_window": self.lift("window"),
+        }
+
+    def stats(self) -> dict[str, float]:
+        """Flat figures for a learner step's statistics. ``prequential_hr_at_<k>`` and
+        ``prequential_ndcg_at_<k>`` are the served model's, windowed, over all target events."""
+        k = self.k
+        model = self.tallies[self.model].figures("window")["window"]
+        out = {f"prequential_hr_at_{k}": model["hr"], f"prequential_ndcg_at_{k}": model["ndcg"],
+               "prequential_rankable_ratio": model["rankable_ratio"],
+               "prequential_events_total": float(self.tallies[self.model].events),
+               "prequential_lift": self.lift()}
+        for name, tally in self.tallies.items():
+            for span, f in tally.figures().items():
+                for metric in ("hr", "ndcg"):
+                    out[f"{name}_{metric}_at_{k}_{span}"] = f[metric]
+                    out[f"{name}_{metric}_at_{k}_{span}_rankable"] = f[f"{metric}_rankable"]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rankers": list(self.rankers), "model": self.model, "k": self.k,
+                "tallies": {name: t.state_dict() for name, t in self.tallies.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the tallies of a checkpoint (rankers it does not have start from zero)."""
+        for name, tally_state in state["tallies"].items():
+            if name in self.tallies:
+                self.tallies[name] = RankTally.from_state_dict(tally_state, self.tallies[name].window)
 
 
 class RowTable:
@@ -123,24 +305,16 @@ class RowTable:
 
 
 class PrequentialEvaluator:
-    """Ranks incoming target events with the served vectors; keeps windowed HR@k / NDCG@k."""
+    """Ranks incoming target events with what serving holds (the model path, else popularity)."""
 
-    def __init__(self, k: int = 10, window: int = 2000, max_users: int = 1_000_000) -> None:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.k = k
-        self.window = window
-        self._hits: deque[float] = deque(maxlen=window)
-        self._gains: deque[float] = deque(maxlen=window)
+    def __init__(self, max_users: int = 1_000_000) -> None:
         self.version = 0
-        self.ranked_total = 0
-        self.unrankable_total = 0  # the item is not in the served index yet
+        self.ranked_total = 0  # events whose item the served index holds
+        self.unrankable_total = 0  # the item is not in the served index yet: a miss
         self.max_users = max_users
         self._items = RowTable()  # (N, D) rows, dense: items are never evicted
         self._users = RowTable(max_users)  # (capacity <= max_users, V, D)
-        self._pop_rank: dict[str, int] = {}
+        self._pop_rank: dict[str, int] = {}  # item -> 1-based position in the served popularity order
 
     def set_served(
         self,
@@ -170,61 +344,57 @@ class PrequentialEvaluator:
         """True when the user has published vectors (ranked by the model, not the popularity fallback)."""
         return user_id in self._users
 
-    def rank_many(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
-        """Rank each (user_id, item_id) with the served state and record it; None if unrankable."""
+    def rank_many(
+        self, pairs: Sequence[tuple[str, str]], consumed: Sequence[Collection[str]] | None = None
+    ) -> list[int | None]:
+        """Rank each (user_id, item_id) with the served state, ``consumed[i]`` excluded (ties against the
+        item); None when the served index does not hold the item (a miss)."""
+        if consumed is not None and len(consumed) != len(pairs):
+            raise ValueError(f"consumed must have one entry per pair ({len(pairs)}), got {len(consumed)}")
         ranks: list[int | None] = []
         model_rows: list[int] = []
         model_pos: list[int] = []
         model_slots: list[int] = []
-        for user_id, item_id in pairs:
+        for i, (user_id, item_id) in enumerate(pairs):
             row = self._items.get(item_id)
             if row is None:
                 ranks.append(None)
                 self.unrankable_total += 1
                 continue
+            self.ranked_total += 1
             user_row = self._users.get(user_id)
             if user_row is None:
-                ranks.append(self._pop_rank.get(item_id, len(self._pop_rank) + 1))
+                ranks.append(self._popularity_rank(item_id, consumed[i] if consumed is not None else ()))
             else:
                 model_rows.append(user_row)
                 model_pos.append(row)
-                model_slots.append(len(ranks))
+                model_slots.append(i)
                 ranks.append(0)
         if model_rows:
             queries = self._users.matrix[model_rows]  # (B, V, D)
             b, v, d = queries.shape
             scores = (queries.reshape(b * v, d) @ self._items.dense().T).reshape(b, v, -1).max(axis=1)  # (B, N), BLAS
-            positive = scores[np.arange(len(model_pos)), model_pos]  # (B,)
-            model_ranks = (scores > positive[:, None]).sum(axis=1) + 1
-            for slot, r in zip(model_slots, model_ranks, strict=True):
+            positive = scores[np.arange(b), model_pos]  # (B,)
+            at_least = scores >= positive[:, None]  # (B, N), the positive itself included: ties against it
+            if consumed is not None:
+                for j, slot in enumerate(model_slots):
+                    excluded = [r for r in map(self._items.get, consumed[slot]) if r is not None and r != model_pos[j]]
+                    at_least[j, excluded] = False
+            for slot, r in zip(model_slots, at_least.sum(axis=1).tolist(), strict=True):
                 ranks[slot] = int(r)
-        for r in ranks:
-            if r is not None:
-                self._record(r)
         return ranks
 
-    def _record(self, rank: int) -> None:
-        self.ranked_total += 1
-        hit = rank <= self.k
-        self._hits.append(1.0 if hit else 0.0)
-        self._gains.append(1.0 / math.log2(rank + 1) if hit else 0.0)
-
-    @property
-    def hr(self) -> float:
-        """Windowed HR@k (nan before anything was ranked)."""
-        return sum(self._hits) / len(self._hits) if self._hits else math.nan
-
-    @property
-    def ndcg(self) -> float:
-        """Windowed NDCG@k (nan before anything was ranked)."""
-        return sum(self._gains) / len(self._gains) if self._gains else math.nan
+    def _popularity_rank(self, item_id: str, consumed: Collection[str]) -> int:
+        """Rank in the served popularity order, ``consumed`` removed; an item outside the published order
+        ties with every other unlisted item of the index, so it ranks after all candidates."""
+        excluded = {c for c in consumed if c != item_id and c in self._items}
+        position = self._pop_rank.get(item_id)
+        if position is None:
+            return len(self._items) - len(excluded)
+        return position - sum(1 for c in excluded if self._pop_rank.get(c, position) < position)
 
     def stats(self) -> dict[str, float]:
         return {
-            f"prequential_hr_at_{self.k}": self.hr,
-            f"prequential_ndcg_at_{self.k}": self.ndcg,
-            "prequential_ranked_total": float(self.ranked_total),
-            "prequential_unrankable_total": float(self.unrankable_total),
             "served_version": float(self.version),
             "prequential_users": float(len(self._users)),
             "prequential_users_evicted": float(self._users.evicted),

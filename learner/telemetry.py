@@ -37,9 +37,49 @@ PROTOTYPE_AGREEMENT = Gauge(
     "Cross-domain prototype agreement: matched-cluster share of users with both domains, by granularity K.",
     ["k"],
 )
-PREQUENTIAL_HR = Gauge("sitn_learner_prequential_hr_at_10", "Windowed prequential HR@10 (test-then-train).")
-PREQUENTIAL_NDCG = Gauge("sitn_learner_prequential_ndcg_at_10", "Windowed prequential NDCG@10 (test-then-train).")
-PREQUENTIAL_RANKED = Counter("sitn_learner_prequential_ranked", "Target events ranked before training on them.")
+PREQUENTIAL_HR = Gauge(
+    "sitn_learner_prequential_hr_at_10",
+    "Served model's prequential HR@10 over the last window of target events (test-then-train; ties against the "
+    "item, consumed items excluded, an item not served yet is a miss).",
+)
+PREQUENTIAL_NDCG = Gauge(
+    "sitn_learner_prequential_ndcg_at_10",
+    "Served model's prequential NDCG@10 over the last window of target events (as the HR@10 gauge).",
+)
+PREQUENTIAL_RANKED = Counter(
+    "sitn_learner_prequential_ranked", "Target events ranked (by the model and every baseline) before training on them."
+)
+RANKER_HR = Gauge(
+    "sitn_learner_ranker_hr_at_10",
+    "Prequential HR@10 by ranker (model, popularity, cooc_target, cooc_target_source), over all target events or "
+    "the rankable ones (events), whole stream or last window (span).",
+    ["ranker", "events", "span"],
+)
+RANKER_NDCG = Gauge(
+    "sitn_learner_ranker_ndcg_at_10", "Prequential NDCG@10 by ranker, events (all, rankable) and span (stream, window).",
+    ["ranker", "events", "span"],
+)
+RANKABLE_RATIO = Gauge(
+    "sitn_learner_prequential_rankable_ratio",
+    "Share of target events whose item occurred in the target stream before, by span (stream, window).",
+    ["span"],
+)
+MODEL_LIFT = Gauge(
+    "sitn_learner_model_lift_ratio",
+    "Served model's NDCG@10 divided by the best baseline's, whole stream, all target events (1 = as good).",
+)
+SERVED_RANKER = Gauge(
+    "sitn_learner_served_ranker",
+    "1 for the ranker serving is told to use (model, popularity, cooccurrence), 0 for the others.",
+    ["served_by"],
+)
+SERVED_RANKER_SWITCHES = Counter(
+    "sitn_learner_served_ranker_switches", "Switches of the ranker serving is told to use (model <-> a baseline)."
+)
+FALLBACK_Z = Gauge(
+    "sitn_learner_fallback_z",
+    "Paired z of the served model's windowed NDCG@10 minus the best servable baseline's (negative: model worse).",
+)
 PUBLISH_LAG_SECONDS = Histogram(
     "sitn_learner_publish_lag_seconds",
     "Seconds from an event's arrival at the learner to the publish that carries its user's vectors.",
@@ -64,6 +104,7 @@ CHECKPOINT_SECONDS = Histogram(
 EVENTS_APPLIED = Gauge("sitn_learner_events_applied", "Events whose effect the model holds (restored + trained).")
 
 _LOSS_TERMS = {"loss": "total", "loss_main": "main", "loss_i2i": "i2i", "loss_i2c": "i2c"}
+SERVED_BY = ("model", "popularity", "cooccurrence")
 
 
 def record_step(stats: Mapping[str, float], seconds: float, examples_by_domain: Mapping[str, int]) -> None:
@@ -86,6 +127,9 @@ def record_step(stats: Mapping[str, float], seconds: float, examples_by_domain: 
         PREQUENTIAL_HR.set(hr)
     if ndcg is not None and not math.isnan(ndcg):
         PREQUENTIAL_NDCG.set(ndcg)
+    z = stats.get("fallback_z")
+    if z is not None and not math.isnan(z):
+        FALLBACK_Z.set(z)
 
 
 def record_prototypes(learner: Any) -> None:
@@ -102,3 +146,24 @@ def record_prototypes(learner: Any) -> None:
     for k, value in prototypes.reservoir_agreement.items():
         if not math.isnan(value):
             PROTOTYPE_AGREEMENT.labels(str(k)).set(value)
+
+
+def record_quality(quality: Any) -> None:
+    """Export the tallies of a :class:`learner.prequential.StreamQuality` (each step; a few dozen gauges).
+    A figure not defined yet (no events; no baseline hit for the lift) is exported as NaN, not 0."""
+    for ranker, tally in quality.tallies.items():
+        for span, f in tally.figures().items():
+            for events, suffix in (("all", ""), ("rankable", "_rankable")):
+                RANKER_HR.labels(ranker, events, span).set(f["hr" + suffix])
+                RANKER_NDCG.labels(ranker, events, span).set(f["ndcg" + suffix])
+            if ranker == quality.model:
+                RANKABLE_RATIO.labels(span).set(f["rankable_ratio"])
+    MODEL_LIFT.set(quality.lift())
+
+
+def record_served_ranker(served_by: str, switched: bool) -> None:
+    """Export the ranker serving is told to use; ``switched``: it changed at this publish."""
+    for name in SERVED_BY:
+        SERVED_RANKER.labels(name).set(1.0 if name == served_by else 0.0)
+    if switched:
+        SERVED_RANKER_SWITCHES.inc()

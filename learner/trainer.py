@@ -1,6 +1,13 @@
 """The online trainer: example batches in, prequential ranking, mini-batch steps, publishing and
 checkpoints. Plain Python around a SITNLearner; the Ray actor in ``learner.actor`` is a thin shell.
 
+Quality, test-then-train: each step's target events are ranked by the served model (``learner.prequential``)
+before the model trains on them, and by the shadow baselines (``learner.shadow``) before each learns them;
+``quality`` (a :class:`learner.prequential.StreamQuality`) tallies every ranker on those same events.
+With a ``fallback`` (``learner.gate.RankerFallback``), each publish also tells serving which ranker to
+use (``EmbeddingBatch.served_by``): the model, or the best servable baseline while the model ranks
+significantly worse than it. Tallies, baselines and the fallback's window are checkpointed with the model.
+
 Commit order (see also ``stream.consumer``):
 
 1. ``process(batch)`` trains on *every* example of the delivered batch (in chunks of ``batch_size``)
@@ -18,6 +25,7 @@ and seeds their user state from the checkpoint, so nothing is applied twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -28,14 +36,35 @@ import numpy as np
 from learner import telemetry
 from learner.checkpoint_store import CheckpointStore
 from learner.drift import DriftMonitor
-from learner.gate import PublishGate, ndcg_gain
-from learner.prequential import PrequentialEvaluator, rank_of
+from learner.gate import PublishGate, RankerFallback, ndcg_gain
+from learner.prequential import PrequentialEvaluator, StreamQuality
 from learner.publisher import Publisher, Transport
+from learner.shadow import BASELINES, ShadowBaselines, consumed_items
 from stream.consumer import ExampleBatch, PendingCommits, Positions
+from stream.cooccurrence import rank_with_ties_against
 from stream.events import EmbeddingBatch, InteractionEvent
 from stream.user_state import UserStateStore
 
 log = logging.getLogger(__name__)
+
+MODEL = "model"
+RANKERS = (MODEL, *BASELINES)  # the rankers every target event is scored with
+# The baselines serving can compute itself, by the name ``served_by`` gives them, and their shadow ranker.
+SERVABLE = {"popularity": "popularity", "cooccurrence": "cooc_target"}
+
+
+class _StampServedBy:
+    """Hands each published batch on with the ranker serving must use (``EmbeddingBatch.served_by``)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.served_by = MODEL
+
+    def stamp(self, batch: EmbeddingBatch) -> EmbeddingBatch:
+        return dataclasses.replace(batch, served_by=self.served_by)
+
+    def send(self, batch: EmbeddingBatch) -> None:
+        self.transport.send(self.stamp(batch))
 
 
 class OnlineTrainer:
@@ -58,13 +87,16 @@ class OnlineTrainer:
         gate: PublishGate | None = None,
         gate_sample_per_step: int = 64,
         drift: DriftMonitor | None = None,
+        fallback: RankerFallback | None = None,
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
         ``max_users``: users kept per partition in the mirror of the consumers' user state;
         ``served_max_users``: users in the mirror of what serving holds (``ServingSettings.max_users``).
         ``drift``: watches each step's losses and prequential metrics, the input events and, after each
-        publish, the prototype assignments (``learner.drift``); its detectors are checkpointed."""
+        publish, the prototype assignments (``learner.drift``); its detectors are checkpointed.
+        ``fallback``: decides at each publish whether serving uses the model or a baseline; its baselines
+        must be named as in ``SERVABLE``. Without it serving always uses the model."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if checkpoint_every_steps < 1:
@@ -75,8 +107,14 @@ class OnlineTrainer:
         self.checkpoints = checkpoints
         self.checkpoint_every_steps = checkpoint_every_steps
         self.max_users = max_users
-        self.publisher = Publisher(learner, transport, publish_every_steps, publish_every_s, full_publish_every)
-        self.prequential = PrequentialEvaluator(prequential_k, prequential_window, max_users=served_max_users)
+        if fallback is not None and not set(fallback.baselines) <= set(SERVABLE):
+            raise ValueError(f"fallback baselines must be among {sorted(SERVABLE)}, got {list(fallback.baselines)}")
+        self._stamp = _StampServedBy(transport)
+        self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every)
+        self.prequential = PrequentialEvaluator(max_users=served_max_users)
+        self.shadow = ShadowBaselines(self.source, self.target, max_history=learner.config.max_len)
+        self.quality = StreamQuality(RANKERS, prequential_k, prequential_window, model=MODEL)
+        self.fallback = fallback
         self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
         self.mirror: dict[int, UserStateStore] = {}  # partition -> the consumers' user state, as trained
         self.pending = PendingCommits()
@@ -112,16 +150,26 @@ class OnlineTrainer:
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
         start_s = time.perf_counter()
-        consumed = [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target]
-        served_ranks = self.prequential.rank_many(consumed)  # test with what is served ...
-        telemetry.PREQUENTIAL_RANKED.inc(sum(r is not None for r in served_ranks))
+        targets = [ex for ex in examples if ex.domain == self.target]
+        consumed = [(ex.user_id, ex.item_id) for ex in targets]
+        before = [consumed_items(ex, self.target) for ex in targets]  # excluded from the candidates
+        served_ranks = self.prequential.rank_many(consumed, before)  # test with what is served ...
+        rankable, baseline_ranks = self.shadow.observe(examples)  # ... the baselines, each event then learnt ...
+        gains = self.quality.record(rankable, {MODEL: served_ranks, **baseline_ranks})
+        if self.fallback is not None:
+            self.fallback.record(gains[MODEL], {name: gains[SERVABLE[name]] for name in self.fallback.baselines})
+        telemetry.PREQUENTIAL_RANKED.inc(len(targets))
         if self.gate is not None and consumed:
-            self._shadow_rank(consumed, served_ranks)  # ... and with what would be published ...
+            self._shadow_rank(consumed, before, served_ranks)  # ... and with what would be published ...
         stats = dict(self.learner.learn_many(examples))  # ... then train
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         stats.update(self.prequential.stats())
+        stats.update(self.quality.stats())
+        telemetry.record_quality(self.quality)
         if self.gate is not None:
             stats.update(self.gate.state())
+        if self.fallback is not None:
+            stats.update(self.fallback.state())
         if self.drift is not None:
             self.drift.observe_events([ex.domain for ex in examples], [ex.item_id for ex in examples])
             self.drift.observe_step(stats, int(self.learner.step))
@@ -133,8 +181,10 @@ class OnlineTrainer:
         self.publish_if_due()
         return stats
 
-    def _shadow_rank(self, consumed: list[tuple[str, str]], served_ranks: list[int | None]) -> None:
-        """Rank a sample of the step's target events with the live model too (before it trains on them)."""
+    def _shadow_rank(self, consumed: list[tuple[str, str]], before: list[tuple[str, ...]],
+                     served_ranks: list[int | None]) -> None:
+        """Rank a sample of the step's target events with the live model too (before it trains on them),
+        as the served ranks are: ties against the item, the user's earlier target items excluded."""
         assert self.gate is not None
         # Compare version with version: only events whose user the served version ranks with its model
         # vectors (not the popularity fallback) and whose item it holds.
@@ -145,10 +195,17 @@ class OnlineTrainer:
         picked = np.asarray(candidates)
         if len(candidates) > self.gate_sample_per_step:
             picked = np.sort(self._gate_rng.choice(picked, self.gate_sample_per_step, replace=False))
-        rows = self.learner.idmaps["target"].rows(consumed[i][1] for i in picked) - 1  # embed_items order
+        idmap = self.learner.idmaps["target"]
+        rows = idmap.rows(consumed[i][1] for i in picked) - 1  # embed_items order
         scores = self.learner.score_items(self.learner.embed_users([consumed[i][0] for i in picked]))  # (B, N)
-        k = self.prequential.k
-        live = [ndcg_gain(rank_of(scores[j], int(r)) if r >= 0 else None, k) for j, r in enumerate(rows.tolist())]
+        k = self.quality.k
+        live = []
+        for j, (i, r) in enumerate(zip(picked.tolist(), rows.tolist(), strict=True)):
+            if r < 0:
+                live.append(0.0)
+                continue
+            excluded = [e for e in (idmap.rows(before[i]) - 1).tolist() if e >= 0]
+            live.append(ndcg_gain(rank_with_ties_against(scores[j], int(r), excluded), k))
         served = [ndcg_gain(served_ranks[i], k) for i in picked.tolist()]
         self.gate.record(served, live)
 
@@ -168,8 +225,11 @@ class OnlineTrainer:
                 telemetry.PUBLISH_HELD.inc()
                 self.publisher.hold(int(self.learner.step))
                 return None
+        if self.fallback is not None:
+            previous, self._stamp.served_by = self._stamp.served_by, self.fallback.decide()
+            telemetry.record_served_ranker(self._stamp.served_by, self._stamp.served_by != previous)
         start_s = time.perf_counter()
-        batch = self.publisher.publish(int(self.learner.step), force_full=force_full)
+        batch = self._stamp.stamp(self.publisher.publish(int(self.learner.step), force_full=force_full))
         if self.gate is not None:
             self.gate.published()
         if batch.full:
@@ -204,6 +264,9 @@ class OnlineTrainer:
             "publisher": self.publisher.state_dict(),
             "events_applied": self.events_applied,
             "drift": self.drift.state_dict() if self.drift is not None else None,
+            "quality": self.quality.state_dict(),
+            "shadow": self.shadow.state_dict(),
+            "fallback": self.fallback.state_dict() if self.fallback is not None else None,
         }
         start_s = time.perf_counter()
         self.checkpoints.save(self.learner, int(self.learner.step), extra)
@@ -231,6 +294,13 @@ class OnlineTrainer:
         self.events_applied = int(extra["events_applied"])
         if self.drift is not None and extra.get("drift") is not None:
             self.drift.load_state_dict(extra["drift"])
+        if extra.get("quality") is not None:
+            self.quality.load_state_dict(extra["quality"])
+        if extra.get("shadow") is not None:
+            self.shadow.load_state_dict(extra["shadow"])
+        if self.fallback is not None and extra.get("fallback") is not None:
+            self.fallback.load_state_dict(extra["fallback"])
+            self._stamp.served_by = self.fallback.served
         self._last_checkpoint_step = int(learner.step)
         log.info("restored step=%d events_applied=%d partitions=%d", learner.step, self.events_applied,
                  len(self.positions))
@@ -242,6 +312,19 @@ class OnlineTrainer:
             "positions": dict(self.positions),
             "user_state": {p: s.state_dict() for p, s in self.mirror.items()},
         }
+
+    @property
+    def served_by(self) -> str:
+        """The ranker serving was last told to use."""
+        return self._stamp.served_by
+
+    def quality_report(self) -> dict[str, Any]:
+        """The prequential figures of the model and every baseline (``StreamQuality.figures``), JSON-ready,
+        with the ranker serving was last told to use."""
+        out = self.quality.figures()
+        out["served_by"] = self.served_by
+        out["fallback"] = self.fallback.state() if self.fallback is not None else None
+        return out
 
     def summary(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self.last_stats.items() if isinstance(v, int | float) and not math.isnan(v)}

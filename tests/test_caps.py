@@ -163,7 +163,7 @@ def _batch(version: int, users: list[str], user_vectors: np.ndarray) -> Embeddin
 
 
 def test_prequential_mirror_is_capped_like_serving() -> None:
-    ev = PrequentialEvaluator(k=1, window=10, max_users=2)
+    ev = PrequentialEvaluator(max_users=2)
     ev.set_served(1, ["i0", "i1"], np.eye(2, dtype=np.float32), ["u0", "u1"],
                   np.array([[[1.0, 0.0]], [[1.0, 0.0]]], np.float32), popularity=["i1", "i0"])
     ev.set_served_delta(_batch(2, ["u2"], np.array([[[0.0, 1.0]]], np.float32)))  # evicts u0, reuses row 0
@@ -176,7 +176,7 @@ def test_prequential_mirror_is_capped_like_serving() -> None:
 
 
 def test_prequential_full_publish_beyond_the_cap_keeps_the_last_users() -> None:
-    ev = PrequentialEvaluator(k=1, window=10, max_users=2)
+    ev = PrequentialEvaluator(max_users=2)
     ev.set_served(1, ["i0"], np.ones((1, 2), np.float32), ["a", "b", "c"], np.ones((3, 1, 2), np.float32), ["i0"])
     assert [u for u in ("a", "b", "c") if ev.serves_user(u)] == ["b", "c"]
     assert ev.stats()["prequential_users_evicted"] == 1.0

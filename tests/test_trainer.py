@@ -75,9 +75,20 @@ def test_trains_every_example_publishes_and_ranks(tmp_path: Path, events: list[I
     # The last publish came after the last step, so every target event reached serving as consumed.
     consumed = [pair for b in sent for pair in b.consumed]
     assert sorted(consumed) == sorted((e.user_id, e.item_id) for e in events[:600] if e.domain == "book")
-    # Prequential: after the first publish, target events were ranked against the served state.
-    assert trainer.prequential.ranked_total > 0
-    assert 0.0 <= trainer.prequential.hr <= 1.0
+    # Prequential: every target event was ranked by the model and by every baseline, before training.
+    books = [e.item_id for e in events[:600] if e.domain == "book"]
+    assert {name: t.events for name, t in trainer.quality.tallies.items()} == dict.fromkeys(
+        ("model", "popularity", "cooc_target", "cooc_target_source"), len(books))
+    # An item's first occurrence is the only unrankable one, in whatever order the partitions interleave.
+    figures = trainer.quality.figures()["rankers"]
+    assert {f["stream"]["rankable"] for f in figures.values()} == {len(books) - len(set(books))}
+    # The model ranks against what serving holds: before the first publish nothing is served (all misses).
+    assert trainer.prequential.ranked_total + trainer.prequential.unrankable_total == len(books)
+    assert 0 < trainer.prequential.ranked_total < len(books)
+    for f in figures.values():
+        s = f["stream"]
+        assert s["ndcg"] == pytest.approx(s["rankable_ratio"] * s["ndcg_rankable"], abs=1e-12)
+    assert all(b.served_by == "model" for b in sent)  # no fallback configured
 
 
 def test_checkpoint_restore_resumes_exactly(tmp_path: Path, events: list[InteractionEvent]) -> None:
@@ -103,6 +114,9 @@ def test_checkpoint_restore_resumes_exactly(tmp_path: Path, events: list[Interac
     # The restored mirror continues the consumers' user state exactly.
     for p, store in trainer.mirror.items():
         assert fresh.mirror[p].state_dict() == store.state_dict()
+    # So do the prequential tallies and the shadow baselines (the same figures, the same counts).
+    assert fresh.quality.state_dict() == trainer.quality.state_dict()
+    assert fresh.shadow.state_dict() == trainer.shadow.state_dict()
 
 
 def test_checkpoint_holds_only_trained_batches(tmp_path: Path, events: list[InteractionEvent]) -> None:
