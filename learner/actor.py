@@ -1,8 +1,8 @@
 """Ray shell around the online trainer: takes example batches from the consumers' bounded queue, trains,
 publishes to the serving actor through its handle, checkpoints, then commits offsets.
 
-The loop (``run``), once per delivered batch: ``trainer.process(batch)`` (prequential rank, then
-``learn_many`` on every example), and when a checkpoint is due: write it, *then* send each consumer the
+The loop (``run``), once per delivered batch: ``trainer.process(batch)`` (prequential rank of the model
+and the shadow baselines, then ``learn_many`` on every example), and when a checkpoint is due: write it, *then* send each consumer the
 positions it made durable (``ConsumerWorker.commit``). See ``learner.trainer`` for why this order loses
 nothing. A commit that fails (the broker is down, the consumer died) is logged and its positions go back
 to the pending set, so the next round commits them (a newer position covers an older one); nothing is
@@ -305,6 +305,10 @@ class LearnerWorker:
         out["versions_dropped"] = float(self.versions_dropped)
         out["redelivered_dropped"] = float(self.redelivered_dropped)
         return out
+
+    def quality(self) -> dict[str, Any]:
+        """Prequential figures of the model and every baseline, and the ranker serving was told to use."""
+        return self.trainer.quality_report()
 
     def recommend(self, user_id: str, k: int = 10) -> list[tuple[str, float]]:
         return list(self.trainer.learner.recommend(user_id, k))

@@ -30,8 +30,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -48,6 +49,29 @@ def ndcg_gain(rank: int | None, k: int) -> float:
     if rank is None or rank > k:
         return 0.0
     return 1.0 / math.log2(rank + 1)
+
+
+def paired_z(a: Sequence[float], b: Sequence[float]) -> float:
+    """z statistic of the mean paired difference ``a - b`` (one pair per event): mean / (std / sqrt(n)).
+
+    nan with fewer than two pairs; with no spread, 0 for equal means and +-inf otherwise.
+
+    >>> round(paired_z([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]), 3)
+    1.732
+    >>> paired_z([0.0, 0.0], [0.0, 0.0]), paired_z([0.0, 0.0], [1.0, 1.0])
+    (0.0, -inf)
+    """
+    n = len(a)
+    if n != len(b):
+        raise ValueError(f"paired values differ in length: {n} vs {len(b)}")
+    if n < 2:
+        return math.nan
+    diffs = np.fromiter(a, np.float64, n) - np.fromiter(b, np.float64, n)  # (n,)
+    mean = float(diffs.mean())
+    var = float(diffs.var(ddof=1))
+    if var == 0.0:
+        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    return mean / math.sqrt(var / n)
 
 
 class PublishGate:
@@ -104,15 +128,7 @@ class PublishGate:
     @property
     def z(self) -> float:
         """Paired z statistic of mean(live - served) gain; negative = the live model ranks worse."""
-        n = len(self._served)
-        if n < 2:
-            return math.nan
-        diffs = np.fromiter(self._live, np.float64, n) - np.fromiter(self._served, np.float64, n)  # (n,)
-        mean = float(diffs.mean())
-        var = float(diffs.var(ddof=1))
-        if var == 0.0:
-            return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
-        return mean / math.sqrt(var / n)
+        return paired_z(self._live, self._served)
 
     def allows(self, version: int | None = None) -> bool:
         """True when the live model may be published; False (and an alarm) when it would be a regression."""
@@ -158,3 +174,156 @@ class PublishGate:
             "gate_events": float(self.events),
             "gate_z": self.z,
         }
+
+
+class RankerFallback:
+    """Which ranker serving uses: the model, or the best servable baseline while the model is worse.
+
+    Paired and windowed, like the version check above: the NDCG@k gains of the *served* model (the
+    prequential rank, the popularity fallback of users without vectors included, as ``/recommend`` answers)
+    and of each servable baseline (one serving can compute itself) on the same target events, the last
+    ``window`` of them. The window slides across published versions: a version is served for about a
+    second, far too few events to judge it alone, and the model changes little between two versions.
+
+    ``decide()`` (at each publish) picks the ranker for the next version:
+
+    - fewer than ``min_events`` paired events: keep the current ranker;
+    - ``best`` is the baseline with the highest windowed NDCG@k (ties: the first of ``baselines``);
+    - serving the model: switch to ``best`` when the model is significantly worse than it, the one-sided
+      paired z-test ``z(model - best) <= -z_critical``;
+    - serving a baseline: back to the model once ``z(model - best) >= recover_z`` (default 0: the model
+      ranks at least as well as the best baseline on the window; the gap between the two thresholds keeps
+      a model that hovers at the edge from switching to and fro); else to ``best`` if it is another
+      baseline and significantly better than the current one (``z(best - current) >= z_critical``).
+
+    Each switch is one log line (and one JSON line in ``log_path``) and counts in ``switches``.
+
+    >>> fb = RankerFallback(("popularity", "cooccurrence"), window=8, min_events=4, z_critical=1.0)
+    >>> fb.record([0.0, 0.0, 1.0, 0.0], {"popularity": [1.0, 0.0, 1.0, 1.0], "cooccurrence": [0.0, 0.0, 1.0, 0.0]})
+    >>> fb.decide(), round(fb.z_against("popularity"), 3)
+    ('popularity', -1.732)
+    >>> fb.record([1.0] * 4, {"popularity": [0.0] * 4, "cooccurrence": [0.0] * 4})  # the model recovers
+    >>> fb.decide(), fb.switches
+    ('model', 2)
+    """
+
+    def __init__(
+        self,
+        baselines: Sequence[str] = ("popularity", "cooccurrence"),
+        window: int = 2000,
+        min_events: int = 200,
+        z_critical: float = 2.33,
+        recover_z: float = 0.0,
+        log_path: Path | None = None,
+        model: str = "model",
+    ) -> None:
+        if not baselines or model in baselines or len(set(baselines)) != len(baselines):
+            raise ValueError(f"baselines must be distinct names other than {model!r}, got {list(baselines)}")
+        if min_events < 2 or window < min_events:
+            raise ValueError(f"need 2 <= min_events <= window, got min_events={min_events} window={window}")
+        if z_critical <= 0 or recover_z <= -z_critical:
+            raise ValueError(f"need z_critical > 0 and recover_z > -z_critical, got z_critical={z_critical} "
+                             f"recover_z={recover_z}")
+        self.model = model
+        self.baselines = tuple(baselines)
+        self.min_events = min_events
+        self.z_critical = z_critical
+        self.recover_z = recover_z
+        self.log_path = log_path
+        self._gains = {name: deque[float](maxlen=window) for name in (model, *self.baselines)}
+        self.served = model
+        self.switches = 0
+
+    @property
+    def events(self) -> int:
+        return len(self._gains[self.model])
+
+    def record(self, model_gains: Sequence[float], baseline_gains: Mapping[str, Sequence[float]]) -> None:
+        """Add the NDCG@k gains of the same events: the served model's and each baseline's."""
+        if set(baseline_gains) != set(self.baselines):
+            raise ValueError(f"gains must be given for the baselines {list(self.baselines)}, got {sorted(baseline_gains)}")
+        for name, gains in baseline_gains.items():
+            if len(gains) != len(model_gains):
+                raise ValueError(f"{name}: {len(gains)} gains for {len(model_gains)} model gains")
+        self._gains[self.model].extend(model_gains)
+        for name, gains in baseline_gains.items():
+            self._gains[name].extend(gains)
+
+    def ndcg(self, ranker: str) -> float:
+        """Windowed mean NDCG@k gain of ``ranker`` (nan before any event)."""
+        gains = self._gains[ranker]
+        return sum(gains) / len(gains) if gains else math.nan
+
+    def best(self) -> str:
+        scores = {b: self.ndcg(b) for b in self.baselines}
+        return max(self.baselines, key=lambda b: -math.inf if math.isnan(scores[b]) else scores[b])
+
+    def z_against(self, baseline: str, ranker: str | None = None) -> float:
+        """Paired z of ``ranker`` (default the model) minus ``baseline``; negative = ``ranker`` is worse."""
+        return paired_z(self._gains[ranker or self.model], self._gains[baseline])
+
+    def decide(self) -> str:
+        """The ranker serving should use from now on (see the class docstring); logs a switch."""
+        if self.events < self.min_events:
+            return self.served
+        best = self.best()
+        z = self.z_against(best)
+        chosen = self.served
+        if self.served == self.model:
+            if z <= -self.z_critical:
+                chosen = best
+        elif z >= self.recover_z:
+            chosen = self.model
+        elif best != self.served and self.z_against(self.served, ranker=best) >= self.z_critical:
+            chosen = best
+        if chosen != self.served:
+            self._switch(chosen, best, z)
+        return self.served
+
+    def _switch(self, to: str, best: str, z: float) -> None:
+        record = {
+            "time_s": time.time(),
+            "signal": "serving_ranker",
+            "detector": "paired_ndcg_vs_baseline",
+            "from": self.served,
+            "to": to,
+            "model_ndcg": self.ndcg(self.model),
+            "best_baseline": best,
+            "best_baseline_ndcg": self.ndcg(best),
+            "z": z,
+            "z_critical": self.z_critical,
+            "recover_z": self.recover_z,
+            "events": self.events,
+        }
+        log.warning("serving ranker switched %s", record)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("ab") as fh:
+                fh.write(orjson.dumps(record) + b"\n")
+        self.served = to
+        self.switches += 1
+
+    def state(self) -> dict[str, float]:
+        best = self.best()
+        return {
+            "fallback_serving_baseline": float(self.served != self.model),
+            "fallback_switches_total": float(self.switches),
+            "fallback_events": float(self.events),
+            "fallback_model_ndcg": self.ndcg(self.model),
+            "fallback_best_baseline_ndcg": self.ndcg(best),
+            "fallback_z": self.z_against(best),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"served": self.served, "switches": self.switches,
+                "gains": {name: list(g) for name, g in self._gains.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint: the ranker it served, its switch count and paired window."""
+        if state["served"] in (self.model, *self.baselines):
+            self.served = state["served"]
+        self.switches = int(state["switches"])
+        for name, gains in state["gains"].items():
+            if name in self._gains:
+                self._gains[name].clear()
+                self._gains[name].extend(gains)

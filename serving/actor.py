@@ -2,7 +2,8 @@
 
 The learner actor hands it :class:`~stream.events.EmbeddingBatch` es through its handle (the in-cluster
 transport). Each batch's item rows go into the FAISS index as one upsert, user query vectors into the
-user store, consumed (user, item) pairs into the exclusion sets and popularity counts. Freshness, the
+user store, consumed (user, item) pairs into the exclusion sets, popularity and co-occurrence counts; its
+``served_by`` says which ranker ``/recommend`` answers with from then on. Freshness, the
 time from an event's arrival at the learner to its effect being visible here, is recorded per user.
 The HTTP server runs in a thread of this actor, so ``/recommend`` reads the same in-memory state
 without a hop.
@@ -80,6 +81,7 @@ class ServingCore:
             by_user.setdefault(user_id, []).append(item_id)
         for user_id, item_ids in by_user.items():
             self.service.record_consumed(user_id, item_ids)
+        self.service.set_ranker(batch.served_by)
         self.service.refresh_gauges()
         now_s = time.time()
         for ingest_s in batch.ingest_wall_s.values():
@@ -99,10 +101,12 @@ class ServingCore:
             "index_version": rec.index_version,
         }
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         fresh = np.array(self._freshness_s)
         health = self.service.health()
         return {
+            "served_by": self.service.ranker,
+            "ranker_switches": float(self.service.ranker_switches),
             "served_version": float(self.version),
             "batches_applied": float(self.batches_applied),
             "index_items": float(health["index_items"]),

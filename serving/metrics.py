@@ -14,9 +14,15 @@ HTTP_REQUEST_SECONDS = Histogram(
 )
 RECOMMENDATIONS = Counter(
     "sitn_serving_recommendations",
-    "Recommendation requests answered, by the path that served them.",
+    "Recommendation requests answered, by the path that served them (model, popularity, cooccurrence).",
     ["served_by"],
 )
+RANKER = Gauge(
+    "sitn_serving_ranker",
+    "1 for the ranker /recommend answers with (model, popularity, cooccurrence; the learner decides), 0 for the others.",
+    ["served_by"],
+)
+RANKER_SWITCHES = Counter("sitn_serving_ranker_switches", "Switches of the ranker /recommend answers with.")
 INDEX_VERSION = Gauge("sitn_serving_index_version", "Highest item-embedding version in the live index.")
 INDEX_SIZE = Gauge("sitn_serving_index_items", "Items in the live index.")
 INDEX_AGE_SECONDS = Gauge("sitn_serving_index_age_seconds", "Seconds since the live index was last swapped.")

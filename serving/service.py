@@ -16,6 +16,16 @@
 ['b']
 >>> service.recommend("stranger", k=2).served_by
 'popularity'
+
+The learner can tell serving to answer with a baseline instead of the model (``set_ranker``, from each
+published batch's ``served_by``) while the model ranks significantly worse than it:
+
+>>> service.set_ranker("cooccurrence")
+True
+>>> service.record_consumed("u2", ["a", "b"])  # u2 consumed a, then b: they co-occur
+>>> rec = service.recommend("u1", k=2)  # u1 consumed a: b first, by co-occurrence
+>>> rec.served_by, [s.item_id for s in rec.items]
+('cooccurrence', ['b'])
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from serving import metrics
+from serving.cooccurrence import CooccurrenceRanker
 from serving.index import ItemIndex
 from serving.settings import ServingSettings
 from serving.store import ConsumedItems, PopularityCounter, UserVectorStore
@@ -42,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 MAX_K = 1000
 SNAPSHOT_FORMAT = 1
+# The rankers /recommend can answer with: the model (users without vectors: popularity), or for every
+# user a baseline serving computes itself (``served_by`` of a response names the path that answered).
+RANKERS = ("model", "popularity", "cooccurrence")
 
 
 def validate_update(update: EmbeddingUpdate, dim: int) -> None:
@@ -75,14 +89,14 @@ def validate_update(update: EmbeddingUpdate, dim: int) -> None:
 @dataclass(frozen=True, slots=True)
 class ScoredItem:
     item_id: str
-    score: float  # inner product for "model", interaction count for "popularity"
+    score: float  # inner product for "model", interaction count for "popularity", similarity for "cooccurrence"
 
 
 @dataclass(frozen=True, slots=True)
 class Recommendation:
     user_id: str
     items: tuple[ScoredItem, ...]
-    served_by: str  # "model" | "popularity"
+    served_by: str  # "model" | "popularity" | "cooccurrence"
     index_version: int
     index_age_s: float
     index_size: int
@@ -135,7 +149,11 @@ class RecommendationService:
         self.users = UserVectorStore(dim, max_users)
         self.consumed = ConsumedItems(max_consumed_per_user, max_users)
         self.popularity = PopularityCounter(popularity_refresh_s)
+        self.cooccurrence = CooccurrenceRanker()
+        self.ranker = "model"
+        self.ranker_switches = 0
         self._evictions_exported = {"vectors": 0, "consumed": 0}
+        self._export_ranker()
 
     # --- updates -----------------------------------------------------------------------------
 
@@ -163,8 +181,15 @@ class RecommendationService:
         return UpdateStats(applied_items, applied_users, stale)
 
     def record_consumed(self, user_id: str, item_ids: Iterable[str]) -> None:
-        """Remember that ``user_id`` consumed ``item_ids`` (excluded from their results) and count them."""
+        """Remember that ``user_id`` consumed ``item_ids`` in this order (excluded from their results), count
+        them, and learn their co-occurrence with what the user consumed before."""
         item_ids = list(item_ids)
+        before = self.consumed.history(user_id)
+        events = []
+        for item_id in item_ids:
+            events.append((before, item_id))
+            before = (*before, item_id)
+        self.cooccurrence.learn(events)
         self.consumed.add(user_id, item_ids)
         self.popularity.add(item_ids)
         if self.consumed.evicted_users != self._evictions_exported["consumed"]:
@@ -173,21 +198,45 @@ class RecommendationService:
     def record_popularity(self, item_ids: Iterable[str]) -> None:
         self.popularity.add(item_ids)
 
+    def set_ranker(self, ranker: str) -> bool:
+        """Answer with ``ranker`` from now on (one of ``RANKERS``); True when that is a switch (logged)."""
+        if ranker not in RANKERS:
+            raise ValueError(f"ranker must be one of {RANKERS}, got {ranker!r}")
+        if ranker == self.ranker:
+            return False
+        logger.warning("serving ranker switched from=%s to=%s", self.ranker, ranker)
+        self.ranker = ranker
+        self.ranker_switches += 1
+        metrics.RANKER_SWITCHES.inc()
+        self._export_ranker()
+        return True
+
+    def _export_ranker(self) -> None:
+        for name in RANKERS:
+            metrics.RANKER.labels(name).set(1.0 if name == self.ranker else 0.0)
+
     # --- reads -------------------------------------------------------------------------------
 
     def recommend(self, user_id: str, k: int = 10) -> Recommendation:
-        """Top ``k`` items for ``user_id``: the model path if the user has vectors, else popularity."""
+        """Top ``k`` items for ``user_id``, the user's consumed items excluded. Ranker ``model``: the model
+        path if the user has vectors, else popularity; ``cooccurrence``: co-occurrence with the user's
+        consumed items if there are any, else popularity; ``popularity``: popularity."""
         if not isinstance(user_id, str) or not 1 <= len(user_id) <= MAX_ID_CHARS:
             got = len(user_id) if isinstance(user_id, str) else type(user_id).__name__
             raise ValueError(f"user_id must be a string of 1..{MAX_ID_CHARS} characters, got {got}")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
         snap = self.index.snapshot
+        ranker = self.ranker
         exclude = self.consumed.get(user_id)
-        queries = self.users.get(user_id)  # (V, D) or None
+        queries = self.users.get(user_id) if ranker == "model" else None  # (V, D) or None
+        history = self.consumed.history(user_id) if ranker == "cooccurrence" else ()
         if queries is not None and snap.size > 0:
             items = tuple(ScoredItem(i, s) for i, s in self.index.search(queries, k, exclude))
             served_by = "model"
+        elif history:
+            items = tuple(ScoredItem(i, s) for i, s in self.cooccurrence.top(history, k, frozenset(history)))
+            served_by = "cooccurrence"
         else:
             items = tuple(ScoredItem(i, float(c)) for i, c in self.popularity.top(k, exclude))
             served_by = "popularity"
@@ -195,9 +244,10 @@ class RecommendationService:
         age_s = max(0.0, time.time() - snap.updated_at_unix_s)
         return Recommendation(user_id, items, served_by, snap.version, age_s, snap.size)
 
-    def health(self) -> dict[str, float | int | bool]:
+    def health(self) -> dict[str, float | int | bool | str]:
         snap = self.index.snapshot
         return {
+            "ranker": self.ranker,
             "index_version": snap.version,
             "index_items": snap.size,
             "index_age_s": round(self.index.age_s(), 3),
@@ -236,6 +286,7 @@ class RecommendationService:
         meta = {
             "format": SNAPSHOT_FORMAT,
             "dim": self.dim,
+            "ranker": self.ranker,
             "version": version,
             "created_at_unix_s": time.time(),
         }
@@ -284,12 +335,13 @@ class RecommendationService:
                     zip(data["user_ids"].tolist(), data["user_versions"].tolist(), strict=True)
                 )
             )
-            self.consumed.replace_all(
-                zip(data["consumed_user_ids"].tolist(), data["consumed_item_ids"].tolist(), strict=True)
-            )
+            consumed = list(zip(data["consumed_user_ids"].tolist(), data["consumed_item_ids"].tolist(), strict=True))
+            self.consumed.replace_all(consumed)
+            self.cooccurrence = _cooccurrence_of(consumed)
             self.popularity.replace_all(
                 zip(data["popular_item_ids"].tolist(), data["popular_counts"].tolist(), strict=True)
             )
+        self.set_ranker(meta.get("ranker", "model"))
         self.refresh_gauges()
         info = SnapshotInfo(str(path), int(meta["version"]), len(item_ids), len(self.users))
         logger.info(
@@ -322,6 +374,20 @@ class RecommendationService:
         service = cls(dim, **kwargs)  # type: ignore[arg-type]
         service.restore_snapshot(path)
         return service
+
+
+def _cooccurrence_of(consumed: Iterable[tuple[str, str]]) -> CooccurrenceRanker:
+    """Co-occurrence rebuilt from consumed ``(user, item)`` pairs (a snapshot's, each user's oldest first):
+    the pairs within each user's remembered items, not the full history the original counted."""
+    ranker = CooccurrenceRanker()
+    before: dict[str, tuple[str, ...]] = {}
+    events = []
+    for user_id, item_id in consumed:
+        history = before.get(user_id, ())
+        events.append((history, item_id))
+        before[user_id] = (*history, item_id)
+    ranker.learn(events)
+    return ranker
 
 
 def _str_array(values: Iterable[str]) -> np.ndarray:

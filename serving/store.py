@@ -20,8 +20,8 @@ False
 [[1.0, 0.0]]
 >>> consumed = ConsumedItems(max_items_per_user=2)
 >>> consumed.add("u1", ["a", "b", "c"])
->>> sorted(consumed.get("u1"))
-['b', 'c']
+>>> sorted(consumed.get("u1")), consumed.history("u1")
+(['b', 'c'], ('b', 'c'))
 >>> capped = UserVectorStore(dim=1, max_users=2)
 >>> for user_id in ("u1", "u2", "u1", "u3"):  # u1 updated again: u2 is now the least recently updated
 ...     _ = capped.upsert(user_id, np.ones((1, 1)), version=1)
@@ -146,6 +146,12 @@ class ConsumedItems:
         with self._lock:
             items = self._items.get(user_id)
             return frozenset(items) if items else frozenset()
+
+    def history(self, user_id: str) -> tuple[str, ...]:
+        """The user's consumed items, least recently consumed first (a repeat moves to the end)."""
+        with self._lock:
+            items = self._items.get(user_id)
+            return tuple(items) if items else ()
 
     def export(self) -> list[tuple[str, str]]:
         """``(user_id, item_id)`` pairs, least recently updated user first and oldest item first per user,

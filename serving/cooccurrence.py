@@ -1,0 +1,66 @@
+"""Item co-occurrence over what serving's users consumed: the ranker ``/recommend`` falls back to while the
+learner reports the model significantly worse than it (``served_by="cooccurrence"``).
+
+It is the learner's ``cooc_target`` shadow baseline (``learner.shadow``), computed here from what serving
+receives: each published batch's consumed (user, target item) pairs, counted in arrival order against the
+user's consumed items before them (serving's consumed set, oldest first, the last ``max_history`` used).
+It differs from the learner's only in what the history holds (serving's consumed set of up to
+``max_consumed_per_user`` items, not the example's last ``max_len`` target events) and in arriving once per
+publish. A user's recommendations score every item against their consumed items; the items without a
+co-occurrence signal follow in popularity order.
+
+Thread safety: learning (the publish path) and scoring (the request path) take one lock; scoring the
+39k books of the shipped catalogue takes well under a millisecond.
+
+>>> ranker = CooccurrenceRanker()
+>>> ranker.learn([((), "a"), (("a",), "b"), ((), "c"), (("c",), "a")])
+>>> [(item_id, round(score, 3)) for item_id, score in ranker.top(("a",), k=3, exclude={"a"})]  # ties: first seen
+[('b', 0.707), ('c', 0.707)]
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection, Iterable, Sequence
+
+import numpy as np
+
+from stream.cooccurrence import ItemCooccurrence
+
+# ItemCooccurrence counts events of two named domains; serving only sees the target domain.
+_SOURCE, _TARGET = "source", "target"
+
+
+class CooccurrenceRanker:
+    """Target-history item co-occurrence, learnt from consumed pairs, ranked for a user's consumed items."""
+
+    def __init__(self, max_history: int = 50) -> None:
+        self.max_history = max_history
+        self._cooc = ItemCooccurrence(_SOURCE, _TARGET, max_history=max_history)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._cooc)
+
+    def learn(self, events: Iterable[tuple[Sequence[str], str]]) -> None:
+        """Count each ``(consumed before, item)`` event, in order."""
+        with self._lock:
+            for before, item_id in events:
+                self._cooc.learn({_TARGET: tuple(before)[-self.max_history :]}, _TARGET, item_id)
+
+    def top(self, history: Sequence[str], k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
+        """The ``k`` best items for a user who consumed ``history`` (oldest first), ``exclude`` left out,
+        as ``(item_id, score)``, best first (equal scores: the item seen first)."""
+        with self._lock:
+            scores = self._cooc.scores({_TARGET: tuple(history)}, "target")  # (N,)
+            item_ids = self._cooc.item_ids
+            rows = [r for r in map(self._cooc.row, exclude) if r is not None]
+            scores[rows] = -np.inf
+            n = min(k, len(item_ids) - len(set(rows)))
+            if n <= 0:
+                return []
+            kth = -np.partition(-scores, n - 1)[n - 1]  # the n-th highest score
+            above = np.flatnonzero(scores > kth)
+            best = np.concatenate([above, np.flatnonzero(scores == kth)[: n - len(above)]])  # ties: first rows
+            best = best[np.lexsort((best, -scores[best]))]  # by score, then row (first seen)
+            return [(item_ids[r], float(scores[r])) for r in best.tolist()]
