@@ -3,14 +3,18 @@
 Every ranker is built with the target catalogue (a fixed list of target item ids; its order is the
 column order of the scores) and offers:
 
-- ``partial_fit(events)``: one chronological pass over training events (both domains), online;
-- ``score(user_ids, histories) -> (N, C)`` float32 scores of every catalogue item for N queries, where a
+- ``learn_many(examples)``: learn causal examples (``stream.user_state.Example``: an event plus the
+  user's history strictly before it), in the order given;
+- ``score(user_ids, histories) -> (N, C)`` float scores of every catalogue item for N queries, where a
   query is a user id (``None`` for an anonymous, cold-start user) and that user's history before the
   held-out event (``{domain: (item_ids, timestamps)}``, oldest first);
-- ``snapshot()`` / ``restore(state)`` so early stopping can go back to the best epoch.
+- ``iterative``: True for a model that improves with more passes over the same examples (it is trained
+  in epochs with early stopping and needs ``snapshot()`` / ``restore(state)`` to go back to the best
+  epoch); False for a counting model, which learns each example exactly once (a second pass would
+  count every event twice).
 
 >>> pop = Popularity("book", ["b1", "b2", "b3"])
->>> pop.partial_fit([InteractionEvent("e1", "u", "b2", "book", 1), InteractionEvent("e2", "u", "m1", "movie", 2)])
+>>> pop.learn_many([Example("e1", "u", "book", "b2", 1, {}), Example("e2", "u", "movie", "m1", 2, {})])
 >>> pop.score(["u"], [{"book": ((), ())}]).tolist()
 [[0.0, 1.0, 0.0]]
 """
@@ -25,8 +29,8 @@ from typing import Protocol
 import numpy as np
 from river import optim, reco
 
-from stream.events import InteractionEvent
-from stream.user_state import Sequence_
+from stream.cooccurrence import MODES, ItemCooccurrence
+from stream.user_state import Example, Sequence_
 
 History = dict[str, Sequence_]
 
@@ -35,8 +39,9 @@ class Ranker(Protocol):
     """What the offline evaluation needs from a model."""
 
     name: str
+    iterative: bool
 
-    def partial_fit(self, events: Sequence[InteractionEvent]) -> None: ...
+    def learn_many(self, examples: Sequence[Example]) -> None: ...
 
     def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray: ...
 
@@ -49,6 +54,7 @@ class Popularity:
     """Scores a target item by how often it occurs in the training target events; ignores the user."""
 
     name = "popularity"
+    iterative = False
 
     def __init__(self, target: str, catalogue: Sequence[str]) -> None:
         self.target = target
@@ -56,10 +62,10 @@ class Popularity:
         self._index = {item_id: i for i, item_id in enumerate(self.catalogue)}
         self.counts = np.zeros(len(self.catalogue), dtype=np.float32)  # (C,)
 
-    def partial_fit(self, events: Sequence[InteractionEvent]) -> None:
-        for e in events:
-            if e.domain == self.target and e.item_id in self._index:
-                self.counts[self._index[e.item_id]] += 1.0
+    def learn_many(self, examples: Sequence[Example]) -> None:
+        for ex in examples:
+            if ex.domain == self.target and ex.item_id in self._index:
+                self.counts[self._index[ex.item_id]] += 1.0
 
     def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
         return np.broadcast_to(self.counts, (len(user_ids), len(self.counts))).copy()  # (N, C)
@@ -87,6 +93,7 @@ class OnlineMF:
     """
 
     name = "online_mf"
+    iterative = True
 
     def __init__(
         self,
@@ -120,9 +127,9 @@ class OnlineMF:
         self._domain_seen: dict[str, set[str]] = {}
         self._item_cache: tuple[np.ndarray, np.ndarray] | None = None
 
-    def partial_fit(self, events: Sequence[InteractionEvent]) -> None:
+    def learn_many(self, examples: Sequence[Example]) -> None:
         model = self.model
-        for e in events:
+        for e in examples:
             items = self._domain_items.setdefault(e.domain, [])
             seen = self._domain_seen.setdefault(e.domain, set())
             if e.item_id not in seen:
@@ -179,3 +186,76 @@ class OnlineMF:
     def restore(self, state: object) -> None:
         self.model, self._rng, self._domain_items, self._domain_seen = copy.deepcopy(state)  # type: ignore[misc]
         self._item_cache = None
+
+
+class ItemKNN:
+    """Item co-occurrence kNN (``stream.cooccurrence.ItemCooccurrence``, the stream's shadow baseline)
+    behind the ranker interface.
+
+    ``mode`` picks the history a query is scored from: ``"target"`` (the user's target items),
+    ``"target+source"`` or ``"source"`` (source items only). Learning counts each example once against
+    the causal history it carries, so the model has no epochs. Catalogue items the co-occurrence model
+    has not seen score 0, below every seen item (their popularity tie-break is > 0). Scores stay float64:
+the tie-break (``1e-9`` relative) would vanish in float32 next to a co-occurrence score.
+
+    >>> knn = ItemKNN("itemknn_target", "target", "movie", "book", ["b1", "b2", "b3"])
+    >>> knn.learn_many([Example("e1", "u", "book", "b1", 1, {"book": ((), ())}),
+    ...                 Example("e2", "u", "book", "b2", 2, {"book": (("b1",), (1,))})])
+    >>> [round(float(s), 6) for s in knn.score([None], [{"book": (("b1",), (1,))}])[0]]
+    [0.0, 1.0, 0.0]
+    """
+
+    iterative = False
+
+    def __init__(
+        self,
+        name: str,
+        mode: str,
+        source: str,
+        target: str,
+        catalogue: Sequence[str],
+        *,
+        alpha: float = 0.5,
+        max_history: int = 50,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.name = name
+        self.mode = mode
+        self.catalogue = list(catalogue)
+        self._index = {item_id: i for i, item_id in enumerate(self.catalogue)}
+        self.model = ItemCooccurrence(source, target, alpha=alpha, max_history=max_history)
+        self._columns = np.zeros(0, dtype=np.int64)  # co-occurrence row -> catalogue column
+
+    def learn_many(self, examples: Sequence[Example]) -> None:
+        self.model.learn_many(examples)
+
+    def columns(self) -> np.ndarray:
+        """``(n_seen,)`` catalogue column of each co-occurrence row (the items seen so far)."""
+        item_ids = self.model.item_ids
+        if len(self._columns) < len(item_ids):
+            missing = [i for i in item_ids[len(self._columns):] if i not in self._index]
+            if missing:
+                raise ValueError(f"items {missing[:5]} were learnt but are not in the catalogue")
+            new = np.array([self._index[i] for i in item_ids[len(self._columns):]], dtype=np.int64)
+            self._columns = np.concatenate([self._columns, new])
+        return self._columns
+
+    def score_mode(self, histories: Sequence[History], mode: str) -> np.ndarray:
+        """``(N, C)`` scores of ``histories`` in ``mode`` (the ranker's own mode or another one)."""
+        columns = self.columns()
+        out = np.zeros((len(histories), len(self.catalogue)), dtype=np.float64)  # (N, C)
+        for n, history in enumerate(histories):
+            out[n, columns] = self.model.scores(history, mode)
+        return out
+
+    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
+        return self.score_mode(histories, self.mode)
+
+    def snapshot(self) -> object:
+        return self.model.state_dict()
+
+    def restore(self, state: object) -> None:
+        assert isinstance(state, dict)
+        self.model = ItemCooccurrence.from_state_dict(state)
+        self._columns = np.zeros(0, dtype=np.int64)

@@ -1,33 +1,36 @@
-"""Offline evaluation, paper style: per-user chronological split, full-catalogue and sampled ranking.
+"""Offline evaluation, paper style: per-user chronological split, refit, full-catalogue and sampled ranking.
 
-Protocol (the choices, written down once; ``results.md`` repeats them):
+Protocol (the choices, written down once; ``results.md`` repeats them through ``learner.eval_report``):
 
 - Events come from ``stream.dataset.load_events``: chronological, same-second ties in file order. A
   user's order is the order of their events in that list.
 - Split, per user, on the target domain: the user's last target event is the *test* event, the target
   event before it the *validation* event. Training events are all of the user's events (both domains)
-  strictly before the validation event (SASRec's ``seq[:-2]``). Events after the validation event are
-  never trained on. Users with fewer than 3 target events have no validation/test query; all their
-  events train.
-- A query's history is the user's last ``max_len`` events per domain strictly before the held-out
-  event, built by ``stream.user_state.UserStateStore`` (the stream's causal example builder), so the
-  test history contains the validation item. Training examples come from the same builder run over the
-  training events only.
-- Catalogue: every target-domain item id in the file, in first-appearance order.
-- Candidates: the catalogue minus the target items the user consumed before the held-out event. The
-  data never repeats a (user, item) pair, so the held-out item is never removed; serving excludes
-  consumed items too. Cold-start queries use the same candidates as the warm ones, so that only the
-  model input differs between the two rows.
+  strictly before the validation event (SASRec's ``seq[:-2]``). *Refit* events are the user's events
+  from the validation event up to, not including, the test event (the validation event and the source
+  events between the two). Events from the test event on are never learnt. Users with fewer than 3
+  target events have no validation/test query; all their events train.
+- Examples and query histories come from one ``stream.user_state.UserStateStore`` pass over all events
+  (the stream's causal example builder): an example or query carries the user's last ``max_len`` events
+  per domain strictly before it, so the test history contains the validation item.
+- Known items: the target items of the events a model has learnt: the training events when ranking
+  validation queries, the training and refit events when ranking test queries. Candidates are the known
+  items minus the target items the user consumed before the held-out event. A held-out item that is not
+  known is a *miss* in every protocol (rank ``MISS_RANK`` = 2**62: 0 in HR and NDCG, 2e-19 in MRR);
+  the rankable-only figures (queries whose item is known) and the rankable fraction are reported too.
 - Ranks are 1-based and ties count against the held-out item (``learner.metrics``).
-- Full protocol: rank among all candidates. Sampled protocol: rank among the held-out item and 99
-  negatives drawn uniformly without replacement from the candidates, seeded by the run seed, the
-  same for every model of a seed.
-- Rows per model: *overlap* users (every user of the shipped data has both domains; the query carries
-  both histories) and *cold-start* (the same test users, the target history emptied in the query, the
-  user id withheld so no per-user parameter can leak it).
-- Model selection on validation only: after each training epoch the full-protocol NDCG@10 on the
-  validation queries is measured; training stops after ``patience`` epochs without improvement or at
-  ``max_epochs``, the best epoch's state is restored, and the test queries are ranked once.
+- Full protocol: rank among all candidates. Sampled protocol: the held-out item and 99 negatives drawn
+  uniformly without replacement from the candidates. C2DSR protocol: the held-out item and 999
+  negatives, each drawn uniformly *with replacement* from the candidates (C2DSR's loader draws each
+  negative independently from the whole target item list, rejecting only the held-out item). Negatives
+  are seeded by the run seed, the same for every model of a seed.
+- Views of a query: *overlap* (both histories, the user id), *cold_start* (the target history emptied,
+  the user id withheld, same candidates), and for diagnostics *no_source* (the source history emptied).
+- Model selection on validation only: after each epoch the full-protocol NDCG@10 over every validation
+  query; training stops after ``patience`` epochs without improvement or at ``max_epochs`` and the best
+  epoch's state is restored. A counting model (``iterative = False``) learns the training examples once
+  and is validated once. Then every model learns the refit examples (``refit_passes`` passes for an
+  iterative model, once for a counting one) and the test queries are ranked once.
 """
 
 from __future__ import annotations
@@ -37,24 +40,26 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from learner.baselines import History, Ranker
 from learner.metrics import ranks_full, ranks_sampled, summarize
 from stream.events import InteractionEvent
-from stream.user_state import UserStateStore
-
-if TYPE_CHECKING:
-    from learner.config import SITNConfig
+from stream.user_state import Example, UserStateStore
 
 log = logging.getLogger(__name__)
 
 N_SAMPLED_NEGATIVES = 99
+N_C2DSR_NEGATIVES = 999
 SELECTION_METRIC = "ndcg@10"
-SETTINGS = ("full/overlap", "full/cold_start", "sampled/overlap", "sampled/cold_start")
+VIEWS = ("overlap", "cold_start")
+SETTINGS = ("full/overlap", "full/cold_start", "sampled/overlap", "sampled/cold_start",
+            "c2dsr/overlap", "c2dsr/cold_start", "full/overlap/rankable", "full/cold_start/rankable")
+DEFAULT_PROBE_USERS = 2000
+SCORE_BATCH = 256  # queries scored at once: (256, 39k) float64 scores are 80 MB
+MISS_RANK = 2**62  # rank of a held-out item no model can rank (never learnt): 0 in HR and NDCG, 2e-19 in MRR
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,66 +74,142 @@ class Query:
 
 @dataclass
 class Split:
-    """Training events and the validation/test queries of one data set."""
+    """Training and refit examples, the validation/test queries and a probe of training queries."""
 
     source: str
     target: str
     train_events: list[InteractionEvent]
+    train_examples: list[Example]  # causal examples of train_events, chronological
+    refit_examples: list[Example]  # causal examples of the refit events, chronological
     validation: list[Query]
     test: list[Query]
-    catalogue: list[str]  # target item ids
+    train_probe: list[Query]  # the last training target event of a fixed sample of users
+    catalogue: list[str]  # target item ids, first-appearance order: the score columns
     source_items: list[str]
+    known_validation: np.ndarray  # (C,) bool: target items of the training events
+    known_test: np.ndarray  # (C,) bool: target items of the training and refit events
     n_users: int
     stats: dict[str, int] = field(default_factory=dict)
+    _negatives: dict[tuple[str, int, bool], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def known(self, phase: str, refit: bool = True) -> np.ndarray:
+        """``(C,)`` known-item mask for ranking ``phase`` ("validation" or "test")."""
+        if phase not in ("validation", "test"):
+            raise ValueError(f"phase must be 'validation' or 'test', got {phase!r}")
+        return self.known_test if phase == "test" and refit else self.known_validation
+
+    def test_negatives(self, protocol: str, seed: int, refit: bool) -> np.ndarray:
+        """The test queries' negatives of ``protocol`` ("sampled" or "c2dsr") for ``seed``, drawn once."""
+        key = (protocol, seed, refit)
+        if key not in self._negatives:
+            n, replace = {"sampled": (N_SAMPLED_NEGATIVES, False), "c2dsr": (N_C2DSR_NEGATIVES, True)}[protocol]
+            self._negatives[key] = sample_negatives(
+                self.test, self.catalogue, self.known("test", refit), n, seed=[seed, n], replace=replace
+            )
+        return self._negatives[key]
 
 
 def chronological_split(
-    events: Sequence[InteractionEvent], source: str, target: str, max_len: int = 50
+    events: Sequence[InteractionEvent],
+    source: str,
+    target: str,
+    max_len: int = 50,
+    probe_users: int = DEFAULT_PROBE_USERS,
 ) -> Split:
-    """Split chronological ``events`` as the module docstring describes."""
+    """Split chronological ``events`` as the module docstring describes.
+
+    ``probe_users`` users with a query (a seeded sample, seed 0) give a training query each: their last
+    training target event with the history before it (memorisation diagnostics).
+    """
+    if probe_users < 0:
+        raise ValueError(f"probe_users must be >= 0, got {probe_users}")
     by_user: dict[str, list[int]] = {}
     for i, e in enumerate(events):
         by_user.setdefault(e.user_id, []).append(i)
     held_out: dict[int, str] = {}  # event index -> "validation" | "test"
-    cut: dict[str, int] = {}  # user -> index of the validation event (training stops before it)
+    cut: dict[str, tuple[int, int]] = {}  # user -> (validation index, test index)
+    probe_at: dict[int, str] = {}  # event index -> user, the user's last training target event
     for user_id, indices in by_user.items():
         target_indices = [i for i in indices if events[i].domain == target]
         if len(target_indices) >= 3:
             held_out[target_indices[-2]] = "validation"
             held_out[target_indices[-1]] = "test"
-            cut[user_id] = target_indices[-2]
+            cut[user_id] = (target_indices[-2], target_indices[-1])
+            probe_at[target_indices[-3]] = user_id
+    probed = set(random.Random(0).sample(sorted(cut), min(probe_users, len(cut))))
 
     train_events: list[InteractionEvent] = []
-    queries: dict[str, list[Query]] = {"validation": [], "test": []}
+    train_examples: list[Example] = []
+    refit_examples: list[Example] = []
+    queries: dict[str, list[Query]] = {"validation": [], "test": [], "probe": []}
     consumed: dict[str, set[str]] = {}
     store = UserStateStore((source, target), max_len=max_len, max_users=max(1, len(by_user)))
     catalogue: dict[str, None] = {}
     source_items: dict[str, None] = {}
+    no_cut = (len(events), len(events))
     for i, e in enumerate(events):
         (catalogue if e.domain == target else source_items)[e.item_id] = None
         example = store.observe(e)
-        kind = held_out.get(i)
+        kind = held_out.get(i) or ("probe" if probe_at.get(i) in probed else None)
         if kind is not None:
             queries[kind].append(
                 Query(e.user_id, e.item_id, example.history, frozenset(consumed.get(e.user_id, ())))
             )
-        if i < cut.get(e.user_id, len(events)):
+        validation_at, test_at = cut.get(e.user_id, no_cut)
+        if i < validation_at:
             train_events.append(e)
+            train_examples.append(example)
+        elif i < test_at:
+            refit_examples.append(example)
         if e.domain == target:
             consumed.setdefault(e.user_id, set()).add(e.item_id)
-    stats = {
+    columns = list(catalogue)
+    index = {item_id: j for j, item_id in enumerate(columns)}
+    known_validation = np.zeros(len(columns), dtype=bool)
+    known_validation[[index[ex.item_id] for ex in train_examples if ex.domain == target]] = True
+    known_test = known_validation.copy()
+    known_test[[index[ex.item_id] for ex in refit_examples if ex.domain == target]] = True
+    split = Split(
+        source, target, train_events, train_examples, refit_examples, queries["validation"], queries["test"],
+        queries["probe"], columns, list(source_items), known_validation, known_test, len(by_user),
+    )
+    split.stats = {
         "events": len(events),
         "train_events": len(train_events),
+        "refit_events": len(refit_examples),
         "users": len(by_user),
         "eval_users": len(cut),
-        "catalogue_items": len(catalogue),
+        "catalogue_items": len(columns),
         "source_items": len(source_items),
+        "known_items_validation": int(known_validation.sum()),
+        "known_items_test": int(known_test.sum()),
     }
-    log.info("split %s", " ".join(f"{k}={v}" for k, v in stats.items()))
-    return Split(
-        source, target, train_events, queries["validation"], queries["test"],
-        list(catalogue), list(source_items), len(by_user), stats,
-    )
+    update_query_stats(split)
+    log.info("split %s", " ".join(f"{k}={v}" for k, v in split.stats.items()))
+    return split
+
+
+def update_query_stats(split: Split) -> None:
+    """Query counts and rankable counts (held-out item known) of ``split.stats``."""
+    index = {item_id: j for j, item_id in enumerate(split.catalogue)}
+    for name, queries, known in (("val", split.validation, split.known_validation),
+                                 ("test", split.test, split.known_test),
+                                 ("probe", split.train_probe, split.known_validation)):
+        split.stats[f"{name}_queries"] = len(queries)
+        split.stats[f"{name}_rankable"] = int(sum(bool(known[index[q.item_id]]) for q in queries))
+
+
+def subsample_queries(split: Split, val_users: int, test_users: int) -> Split:
+    """Keep a fixed subset (seed 0, the same for every row and seed) of the validation/test queries
+    (0 = keep all)."""
+    rng = random.Random(0)
+    if 0 < val_users < len(split.validation):
+        split.validation = sorted(rng.sample(split.validation, val_users), key=split.validation.index)
+    if 0 < test_users < len(split.test):
+        split.test = sorted(rng.sample(split.test, test_users), key=split.test.index)
+    split._negatives.clear()
+    update_query_stats(split)
+    return split
 
 
 def cold_start_history(history: History, target: str) -> History:
@@ -140,83 +221,251 @@ def cold_start_history(history: History, target: str) -> History:
     return {d: (((), ()) if d == target else seq) for d, seq in history.items()}
 
 
+def query_inputs(
+    queries: Sequence[Query], view: str, source: str, target: str
+) -> tuple[list[str | None], list[History]]:
+    """User ids and histories a model sees for ``queries`` in ``view``.
+
+    >>> q = Query("u", "b2", {"movie": (("m1",), (1,)), "book": (("b1",), (2,))}, frozenset({"b1"}))
+    >>> query_inputs([q], "no_source", "movie", "book")
+    (['u'], [{'movie': ((), ()), 'book': (('b1',), (2,))}])
+    >>> query_inputs([q], "cold_start", "movie", "book")
+    ([None], [{'movie': (('m1',), (1,)), 'book': ((), ())}])
+    """
+    if view == "overlap":
+        return [q.user_id for q in queries], [q.history for q in queries]
+    if view == "cold_start":
+        return [None] * len(queries), [cold_start_history(q.history, target) for q in queries]
+    if view == "no_source":
+        return [q.user_id for q in queries], [cold_start_history(q.history, source) for q in queries]
+    raise ValueError(f"view must be 'overlap', 'cold_start' or 'no_source', got {view!r}")
+
+
 def sample_negatives(
-    queries: Sequence[Query], catalogue: Sequence[str], n_negatives: int, seed: int
+    queries: Sequence[Query],
+    catalogue: Sequence[str],
+    known: np.ndarray,
+    n_negatives: int,
+    seed: int | list[int],
+    *,
+    replace: bool = False,
 ) -> np.ndarray:
-    """``(N, n_negatives)`` catalogue indices per query, uniform without replacement from the candidates
-    (catalogue minus the positive minus the consumed items).
+    """``(N, n_negatives)`` catalogue columns per query, drawn uniformly from the candidates: known
+    items minus the held-out item minus the user's consumed items. ``replace=False``: distinct
+    negatives (our sampled protocol); ``replace=True``: independent draws (C2DSR's rule).
 
     >>> q = Query("u", "b1", {}, frozenset({"b2"}))
-    >>> sorted(sample_negatives([q], ["b1", "b2", "b3", "b4"], 2, seed=0)[0].tolist())
+    >>> known = np.array([True, True, True, True, False])
+    >>> sorted(sample_negatives([q], ["b1", "b2", "b3", "b4", "b5"], known, 2, seed=0)[0].tolist())
+    [2, 3]
+    >>> sorted(set(sample_negatives([q], ["b1", "b2", "b3", "b4", "b5"], known, 9, 0, replace=True)[0].tolist()))
     [2, 3]
     """
     index = {item_id: i for i, item_id in enumerate(catalogue)}
-    rng = random.Random(seed)
+    pool = np.flatnonzero(known)  # (K,) the known columns
+    position = np.full(len(catalogue), -1, dtype=np.int64)
+    position[pool] = np.arange(len(pool))
+    rng = np.random.default_rng(seed)
     out = np.empty((len(queries), n_negatives), dtype=np.int64)
     for n, q in enumerate(queries):
-        banned = {index[q.item_id], *(index[c] for c in q.consumed if c in index)}
-        if len(catalogue) - len(banned) < n_negatives:
+        banned_cols = {index[q.item_id], *(index[c] for c in q.consumed if c in index)}
+        banned = np.array(sorted(position[c] for c in banned_cols if position[c] >= 0), dtype=np.int64)
+        allowed = len(pool) - len(banned)
+        if allowed < (1 if replace else n_negatives):
             raise ValueError(
-                f"catalogue has {len(catalogue)} items, {len(banned)} banned for user {q.user_id!r}: "
-                f"cannot draw {n_negatives} negatives"
+                f"{len(pool)} known items, {len(banned)} of them banned for user {q.user_id!r}: "
+                f"cannot draw {n_negatives} negatives {'with' if replace else 'without'} replacement"
             )
-        chosen: list[int] = []
-        taken: set[int] = set()
-        while len(chosen) < n_negatives:
-            j = rng.randrange(len(catalogue))
-            if j not in banned and j not in taken:
-                taken.add(j)
-                chosen.append(j)
-        out[n] = chosen
+        if replace:
+            draws = rng.integers(0, len(pool), size=n_negatives)
+            bad = np.isin(draws, banned)
+            while bad.any():  # rejection sampling, as C2DSR's loader does per draw
+                draws[bad] = rng.integers(0, len(pool), size=int(bad.sum()))
+                bad = np.isin(draws, banned)
+        else:  # the first n_negatives non-banned items of a random permutation prefix: uniform
+            prefix = rng.choice(len(pool), size=min(len(pool), n_negatives + len(banned)), replace=False)
+            draws = prefix[~np.isin(prefix, banned)][:n_negatives]
+        out[n] = pool[draws]
     return out
+
+
+def candidate_mask(
+    queries: Sequence[Query], index: dict[str, int], known: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positive columns ``(B,)``, rankable flags ``(B,)`` and the excluded mask ``(B, C)`` (unknown or
+    consumed items; the positive column is never excluded so that ``ranks_full`` accepts it)."""
+    positive = np.array([index[q.item_id] for q in queries], dtype=np.int64)  # (B,)
+    excluded = np.broadcast_to(~known, (len(queries), len(known))).copy()  # (B, C)
+    for row, q in enumerate(queries):
+        excluded[row, [index[c] for c in q.consumed if c in index]] = True
+    rankable = known[positive]
+    excluded[np.arange(len(queries)), positive] = False
+    return positive, rankable, excluded
+
+
+def full_ranks(scores: np.ndarray, positive: np.ndarray, rankable: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """Ranks ``(B,)`` among the candidates (the non-excluded columns other than the positive's); an
+    unrankable row is a miss (``MISS_RANK``), whatever its score.
+
+    >>> s = np.array([[0.9, 0.1, 0.5], [0.2, 0.9, 0.0]])
+    >>> excluded = np.array([[False, False, True], [False, True, False]])
+    >>> full_ranks(s, np.array([1, 2]), np.array([True, False]), excluded).tolist() == [2, MISS_RANK]
+    True
+    """
+    return np.where(rankable, ranks_full(scores, positive, excluded), MISS_RANK)
+
+
+@dataclass
+class Ranks:
+    """Ranks of one set of queries: full protocol, rankable flags, and per sampled protocol."""
+
+    full: np.ndarray  # (N,)
+    rankable: np.ndarray  # (N,) bool
+    sampled: dict[str, np.ndarray] = field(default_factory=dict)  # protocol -> (N,)
 
 
 def rank_queries(
     ranker: Ranker,
     queries: Sequence[Query],
-    catalogue: Sequence[str],
-    target: str,
+    split: Split,
+    known: np.ndarray,
     *,
-    cold_start: bool,
-    negatives: np.ndarray | None = None,
-    batch_size: int = 512,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Full-protocol ranks ``(N,)`` and, given ``negatives``, sampled-protocol ranks ``(N,)``."""
-    index = {item_id: i for i, item_id in enumerate(catalogue)}
+    view: str = "overlap",
+    negatives: dict[str, np.ndarray] | None = None,
+    batch_size: int = SCORE_BATCH,
+) -> Ranks:
+    """Score ``queries`` in batches and rank them under the full protocol and each sampled protocol of
+    ``negatives`` (protocol name -> ``(N, S)`` catalogue columns)."""
+    index = {item_id: i for i, item_id in enumerate(split.catalogue)}
+    negatives = negatives or {}
     full: list[np.ndarray] = []
-    sampled: list[np.ndarray] = []
+    rankable: list[np.ndarray] = []
+    sampled: dict[str, list[np.ndarray]] = {name: [] for name in negatives}
     for start in range(0, len(queries), batch_size):
         batch = queries[start:start + batch_size]
-        if cold_start:
-            user_ids: list[str | None] = [None] * len(batch)
-            histories = [cold_start_history(q.history, target) for q in batch]
-        else:
-            user_ids = [q.user_id for q in batch]
-            histories = [q.history for q in batch]
-        scores = np.asarray(ranker.score(user_ids, histories), dtype=np.float32)  # (B, C)
-        if scores.shape != (len(batch), len(catalogue)):
-            raise ValueError(f"{ranker.name}.score returned {scores.shape}, expected {(len(batch), len(catalogue))}")
-        positive = np.array([index[q.item_id] for q in batch])  # (B,)
-        excluded = np.zeros(scores.shape, dtype=bool)  # (B, C)
-        for row, q in enumerate(batch):
-            excluded[row, [index[c] for c in q.consumed if c in index]] = True
-        full.append(ranks_full(scores, positive, excluded))
-        if negatives is not None:
-            rows = np.arange(len(batch))
-            neg = negatives[start:start + len(batch)]  # (B, S)
-            sampled.append(ranks_sampled(scores[rows, positive], scores[rows[:, None], neg]))
-    return np.concatenate(full), (np.concatenate(sampled) if negatives is not None else None)
+        user_ids, histories = query_inputs(batch, view, split.source, split.target)
+        scores = np.asarray(ranker.score(user_ids, histories))  # (B, C)
+        if scores.shape != (len(batch), len(split.catalogue)):
+            raise ValueError(f"{ranker.name}.score returned {scores.shape}, expected {(len(batch), len(split.catalogue))}")
+        positive, ok, excluded = candidate_mask(batch, index, known)
+        full.append(full_ranks(scores, positive, ok, excluded))
+        rankable.append(ok)
+        rows = np.arange(len(batch))
+        for name, neg in negatives.items():
+            cols = neg[start:start + len(batch)]  # (B, S)
+            ranks = ranks_sampled(scores[rows, positive], scores[rows[:, None], cols])
+            sampled[name].append(np.where(ok, ranks, MISS_RANK))
+    return Ranks(np.concatenate(full), np.concatenate(rankable),
+                 {name: np.concatenate(parts) for name, parts in sampled.items()})
 
 
 @dataclass
 class RunResult:
-    """One model, one seed: the chosen epoch, its validation metrics and the test metrics per setting."""
+    """One model, one seed: the chosen epoch, validation and test metrics, per-epoch diagnostics."""
 
     epoch: int
     train_s: float
     val_curve: list[float]  # validation SELECTION_METRIC after each epoch
     val: dict[str, float]
     test: dict[str, dict[str, float]]  # setting -> metric -> value
+    epochs: list[dict[str, float]] = field(default_factory=list)  # per-epoch log (see select_epoch)
+    refit_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    """What model selection on validation found; the ranker is left at the chosen epoch."""
+
+    epoch: int
+    val: dict[str, float]
+    curve: list[float]
+    epochs: list[dict[str, float]]
+    train_s: float
+
+
+def select_epoch(
+    ranker: Ranker,
+    split: Split,
+    *,
+    max_epochs: int,
+    patience: int,
+    diagnostics: bool = False,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> Selection:
+    """Train epoch by epoch on the training examples, pick the epoch on validation, restore it.
+
+    Each epoch's log holds ``train_s``, ``val_s`` (one pass over the validation queries) and the
+    validation HR@10/NDCG@10; with ``diagnostics`` also ``val_no_source_ndcg@10`` (the source history
+    blanked at query time) and ``probe_hr@10``/``probe_ndcg@10`` (training queries: memorisation).
+    A counting ranker (``iterative`` False) learns once and is validated once.
+    """
+    if max_epochs < 1 or patience < 1:
+        raise ValueError(f"max_epochs and patience must be >= 1, got {max_epochs} and {patience}")
+    if not ranker.iterative:
+        max_epochs = 1
+    known = split.known("validation")
+    best_value, best_epoch, best_val = -1.0, 0, {}
+    best_state: object = None
+    curve: list[float] = []
+    epochs: list[dict[str, float]] = []
+    train_s = 0.0
+    epoch = 0
+    for epoch in range(1, max_epochs + 1):
+        t0 = time.perf_counter()
+        ranker.learn_many(split.train_examples)
+        t1 = time.perf_counter()
+        ranks = rank_queries(ranker, split.validation, split, known)
+        val_s = time.perf_counter() - t1
+        train_s += t1 - t0
+        val = summarize(ranks.full)
+        entry = {"epoch": float(epoch), "train_s": round(t1 - t0, 2), "val_s": round(val_s, 2),
+                 "val_hr@10": val["hr@10"], "val_ndcg@10": val["ndcg@10"]}
+        if diagnostics:
+            no_source = summarize(rank_queries(ranker, split.validation, split, known, view="no_source").full)
+            entry["val_no_source_ndcg@10"] = no_source["ndcg@10"]
+            if split.train_probe:
+                probe = summarize(rank_queries(ranker, split.train_probe, split, known).full)
+                entry["probe_hr@10"], entry["probe_ndcg@10"] = probe["hr@10"], probe["ndcg@10"]
+        epochs.append(entry)
+        curve.append(val[SELECTION_METRIC])
+        log.info("epoch model=%s %s", ranker.name, " ".join(f"{k}={v:.5g}" for k, v in entry.items()))
+        if on_epoch is not None:
+            on_epoch(epoch, val[SELECTION_METRIC])
+        if val[SELECTION_METRIC] > best_value:
+            best_value, best_epoch, best_val = val[SELECTION_METRIC], epoch, val
+            best_state = ranker.snapshot() if ranker.iterative and epoch < max_epochs else None
+        elif epoch - best_epoch >= patience:
+            break
+    if best_epoch != epoch:
+        ranker.restore(best_state)
+    return Selection(best_epoch, best_val, curve, epochs, train_s)
+
+
+def refit(ranker: Ranker, split: Split, passes: int) -> float:
+    """Learn the refit examples (``passes`` times for an iterative ranker, once for a counting one);
+    returns the seconds spent. ``passes = 0`` skips refitting."""
+    if passes < 0:
+        raise ValueError(f"refit passes must be >= 0, got {passes}")
+    t0 = time.perf_counter()
+    for _ in range(min(passes, 1) if not ranker.iterative else passes):
+        ranker.learn_many(split.refit_examples)
+    return time.perf_counter() - t0
+
+
+def rank_test_queries(ranker: Ranker, split: Split, seed: int, refit_passes: int) -> dict[str, dict[str, float]]:
+    """Every setting of ``SETTINGS`` on the test queries."""
+    refitted = refit_passes > 0
+    negatives = {p: split.test_negatives(p, seed, refitted) for p in ("sampled", "c2dsr")}
+    out: dict[str, dict[str, float]] = {}
+    for view in VIEWS:
+        ranks = rank_queries(ranker, split.test, split, split.known("test", refitted), view=view, negatives=negatives)
+        out[f"full/{view}"] = summarize(ranks.full)
+        for protocol, values in ranks.sampled.items():
+            out[f"{protocol}/{view}"] = summarize(values)
+        if ranks.rankable.any():
+            out[f"full/{view}/rankable"] = summarize(ranks.full[ranks.rankable])
+    return {s: out[s] for s in SETTINGS if s in out}
 
 
 def train_and_test(
@@ -226,43 +475,17 @@ def train_and_test(
     max_epochs: int,
     patience: int,
     seed: int,
+    refit_passes: int = 1,
+    diagnostics: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> RunResult:
-    """Train epoch by epoch, select the epoch on validation, then rank the test queries once."""
-    if max_epochs < 1 or patience < 1:
-        raise ValueError(f"max_epochs and patience must be >= 1, got {max_epochs} and {patience}")
-    best_value, best_epoch, best_val = -1.0, 0, {}
-    best_state: object = None
-    curve: list[float] = []
-    train_s = 0.0
-    for epoch in range(1, max_epochs + 1):
-        t0 = time.perf_counter()
-        ranker.partial_fit(split.train_events)
-        train_s += time.perf_counter() - t0
-        val_ranks, _ = rank_queries(ranker, split.validation, split.catalogue, split.target, cold_start=False)
-        val = summarize(val_ranks)
-        curve.append(val[SELECTION_METRIC])
-        log.info("epoch model=%s seed=%d epoch=%d val_%s=%.5f", ranker.name, seed, epoch, SELECTION_METRIC,
-                 val[SELECTION_METRIC])
-        if on_epoch is not None:
-            on_epoch(epoch, val[SELECTION_METRIC])
-        if val[SELECTION_METRIC] > best_value:
-            best_value, best_epoch, best_val = val[SELECTION_METRIC], epoch, val
-            best_state = ranker.snapshot() if epoch < max_epochs else None
-        elif epoch - best_epoch >= patience:
-            break
-    if best_epoch != epoch:
-        ranker.restore(best_state)
-    negatives = sample_negatives(split.test, split.catalogue, N_SAMPLED_NEGATIVES, seed)
-    test: dict[str, dict[str, float]] = {}
-    for cold, name in ((False, "overlap"), (True, "cold_start")):
-        full, sampled = rank_queries(
-            ranker, split.test, split.catalogue, split.target, cold_start=cold, negatives=negatives
-        )
-        assert sampled is not None
-        test[f"full/{name}"] = summarize(full)
-        test[f"sampled/{name}"] = summarize(sampled)
-    return RunResult(best_epoch, train_s, curve, best_val, test)
+    """Select the epoch on validation, refit on the refit examples, then rank the test queries once."""
+    selection = select_epoch(ranker, split, max_epochs=max_epochs, patience=patience, diagnostics=diagnostics,
+                             on_epoch=on_epoch)
+    refit_s = refit(ranker, split, refit_passes)
+    test = rank_test_queries(ranker, split, seed, refit_passes)
+    return RunResult(selection.epoch, selection.train_s, selection.curve, selection.val, test, selection.epochs,
+                     refit_s)
 
 
 def aggregate(runs: Sequence[RunResult]) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -281,122 +504,3 @@ def aggregate(runs: Sequence[RunResult]) -> dict[str, dict[str, dict[str, float 
             std = float(values.std(ddof=1)) if len(values) > 1 else None
             out[setting][metric] = {"mean": float(values.mean()), "std": std}
     return out
-
-
-class SITNRanker:
-    """The SITN learner behind the ranker interface.
-
-    ``partial_fit`` rebuilds the causal training examples with ``UserStateStore`` over the training
-    events, shuffles them (seeded, a fresh order per epoch) and takes one ``learn_many`` step per
-    mini-batch. A single-domain config (``use_source=False``) trains on target-domain examples only.
-    Scores come from ``embed_histories`` on the query history (the learner's own per-user state is
-    never used), so cold-start queries see exactly the history they are given.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        config: SITNConfig,
-        split: Split,
-        batch_size: int,
-        workdir: str | Path,
-        on_step: Callable[[dict[str, float]], None] | None = None,
-    ) -> None:
-        from learner.learner import SITNLearner  # torch is imported only when SITN rows run
-
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2, got {batch_size}")
-        self._learner_cls = SITNLearner
-        self.name = name
-        self.config = config
-        self.source, self.target = split.source, split.target
-        self.catalogue = list(split.catalogue)
-        self.batch_size = batch_size
-        self.workdir = Path(workdir)
-        self.on_step = on_step
-        self.learner = SITNLearner(config, split.source, split.target)
-        self.learner.register_items(split.target, split.catalogue)
-        if config.use_source:
-            self.learner.register_items(split.source, split.source_items)
-        self._rng = random.Random(config.seed)
-        self._items: np.ndarray | None = None
-        self.last_stats: dict[str, float] = {}
-
-    def partial_fit(self, events: Sequence[InteractionEvent]) -> None:
-        store = UserStateStore((self.source, self.target), self.config.max_len, max_users=10**9)
-        examples = store.observe_many(events)
-        if not self.config.use_source:
-            examples = [ex for ex in examples if ex.domain == self.target]
-        self._rng.shuffle(examples)
-        for start in range(0, len(examples), self.batch_size):
-            batch = examples[start:start + self.batch_size]
-            if len(batch) < 2:
-                continue
-            self.last_stats = self.learner.learn_many(batch)
-            if self.on_step is not None:
-                self.on_step(self.last_stats)
-        self._items = None
-
-    def _catalogue_items(self) -> np.ndarray:
-        """``(C, D)`` target item vectors in catalogue order (cached until the weights change)."""
-        if self._items is None:
-            item_ids, vectors = self.learner.embed_items(self.target)
-            position = {item_id: j for j, item_id in enumerate(item_ids)}
-            self._items = np.ascontiguousarray(vectors[[position[i] for i in self.catalogue]])
-        return self._items
-
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
-        """Max over views of <q_v, e_i>, the learner's ``score_items`` rule, as one BLAS matmul."""
-        queries = self.learner.embed_histories(list(histories), self.target)  # (N, V, D)
-        n, v, d = queries.shape
-        items = self._catalogue_items()  # (C, D)
-        scores = queries.reshape(n * v, d) @ items.T  # (N * V, C)
-        return scores.reshape(n, v, -1).max(axis=1)  # (N, C)
-
-    def snapshot(self) -> object:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        path = self.workdir / f"{self.name}-best.pt"
-        self.learner.save(path)
-        return path
-
-    def restore(self, state: object) -> None:
-        assert isinstance(state, Path)
-        self.learner = self._learner_cls.load(state)
-        self._items = None
-
-
-# -- the results table -------------------------------------------------------------------------------
-
-METRICS_ORDER = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
-
-
-def _cell(stat: dict[str, float | None]) -> str:
-    mean, std = stat["mean"], stat["std"]
-    assert mean is not None
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
-
-
-def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
-    """One Markdown table per setting; ``rows`` are the ``rows`` entries of results.json.
-
-    >>> row = {"name": "pop", "summary": {"full/overlap": {m: {"mean": 0.5, "std": None} for m in METRICS_ORDER}},
-    ...        "per_seed": [{"epoch": 1}]}
-    >>> print(markdown_tables([row]))
-    ### full/overlap
-    <BLANKLINE>
-    | model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | MRR | epochs |
-    | --- | --- | --- | --- | --- | --- | --- |
-    | pop | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 1 |
-    """
-    parts: list[str] = []
-    settings = [s for s in SETTINGS if s in rows[0]["summary"]]
-    for setting in settings:
-        parts.append(f"### {setting}\n")
-        parts.append("| model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | MRR | epochs |")
-        parts.append("| --- | --- | --- | --- | --- | --- | --- |")
-        for row in rows:
-            cells = [_cell(row["summary"][setting][m]) for m in METRICS_ORDER]
-            epochs = ",".join(str(r["epoch"]) for r in row["per_seed"])
-            parts.append(f"| {row['name']} | {' | '.join(cells)} | {epochs} |")
-        parts.append("")
-    return "\n".join(parts).rstrip("\n")

@@ -11,17 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from learner.evaluate import SITNRanker, chronological_split
+from learner.evaluate import MISS_RANK, SETTINGS, chronological_split
+from learner.sitn_ranker import SITNRanker
 from sitn.cli import main
 from stream.dataset import load_events
 
 LIMIT_ROWS = 2000
 METRIC_KEYS = {"hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"}
-SETTINGS = {"full/overlap", "full/cold_start", "sampled/overlap", "sampled/cold_start"}
+ROWS = ["popularity", "itemknn_target", "itemknn_target_source", "itemknn_source", "online_mf", "single_domain",
+        "sitn", "fused"]
+DIAGNOSTICS = {"epoch", "train_s", "val_s", "val_hr@10", "val_ndcg@10", "val_no_source_ndcg@10", "probe_hr@10",
+               "probe_ndcg@10"}
 
 
 def _reference_popularity(path: Path, limit: int) -> dict[str, float]:
-    """The protocol written out again with plain loops: popularity, full ranking, overlap users."""
+    """The protocol written out again with plain loops: popularity refit on the validation events, full
+    ranking among the known items minus consumed ones, ties against, unknown test items are misses."""
     with path.open(newline="") as fh:
         rows = [r for _, r in zip(range(limit), csv.DictReader(fh), strict=False)]
     rows = [r for r in rows if r["domain"] in ("movie", "book")]
@@ -29,22 +34,24 @@ def _reference_popularity(path: Path, limit: int) -> dict[str, float]:
     per_user: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         per_user.setdefault(r["user_id"], []).append(r)
-    catalogue = {r["item_id"] for r in rows if r["domain"] == "book"}
-    counts = dict.fromkeys(catalogue, 0)
+    counts: dict[str, int] = {}
     tests = []
     for events in per_user.values():
         book_positions = [i for i, r in enumerate(events) if r["domain"] == "book"]
-        cut = book_positions[-2] if len(book_positions) >= 3 else len(events)
-        for r in events[:cut]:
+        learnt_until = book_positions[-1] if len(book_positions) >= 3 else len(events)  # training + refit
+        for r in events[:learnt_until]:
             if r["domain"] == "book":
-                counts[r["item_id"]] += 1
+                counts[r["item_id"]] = counts.get(r["item_id"], 0) + 1
         if len(book_positions) >= 3:
             t = book_positions[-1]
             consumed = {r["item_id"] for r in events[:t] if r["domain"] == "book"}
             tests.append((events[t]["item_id"], consumed))
     ranks = []
     for positive, consumed in tests:
-        ranks.append(sum(1 for c in catalogue - consumed if counts[c] >= counts[positive]))
+        if positive not in counts:
+            ranks.append(MISS_RANK)
+            continue
+        ranks.append(sum(1 for c in set(counts) - consumed if counts[c] >= counts[positive]))
     return {
         "hr@10": sum(r <= 10 for r in ranks) / len(ranks),
         "ndcg@10": sum(1 / math.log2(r + 1) for r in ranks if r <= 10) / len(ranks),
@@ -52,23 +59,25 @@ def _reference_popularity(path: Path, limit: int) -> dict[str, float]:
     }
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_sitn_eval_cli_writes_results(events_csv: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = main([
         "--log-level", "WARNING", "eval", "--events", str(events_csv), "--source", "movie", "--target", "book",
-        "--limit", str(LIMIT_ROWS), "--seeds", "1", "--max-epochs", "1", "--mf-max-epochs", "1",
-        "--rows", "popularity,online_mf,single_domain,sitn", "--dim", "8", "--max-len", "16",
+        "--limit", str(LIMIT_ROWS), "--seeds", "1", "--max-epochs", "1", "--patience", "1",
+        "--rows", ",".join(ROWS), "--dim", "8", "--max-len", "16", "--probe-users", "50",
         "--batch-size", "64", "--cluster-counts", "4,8", "--i2c-warmup-steps", "0",
-        "--recluster-every-steps", "5", "--mf-factors", "4", "--output", str(out),
+        "--recluster-every-steps", "5", "--mf-factors", "4", "--fusion-weights", "0,1", "--output", str(out),
     ])
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     assert report["data"]["events"] == LIMIT_ROWS
     assert report["data"]["eval_users"] == 198  # users with >= 3 book events in the first 2000 rows
-    assert [r["name"] for r in report["rows"]] == ["popularity", "online_mf", "single_domain", "sitn"]
+    assert report["data"]["probe_queries"] == 50 and report["data"]["probe_rankable"] == 50
+    assert report["protocol"]["max_epochs"] == 1 and report["protocol"]["refit_passes"] == 1
+    assert [r["name"] for r in report["rows"]] == ROWS
     for row in report["rows"]:
-        assert set(row["summary"]) == SETTINGS
+        assert set(row["summary"]) == set(SETTINGS)
         [run] = row["per_seed"]
         assert run["epoch"] == 1 and len(run["val_curve"]) == 1
         for setting, metrics in row["summary"].items():
@@ -79,23 +88,58 @@ def test_sitn_eval_cli_writes_results(events_csv: Path, tmp_path: Path) -> None:
                 assert stat["mean"] == run["test"][setting][name]
             assert metrics["hr@10"]["mean"] <= metrics["hr@20"]["mean"]
             assert metrics["ndcg@10"]["mean"] <= metrics["hr@10"]["mean"]
+        # Misses count in the full figure, so the rankable-only figure is never lower.
+        assert row["summary"]["full/overlap"]["hr@10"]["mean"] <= row["summary"]["full/overlap/rankable"]["hr@10"]["mean"]
+        diagnosed = row["name"] in ("single_domain", "sitn", "fused")
+        assert set(run["epochs"][0]) == (DIAGNOSTICS if diagnosed else DIAGNOSTICS - {
+            "val_no_source_ndcg@10", "probe_hr@10", "probe_ndcg@10"})
+    by_name = {r["name"]: r for r in report["rows"]}
+    # single_domain ignores the source history: blanking it changes nothing.
+    [epoch] = by_name["single_domain"]["per_seed"][0]["epochs"]
+    assert epoch["val_no_source_ndcg@10"] == epoch["val_ndcg@10"]
+    fused = by_name["fused"]["per_seed"][0]["extra"]
+    assert set(fused["val_grid"]) == {f"{m}@{w}" for m in ("target", "target+source", "source") for w in (0, 1)}
+    assert fused["val_grid"][f"{fused['mode']}@{fused['weight']:g}"] == max(fused["val_grid"].values())
 
-    popularity = report["rows"][0]["summary"]
+    popularity = by_name["popularity"]["summary"]
     expected = _reference_popularity(events_csv, LIMIT_ROWS)
     for name, value in expected.items():
         assert popularity["full/overlap"][name]["mean"] == pytest.approx(value, abs=1e-9)
     # Popularity ignores the user, so hiding the target history changes nothing.
     assert popularity["full/cold_start"] == popularity["full/overlap"]
     assert popularity["sampled/cold_start"] == popularity["sampled/overlap"]
+    assert popularity["c2dsr/cold_start"] == popularity["c2dsr/overlap"]
+    # itemknn_source never reads the target history: its cold-start row equals its overlap row.
+    knn_source = by_name["itemknn_source"]["summary"]
+    assert knn_source["full/cold_start"] == knn_source["full/overlap"]
 
     markdown = (out / "results.md").read_text()
     assert "| model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | MRR | epochs |" in markdown
-    assert "### sampled/cold_start" in markdown
+    assert "### c2dsr/cold_start" in markdown and "### full/overlap/rankable" in markdown
+    assert "- Budget: **shortened**: max_epochs 1 < 30, patience 1 < 3, seeds 1 < 3." in markdown
+    assert "| sitn − single_domain | full/overlap |" in markdown and "| fused − sitn | full/overlap |" in markdown
+    assert "## Per-epoch diagnostics" in markdown and "s / validation pass" in markdown
     assert f"--limit {LIMIT_ROWS}" in markdown  # the command line is recorded
 
 
+def test_eval_cli_budget_defaults_are_the_full_budget() -> None:
+    import argparse
+
+    from sitn.commands.eval import register, resolve_budget
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--events", "x.csv", "--source", "movie", "--target", "book"])
+    resolve_budget(args)
+    assert (args.seeds, args.max_epochs, args.patience, args.val_users, args.refit_passes) == (3, 30, 3, 0, 1)
+    quick = parser.parse_args(["eval", "--events", "x.csv", "--source", "m", "--target", "b", "--quick",
+                               "--max-epochs", "5"])
+    resolve_budget(quick)
+    assert (quick.seeds, quick.max_epochs, quick.patience) == (1, 5, 1)
+
+
 def test_eval_cli_rejects_unknown_row(events_csv: Path) -> None:
-    with pytest.raises(ValueError, match="--rows got \\['nope'\\], allowed: popularity,online_mf"):
+    with pytest.raises(ValueError, match="--rows got \\['nope'\\], allowed: popularity,itemknn_target,"):
         main(["eval", "--events", str(events_csv), "--source", "movie", "--target", "book", "--rows", "nope"])
 
 
@@ -108,7 +152,7 @@ def test_sitn_ranker_scores_match_the_learner(events_csv: Path, tmp_path: Path) 
     config = SITNConfig(dim=8, max_len=16, n_views=2, cluster_counts=(4,), view_hidden=8, proj_dim=8,
                         n_sampled_negatives=16, reservoir_size=64, seed=3)
     ranker = SITNRanker("sitn", config, split, batch_size=32, workdir=tmp_path)
-    ranker.partial_fit(split.train_events)
+    ranker.learn_many(split.train_examples)
     histories = [q.history for q in split.test[:20]]
     ours = ranker.score([None] * len(histories), histories)
     learner = ranker.learner
@@ -119,7 +163,7 @@ def test_sitn_ranker_scores_match_the_learner(events_csv: Path, tmp_path: Path) 
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     # Snapshot and restore give back the same scores.
     state = ranker.snapshot()
-    ranker.partial_fit(split.train_events)
+    ranker.learn_many(split.train_examples)
     assert not np.allclose(ranker.score([None] * len(histories), histories), ours)
     ranker.restore(state)
     np.testing.assert_allclose(ranker.score([None] * len(histories), histories), ours, rtol=1e-6, atol=1e-7)

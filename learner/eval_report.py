@@ -1,0 +1,265 @@
+"""``results.md`` of ``sitn eval``: protocol text, result tables, comparisons, diagnostics and timings."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from learner.evaluate import SETTINGS
+
+METRICS_ORDER = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
+ITEMKNN_ROWS = ("itemknn_target", "itemknn_target_source", "itemknn_source")
+ABLATIONS = ("sitn_no_i2i", "sitn_no_i2c", "sitn_v1", "sitn_m1")
+FULL_BUDGET = {"max_epochs": 30, "patience": 3, "seeds": 3}
+
+PROTOCOL_MD = """\
+- Events: `stream.dataset.load_events` (chronological, same-day ties in file order).
+- Split per user on the target domain: last target event = test, the target event before it =
+  validation; training = the user's events (both domains) strictly before the validation event;
+  refit = the user's events from the validation event up to, not including, the test event (the
+  validation event and any source events between the two). Users with fewer than 3 target events give
+  no query but all their events train.
+- Examples and query histories: one causal pass of `UserStateStore` (the stream's example builder) over
+  all events; each carries the last `max_len` events per domain strictly before it, so the test
+  history includes the validation item.
+- Known items: the target items of the events a model has learnt (training events for validation
+  queries; training + refit events for test queries). Candidates = known items minus the target items
+  the user consumed before the held-out event. A held-out item that is not known is a **miss** in every
+  protocol (0 in HR and NDCG, 2e-19 in MRR); the `/rankable` tables rank only the queries whose item is
+  known, and the rankable fraction is given above.
+- Ranks are 1-based, ties count against the held-out item. HR@K, NDCG@K (K = 10, 20), MRR (no cut-off).
+- Protocols: **full** = rank among all candidates; **sampled** = the held-out item + 99 negatives drawn
+  uniformly without replacement from the candidates; **c2dsr** = the held-out item + 999 negatives, each
+  drawn independently and uniformly (with replacement) from the candidates. Negatives are seeded by the
+  run seed and identical for every model of a seed.
+- What C2DSR does (read in github.com/cjx96/C2DSR, `C2DSR_src/utils/loader.py` `preprocess_for_predict`,
+  `model/trainer.py` `test_batch`, `train_rec.py`): for each evaluation sequence 999 negatives, each an
+  independent `random.randint` over the **whole** target item list (every id of `Blist.txt`), redrawn only
+  when it equals the held-out item; so draws are with replacement, the user's own earlier items are
+  not excluded, and items never trained may be drawn. Its rank is 1 + the negatives scoring above the
+  positive by more than 1e-5 (ties favour the positive), and it selects epochs by validation MRR. We
+  copy the draw (999 independent uniform draws) and keep this project's rules: candidates are the known
+  items minus consumed ones, ties count against the positive, selection by NDCG@10. C2DSR also splits
+  differently (its validation and test sequences belong to different users, the target is each
+  sequence's last event in either domain), so its published figures are comparable in kind, not digit
+  for digit.
+- Views: overlap = every test user (all users of this data set have both domains), both histories and
+  the user id in the query; cold_start = the same users, items and candidates, the target history emptied
+  and the user id withheld.
+- Model selection on validation only: full-protocol NDCG@10 over the validation queries after each
+  epoch; stop after `patience` epochs without improvement or at `max_epochs`; the best epoch's state is
+  restored. Counting models (popularity, item-kNN) learn the training examples exactly once (a second
+  pass would double-count) and are validated once.
+- Refit before test, every row alike: after selection each model learns the refit examples, then the
+  test queries are ranked once. Popularity and item-kNN count them once; online_mf takes `refit_passes`
+  more SGD passes over them; SITN rows take `refit_passes` more passes over their causal examples
+  (shuffled, seeded), one `learn_many` step per mini-batch at the same learning rate and batch size,
+  continuing from the restored best epoch's weights and optimizer state; single_domain learns only the
+  target-domain ones (the validation events). With `refit_passes = 0` nothing is refit and test queries
+  are ranked among the training-known items.
+- SITN rows train on the causal examples of the training events, shuffled per epoch (seeded), one
+  `learn_many` step per mini-batch; single_domain trains on target-domain examples only. Per epoch they
+  log validation NDCG@10, validation NDCG@10 with the source history blanked at query time, and HR@10 /
+  NDCG@10 on a fixed probe of training queries (the last training target event of sampled users, history
+  before it, ranked among the training-known items): a probe far above validation means memorisation.
+- item-kNN (`stream.cooccurrence.ItemCooccurrence`, alpha 0.5: cosine of item user sets summed over the
+  history, popularity tie-break): `itemknn_target` scores from the target history, `itemknn_target_source`
+  from both histories, `itemknn_source` from the source history only. Each training example is counted
+  against the causal history it carries.
+- fused: the sitn row's model (same run, selected epoch) fused with item-kNN: per query both score vectors
+  are standardised over the known items, s = z_sitn + w * z_cooc; the kNN mode and w are chosen on the
+  validation queries only (grid: every mode × w in {fusion_weights}, w = 0 is SITN alone), then both
+  parts are refit and the test queries ranked once.
+- online_mf: `river.reco.BiasedMF`, one user vector over both domains, each training event a positive
+  (y = 1) plus `mf_negatives` same-domain items seen so far (y = 0), squared loss, SGD; score = item bias +
+  <user, item>. Cold start: the user vector is folded in from the query history by ridge regression.
+- Cells: mean ± sample standard deviation (ddof = 1) over seeds.
+"""
+
+
+def _cell(stat: dict[str, float | None]) -> str:
+    mean, std = stat["mean"], stat["std"]
+    assert mean is not None
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """One Markdown table per setting; ``rows`` are the ``rows`` entries of results.json.
+
+    >>> row = {"name": "pop", "summary": {"full/overlap": {m: {"mean": 0.5, "std": None} for m in METRICS_ORDER}},
+    ...        "per_seed": [{"epoch": 1}]}
+    >>> print(markdown_tables([row]))
+    ### full/overlap
+    <BLANKLINE>
+    | model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | MRR | epochs |
+    | --- | --- | --- | --- | --- | --- | --- |
+    | pop | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 1 |
+    """
+    parts: list[str] = []
+    for setting in SETTINGS:
+        having = [row for row in rows if setting in row["summary"]]
+        if not having:
+            continue
+        parts.append(f"### {setting}\n")
+        parts.append("| model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | MRR | epochs |")
+        parts.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for row in having:
+            cells = [_cell(row["summary"][setting][m]) for m in METRICS_ORDER]
+            epochs = ",".join(str(r["epoch"]) for r in row["per_seed"])
+            parts.append(f"| {row['name']} | {' | '.join(cells)} | {epochs} |")
+        parts.append("")
+    return "\n".join(parts).rstrip("\n")
+
+
+def compare(a: dict[str, float | None], b: dict[str, float | None]) -> tuple[float, float | None, str]:
+    """Difference of means ``a - b``, 2 × the larger of the two standard deviations, and the verdict.
+
+    >>> compare({"mean": 0.03, "std": 0.002}, {"mean": 0.02, "std": 0.001})
+    (0.009999999999999998, 0.004, 'better beyond 2 std')
+    >>> compare({"mean": 0.02, "std": None}, {"mean": 0.03, "std": None})[1:]
+    (None, 'n/a (one seed)')
+    """
+    assert a["mean"] is not None and b["mean"] is not None
+    diff = a["mean"] - b["mean"]
+    stds = [s for s in (a["std"], b["std"]) if s is not None]
+    if not stds:
+        return diff, None, "n/a (one seed)"
+    bound = 2 * max(stds)
+    verdict = "better beyond 2 std" if diff > bound else "worse beyond 2 std" if diff < -bound else "within noise"
+    return diff, bound, verdict
+
+
+def best_itemknn(rows: Sequence[dict[str, Any]], setting: str = "full/overlap") -> str | None:
+    """The item-kNN row with the highest mean test NDCG@10 in ``setting`` (the strongest such baseline)."""
+    scored = [(r["summary"][setting]["ndcg@10"]["mean"], r["name"]) for r in rows if r["name"] in ITEMKNN_ROWS]
+    return max(scored)[1] if scored else None
+
+
+def comparisons(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The issue's questions as a table on NDCG@10: fused (served candidate) vs the best item-kNN, sitn
+    vs the best item-kNN and single_domain, cold-start sitn vs popularity, sitn vs its ablations."""
+    by_name = {r["name"]: r["summary"] for r in rows}
+    knn = best_itemknn(rows)
+    pairs: list[tuple[str, str, str]] = []  # (a, b, setting)
+    if knn is not None:
+        pairs += [("fused", knn, "full/overlap"), ("sitn", knn, "full/overlap"), ("single_domain", knn, "full/overlap")]
+    pairs += [("fused", "sitn", "full/overlap"), ("sitn", "single_domain", "full/overlap"),
+              ("sitn", "popularity", "full/cold_start"), ("fused", "popularity", "full/cold_start")]
+    pairs += [("sitn", other, "full/overlap") for other in ABLATIONS]
+    lines = []
+    for a, b, setting in pairs:
+        if a in by_name and b in by_name:
+            diff, bound, verdict = compare(by_name[a][setting]["ndcg@10"], by_name[b][setting]["ndcg@10"])
+            bound_text = "n/a" if bound is None else f"{bound:.5f}"
+            lines.append(f"| {a} − {b} | {setting} | {diff:+.5f} | {bound_text} | {verdict} |")
+    if not lines:
+        return []
+    note = f"Best item-kNN row on test full/overlap NDCG@10: `{knn}`." if knn else ""
+    return [note, "", "| comparison (NDCG@10) | setting | difference of means | 2 × max std | verdict |",
+            "| --- | --- | --- | --- | --- |", *lines]
+
+
+def _median(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.1f}" if values else "n/a"
+
+
+def timing_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per row: median seconds per training epoch and per validation pass, refit and wall seconds."""
+    lines = ["| model | s / training epoch (median) | s / validation pass (median) | refit s (median) | wall s per seed (median) |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        epochs = [e for run in row["per_seed"] for e in run.get("epochs", [])]
+        lines.append(f"| {row['name']} | {_median([e['train_s'] for e in epochs])} | "
+                     f"{_median([e['val_s'] for e in epochs])} | "
+                     f"{_median([run.get('refit_s', 0.0) for run in row['per_seed']])} | "
+                     f"{_median([run['wall_s'] for run in row['per_seed']])} |")
+    return lines
+
+
+def diagnostics_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per-epoch diagnostics of the first seed of every row that logged them."""
+    parts: list[str] = []
+    for row in rows:
+        run = row["per_seed"][0]
+        epochs = run.get("epochs", [])
+        if not epochs or "val_no_source_ndcg@10" not in epochs[0] or row["name"] == "fused":
+            continue
+        parts += [f"### {row['name']} (seed {run['seed']}, chosen epoch {run['epoch']})", "",
+                  "| epoch | val NDCG@10 | val NDCG@10, source blanked | train-probe HR@10 | train-probe NDCG@10 | train s | val s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for e in epochs:
+            parts.append(f"| {int(e['epoch'])} | {e['val_ndcg@10']:.4f} | {e['val_no_source_ndcg@10']:.4f} | "
+                         f"{e.get('probe_hr@10', float('nan')):.4f} | {e.get('probe_ndcg@10', float('nan')):.4f} | "
+                         f"{e['train_s']:.1f} | {e['val_s']:.1f} |")
+        parts.append("")
+    return parts
+
+
+def budget_line(protocol: dict[str, Any]) -> str:
+    """Says whether the run used the full budget, and if not, what was shortened.
+
+    >>> budget_line({"max_epochs": 30, "patience": 3, "seeds": 3, "val_users": 0, "test_users": 0, "refit_passes": 1})
+    '- Budget: full (max 30 epochs, patience 3, 3 seeds, every validation and test query, refit 1 pass).'
+    >>> budget_line({"max_epochs": 2, "patience": 3, "seeds": 1, "val_users": 0, "test_users": 0, "refit_passes": 1})
+    '- Budget: **shortened**: max_epochs 2 < 30, seeds 1 < 3. Not a publishable table.'
+    """
+    short = [f"{k} {protocol[k]} < {v}" for k, v in FULL_BUDGET.items() if protocol[k] < v]
+    if protocol["val_users"]:
+        short.append(f"validation subsampled to {protocol['val_users']} queries")
+    if protocol["test_users"]:
+        short.append(f"test subsampled to {protocol['test_users']} queries")
+    if protocol["refit_passes"] == 0:
+        short.append("no refit before test")
+    if short:
+        return f"- Budget: **shortened**: {', '.join(short)}. Not a publishable table."
+    return (f"- Budget: full (max {protocol['max_epochs']} epochs, patience {protocol['patience']}, "
+            f"{protocol['seeds']} seeds, every validation and test query, refit {protocol['refit_passes']} pass"
+            f"{'es' if protocol['refit_passes'] > 1 else ''}).")
+
+
+def _fraction(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "0/0"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    data, protocol = report["data"], report["protocol"]
+    rows = report["rows"]
+    parts = [
+        f"# Offline evaluation: {data['source']} → {data['target']}",
+        "",
+        f"- Command: `{report['command']}`",
+        f"- Started (UTC): {report['started_utc']}; wall time {report['wall_s']:.0f} s; machine: {report['machine']}",
+        f"- Data: `{data['path']}`: {data['events']} events, {data['users']} users, {data['eval_users']} with a "
+        f"validation/test query ({data['val_queries']} validation and {data['test_queries']} test queries ranked), "
+        f"{data['train_events']} training events, {data['refit_events']} refit events, {data['catalogue_items']} "
+        f"target items in the file ({data['known_items_validation']} known at validation, "
+        f"{data['known_items_test']} at test), {data['source_items']} source items.",
+        f"- Rankable (held-out item known): validation {_fraction(data['val_rankable'], data['val_queries'])}, "
+        f"test {_fraction(data['test_rankable'], data['test_queries'])}; training probe "
+        f"{data['probe_queries']} queries.",
+        budget_line(protocol),
+        f"- `epochs` column = the epoch chosen on validation per seed (max {protocol['max_epochs']}, patience "
+        f"{protocol['patience']}; counting models have one pass).",
+        "",
+        "## Protocol",
+        "",
+        PROTOCOL_MD.replace("{fusion_weights}", ", ".join(f"{w:g}" for w in protocol["fusion_weights"])),
+        "## Results",
+        "",
+        markdown_tables(rows),
+        "",
+    ]
+    comparison = comparisons(rows)
+    if comparison:
+        parts += ["## Comparisons", "", *comparison, ""]
+    fused = next((r for r in rows if r["name"] == "fused"), None)
+    if fused is not None:
+        chosen = "; ".join(f"seed {r['seed']}: mode {r['extra']['mode']}, w = {r['extra']['weight']:g} "
+                           f"(validation NDCG@10 {r['val']['ndcg@10']:.4f})" for r in fused["per_seed"])
+        parts += ["## Fusion weights chosen on validation", "", chosen, ""]
+    diagnostics = diagnostics_tables(rows)
+    if diagnostics:
+        parts += ["## Per-epoch diagnostics", "", *diagnostics]
+    parts += ["## Time", "", *timing_table(rows), ""]
+    return "\n".join(parts)

@@ -1,0 +1,170 @@
+"""A fused ranker: a model's scores combined with item co-occurrence, the weight tuned on validation.
+
+Per query both score vectors are standardised over the items the co-occurrence model has seen (the
+known items: both models learnt the same examples), then ``s = z_model + weight * z_cooc``. The
+co-occurrence ``mode`` and ``weight`` are chosen on the validation queries only, from a small grid that
+includes ``weight = 0`` (the model alone); the model's epoch is chosen first, on its own validation
+NDCG@10. Both parts then learn the refit examples and the test queries are ranked once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from learner.baselines import History, ItemKNN, Ranker
+from learner.evaluate import (
+    SCORE_BATCH,
+    SELECTION_METRIC,
+    Query,
+    RunResult,
+    Split,
+    candidate_mask,
+    full_ranks,
+    query_inputs,
+    rank_test_queries,
+    refit,
+    select_epoch,
+)
+from learner.metrics import summarize
+from stream.cooccurrence import MODES
+from stream.user_state import Example
+
+log = logging.getLogger(__name__)
+
+FUSION_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+UNKNOWN_SCORE = -1e30  # fused score of items outside the known set (never candidates)
+
+
+def standardise(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per row, ``(s - mean) / std`` over the columns of ``mask``; a constant row gives 0; other
+    columns are 0.
+
+    >>> standardise(np.array([[1.0, 3.0, 9.0], [2.0, 2.0, 5.0]]), np.array([True, True, False])).tolist()
+    [[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    """
+    kept = scores[:, mask].astype(np.float64)  # (B, K)
+    mean = kept.mean(axis=1, keepdims=True)
+    std = kept.std(axis=1, keepdims=True)
+    out = np.zeros(scores.shape, dtype=np.float64)
+    out[:, mask] = (kept - mean) / np.where(std > 0, std, 1.0)
+    return out
+
+
+def fuse(z_model: np.ndarray, z_cooc: np.ndarray, mask: np.ndarray, weight: float) -> np.ndarray:
+    """``z_model + weight * z_cooc`` on the ``mask`` columns, ``UNKNOWN_SCORE`` elsewhere.
+
+    >>> fuse(np.array([[1.0, -1.0, 0.0]]), np.array([[-1.0, 1.0, 0.0]]), np.array([True, True, False]), 3.0).tolist()
+    [[-2.0, 2.0, -1e+30]]
+    """
+    out = z_model + weight * z_cooc
+    out[:, ~mask] = UNKNOWN_SCORE
+    return out
+
+
+class FusedRanker:
+    """``model`` fused with the co-occurrence scores of ``knn`` (module docstring)."""
+
+    iterative = False
+
+    def __init__(self, model: Ranker, knn: ItemKNN, mode: str = "target", weight: float = 0.0,
+                 name: str = "fused") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self.name = name
+        self.model, self.knn = model, knn
+        self.mode, self.weight = mode, weight
+
+    def known_mask(self) -> np.ndarray:
+        mask = np.zeros(len(self.knn.catalogue), dtype=bool)
+        mask[self.knn.columns()] = True
+        return mask
+
+    def learn_many(self, examples: Sequence[Example]) -> None:
+        """Both parts learn ``examples`` (the refit: one pass of the model, one count of the kNN)."""
+        self.model.learn_many(examples)
+        self.knn.learn_many(examples)
+
+    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
+        mask = self.known_mask()
+        z_model = standardise(np.asarray(self.model.score(user_ids, histories)), mask)
+        z_cooc = standardise(self.knn.score_mode(histories, self.mode), mask)
+        return fuse(z_model, z_cooc, mask, self.weight)
+
+    def snapshot(self) -> object:
+        raise NotImplementedError("a fused ranker is not trained in epochs; snapshot its model")
+
+    def restore(self, state: object) -> None:
+        raise NotImplementedError("a fused ranker is not trained in epochs; restore its model")
+
+    def tune(
+        self, queries: Sequence[Query], split: Split, known: np.ndarray,
+        weights: Sequence[float] = FUSION_WEIGHTS, modes: Sequence[str] = MODES,
+    ) -> dict[str, float]:
+        """Choose ``mode`` and ``weight`` by full-protocol NDCG@10 on ``queries`` (the validation
+        queries), set them, and return NDCG@10 per grid point (keys ``"<mode>@<weight>"``). Ties keep
+        the earlier grid point (a smaller weight)."""
+        if not queries:
+            raise ValueError("tune needs at least one validation query")
+        index = {item_id: i for i, item_id in enumerate(split.catalogue)}
+        mask = self.known_mask()
+        if not (mask == known).all():
+            raise ValueError("the co-occurrence model must have learnt exactly the known items of the queries")
+        grid = [(m, w) for m in modes for w in weights]
+        ranks: dict[tuple[str, float], list[np.ndarray]] = {g: [] for g in grid}
+        for start in range(0, len(queries), SCORE_BATCH):
+            batch = queries[start:start + SCORE_BATCH]
+            user_ids, histories = query_inputs(batch, "overlap", split.source, split.target)
+            positive, rankable, excluded = candidate_mask(batch, index, known)
+            z_model = standardise(np.asarray(self.model.score(user_ids, histories)), mask)
+            for mode in modes:
+                z_cooc = standardise(self.knn.score_mode(histories, mode), mask)
+                for weight in weights:
+                    fused = fuse(z_model, z_cooc, mask, weight)
+                    ranks[(mode, weight)].append(full_ranks(fused, positive, rankable, excluded))
+        values = {g: summarize(np.concatenate(r))[SELECTION_METRIC] for g, r in ranks.items()}
+        self.mode, self.weight = max(grid, key=lambda g: values[g])  # max keeps the first of equals
+        log.info("fusion tuned mode=%s weight=%g val_%s=%.5f", self.mode, self.weight, SELECTION_METRIC,
+                 values[(self.mode, self.weight)])
+        return {f"{m}@{w:g}": v for (m, w), v in values.items()}
+
+
+def train_and_test_with_fusion(
+    model: Ranker,
+    knn: ItemKNN,
+    split: Split,
+    *,
+    max_epochs: int,
+    patience: int,
+    seed: int,
+    refit_passes: int = 1,
+    diagnostics: bool = False,
+    weights: Sequence[float] = FUSION_WEIGHTS,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[RunResult, RunResult]:
+    """The model's run and the fused run from one training: select the model's epoch on validation,
+    tune the fusion on validation, refit both parts, rank the test queries with each."""
+    selection = select_epoch(model, split, max_epochs=max_epochs, patience=patience, diagnostics=diagnostics,
+                             on_epoch=on_epoch)
+    t0 = time.perf_counter()
+    knn.learn_many(split.train_examples)
+    fused = FusedRanker(model, knn)
+    grid = fused.tune(split.validation, split, split.known("validation"), weights)
+    tune_s = time.perf_counter() - t0
+    refit_s = refit(model, split, refit_passes)
+    if refit_passes > 0:
+        knn.learn_many(split.refit_examples)
+    model_run = RunResult(selection.epoch, selection.train_s, selection.curve, selection.val,
+                          rank_test_queries(model, split, seed, refit_passes), selection.epochs, refit_s)
+    best = f"{fused.mode}@{fused.weight:g}"
+    fused_run = RunResult(
+        selection.epoch, selection.train_s, selection.curve, {SELECTION_METRIC: grid[best]},
+        rank_test_queries(fused, split, seed, refit_passes), selection.epochs, refit_s,
+        extra={"mode": fused.mode, "weight": fused.weight, "val_grid": grid, "tune_s": round(tune_s, 1)},
+    )
+    return model_run, fused_run

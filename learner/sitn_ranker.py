@@ -1,0 +1,99 @@
+"""The SITN learner behind the offline evaluation's ranker interface (``learner.baselines.Ranker``)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from learner.baselines import History
+from stream.user_state import Example
+
+if TYPE_CHECKING:
+    from learner.config import SITNConfig
+    from learner.evaluate import Split
+
+
+class SITNRanker:
+    """SITN (or one of its ablations) trained in epochs on causal examples.
+
+    ``learn_many`` shuffles the examples (seeded, a fresh order per call) and takes one
+    ``SITNLearner.learn_many`` step per mini-batch at the config's learning rate; a single-domain config
+    (``use_source=False``) trains on target-domain examples only. The refit before test is one more
+    such pass over the refit examples. Scores come from ``embed_histories`` on the query history (the
+    learner's own per-user state is never used), so cold-start queries see exactly the history they are
+    given.
+    """
+
+    iterative = True
+
+    def __init__(
+        self,
+        name: str,
+        config: SITNConfig,
+        split: Split,
+        batch_size: int,
+        workdir: str | Path,
+        on_step: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        from learner.learner import SITNLearner  # torch is imported only when SITN rows run
+
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+        self._learner_cls = SITNLearner
+        self.name = name
+        self.config = config
+        self.source, self.target = split.source, split.target
+        self.catalogue = list(split.catalogue)
+        self.batch_size = batch_size
+        self.workdir = Path(workdir)
+        self.on_step = on_step
+        self.learner = SITNLearner(config, split.source, split.target)
+        self.learner.register_items(split.target, split.catalogue)
+        if config.use_source:
+            self.learner.register_items(split.source, split.source_items)
+        self._rng = random.Random(config.seed)
+        self._items: np.ndarray | None = None
+        self.last_stats: dict[str, float] = {}
+
+    def learn_many(self, examples: Sequence[Example]) -> None:
+        examples = [ex for ex in examples if self.config.use_source or ex.domain == self.target]
+        self._rng.shuffle(examples)
+        for start in range(0, len(examples), self.batch_size):
+            batch = examples[start:start + self.batch_size]
+            if len(batch) < 2:
+                continue
+            self.last_stats = self.learner.learn_many(batch)
+            if self.on_step is not None:
+                self.on_step(self.last_stats)
+        self._items = None
+
+    def _catalogue_items(self) -> np.ndarray:
+        """``(C, D)`` target item vectors in catalogue order (cached until the weights change)."""
+        if self._items is None:
+            item_ids, vectors = self.learner.embed_items(self.target)
+            position = {item_id: j for j, item_id in enumerate(item_ids)}
+            self._items = np.ascontiguousarray(vectors[[position[i] for i in self.catalogue]])
+        return self._items
+
+    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
+        """Max over views of <q_v, e_i>, the learner's ``score_items`` rule, as one BLAS matmul."""
+        queries = self.learner.embed_histories(list(histories), self.target)  # (N, V, D)
+        n, v, d = queries.shape
+        items = self._catalogue_items()  # (C, D)
+        scores = queries.reshape(n * v, d) @ items.T  # (N * V, C)
+        return scores.reshape(n, v, -1).max(axis=1)  # (N, C)
+
+    def snapshot(self) -> object:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / f"{self.name}-best.pt"
+        self.learner.save(path)
+        return path
+
+    def restore(self, state: object) -> None:
+        assert isinstance(state, Path)
+        self.learner = self._learner_cls.load(state)
+        self._items = None
