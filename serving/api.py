@@ -52,7 +52,7 @@ class IndexInfoOut(BaseModel):
 class RecommendationOut(BaseModel):
     user_id: str
     k: int
-    served_by: str  # "model" | "popularity"
+    served_by: str  # "model" | "popularity" | "cooccurrence"
     items: list[ScoredItemOut]
     index: IndexInfoOut
 
@@ -144,7 +144,9 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
         user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS, description=ALLOWED["user_id"])],
         k: Annotated[int, Query(ge=1, le=MAX_K, description=ALLOWED["k"])] = 10,
     ) -> dict[str, Any]:
-        """Top ``k`` items for ``user_id``; ``served_by`` says whether the model or popularity answered."""
+        """Top ``k`` items for ``user_id``; ``served_by`` says which ranker answered: the model, popularity (users
+        without vectors, or while the learner says popularity beats the model), or item co-occurrence with the
+        user's consumed items (while the learner says it beats the model)."""
         try:
             rec = service.recommend(user_id, k)
         except ValueError as exc:
@@ -163,7 +165,8 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        """Liveness plus index state; ``ready`` is false while the index is empty."""
+        """Liveness plus index state and the ranker ``/recommend`` answers with; ``ready`` is false while the
+        index is empty."""
         return {"status": "ok", **service.health()}
 
     @app.get("/metrics", response_class=Response)

@@ -109,6 +109,29 @@ def test_healthz_reports_index_state(client: httpx.Client) -> None:
     }
 
 
+def test_served_by_follows_the_ranker_the_learner_chose(client: httpx.Client, service: RecommendationService) -> None:
+    """u1 consumed a; u2 consumed a then c, so c co-occurs with a. The learner's choice switches the answers."""
+    service.record_consumed("u2", ["a", "c"])
+    try:
+        assert service.set_ranker("cooccurrence")
+        body = client.get("/recommend", params={"user_id": "u1", "k": 5}).json()
+        assert body["served_by"] == "cooccurrence"
+        assert [it["item_id"] for it in body["items"]] == ["c"]  # a consumed; only consumed items are known
+        assert client.get("/healthz").json()["ranker"] == "cooccurrence"
+        assert client.get("/recommend", params={"user_id": "nobody"}).json()["served_by"] == "popularity"
+        assert service.set_ranker("popularity")
+        body = client.get("/recommend", params={"user_id": "u1", "k": 2}).json()
+        assert (body["served_by"], [it["item_id"] for it in body["items"]]) == ("popularity", ["b", "c"])
+        metrics = client.get("/metrics").text
+        assert 'sitn_serving_ranker{served_by="popularity"} 1.0' in metrics
+        assert 'sitn_serving_recommendations_total{served_by="cooccurrence"}' in metrics
+    finally:
+        service.set_ranker("model")
+    body = client.get("/recommend", params={"user_id": "u1", "k": 5}).json()
+    assert body["served_by"] == "model"
+    assert client.get("/healthz").json()["ranker"] == "model"
+
+
 def test_metrics_exposition_contains_the_serving_metrics(client: httpx.Client) -> None:
     client.get("/recommend", params={"user_id": "u1"})
     client.get("/no/such/route")

@@ -1,8 +1,10 @@
 """The publish gate end to end on the trainer: a deliberately bad update (a learning-rate spike) is held
-back, an alarm fires, serving keeps the last good version; an honest model is never held back."""
+back, an alarm fires, serving keeps the last good version; an honest model is never held back. The ranker
+fallback end to end: while the model ranks significantly worse than a baseline, serving answers with it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from learner.config import SITNConfig
-from learner.gate import PublishGate
+from learner.gate import PublishGate, RankerFallback
 from learner.learner import SITNLearner
 from learner.publisher import CallableTransport
 from learner.trainer import OnlineTrainer
@@ -42,15 +44,21 @@ def batches(events: list[InteractionEvent], per_batch: int) -> list[ExampleBatch
     return out
 
 
-def make_trainer(tmp_path: Path, sent: list[EmbeddingBatch], gate: PublishGate | None) -> OnlineTrainer:
+def make_trainer(tmp_path: Path, deliver: Callable[[EmbeddingBatch], None], gate: PublishGate | None,
+                 fallback: RankerFallback | None = None) -> OnlineTrainer:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     config = SITNConfig(dim=DIM, max_len=10, n_views=2, cluster_counts=(8,), n_item_clusters=8,
                         n_sampled_negatives=64, i2c_warmup_steps=5, recluster_every_steps=20, reservoir_size=512,
                         initial_item_capacity=256, lr=5e-3)
-    return OnlineTrainer(SITNLearner(config, "movie", "book"), CallableTransport(sent.append), None, batch_size=128,
+    return OnlineTrainer(SITNLearner(config, "movie", "book"), CallableTransport(deliver), None, batch_size=128,
                          publish_every_steps=5, publish_every_s=3600.0, full_publish_every=1000, gate=gate,
-                         gate_sample_per_step=128)
+                         gate_sample_per_step=128, prequential_window=1000, fallback=fallback)
+
+
+def model_ndcg(trainer: OnlineTrainer) -> float:
+    """The served model's prequential NDCG@10 over the last window of target events."""
+    return float(trainer.quality.tallies["model"].figures("window")["window"]["ndcg"])
 
 
 def test_a_learning_rate_spike_is_held_back_and_serving_keeps_the_good_version(tmp_path: Path) -> None:
@@ -64,14 +72,13 @@ def test_a_learning_rate_spike_is_held_back_and_serving_keeps_the_good_version(t
         sent.append(batch)
         serving.apply_batch(batch)
 
-    trainer = make_trainer(tmp_path, [], gate)
-    trainer.publisher.transport = CallableTransport(deliver)
+    trainer = make_trainer(tmp_path, deliver, gate)
     all_batches = batches(events, 512)
     for b in all_batches[:50]:  # learn the structure; every publish passes the gate
         trainer.process(b)
     good_version = serving.version
     assert good_version > 1 and not gate.closed and gate.held_total == 0
-    served_ndcg = trainer.prequential.ndcg
+    served_ndcg = model_ndcg(trainer)
     assert served_ndcg > 0.2, f"the synthetic structure should be learnt, prequential NDCG {served_ndcg:.3f}"
 
     for opt in (trainer.learner._dense_opt, trainer.learner._sparse_opt):  # the deliberately bad update
@@ -83,7 +90,7 @@ def test_a_learning_rate_spike_is_held_back_and_serving_keeps_the_good_version(t
     assert gate.held_total >= 1, f"gate never closed: live {gate.live_ndcg:.3f} vs served {gate.served_ndcg:.3f}"
     assert gate.closed
     assert gate.live_ndcg < gate.served_ndcg * 0.7
-    assert trainer.prequential.ndcg > 0.8 * served_ndcg  # what serving holds still ranks as well as before
+    assert model_ndcg(trainer) > 0.8 * served_ndcg  # what serving holds still ranks as well as before
     held_at = [b.version for b in sent]
     # Serving kept the last good version: nothing was published after the gate closed.
     assert serving.version == held_at[-1] and trainer.prequential.version == serving.version
@@ -97,9 +104,42 @@ def test_an_honest_model_is_never_held_back(tmp_path: Path) -> None:
     events = synthetic_events(20_000)
     gate = PublishGate(max_drop=0.3, window=1000, min_events=100)
     sent: list[EmbeddingBatch] = []
-    trainer = make_trainer(tmp_path, sent, gate)
+    trainer = make_trainer(tmp_path, sent.append, gate)
     for b in batches(events, 512):
         trainer.process(b)
     assert gate.judged_total >= 10  # the gate had enough evidence to close, often, and never did
     assert gate.held_total == 0 and not gate.closed
     assert len(sent) == trainer.learner.step // 5
+
+
+def test_serving_answers_with_the_best_baseline_while_the_model_is_significantly_worse(tmp_path: Path) -> None:
+    """A model that cannot learn (learning rate 0) ranks far below item co-occurrence on a stream with
+    structure: serving is told to answer with co-occurrence, and does; the publish gate is not involved."""
+    serving = ServingCore(ServingSettings(dim=DIM, index_factory="Flat", index_search_params={}), start_http=False)
+    sent: list[EmbeddingBatch] = []
+
+    def deliver(batch: EmbeddingBatch) -> None:
+        sent.append(batch)
+        serving.apply_batch(batch)
+
+    fallback = RankerFallback(("popularity", "cooccurrence"), window=1000, min_events=100, log_path=tmp_path / "a.jsonl")
+    trainer = make_trainer(tmp_path, deliver, None, fallback)
+    for opt in (trainer.learner._dense_opt, trainer.learner._sparse_opt):
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+    events = synthetic_events(8000)
+    for b in batches(events, 512):
+        trainer.process(b)
+    figures = trainer.quality.figures()["rankers"]
+    ndcg = {name: f["window"]["ndcg"] for name, f in figures.items()}
+    assert ndcg["cooc_target"] > max(ndcg["popularity"], 3 * ndcg["model"]), ndcg
+    assert (fallback.served, fallback.switches, trainer.served_by) == ("cooccurrence", 1, "cooccurrence"), ndcg
+    switched_at = next(i for i, b in enumerate(sent) if b.served_by == "cooccurrence")
+    assert all(b.served_by == "model" for b in sent[:switched_at])
+    assert all(b.served_by == "cooccurrence" for b in sent[switched_at:])
+    assert serving.service.ranker == "cooccurrence"
+    user = next(e.user_id for e in events if e.domain == "book")
+    assert serving.recommend(user, k=10)["served_by"] == "cooccurrence"
+    assert trainer.last_stats["fallback_serving_baseline"] == 1.0 and trainer.last_stats["fallback_z"] < -2.33
+    switch = orjson.loads((tmp_path / "a.jsonl").read_bytes().splitlines()[0])
+    assert (switch["from"], switch["to"], switch["best_baseline"]) == ("model", "cooccurrence", "cooccurrence")
