@@ -366,16 +366,16 @@ class SyntheticStream:
                 item = np.where(in_domain & noise, uniform, item)
 
             timestamp = c.start_timestamp + np.floor(index / c.events_per_second).astype(np.int64)
-            fields = (timestamp, user, is_target, item, cluster, noise)
             if c.unique_pairs:
                 pair = user * n_pair_items + np.where(is_target, c.n_source_items + item, item)  # (n,) pair key
                 keep = np.zeros(n, dtype=bool)
                 keep[np.unique(pair, return_index=True)[1]] = True  # first in this chunk ...
                 keep &= ~np.isin(pair, seen)  # ... and never seen before it
                 seen = np.union1d(seen, pair[keep])
-                fields = tuple(f[keep] for f in fields)
-            yield EventChunk(kept, *fields, (c.source, c.target))
-            kept += len(fields[0])
+                timestamp, user, is_target = timestamp[keep], user[keep], is_target[keep]
+                item, cluster, noise = item[keep], cluster[keep], noise[keep]
+            yield EventChunk(kept, timestamp, user, is_target, item, cluster, noise, (c.source, c.target))
+            kept += len(timestamp)
             start += n
             chunk_no += 1
 
