@@ -22,9 +22,14 @@ How each series is derived (``derive``):
   not the cumulative counts: what a run does now, not its average since start. It is the number
   ``histogram_quantile(q, sum by (le) (increase(x_bucket[30s])))`` gives in Prometheus. No observation
   in the window: no point.
-- *gauges* (losses, prequential NDCG@10 and HR@10, consumer lag, prototype agreement, drift, the publish
-  gate): the sum over processes. Only one process sets each of these; an unlabelled gauge exports 0 from
-  every other process that imported its module, so the sum is the owner's value.
+- *gauges* (losses, consumer lag, prototype agreement, drift, the publish gate, quality): the sum over
+  processes. Only one process sets each of these; an unlabelled gauge exports 0 from every other process
+  that imported its module, so the sum is the owner's value.
+- *quality*, the headline: ``ndcg_at_10{ranker}`` and ``hr_at_10{ranker}``, the prequential figures of the
+  served model and of each shadow baseline (popularity, co-occurrence with target history, with target and
+  source history) over the last window of target events, all events (an unseen item is a miss);
+  ``model_lift_ratio`` (model NDCG@10 / best baseline's, whole stream); ``rankable_ratio`` (window);
+  ``serving_ranker{served_by}`` (1 for the ranker ``/recommend`` answers with, from serving).
 
 Every series with a label (``domain``, ``term``, ``k``) has one buffer per label value; all those labels
 are bounded (docs: ``sitn.telemetry``), so the number of buffers is too.
@@ -144,9 +149,10 @@ class Scrape:
     def total(self, name: str, **labels: str) -> float:
         return sum(v for _, _, v in self.select(name, **labels))
 
-    def by_label(self, name: str, label: str) -> dict[str, float]:
+    def by_label(self, name: str, label: str, **labels: str) -> dict[str, float]:
+        """Samples called ``name`` whose labels include ``labels``, summed by the value of ``label``."""
         out: dict[str, float] = {}
-        for _, key, value in self.select(name):
+        for _, key, value in self.select(name, **labels):
             group = dict(key[1]).get(label)
             if group is not None:
                 out[group] = out.get(group, 0.0) + value
@@ -246,9 +252,16 @@ def derive(new: Scrape, previous: Scrape | None = None, window_start: Scrape | N
                 out[series] = value
     for term, value in new.by_label("sitn_learner_loss", "term").items():
         out[f'loss{{term="{term}"}}'] = value
-    for series, metric in (("prequential_ndcg_at_10", "sitn_learner_prequential_ndcg_at_10"),
-                           ("prequential_hr_at_10", "sitn_learner_prequential_hr_at_10"),
-                           ("publish_gate_closed", "sitn_learner_publish_gate_closed"),
+    for series, metric in (("ndcg_at_10", "sitn_learner_ranker_ndcg_at_10"), ("hr_at_10", "sitn_learner_ranker_hr_at_10")):
+        for ranker, value in new.by_label(metric, "ranker", events="all", span="window").items():
+            out[f'{series}{{ranker="{ranker}"}}'] = value
+    for served_by, value in new.by_label("sitn_serving_ranker", "served_by").items():
+        out[f'serving_ranker{{served_by="{served_by}"}}'] = value
+    for series, metric, labels in (("model_lift_ratio", "sitn_learner_model_lift_ratio", {}),
+                                   ("rankable_ratio", "sitn_learner_prequential_rankable_ratio", {"span": "window"})):
+        if has(metric) and any(True for _ in new.select(metric, **labels)):
+            out[series] = new.total(metric, **labels)
+    for series, metric in (("publish_gate_closed", "sitn_learner_publish_gate_closed"),
                            ("consumer_lag_records", "sitn_stream_consumer_lag_records"),
                            ("drift_alarms_active", "sitn_drift_alarm_active")):
         if has(metric):

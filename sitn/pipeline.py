@@ -21,6 +21,10 @@ If the serving actor dies, ``supervise()`` starts a new one, on the same port wh
 stays), and hands it to the learner, whose loop sends it a full version first. Only that restart
 interrupts answers.
 
+``write_summary`` puts the run's figures in one JSON file (``sitn run`` writes ``<run dir>/summary.json``
+when it ends): what was replayed, trained and dead-lettered, restarts, wall time and throughput, freshness,
+and the prequential HR@10/NDCG@10 of the served model and of every shadow baseline on the same events.
+
 The replay producer is idempotent (acks=all, retries until its delivery timeout), and each tick waits
 for every record of the tick to be acknowledged: a broker that is killed and restarted within the
 delivery timeout loses nothing and duplicates nothing; one that stays away longer fails the replay loudly
@@ -29,7 +33,10 @@ delivery timeout loses nothing and duplicates nothing; one that stays away longe
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +49,7 @@ import ray
 from learner.actor import LearnerActor
 from learner.config import SITNConfig
 from learner.drift import DriftMonitor, DriftSettings
-from learner.gate import PublishGate
+from learner.gate import PublishGate, RankerFallback
 from serving.actor import ServingActor
 from serving.settings import ServingSettings
 from sitn.settings import RunSettings
@@ -156,6 +163,7 @@ class Pipeline:
         self.drift_settings = drift if drift is not None else DriftSettings()
         self.drift_log = self.drift_settings.log_path or run_dir / "metrics" / "drift.jsonl"
         self._throttle: LagThrottle | None = None
+        self.caught_up_s: float | None = None  # monotonic time every replayed event was first seen trained
 
     # -- start-up ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -213,6 +221,7 @@ class Pipeline:
             gate=self._gate(),
             gate_sample_per_step=r.gate_sample_per_step,
             drift=DriftMonitor(self.drift_settings, self.drift_log),
+            fallback=self._fallback(),
             max_users=self.stream.max_users,
             served_max_users=self.serving_settings.max_users,
             audit_log=self.audit_log,
@@ -225,9 +234,17 @@ class Pipeline:
         return PublishGate(r.gate_max_drop, r.gate_window, r.gate_min_events, log_path=self.drift_log,
                            z_critical=r.gate_z_critical)
 
+    def _fallback(self) -> RankerFallback | None:
+        r = self.run_settings
+        if not r.fallback_enabled:
+            return None
+        return RankerFallback(("popularity", "cooccurrence"), r.fallback_window, r.fallback_min_events,
+                              r.fallback_z_critical, r.fallback_recover_z, log_path=self.drift_log)
+
     def start_replay(self, events: list[InteractionEvent]) -> None:
         producer = open_replay_producer(self.stream)
         self.replay_progress = ReplayProgress(total=len(events))
+        self.caught_up_s = None
         r = self.run_settings
         throttle = None
         if r.max_lag_events is not None:
@@ -377,12 +394,60 @@ class Pipeline:
                 out["consumer_error"] = type(exc).__name__
         return out
 
-    def caught_up(self) -> bool:
-        """Every replayed event has been trained on (or dead-lettered)."""
+    def caught_up(self, status: dict[str, Any] | None = None) -> bool:
+        """Every replayed event has been trained on (or dead-lettered); ``status``: a fresh ``status()``."""
         if not self.replay_progress.done:
             return False
+        status = self.status() if status is None else status
+        done = status.get("events_applied", 0) + status.get("dead_letters", 0) >= self.replay_progress.total
+        if done and self.caught_up_s is None:
+            self.caught_up_s = time.monotonic()
+        return bool(done)
+
+    # -- the run's summary -----------------------------------------------------------------------------------
+    def summary(self, wall_time_s: float) -> dict[str, Any]:
+        """The run's figures (see ``write_summary``); ``wall_time_s``: seconds since the run started."""
         status = self.status()
-        return status.get("events_applied", 0) + status.get("dead_letters", 0) >= self.replay_progress.total
+        quality: dict[str, Any] = {}
+        if self.learner is not None:
+            try:
+                quality = ray.get(self.learner.quality.remote(), timeout=30)
+            except Exception as exc:  # a dead learner: the summary says so instead of its figures
+                log.warning("no prequential figures for the summary error=%s", type(exc).__name__)
+        progress = self.replay_progress
+        end_s = self.caught_up_s if self.caught_up_s is not None else time.monotonic()
+        replay_to_trained_s = end_s - progress.started_s if progress.total else math.nan
+        trained = int(status.get("events_applied", 0))
+        out: dict[str, Any] = {
+            "events_replayed": int(progress.sent),
+            "events_to_replay": int(progress.total),
+            "events_trained": trained,
+            "dead_letters": int(status.get("dead_letters", 0)),
+            "restarts": int(self.restarts),
+            "serving_restarts": int(self.serving_restarts),
+            "caught_up": self.caught_up_s is not None,
+            "wall_time_s": wall_time_s,
+            "replay_to_trained_s": replay_to_trained_s,
+            # end to end: from the first event produced to the last one trained (or to now, if not caught up)
+            "events_per_s": trained / replay_to_trained_s if replay_to_trained_s > 0 else math.nan,
+            "freshness_p50_s": status.get("freshness_p50_s", math.nan),
+            "freshness_p99_s": status.get("freshness_p99_s", math.nan),
+            "served_by": status.get("served_by"),  # what serving answers with at the end
+            "serving_ranker_switches": int(status.get("ranker_switches", 0)),
+            "learner_served_by": quality.get("served_by"),  # what the learner last told serving
+            "prequential": _prequential_summary(quality) if quality else None,
+        }
+        return out
+
+    def write_summary(self, path: Path, wall_time_s: float) -> dict[str, Any]:
+        """Write ``summary(wall_time_s)`` to ``path`` as JSON (nan as null), atomically; returns it."""
+        summary = _json_ready(self.summary(wall_time_s))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("summary written path=%s", path)
+        return dict(summary)
 
     # -- shutdown ------------------------------------------------------------------------------------------
     def finish_training(self, timeout_s: float = 120) -> dict[str, float]:
@@ -408,6 +473,41 @@ class Pipeline:
             except Exception:
                 log.exception("stopping serving")
             self.serving = None
+
+
+def _prequential_summary(quality: dict[str, Any]) -> dict[str, Any]:
+    """The summary's ``prequential`` part from ``OnlineTrainer.quality_report()``: per ranker and span
+    (``stream``: the whole stream; ``window``: the last window of target events) HR@k/NDCG@k over all
+    target events and over the rankable ones, the rankable fraction, the best baseline and the lift."""
+    rankers = quality["rankers"]
+    model = rankers["model"]
+    return {
+        "k": quality["k"],
+        "target_events": model["stream"]["events"],
+        "window_events": model["window"]["events"],
+        "rankable_events": model["stream"]["rankable"],
+        "rankable_ratio": {span: model[span]["rankable_ratio"] for span in ("stream", "window")},
+        "rankers": {
+            name: {span: {key: figures[span][key] for key in ("hr", "ndcg", "hr_rankable", "ndcg_rankable")}
+                   for span in ("stream", "window")}
+            for name, figures in rankers.items()
+        },
+        "best_baseline": quality["best_baseline"],
+        "lift": quality["lift"],
+        "lift_window": quality["lift_window"],
+        "fallback": quality.get("fallback"),
+    }
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no nan)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
 
 
 def load_replay_events(run: RunSettings) -> list[InteractionEvent]:

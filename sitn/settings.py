@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,3 +51,21 @@ class RunSettings(BaseSettings):
     gate_min_events: int = Field(200, ge=1, description="paired events since the last publish needed before the gate can close")
     gate_z_critical: float = Field(2.33, ge=0, description="paired z-test bound: a drop must also be this significant")
     gate_sample_per_step: int = Field(64, ge=1, description="target events per step also ranked by the live model")
+    fallback_enabled: bool = Field(
+        True, description="serve the best servable baseline (popularity, co-occurrence) while the model's "
+        "prequential NDCG@10 is significantly below it (learner.gate.RankerFallback)",
+    )
+    fallback_window: int = Field(2000, ge=2, description="paired target events (model vs baselines) the fallback judges")
+    fallback_min_events: int = Field(200, ge=2, description="paired events needed before the fallback can switch")
+    fallback_z_critical: float = Field(2.33, gt=0, description="switch to a baseline when z(model - best) <= -this")
+    fallback_recover_z: float = Field(0.0, description="switch back to the model when z(model - best) >= this")
+
+    @model_validator(mode="after")
+    def _fallback_consistent(self) -> RunSettings:
+        if self.fallback_min_events > self.fallback_window:
+            raise ValueError(f"fallback_min_events must be <= fallback_window ({self.fallback_window}), "
+                             f"got {self.fallback_min_events}")
+        if self.fallback_recover_z <= -self.fallback_z_critical:
+            raise ValueError(f"fallback_recover_z must be > -fallback_z_critical ({-self.fallback_z_critical}), "
+                             f"got {self.fallback_recover_z}")
+        return self

@@ -67,12 +67,23 @@ sitn_learner_loss{term="total"} 5.25
 sitn_learner_loss{term="main"} 4.5
 sitn_learner_loss{term="i2i"} 0.5
 sitn_learner_loss{term="i2c"} 0.25
-# HELP sitn_learner_prequential_ndcg_at_10 NDCG
-# TYPE sitn_learner_prequential_ndcg_at_10 gauge
-sitn_learner_prequential_ndcg_at_10 0.125
-# HELP sitn_learner_prequential_hr_at_10 HR
-# TYPE sitn_learner_prequential_hr_at_10 gauge
-sitn_learner_prequential_hr_at_10 0.25
+# HELP sitn_learner_ranker_ndcg_at_10 NDCG
+# TYPE sitn_learner_ranker_ndcg_at_10 gauge
+sitn_learner_ranker_ndcg_at_10{events="all",ranker="model",span="window"} 0.125
+sitn_learner_ranker_ndcg_at_10{events="rankable",ranker="model",span="window"} 0.25
+sitn_learner_ranker_ndcg_at_10{events="all",ranker="model",span="stream"} 0.1
+sitn_learner_ranker_ndcg_at_10{events="all",ranker="cooc_target",span="window"} 0.375
+# HELP sitn_learner_ranker_hr_at_10 HR
+# TYPE sitn_learner_ranker_hr_at_10 gauge
+sitn_learner_ranker_hr_at_10{events="all",ranker="model",span="window"} 0.25
+sitn_learner_ranker_hr_at_10{events="all",ranker="popularity",span="window"} 0.5
+# HELP sitn_learner_model_lift_ratio lift
+# TYPE sitn_learner_model_lift_ratio gauge
+sitn_learner_model_lift_ratio 0.5
+# HELP sitn_learner_prequential_rankable_ratio rankable
+# TYPE sitn_learner_prequential_rankable_ratio gauge
+sitn_learner_prequential_rankable_ratio{span="window"} 0.75
+sitn_learner_prequential_rankable_ratio{span="stream"} 0.5
 # HELP sitn_learner_publish_gate_closed gate
 # TYPE sitn_learner_publish_gate_closed gauge
 sitn_learner_publish_gate_closed 1.0
@@ -98,7 +109,7 @@ sitn_drift_alarm_active{signal="loss"} 0.0
 """
 
 
-def consumer(movie: float, book: float | None, lag: dict[str, float], ndcg_zero: bool = False) -> str:
+def consumer(movie: float, book: float | None, lag: dict[str, float], lift_zero: bool = False) -> str:
     """A consumer's exposition; ``book=None``: no book event decoded yet (no ``book`` child)."""
     lines = ["# HELP sitn_stream_events_decoded_total decoded", "# TYPE sitn_stream_events_decoded_total counter",
              f'sitn_stream_events_decoded_total{{domain="movie"}} {movie}']
@@ -106,22 +117,26 @@ def consumer(movie: float, book: float | None, lag: dict[str, float], ndcg_zero:
         lines.append(f'sitn_stream_events_decoded_total{{domain="book"}} {book}')
     lines += ["# HELP sitn_stream_consumer_lag_records lag", "# TYPE sitn_stream_consumer_lag_records gauge"]
     lines += [f'sitn_stream_consumer_lag_records{{partition="{p}"}} {v}' for p, v in lag.items()]
-    if ndcg_zero:  # imported the learner's module: its unlabelled gauge exports 0 from here too
-        lines += ["# HELP sitn_learner_prequential_ndcg_at_10 NDCG", "# TYPE sitn_learner_prequential_ndcg_at_10 gauge",
-                  "sitn_learner_prequential_ndcg_at_10 0.0"]
+    if lift_zero:  # imported the learner's module: its unlabelled gauge exports 0 from here too
+        lines += ["# HELP sitn_learner_model_lift_ratio lift", "# TYPE sitn_learner_model_lift_ratio gauge",
+                  "sitn_learner_model_lift_ratio 0.0"]
     return "\n".join(lines) + "\n"
 
 
-def serving(buckets: dict[str, float]) -> str:
+def serving(buckets: dict[str, float], ranker: str | None = None) -> str:
     lines = ["# HELP sitn_serving_freshness_seconds freshness", "# TYPE sitn_serving_freshness_seconds histogram"]
     lines += [f'sitn_serving_freshness_seconds_bucket{{le="{le}"}} {v}' for le, v in buckets.items()]
+    if ranker is not None:
+        lines += ["# HELP sitn_serving_ranker ranker", "# TYPE sitn_serving_ranker gauge"]
+        lines += [f'sitn_serving_ranker{{served_by="{r}"}} {float(r == ranker)}'
+                  for r in ("model", "popularity", "cooccurrence")]
     return "\n".join(lines) + "\n"
 
 
 ROUND_0 = {"l:1": LEARNER_0, "c:1": consumer(100, 10, {"0": 5, "1": 7}), "c:2": consumer(50, 0, {"2": 1}),
            "s:1": serving({"0.1": 0, "0.5": 2, "1.0": 2, "+Inf": 2})}
-ROUND_2 = {"l:1": LEARNER_2, "c:1": consumer(160, 30, {"0": 3, "1": 4}, ndcg_zero=True),
-           "c:2": consumer(90, 0, {"2": 2}), "s:1": serving({"0.1": 2, "0.5": 6, "1.0": 8, "+Inf": 8})}
+ROUND_2 = {"l:1": LEARNER_2, "c:1": consumer(160, 30, {"0": 3, "1": 4}, lift_zero=True),
+           "c:2": consumer(90, 0, {"2": 2}), "s:1": serving({"0.1": 2, "0.5": 6, "1.0": 8, "+Inf": 8}, "cooccurrence")}
 
 
 def test_parse_exposition_keys_samples_by_name_and_sorted_labels() -> None:
@@ -148,8 +163,13 @@ def test_derive_two_rounds_exact() -> None:
         # publish lag increases {0.5: 0, 1.0: 100, +Inf: 100}: rank 99 in (0.5, 1.0]
         "publish_lag_p99_s": 0.5 + 0.5 * 99 / 100,
         'loss{term="total"}': 5.25, 'loss{term="main"}': 4.5, 'loss{term="i2i"}': 0.5, 'loss{term="i2c"}': 0.25,
-        "prequential_ndcg_at_10": 0.125,  # the consumer's exported 0 does not change the sum
-        "prequential_hr_at_10": 0.25,
+        # the model and the baselines: last window, all events (the rankable and stream ones are not drawn)
+        'ndcg_at_10{ranker="model"}': 0.125, 'ndcg_at_10{ranker="cooc_target"}': 0.375,
+        'hr_at_10{ranker="model"}': 0.25, 'hr_at_10{ranker="popularity"}': 0.5,
+        "model_lift_ratio": 0.5,  # the consumer's exported 0 does not change the sum
+        "rankable_ratio": 0.75,
+        'serving_ranker{served_by="model"}': 0.0, 'serving_ranker{served_by="popularity"}': 0.0,
+        'serving_ranker{served_by="cooccurrence"}': 1.0,
         "publish_gate_closed": 1.0,
         "consumer_lag_records": 3 + 4 + 2,
         'prototype_agreement{k="4"}': 0.75, 'prototype_agreement{k="8"}': 0.5,
@@ -160,7 +180,7 @@ def test_derive_two_rounds_exact() -> None:
 
 def test_derive_first_round_has_gauges_only_and_skips_undeclared_metrics() -> None:
     points = derive(Scrape.from_texts(100.0, ROUND_0))
-    assert points == {'loss{term="total"}': 6.0, "prequential_ndcg_at_10": 0.0, "consumer_lag_records": 13.0}
+    assert points == {'loss{term="total"}': 6.0, "consumer_lag_records": 13.0}
 
 
 def test_increase_treats_a_decrease_as_a_restart_and_skips_new_processes() -> None:
@@ -306,8 +326,8 @@ def test_start_dashboard_serves_registers_the_driver_and_stops(exporters: tuple[
         httpx.get(f"{handle.url}/healthz", timeout=2)
 
 
-CHARTS = ("chart-throughput", "chart-loss", "chart-quality", "chart-freshness", "chart-lag", "chart-agreement",
-          "chart-drift")
+CHARTS = ("chart-quality", "chart-hr", "chart-lift", "chart-throughput", "chart-loss", "chart-freshness",
+          "chart-lag", "chart-agreement", "chart-drift")
 
 
 class _Charts(html.parser.HTMLParser):
@@ -418,7 +438,9 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, ray_cluster: Any, events
 PREFIXES = {
     "chart-throughput": ("events_decoded_per_s", "examples_trained_per_s"),
     "chart-loss": ("loss{",),
-    "chart-quality": ("prequential_ndcg_at_10", "prequential_hr_at_10"),
+    "chart-quality": ("ndcg_at_10{",),
+    "chart-hr": ("hr_at_10{",),
+    "chart-lift": ("model_lift_ratio", "rankable_ratio", "serving_ranker{"),
     "chart-freshness": ("freshness_p50_s", "freshness_p99_s", "publish_lag_p99_s"),
     "chart-lag": ("consumer_lag_records",),
     "chart-agreement": ("prototype_agreement{",),

@@ -36,7 +36,7 @@ APP_SERVICES = {"ray-head", "ray-worker", "learner", "serving"}  # built from th
 ACTOR_NODES = {"ray-head", "ray-worker", "learner"}  # Ray nodes: actors may run (and write targets) there
 ALERTS_EXPECTED = {
     "SitnDriftAlarmActive", "SitnPublishGateClosed", "SitnNoTrainingProgress", "SitnConsumerLagHigh",
-    "SitnDeadLettersHigh", "SitnFreshnessP99High", "SitnHttp5xxRate", "SitnTargetDown",
+    "SitnDeadLettersHigh", "SitnFreshnessP99High", "SitnHttp5xxRate", "SitnTargetDown", "SitnServingBaseline",
 }
 # every module that defines metrics (docs/metrics.md); learner.drift is imported separately
 METRIC_MODULES = ("stream.telemetry", "learner.telemetry", "learner.drift", "serving.metrics", "serving.actor")
@@ -628,6 +628,10 @@ ALERT_CASES: list[tuple[str, list[tuple[str, str]], str, dict[str, str] | None]]
     ("SitnDriftAlarmActive", [('sitn_drift_alarm_active{signal="input_domain_mix"}', "0x10")], "5m", None),
     ("SitnPublishGateClosed", [("sitn_learner_publish_gate_closed", "1x20")], "10m", {}),
     ("SitnPublishGateClosed", [("sitn_learner_publish_gate_closed", "1x3 0x16")], "10m", None),
+    ("SitnServingBaseline", [('sitn_learner_served_ranker{served_by="cooccurrence"}', "1x40"),
+                             ('sitn_learner_served_ranker{served_by="model"}', "0x40")], "35m", {"served_by": "cooccurrence"}),
+    ("SitnServingBaseline", [('sitn_learner_served_ranker{served_by="cooccurrence"}', "1x20 0x20"),
+                             ('sitn_learner_served_ranker{served_by="model"}', "0x20 1x20")], "35m", None),
     ("SitnTargetDown", [('up{job="sitn",instance="10.0.0.5:41234",component="learner"}', "0x10")], "5m",
      {"job": "sitn", "instance": "10.0.0.5:41234", "component": "learner"}),
 ]

@@ -1,9 +1,12 @@
 """The main job end to end on real Ray and real HTTP (embedded log, and the real Kafka broker):
 fresh recommendations after publishing, cold-start users served from the source side, recovery from a
-killed learner actor with no event lost or applied twice while serving keeps answering."""
+killed learner actor with no event lost or applied twice while serving keeps answering; the run's
+summary (``summary.json``) against the run."""
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 import uuid
@@ -51,9 +54,11 @@ def events(events_csv: Path) -> list[InteractionEvent]:
 
 
 def make_pipeline(tmp_path: Path, kafka: str | None) -> Pipeline:
+    # These tests check the model path of /recommend; the ranker fallback has its own (tests/test_fallback.py,
+    # tests/test_publish_gate.py) and runs in tests/test_dashboard.py's live pipeline.
     run = RunSettings(events=None, rate_events_per_s=None, batch_size=64, checkpoint_every_steps=5,
                       publish_every_steps=3, publish_every_s=0.5, full_publish_every=5, torch_threads=1,
-                      learner_dim=16, learner_views=2, learner_max_len=10, consumers=2)
+                      learner_dim=16, learner_views=2, learner_max_len=10, consumers=2, fallback_enabled=False)
     stream = StreamSettings(
         kafka_bootstrap_servers=kafka,
         embedded_log_dir=tmp_path / "log",
@@ -91,6 +96,7 @@ def test_live_pipeline_serves_fresh_recommendations(pipeline: Pipeline, events: 
     pipeline.start_replay(events)
     wait_for(pipeline.caught_up, DEADLINE_S, "every replayed event trained", pipeline)
     wait_for(lambda: pipeline.status().get("served_version", 0) > 0, 30, "a publish")
+    check_summary(pipeline, events)
     url = pipeline.serving_url
     assert url is not None
     books = {e.item_id for e in events if e.domain == "book"}
@@ -209,3 +215,37 @@ def test_standalone_replica_follows_the_updates_topic(kafka_pipeline: Pipeline, 
     assert [s.item_id for s in standalone.items if s.item_id not in consumed][:3] == [
         it["item_id"] for it in in_cluster["items"]
     ][:3]
+
+
+def check_summary(pipeline: Pipeline, events: list[InteractionEvent]) -> None:
+    """``summary.json`` holds what this run did: every event replayed and trained, every book event ranked by
+    the model and each baseline, the rankable share exactly the events whose book occurred before."""
+    path = pipeline.run_dir / "summary.json"
+    summary = pipeline.write_summary(path, wall_time_s=12.5)
+    assert json.loads(path.read_text()) == summary
+    assert (summary["events_replayed"], summary["events_to_replay"], summary["events_trained"]) == (N_EVENTS,) * 3
+    assert (summary["dead_letters"], summary["restarts"], summary["caught_up"]) == (0, 0, True)
+    assert summary["wall_time_s"] == 12.5
+    assert summary["events_per_s"] == pytest.approx(N_EVENTS / summary["replay_to_trained_s"], rel=1e-12)
+    assert 0 < summary["freshness_p50_s"] <= summary["freshness_p99_s"]
+    assert (summary["served_by"], summary["learner_served_by"], summary["serving_ranker_switches"]) == (
+        "model", "model", 0)
+    books = [e.item_id for e in events if e.domain == "book"]
+    pq = summary["prequential"]
+    # Each book's first occurrence is the only unrankable event, whatever order the partitions interleave in.
+    assert (pq["k"], pq["target_events"], pq["rankable_events"]) == (10, len(books), len(books) - len(set(books)))
+    assert pq["window_events"] == min(2000, len(books))
+    assert pq["rankable_ratio"]["stream"] == pytest.approx(pq["rankable_events"] / len(books), rel=1e-12)
+    assert set(pq["rankers"]) == {"model", "popularity", "cooc_target", "cooc_target_source"}
+    for name, spans in pq["rankers"].items():
+        for span in ("stream", "window"):
+            f = spans[span]
+            assert set(f) == {"hr", "ndcg", "hr_rankable", "ndcg_rankable"}, name
+            assert 0.0 <= f["ndcg"] <= f["hr"] <= 1.0, (name, span)
+            assert f["ndcg"] == pytest.approx(pq["rankable_ratio"][span] * f["ndcg_rankable"], abs=1e-12)
+    best = max(("popularity", "cooc_target", "cooc_target_source"), key=lambda b: pq["rankers"][b]["stream"]["ndcg"])
+    assert pq["best_baseline"] == best
+    best_ndcg = pq["rankers"][best]["stream"]["ndcg"]
+    expected_lift = pq["rankers"]["model"]["stream"]["ndcg"] / best_ndcg if best_ndcg > 0 else None
+    assert pq["lift"] == (pytest.approx(expected_lift, rel=1e-12) if expected_lift is not None else None)
+    assert not any(isinstance(v, float) and math.isnan(v) for v in pq["rankable_ratio"].values())

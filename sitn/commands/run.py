@@ -1,4 +1,12 @@
-"""``sitn run``: the live pipeline (replay, consume, train, publish, serve) until interrupted."""
+"""``sitn run``: the live pipeline (replay, consume, train, publish, serve) until interrupted.
+
+When it ends, by ``--exit-after-replay`` or Ctrl-C (SIGINT/SIGTERM), the learner finishes (last
+checkpoint, commit and full publish) and ``<run dir>/summary.json`` gets the run's figures
+(``sitn.pipeline.Pipeline.summary``): events replayed, trained and dead-lettered, restarts, wall time,
+end-to-end events/s, freshness p50/p99, and the prequential HR@10/NDCG@10 of the served model and of
+each shadow baseline on the same target events, the model's lift over the best baseline and the ranker
+serving ended on.
+"""
 
 from __future__ import annotations
 
@@ -110,6 +118,7 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
     from sitn.pipeline import Pipeline, load_replay_events
     from sitn.ray_cluster import init_ray
 
+    started_s = time.monotonic()
     console = Console(stderr=True)
     events = load_replay_events(run)
     console.print(f"[bold]sitn run[/bold]: {len(events):,} events to replay from {run.events}, state in {run_dir}")
@@ -140,11 +149,15 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
                 status = pipeline.status()
                 driver_metrics.observe(status)
                 live.update(render_status(status, pipeline.serving_url))
-                if run.exit_after_replay and pipeline.caught_up():
+                if pipeline.caught_up(status) and run.exit_after_replay:
                     break
                 time.sleep(run.status_every_s)
+        if pipeline.learner is not None and pipeline.recovering is None:
+            pipeline.finish_training()  # last checkpoint, commit and full publish: the summary covers them
+        summary = pipeline.write_summary(run_dir / "summary.json", time.monotonic() - started_s)
         final = pipeline.status()
         console.print(render_status(final, pipeline.serving_url))
+        console.print(render_summary(summary, run_dir / "summary.json"))
     finally:
         try:
             pipeline.stop()
@@ -179,8 +192,13 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
         ("loss (main / i2i / i2c)", f"{_fmt(s.get('loss_main'), '.3f')} / {_fmt(s.get('loss_i2i'), '.3f')}"
                                     f" / {_fmt(s.get('loss_i2c'), '.3f')}"),
         ("prototype agreement", _fmt(s.get("proto_agreement"), ".3f")),
-        ("prequential HR@10 / NDCG@10", f"{_fmt(s.get('prequential_hr_at_10'), '.4f')} / "
-                                        f"{_fmt(s.get('prequential_ndcg_at_10'), '.4f')}"),
+        ("prequential HR@10 / NDCG@10 (model, window)", f"{_fmt(s.get('prequential_hr_at_10'), '.4f')} / "
+                                                        f"{_fmt(s.get('prequential_ndcg_at_10'), '.4f')}"),
+        ("NDCG@10 popularity / cooc target / +source", f"{_fmt(s.get('popularity_ndcg_at_10_window'), '.4f')} / "
+                                                       f"{_fmt(s.get('cooc_target_ndcg_at_10_window'), '.4f')} / "
+                                                       f"{_fmt(s.get('cooc_target_source_ndcg_at_10_window'), '.4f')}"),
+        ("lift over best baseline (stream)", _fmt(s.get("prequential_lift"), ".3f")),
+        ("served by", str(s.get("served_by", "-"))),
         ("served version / items / users", f"{_fmt(s.get('served_version'))} / {_fmt(s.get('index_items'))}"
                                            f" / {_fmt(s.get('users'))}"),
         ("freshness p50 / p99 (s)", f"{_fmt(s.get('freshness_p50_s'), '.2f')} / "
@@ -189,4 +207,20 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
     ]
     for name, value in rows:
         table.add_row(name, value)
+    return table
+
+
+def render_summary(summary: dict[str, Any], path: Path) -> Any:
+    """The summary's quality table: HR@10/NDCG@10 of every ranker, whole stream, all and rankable events."""
+    from rich.table import Table
+
+    pq = summary.get("prequential") or {}
+    ratio = (pq.get("rankable_ratio") or {}).get("stream")
+    table = Table(title=f"{path}  (whole stream; rankable share {_fmt(ratio, '.3f')}; "
+                        f"lift {_fmt(pq.get('lift'), '.3f')}; served by {summary.get('served_by')})")
+    for column in ("ranker", "HR@10", "NDCG@10", "HR@10 rankable", "NDCG@10 rankable"):
+        table.add_column(column, justify="left" if column == "ranker" else "right")
+    for name, spans in (pq.get("rankers") or {}).items():
+        f = spans["stream"]
+        table.add_row(name, *(_fmt(f[key], ".4f") for key in ("hr", "ndcg", "hr_rankable", "ndcg_rankable")))
     return table
