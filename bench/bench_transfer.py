@@ -1,0 +1,199 @@
+"""Does cross-domain transfer work when the data has it? A sweep over the generator's shared interest.
+
+The synthetic generator (``stream.synthetic``) gives every user interest clusters per domain; with
+probability ``shared_interest`` a user's target clusters are their source clusters, otherwise they are
+drawn independently. The workload here is built so that the source is informative and the target thin:
+many source events per user, a few target events (the evaluation needs 3), moderate noise, every
+(user, item) pair at most once (the offline protocol's assumption). For each strength and seed the
+stream is split and evaluated exactly like ``sitn eval`` (``learner.evaluate``: per-user chronological
+split, full ranking, ties against the held-out item, consumed items excluded, epoch chosen on
+validation) for three rows on the same events: SITN, the single-domain model (``use_source=False``, the
+same encoder) and popularity.
+
+What transfer must show: at strength 1, SITN clearly above single-domain on ``full/overlap``, and on
+``full/cold_start`` (the target history hidden: only the source speaks) far above popularity; at
+strength 0 both gains vanish. The table prints NDCG@10 and HR@10 per strength and model, median and
+mean ± sample std over seeds, next to the training time per run.
+
+    python bench/bench_transfer.py                                  # strengths 0, 0.5, 1; 3 seeds
+    python bench/bench_transfer.py --strengths 0,1 --seeds 2 --users 1500
+
+``tests/test_transfer_synthetic.py`` runs the same code (``run_strength``) at a small size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from learner.baselines import ItemKNN, Popularity, Ranker  # noqa: E402
+from learner.evaluate import RunResult, chronological_split, train_and_test  # noqa: E402
+from learner.sitn_ranker import SITNRanker  # noqa: E402
+from stream.synthetic import SyntheticConfig, SyntheticStream  # noqa: E402
+
+MODELS = ("sitn", "single_domain", "popularity", "itemknn_target", "itemknn_target+source")
+SETTINGS = ("full/overlap", "full/cold_start")
+REPORTED = ("ndcg@10", "hr@10")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The size of one run: the synthetic stream and the SITN training budget."""
+
+    users: int = 3_000  # users, all present from the start (no arrivals: every user has a full history)
+    events_per_user: int = 24  # events drawn per user on average, before repeats are dropped
+    target_share: float = 0.15  # few target events per user: the target history is thin
+    n_source_items: int = 1_000
+    n_target_items: int = 1_000
+    n_clusters: int = 16
+    noise: float = 0.2  # share of uniformly drawn items
+    dim: int = 32  # SITN width
+    max_len: int = 16  # history length per domain
+    cluster_counts: tuple[int, ...] = (8, 16, 32)  # prototype granularities, sized for a few thousand users
+    lr: float = 3e-3  # SITN learning rate: a short budget needs a faster start than the model's default
+    batch_size: int = 128
+    max_epochs: int = 8
+    patience: int = 2
+
+    def stream_config(self, shared_interest: float, seed: int) -> SyntheticConfig:
+        """The synthetic stream of this workload at ``shared_interest``, seeded by ``seed``."""
+        return SyntheticConfig(
+            events=self.users * self.events_per_user, n_users=self.users, new_user_share=0.0,
+            n_source_items=self.n_source_items, n_target_items=self.n_target_items, n_clusters=self.n_clusters,
+            target_share=self.target_share, noise=self.noise, shared_interest=shared_interest,
+            unique_pairs=True, seed=seed,
+        )
+
+    def sitn_settings(self) -> dict[str, Any]:
+        """SITNConfig fields this workload sets; every other field keeps the model's default."""
+        return {"dim": self.dim, "max_len": self.max_len, "view_hidden": self.dim, "proj_dim": self.dim,
+                "cluster_counts": self.cluster_counts, "lr": self.lr}
+
+
+def run_strength(
+    workload: Workload, shared_interest: float, seed: int, workdir: Path, models: tuple[str, ...] = MODELS
+) -> dict[str, RunResult]:
+    """Generate, split and evaluate one stream: model name -> its run (test metrics per setting).
+
+    Counting models (popularity, item-kNN) learn the training examples once (``iterative = False``);
+    the SITN rows train up to ``max_epochs`` epochs, the epoch chosen on validation.
+    """
+    from learner.config import SITNConfig
+
+    config = workload.stream_config(shared_interest, seed)
+    events = list(SyntheticStream(config).events())
+    split = chronological_split(events, config.source, config.target, max_len=workload.max_len)
+    logging.getLogger(__name__).info("strength=%s seed=%d split %s", shared_interest, seed, split.stats)
+    out: dict[str, RunResult] = {}
+    for name in models:
+        ranker: Ranker
+        if name == "popularity":
+            ranker = Popularity(split.target, split.catalogue)
+        elif name.startswith("itemknn_"):
+            ranker = ItemKNN(name, name.removeprefix("itemknn_"), split.source, split.target, split.catalogue)
+        else:
+            sitn = SITNConfig(**workload.sitn_settings(), use_source=name == "sitn", seed=seed)
+            if name == "single_domain":
+                sitn = sitn.replace(use_i2i=False, use_i2c=False)
+            ranker = SITNRanker(name, sitn, split, workload.batch_size, workdir / f"{name}-{shared_interest}-{seed}")
+        out[name] = train_and_test(ranker, split, max_epochs=workload.max_epochs, patience=workload.patience,
+                                   seed=seed)
+    return out
+
+
+def _stat(values: list[float]) -> str:
+    """``median (mean ± std)`` of per-seed values; std is the sample std (ddof=1).
+
+    >>> _stat([0.1, 0.2, 0.6])
+    '0.2000 (0.3000 ± 0.2646)'
+    >>> _stat([0.25])
+    '0.2500'
+    """
+    a = np.asarray(values, dtype=np.float64)
+    if len(a) == 1:
+        return f"{a[0]:.4f}"
+    return f"{np.median(a):.4f} ({a.mean():.4f} ± {a.std(ddof=1):.4f})"
+
+
+def table(results: dict[float, list[dict[str, RunResult]]]) -> str:
+    """Markdown: strength x model rows, NDCG@10 and HR@10 per setting, then epochs and training time."""
+    head = [f"{s} {m.upper()}" for s in SETTINGS for m in REPORTED]
+    lines = ["| strength | model | " + " | ".join(head) + " | epochs | train s |",
+             "| --- | --- |" + " --- |" * (len(head) + 2)]
+    for strength, runs in results.items():
+        for name in runs[0]:
+            cells = [_stat([r[name].test[s][m] for r in runs]) for s in SETTINGS for m in REPORTED]
+            epochs = ",".join(str(r[name].epoch) for r in runs)
+            train_s = _stat([r[name].train_s for r in runs]).split(" ")[0]
+            lines.append(f"| {strength:g} | {name} | " + " | ".join(cells) + f" | {epochs} | {train_s} |")
+    return "\n".join(lines)
+
+
+def ratios(results: dict[float, list[dict[str, RunResult]]]) -> str:
+    """Per strength, per seed: SITN / single-domain (overlap) and SITN cold-start / popularity, NDCG@10."""
+    lines = ["| strength | SITN / single-domain, overlap NDCG@10 | SITN cold-start / popularity NDCG@10 |",
+             "| --- | --- | --- |"]
+    for strength, runs in results.items():
+        over = [r["sitn"].test["full/overlap"]["ndcg@10"] / r["single_domain"].test["full/overlap"]["ndcg@10"]
+                for r in runs]
+        cold = [r["sitn"].test["full/cold_start"]["ndcg@10"] / r["popularity"].test["full/cold_start"]["ndcg@10"]
+                for r in runs]
+        lines.append(f"| {strength:g} | {', '.join(f'{x:.2f}' for x in over)} | "
+                     f"{', '.join(f'{x:.2f}' for x in cold)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strengths", default="0,0.5,1", help="comma-separated shared_interest values")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per strength, seeds 0..N-1")
+    parser.add_argument("--users", type=int, default=Workload.users)
+    parser.add_argument("--events-per-user", type=int, default=Workload.events_per_user)
+    parser.add_argument("--max-epochs", type=int, default=Workload.max_epochs)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    strengths = [float(s) for s in args.strengths.split(",")]
+    for s in strengths:
+        if not 0.0 <= s <= 1.0:
+            raise SystemExit(f"--strengths: each must be in [0, 1], got {s}")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    workload = Workload(users=args.users, events_per_user=args.events_per_user, max_epochs=args.max_epochs)
+    print(f"workload: {workload}")
+    print(f"machine: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}, torch threads {args.threads}")
+    t0 = time.perf_counter()
+    results: dict[float, list[dict[str, RunResult]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
+        for strength in strengths:
+            for seed in range(args.seeds):
+                run = run_strength(workload, strength, seed, Path(tmp))
+                results.setdefault(strength, []).append(run)
+                print(f"strength {strength:g} seed {seed}: " + ", ".join(
+                    f"{n} {run[n].test['full/overlap']['ndcg@10']:.4f}/{run[n].test['full/cold_start']['ndcg@10']:.4f}"
+                    for n in run) + f"  (overlap/cold NDCG@10; {time.perf_counter() - t0:.0f} s)", flush=True)
+    print("\ncells: median (mean ± sample std) over seeds\n")
+    print(table(results))
+    print()
+    print(ratios(results))
+    print(f"\nwall {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
