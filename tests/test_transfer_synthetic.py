@@ -7,7 +7,8 @@ of which ~15% in the target domain, so a test user's target history holds 2-4 it
 history ~12; SITN dim 32, max_len 16, lr 3e-3, at most 6 epochs), seed 0. It takes about 1.5 minutes on
 two shared cores.
 
-Measured with ``python bench/bench_transfer.py --users 1500 --max-epochs 6 --strengths 0,1 --seeds 3``
+Measured with ``python bench/bench_transfer.py --users 1500 --max-epochs 6 --patience 2 --strengths 0,1
+--seeds 3``
 (seeds 0, 1, 2; seed 0 is the one this test runs; full-ranking NDCG@10):
 
 | strength | row | SITN | single-domain | popularity | item-kNN (target + source) |
@@ -45,7 +46,7 @@ torch.set_num_threads(1)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-WORKLOAD = Workload(users=1_500, max_epochs=6)
+WORKLOAD = Workload(users=1_500, max_epochs=6, patience=2)
 MODELS = ("sitn", "single_domain", "popularity")
 
 
