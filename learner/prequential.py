@@ -69,9 +69,11 @@ class RankTally:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         self.k = k
         self.window = window
-        self._gain = np.array([0.0] + [1.0 / math.log2(r + 1) for r in range(1, k + 1)])  # (k + 1,) by rank bin
-        # per span: (2, k + 1) counts: row 0 all events, row 1 rankable ones; column = rank (0: outside the top k)
-        self._counts = {span: np.zeros((2, k + 1), dtype=np.int64) for span in SPANS}
+        self._gains = [0.0] + [1.0 / math.log2(r + 1) for r in range(1, k + 1)]  # NDCG@k gain by rank bin
+        self._gain = np.array(self._gains)  # (k + 1,)
+        # per span: 2 x (k + 1) counts: row 0 all events, row 1 rankable ones; column = rank (0: outside the
+        # top k). Python ints: a per-event increment costs a fraction of a numpy scalar update.
+        self._counts = {span: [[0] * (k + 1), [0] * (k + 1)] for span in SPANS}
         self._recent: deque[tuple[bool, int]] = deque()  # (rankable, rank bin), oldest first
 
     def record(self, rank: int | None, rankable: bool) -> float:
@@ -83,19 +85,19 @@ class RankTally:
         self._recent.append(entry)
         if len(self._recent) > self.window:
             self._add(self._counts["window"], self._recent.popleft(), -1)
-        return float(self._gain[rank_bin])
+        return self._gains[rank_bin]
 
     @staticmethod
-    def _add(counts: np.ndarray, entry: tuple[bool, int], sign: int) -> None:
+    def _add(counts: list[list[int]], entry: tuple[bool, int], sign: int) -> None:
         rankable, rank_bin = entry
-        counts[0, rank_bin] += sign
+        counts[0][rank_bin] += sign
         if rankable:
-            counts[1, rank_bin] += sign
+            counts[1][rank_bin] += sign
 
     @property
     def events(self) -> int:
         """Target events recorded over the whole stream."""
-        return int(self._counts["stream"][0].sum())
+        return sum(self._counts["stream"][0])
 
     def figures(self, span: str | None = None) -> dict[str, Any]:
         """``{span: {"events", "rankable", "rankable_ratio", "hr", "ndcg", "hr_rankable", "ndcg_rankable"}}``
@@ -104,7 +106,7 @@ class RankTally:
             raise ValueError(f"span must be one of {SPANS}, got {span!r}")
         out = {}
         for name in SPANS if span is None else (span,):
-            counts = self._counts[name]
+            counts = np.asarray(self._counts[name], dtype=np.int64)  # (2, k + 1)
             n, n_rankable = (int(x) for x in counts.sum(axis=1))
             hits = counts[:, 1:].sum(axis=1)  # (2,)
             gains = counts @ self._gain  # (2,)
@@ -120,14 +122,14 @@ class RankTally:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "window": self.window, "stream": self._counts["stream"].tolist(),
+        return {"k": self.k, "window": self.window, "stream": [list(row) for row in self._counts["stream"]],
                 "recent": [list(e) for e in self._recent]}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], window: int | None = None) -> RankTally:
         """The tally of ``state``; ``window``: a new window length (its newest events are kept)."""
         out = cls(int(state["k"]), int(state["window"]) if window is None else window)
-        out._counts["stream"] = np.asarray(state["stream"], dtype=np.int64).reshape(2, out.k + 1)
+        out._counts["stream"] = [[int(c) for c in row] for row in state["stream"]]
         for rankable, rank_bin in state["recent"][-out.window :]:
             entry = (bool(rankable), int(rank_bin))
             out._recent.append(entry)
