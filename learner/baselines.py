@@ -5,9 +5,10 @@ column order of the scores) and offers:
 
 - ``learn_many(examples)``: learn causal examples (``stream.user_state.Example``: an event plus the
   user's history strictly before it), in the order given;
-- ``score(user_ids, histories) -> (N, C)`` float scores of every catalogue item for N queries, where a
-  query is a user id (``None`` for an anonymous, cold-start user) and that user's history before the
-  held-out event (``{domain: (item_ids, timestamps)}``, oldest first);
+- ``score(user_ids, histories, columns=None) -> (N, C)`` float scores of every catalogue item for N
+  queries, where a query is a user id (``None`` for an anonymous, cold-start user) and that user's
+  history before the held-out event (``{domain: (item_ids, timestamps)}``, oldest first); with
+  ``columns`` (catalogue column indices) only those items, ``(N, len(columns))``, in that order;
 - ``iterative``: True for a model that improves with more passes over the same examples (it is trained
   in epochs with early stopping and needs ``snapshot()`` / ``restore(state)`` to go back to the best
   epoch); False for a counting model, which learns each example exactly once (a second pass would
@@ -43,7 +44,9 @@ class Ranker(Protocol):
 
     def learn_many(self, examples: Sequence[Example]) -> None: ...
 
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray: ...
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray: ...
 
     def snapshot(self) -> object: ...
 
@@ -67,8 +70,11 @@ class Popularity:
             if ex.domain == self.target and ex.item_id in self._index:
                 self.counts[self._index[ex.item_id]] += 1.0
 
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
-        return np.broadcast_to(self.counts, (len(user_ids), len(self.counts))).copy()  # (N, C)
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray:
+        counts = self.counts if columns is None else self.counts[columns]
+        return np.broadcast_to(counts, (len(user_ids), len(counts))).copy()  # (N, C)
 
     def snapshot(self) -> object:
         return self.counts.copy()
@@ -170,8 +176,12 @@ class OnlineMF:
         gram = a.T @ a + self.fold_in_l2 * np.eye(self.n_factors)
         return np.linalg.solve(gram, a.T @ np.asarray(targets))
 
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray:
         biases, vectors = self._item_side()
+        if columns is not None:
+            biases, vectors = biases[columns], vectors[columns]
         users = np.empty((len(user_ids), self.n_factors))  # (N, F)
         for n, (user_id, history) in enumerate(zip(user_ids, histories, strict=True)):
             if user_id is not None and user_id in self.model.u_latents:
@@ -241,16 +251,27 @@ the tie-break (``1e-9`` relative) would vanish in float32 next to a co-occurrenc
             self._columns = np.concatenate([self._columns, new])
         return self._columns
 
-    def score_mode(self, histories: Sequence[History], mode: str) -> np.ndarray:
-        """``(N, C)`` scores of ``histories`` in ``mode`` (the ranker's own mode or another one)."""
-        columns = self.columns()
-        out = np.zeros((len(histories), len(self.catalogue)), dtype=np.float64)  # (N, C)
+    def score_mode(self, histories: Sequence[History], mode: str, columns: np.ndarray | None = None) -> np.ndarray:
+        """``(N, C)`` scores of ``histories`` in ``mode`` (the ranker's own mode or another one); with
+        ``columns``, ``(N, len(columns))`` for those catalogue columns."""
+        dest = self.columns()  # co-occurrence row -> output column
+        keep: slice | np.ndarray = slice(None)
+        width = len(self.catalogue)
+        if columns is not None:
+            position = np.full(len(self.catalogue), -1, dtype=np.int64)
+            position[columns] = np.arange(len(columns))
+            dest = position[dest]
+            keep = dest >= 0
+            dest, width = dest[keep], len(columns)
+        out = np.zeros((len(histories), width), dtype=np.float64)  # (N, C)
         for n, history in enumerate(histories):
-            out[n, columns] = self.model.scores(history, mode)
+            out[n, dest] = self.model.scores(history, mode)[keep]
         return out
 
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
-        return self.score_mode(histories, self.mode)
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray:
+        return self.score_mode(histories, self.mode, columns)
 
     def snapshot(self) -> object:
         return self.model.state_dict()

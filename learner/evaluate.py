@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from learner.baselines import History, Ranker
-from learner.metrics import ranks_full, ranks_sampled, summarize
+from learner.metrics import ranks_excluding, ranks_sampled, summarize
 from stream.events import InteractionEvent
 from stream.user_state import Example, UserStateStore
 
@@ -289,30 +289,55 @@ def sample_negatives(
     return out
 
 
-def candidate_mask(
-    queries: Sequence[Query], index: dict[str, int], known: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Positive columns ``(B,)``, rankable flags ``(B,)`` and the excluded mask ``(B, C)`` (unknown or
-    consumed items; the positive column is never excluded so that ``ranks_full`` accepts it)."""
-    positive = np.array([index[q.item_id] for q in queries], dtype=np.int64)  # (B,)
-    excluded = np.broadcast_to(~known, (len(queries), len(known))).copy()  # (B, C)
-    for row, q in enumerate(queries):
-        excluded[row, [index[c] for c in q.consumed if c in index]] = True
-    rankable = known[positive]
-    excluded[np.arange(len(queries)), positive] = False
-    return positive, rankable, excluded
+@dataclass(frozen=True)
+class KnownColumns:
+    """The known catalogue columns of a phase: ``columns`` ``(K,)`` and each catalogue column's position
+    among them (``position`` ``(C,)``, -1 for an unknown item). Ranking works on the ``(B, K)`` scores of
+    the known columns only, so unknown items never need a mask."""
+
+    columns: np.ndarray
+    position: np.ndarray
+
+    @classmethod
+    def of(cls, known: np.ndarray) -> KnownColumns:
+        columns = np.flatnonzero(known)
+        position = np.full(len(known), -1, dtype=np.int64)
+        position[columns] = np.arange(len(columns))
+        return cls(columns, position)
+
+    def locate(
+        self, queries: Sequence[Query], index: dict[str, int]
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Per query: the held-out item's known position ``(B,)`` (0 where unknown), whether it is known
+        ``(B,)``, and the known positions of the consumed items (the excluded candidates).
+
+        >>> known = KnownColumns.of(np.array([True, False, True, True]))
+        >>> q = Query("u", "b4", {}, frozenset({"b1", "b2"}))
+        >>> known.locate([q], {"b1": 0, "b2": 1, "b3": 2, "b4": 3})
+        (array([2]), array([ True]), [array([0])])
+        """
+        positive = self.position[[index[q.item_id] for q in queries]]  # (B,)
+        consumed = []
+        for q in queries:
+            at = self.position[[index[c] for c in q.consumed if c in index]]
+            consumed.append(at[at >= 0])
+        rankable = positive >= 0
+        return np.where(rankable, positive, 0), rankable, consumed
 
 
-def full_ranks(scores: np.ndarray, positive: np.ndarray, rankable: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    """Ranks ``(B,)`` among the candidates (the non-excluded columns other than the positive's); an
-    unrankable row is a miss (``MISS_RANK``), whatever its score.
+def full_ranks(
+    known_scores: np.ndarray, positive: np.ndarray, rankable: np.ndarray, consumed: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Ranks ``(B,)`` among the candidates: the known columns of ``known_scores`` ``(B, K)`` minus each
+    row's ``consumed`` columns; an unrankable row is a miss (``MISS_RANK``), whatever its score.
 
     >>> s = np.array([[0.9, 0.1, 0.5], [0.2, 0.9, 0.0]])
-    >>> excluded = np.array([[False, False, True], [False, True, False]])
-    >>> full_ranks(s, np.array([1, 2]), np.array([True, False]), excluded).tolist() == [2, MISS_RANK]
+    >>> ranks = full_ranks(s, np.array([1, 0]), np.array([True, False]), [np.array([2]), np.array([1])])
+    >>> ranks.tolist() == [2, MISS_RANK]
     True
     """
-    return np.where(rankable, ranks_full(scores, positive, excluded), MISS_RANK)
+    consumed = [c if ok else c[:0] for c, ok in zip(consumed, rankable, strict=True)]
+    return np.where(rankable, ranks_excluding(known_scores, positive, consumed), MISS_RANK)
 
 
 @dataclass
@@ -337,6 +362,7 @@ def rank_queries(
     """Score ``queries`` in batches and rank them under the full protocol and each sampled protocol of
     ``negatives`` (protocol name -> ``(N, S)`` catalogue columns)."""
     index = {item_id: i for i, item_id in enumerate(split.catalogue)}
+    columns = KnownColumns.of(known)
     negatives = negatives or {}
     full: list[np.ndarray] = []
     rankable: list[np.ndarray] = []
@@ -344,16 +370,17 @@ def rank_queries(
     for start in range(0, len(queries), batch_size):
         batch = queries[start:start + batch_size]
         user_ids, histories = query_inputs(batch, view, split.source, split.target)
-        scores = np.asarray(ranker.score(user_ids, histories))  # (B, C)
-        if scores.shape != (len(batch), len(split.catalogue)):
-            raise ValueError(f"{ranker.name}.score returned {scores.shape}, expected {(len(batch), len(split.catalogue))}")
-        positive, ok, excluded = candidate_mask(batch, index, known)
-        full.append(full_ranks(scores, positive, ok, excluded))
+        scores = np.asarray(ranker.score(user_ids, histories, columns.columns))  # (B, K) known columns only
+        if scores.shape != (len(batch), len(columns.columns)):
+            raise ValueError(f"{ranker.name}.score returned {scores.shape}, expected {(len(batch), len(columns.columns))}")
+        at, ok, consumed = columns.locate(batch, index)
+        full.append(full_ranks(scores, at, ok, consumed))
         rankable.append(ok)
         rows = np.arange(len(batch))
         for name, neg in negatives.items():
-            cols = neg[start:start + len(batch)]  # (B, S)
-            ranks = ranks_sampled(scores[rows, positive], scores[rows[:, None], cols])
+            cols = columns.position[neg[start:start + len(batch)]]  # (B, S) negatives are known items
+            assert (cols >= 0).all(), "a negative outside the known items"
+            ranks = ranks_sampled(scores[rows, at], scores[rows[:, None], cols])
             sampled[name].append(np.where(ok, ranks, MISS_RANK))
     return Ranks(np.concatenate(full), np.concatenate(rankable),
                  {name: np.concatenate(parts) for name, parts in sampled.items()})

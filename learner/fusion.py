@@ -19,10 +19,10 @@ from learner.baselines import History, ItemKNN, Ranker
 from learner.evaluate import (
     SCORE_BATCH,
     SELECTION_METRIC,
+    KnownColumns,
     Query,
     RunResult,
     Split,
-    candidate_mask,
     full_ranks,
     query_inputs,
     rank_test_queries,
@@ -90,11 +90,22 @@ class FusedRanker:
         self.model.learn_many(examples)
         self.knn.learn_many(examples)
 
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
-        mask = self.known_mask()
-        z_model = standardise(np.asarray(self.model.score(user_ids, histories)), mask)
-        z_cooc = standardise(self.knn.score_mode(histories, self.mode), mask)
-        return fuse(z_model, z_cooc, mask, self.weight)
+    def parts(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None,
+        modes: Sequence[str],
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Standardised model scores, standardised co-occurrence scores per mode, and the known mask, on
+        ``columns`` (all catalogue columns when None)."""
+        mask = self.known_mask() if columns is None else self.known_mask()[columns]
+        z_model = standardise(np.asarray(self.model.score(user_ids, histories, columns)), mask)
+        z_cooc = {m: standardise(self.knn.score_mode(histories, m, columns), mask) for m in modes}
+        return z_model, z_cooc, mask
+
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray:
+        z_model, z_cooc, mask = self.parts(user_ids, histories, columns, (self.mode,))
+        return fuse(z_model, z_cooc[self.mode], mask, self.weight)
 
     def snapshot(self) -> object:
         raise NotImplementedError("a fused ranker is not trained in epochs; snapshot its model")
@@ -116,17 +127,16 @@ class FusedRanker:
         if not (mask == known).all():
             raise ValueError("the co-occurrence model must have learnt exactly the known items of the queries")
         grid = [(m, w) for m in modes for w in weights]
+        columns = KnownColumns.of(known)
         ranks: dict[tuple[str, float], list[np.ndarray]] = {g: [] for g in grid}
         for start in range(0, len(queries), SCORE_BATCH):
             batch = queries[start:start + SCORE_BATCH]
             user_ids, histories = query_inputs(batch, "overlap", split.source, split.target)
-            positive, rankable, excluded = candidate_mask(batch, index, known)
-            z_model = standardise(np.asarray(self.model.score(user_ids, histories)), mask)
+            at, rankable, consumed = columns.locate(batch, index)
+            z_model, z_cooc, _ = self.parts(user_ids, histories, columns.columns, modes)  # (B, K) each
             for mode in modes:
-                z_cooc = standardise(self.knn.score_mode(histories, mode), mask)
-                for weight in weights:
-                    fused = fuse(z_model, z_cooc, mask, weight)
-                    ranks[(mode, weight)].append(full_ranks(fused, positive, rankable, excluded))
+                for weight in weights:  # fuse() without the unknown columns: there are none here
+                    ranks[(mode, weight)].append(full_ranks(z_model + weight * z_cooc[mode], at, rankable, consumed))
         values = {g: summarize(np.concatenate(r))[SELECTION_METRIC] for g, r in ranks.items()}
         self.mode, self.weight = max(grid, key=lambda g: values[g])  # max keeps the first of equals
         log.info("fusion tuned mode=%s weight=%g val_%s=%.5f", self.mode, self.weight, SELECTION_METRIC,

@@ -79,11 +79,14 @@ class SITNRanker:
             self._items = np.ascontiguousarray(vectors[[position[i] for i in self.catalogue]])
         return self._items
 
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
-        """Max over views of <q_v, e_i>, the learner's ``score_items`` rule, as one BLAS matmul."""
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Max over views of <q_v, e_i>, the learner's ``score_items`` rule, as one BLAS matmul (over the
+        requested ``columns`` only: the matmul is most of a validation pass)."""
         queries = self.learner.embed_histories(list(histories), self.target)  # (N, V, D)
         n, v, d = queries.shape
-        items = self._catalogue_items()  # (C, D)
+        items = self._catalogue_items() if columns is None else self._catalogue_items()[columns]  # (C, D)
         scores = queries.reshape(n * v, d) @ items.T  # (N * V, C)
         return scores.reshape(n, v, -1).max(axis=1)  # (N, C)
 

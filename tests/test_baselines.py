@@ -100,6 +100,13 @@ def test_itemknn_scores_a_hand_made_history_exactly() -> None:
     both = [expected_target[0], 1 / 2 + 1 / math.sqrt(2) + tie, 1 / math.sqrt(2) + tie / 2, 0.0]
     np.testing.assert_allclose(scores["target+source"], both, rtol=0, atol=1e-15)
     assert scores["target"].dtype == np.float64  # float32 would erase the tie-break next to 0.5
+    # Scoring a subset of columns gives those columns of the full scores, in the order asked for.
+    columns = np.array([3, 1, 0])
+    for mode, model in knn.items():
+        np.testing.assert_array_equal(model.score([None], [history], columns), scores[mode][None, columns])
+    pop = Popularity("book", catalogue)
+    pop.learn_many(_examples(KNN_ROWS))
+    assert pop.score([None], [history], columns).tolist() == [[0.0, 2.0, 2.0]]
 
 
 def test_itemknn_learns_each_example_once_and_snapshot_restores() -> None:

@@ -161,6 +161,9 @@ def test_sitn_ranker_scores_match_the_learner(events_csv: Path, tmp_path: Path) 
     theirs = learner.score_items(learner.embed_histories(histories, "book"), "book")
     theirs = theirs[:, [column[i] for i in split.catalogue]]
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    columns = np.array([5, 0, 2])  # a subset of columns scores exactly those columns of the full scores
+    np.testing.assert_allclose(ranker.score([None] * len(histories), histories, columns), ours[:, columns],
+                               rtol=1e-6, atol=1e-7)
     # Snapshot and restore give back the same scores.
     state = ranker.snapshot()
     ranker.learn_many(split.train_examples)

@@ -70,8 +70,10 @@ class _Constant:
     def learn_many(self, examples: Sequence[Example]) -> None:
         pass
 
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
-        return np.zeros((len(user_ids), self.n_items))
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray:
+        return np.zeros((len(user_ids), self.n_items if columns is None else len(columns)))
 
     def snapshot(self) -> object:
         return None
@@ -123,10 +125,12 @@ class _Favourite(_Constant):
         super().__init__(len(catalogue))
         self.column = catalogue.index(favourite)
 
-    def score(self, user_ids: Sequence[str | None], histories: Sequence[History]) -> np.ndarray:
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray:
         out = np.zeros((len(user_ids), self.n_items))
         out[:, self.column] = 1.0
-        return out
+        return out if columns is None else out[:, columns]
 
 
 def test_fused_weight_is_chosen_on_validation_only(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from learner.metrics import hr_at_k, mrr, ndcg_at_k, ranks_full, ranks_sampled, summarize
+from learner.metrics import hr_at_k, mrr, ndcg_at_k, ranks_excluding, ranks_full, ranks_sampled, summarize
 
 
 def test_metrics_exact_values() -> None:
@@ -50,6 +50,9 @@ def test_vectorised_ranks_match_slow_loop() -> None:
     slow = [_slow_rank(scores[i], int(positive[i]), set(np.flatnonzero(excluded[i]).tolist())) for i in range(n)]
     assert fast.tolist() == slow
 
+    per_row = [np.flatnonzero(excluded[i]) for i in range(n)]
+    assert ranks_excluding(scores, positive, per_row).tolist() == slow
+
     negatives = rng.integers(0, c, size=(n, 9))
     rows = np.arange(n)
     fast_s = ranks_sampled(scores[rows, positive], scores[rows[:, None], negatives])
@@ -68,3 +71,13 @@ def test_ranks_full_rejects_excluded_positive_and_nan() -> None:
         ranks_full(scores, np.array([1]), np.array([[False, True]]))
     with pytest.raises(ValueError, match="NaN"):
         ranks_full(np.array([[np.nan, 0.2]]), np.array([1]))
+
+
+def test_ranks_excluding_rejects_an_excluded_positive_and_counts_duplicates_once() -> None:
+    scores = np.array([[0.5, 0.9, 0.9, 0.1]])
+    # column 1 excluded twice: removed once; column 2 ties above the positive -> rank 2
+    assert ranks_excluding(scores, np.array([0]), [np.array([1, 1])]).tolist() == [2]
+    with pytest.raises(ValueError, match="excluded set"):
+        ranks_excluding(scores, np.array([0]), [np.array([0])])
+    with pytest.raises(ValueError, match="excluded N arrays"):
+        ranks_excluding(scores, np.array([0]), [])
