@@ -49,6 +49,7 @@ ALL_ROWS = ("popularity", *ITEMKNN_MODES, "online_mf", "single_domain", "sitn", 
             "sitn_no_i2i", "sitn_no_i2c", "sitn_v1", "sitn_m1")
 QUICK = {"seeds": 1, "max_epochs": 3, "patience": 1}  # --quick; the report then says "shortened"
 # SITNConfig fields exposed as flags when the config has them; their defaults are the config's own.
+NO_AUTO_DEFAULT = "%(default).0s"  # renders as nothing and stops ArgumentDefaultsHelpFormatter's "(default: None)"
 SITN_FLAGS = ("dropout", "source_dropout", "gate_init_bias", "weight_decay", "item_weight_decay",
               "init_new_items_from_history")
 
@@ -69,11 +70,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"a shortened budget ({', '.join(f'{k}={v}' for k, v in QUICK.items())} unless given); "
                         "the report marks it as shortened")
-    p.add_argument("--seeds", type=int, default=None, help=f"runs per row, seeds 0..N-1 (default {FULL_BUDGET['seeds']})")
+    # NO_AUTO_DEFAULT: these defaults depend on --quick, so the help says them instead of "(default: None)".
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"runs per row, seeds 0..N-1 (default: {FULL_BUDGET['seeds']}, {QUICK['seeds']} with --quick)"
+                        + NO_AUTO_DEFAULT)
     p.add_argument("--max-epochs", type=int, default=None,
-                   help=f"epochs at most per iterative model (default {FULL_BUDGET['max_epochs']})")
+                   help=f"epochs at most per iterative model (default: {FULL_BUDGET['max_epochs']}, "
+                        f"{QUICK['max_epochs']} with --quick)" + NO_AUTO_DEFAULT)
     p.add_argument("--patience", type=int, default=None,
-                   help=f"epochs without validation gain before stopping (default {FULL_BUDGET['patience']})")
+                   help=f"epochs without validation gain before stopping (default: {FULL_BUDGET['patience']}, "
+                        f"{QUICK['patience']} with --quick)" + NO_AUTO_DEFAULT)
     p.add_argument("--refit-passes", type=int, default=1,
                    help="passes over the refit examples (validation events) before test; 0 = no refit")
     p.add_argument("--val-users", type=int, default=0,
@@ -103,16 +109,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         flag = f"--{name.replace('_', '-')}"
         if isinstance(defaults[name], bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"SITNConfig.{name} (config default {defaults[name]})")
+                           help=f"SITNConfig.{name} (default: the config's, {defaults[name]})" + NO_AUTO_DEFAULT)
         else:
             p.add_argument(flag, type=type(defaults[name]), default=None,
-                           help=f"SITNConfig.{name} (config default {defaults[name]})")
+                           help=f"SITNConfig.{name} (default: the config's, {defaults[name]})" + NO_AUTO_DEFAULT)
     p.add_argument("--sitn-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other SITNConfig field for every SITN row (JSON value), repeatable")
     p.add_argument("--mf-factors", type=int, default=32, help="online MF latent factors")
     p.add_argument("--mf-lr", type=float, default=0.05, help="online MF SGD learning rate")
     p.add_argument("--mf-negatives", type=int, default=4, help="online MF sampled negatives per positive")
-    p.add_argument("--mf-max-epochs", type=int, default=None, help="online MF epochs at most (default: --max-epochs)")
+    p.add_argument("--mf-max-epochs", type=int, default=None,
+                   help="online MF epochs at most (default: --max-epochs)" + NO_AUTO_DEFAULT)
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a shared 2-core machine)")
     p.set_defaults(func=run)
 
