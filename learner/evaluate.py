@@ -189,11 +189,12 @@ def chronological_split(
     return split
 
 
-def update_query_stats(split: Split) -> None:
-    """Query counts and rankable counts (held-out item known) of ``split.stats``."""
+def update_query_stats(split: Split, refit: bool = True) -> None:
+    """Query counts and rankable counts (held-out item known) of ``split.stats``; without ``refit`` a
+    test item must be known from the training events alone."""
     index = {item_id: j for j, item_id in enumerate(split.catalogue)}
     for name, queries, known in (("val", split.validation, split.known_validation),
-                                 ("test", split.test, split.known_test),
+                                 ("test", split.test, split.known("test", refit)),
                                  ("probe", split.train_probe, split.known_validation)):
         split.stats[f"{name}_queries"] = len(queries)
         split.stats[f"{name}_rankable"] = int(sum(bool(known[index[q.item_id]]) for q in queries))

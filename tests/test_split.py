@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner.evaluate import chronological_split, cold_start_history, sample_negatives
+from learner.evaluate import chronological_split, cold_start_history, sample_negatives, update_query_stats
 from stream.dataset import load_events
 
 ROWS = """timestamp,user_id,item_id,domain
@@ -65,6 +65,18 @@ def test_split_is_exact(tmp_path: Path) -> None:
                            "catalogue_items": 6, "source_items": 4, "known_items_validation": 4,
                            "known_items_test": 5, "val_queries": 1, "val_rankable": 0, "test_queries": 1,
                            "test_rankable": 0, "probe_queries": 1, "probe_rankable": 1}
+
+
+def test_rankable_counts_follow_the_refit(tmp_path: Path) -> None:
+    # u2's validation item b4 is u1's test item: known at test only through the refit.
+    path = tmp_path / "events.csv"
+    path.write_text("timestamp,user_id,item_id,domain\n100,u1,b1,book\n110,u2,b5,book\n200,u1,b2,book\n"
+                    "210,u2,b6,book\n300,u1,b3,book\n400,u2,b4,book\n600,u1,b4,book\n700,u2,b7,book\n")
+    split = chronological_split(load_events(path, "movie", "book").events, "movie", "book")
+    assert [q.item_id for q in split.test] == ["b4", "b7"]
+    assert (split.stats["val_rankable"], split.stats["test_rankable"]) == (0, 1)
+    update_query_stats(split, refit=False)
+    assert (split.stats["val_rankable"], split.stats["test_rankable"]) == (0, 0)
 
 
 def test_probe_users_zero_gives_no_probe(tmp_path: Path) -> None:

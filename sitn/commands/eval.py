@@ -37,6 +37,7 @@ from learner.evaluate import (
     chronological_split,
     subsample_queries,
     train_and_test,
+    update_query_stats,
 )
 from learner.fusion import FUSION_WEIGHTS
 from stream.dataset import load_events
@@ -262,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
     if not split.test:
         raise ValueError(f"no user has 3 or more {args.target!r} events in {args.events}: nothing to evaluate")
     split = subsample_queries(split, args.val_users, args.test_users)
+    update_query_stats(split, refit=args.refit_passes > 0)
     console.print(f"split: {split.stats}")
     runs: dict[str, list[RunResult]] = {}
     per_seed: dict[str, list[dict[str, Any]]] = {}
