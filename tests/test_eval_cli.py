@@ -24,12 +24,15 @@ DIAGNOSTICS = {"epoch", "train_s", "val_s", "val_hr@10", "val_ndcg@10", "val_no_
                "probe_ndcg@10"}
 
 
+def _rows(path: Path, limit: int) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return [r for _, r in zip(range(limit), csv.DictReader(fh), strict=False)]
+
+
 def _reference_popularity(path: Path, limit: int) -> dict[str, float]:
     """The protocol written out again with plain loops: popularity refit on the validation events, full
     ranking among the known items minus consumed ones, ties against, unknown test items are misses."""
-    with path.open(newline="") as fh:
-        rows = [r for _, r in zip(range(limit), csv.DictReader(fh), strict=False)]
-    rows = [r for r in rows if r["domain"] in ("movie", "book")]
+    rows = [r for r in _rows(path, limit) if r["domain"] in ("movie", "book")]
     rows.sort(key=lambda r: int(r["timestamp"]))  # stable: ties keep file order
     per_user: dict[str, list[dict[str, str]]] = {}
     for r in rows:
@@ -120,6 +123,24 @@ def test_sitn_eval_cli_writes_results(events_csv: Path, tmp_path: Path) -> None:
     assert "| sitn − single_domain | full/overlap |" in markdown and "| fused − sitn | full/overlap |" in markdown
     assert "## Per-epoch diagnostics" in markdown and "s / validation pass" in markdown
     assert f"--limit {LIMIT_ROWS}" in markdown  # the command line is recorded
+
+
+@pytest.mark.timeout(300)
+def test_sitn_eval_cli_runs_the_other_direction(events_csv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = main([
+        "--log-level", "WARNING", "eval", "--events", str(events_csv), "--source", "book", "--target", "movie",
+        "--limit", str(LIMIT_ROWS), "--quick", "--max-epochs", "1", "--rows", "popularity,itemknn_target,sitn,fused",
+        "--dim", "8", "--max-len", "16", "--probe-users", "20", "--batch-size", "64", "--cluster-counts", "4,8",
+        "--fusion-weights", "0,1", "--output", str(out),
+    ])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert (report["data"]["source"], report["data"]["target"]) == ("book", "movie")
+    assert report["data"]["catalogue_items"] == len({r["item_id"] for r in _rows(events_csv, LIMIT_ROWS)
+                                                      if r["domain"] == "movie"})
+    assert [r["name"] for r in report["rows"]] == ["popularity", "itemknn_target", "sitn", "fused"]
+    assert "# Offline evaluation: book → movie" in (out / "results.md").read_text()
 
 
 def test_eval_cli_budget_defaults_are_the_full_budget() -> None:
