@@ -16,15 +16,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from learner.baselines import History, ItemKNN, Ranker
+from learner.eval_split import Query, Split, query_inputs
 from learner.evaluate import (
     SCORE_BATCH,
     SELECTION_METRIC,
     KnownColumns,
-    Query,
     RunResult,
-    Split,
     full_ranks,
-    query_inputs,
     rank_test_queries,
     refit,
     select_epoch,

@@ -14,7 +14,7 @@ from stream.user_state import Example
 
 if TYPE_CHECKING:
     from learner.config import SITNConfig
-    from learner.evaluate import Split
+    from learner.eval_split import Split
 
 
 class SITNRanker:

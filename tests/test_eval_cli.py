@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from learner.evaluate import MISS_RANK, SETTINGS, chronological_split
+from learner.eval_split import chronological_split
+from learner.evaluate import MISS_RANK, SETTINGS
 from learner.sitn_ranker import SITNRanker
 from sitn.cli import main
 from stream.dataset import load_events

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from learner.baselines import History, ItemKNN, Popularity
-from learner.evaluate import MISS_RANK, Split, chronological_split, rank_queries, select_epoch, train_and_test
+from learner.eval_split import Split, chronological_split
+from learner.evaluate import MISS_RANK, rank_queries, select_epoch, train_and_test
 from learner.fusion import FusedRanker, train_and_test_with_fusion
 from stream.dataset import load_events
 from stream.user_state import Example

@@ -27,18 +27,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from learner.baselines import ItemKNN, OnlineMF, Popularity, Ranker
 from learner.config import SITNConfig
 from learner.eval_report import FULL_BUDGET, markdown_tables, render_markdown
-from learner.evaluate import (
+from learner.eval_split import (
     N_C2DSR_NEGATIVES,
     N_SAMPLED_NEGATIVES,
-    SELECTION_METRIC,
-    RunResult,
     Split,
-    aggregate,
     chronological_split,
     subsample_queries,
-    train_and_test,
     update_query_stats,
 )
+from learner.evaluate import SELECTION_METRIC, RunResult, aggregate, train_and_test
 from learner.fusion import FUSION_WEIGHTS
 from stream.dataset import load_events
 
