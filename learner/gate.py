@@ -177,24 +177,33 @@ class PublishGate:
 
 
 class RankerFallback:
-    """Which ranker serving uses: the model, or the best servable baseline while the model is worse.
+    """Which ranker serving uses: the best learnt ranker (the model, or one built on it such as ``fused``), or
+    the best servable baseline while every learnt ranker is significantly worse than it.
 
-    Paired and windowed, like the version check above: the NDCG@k gains of the *served* model (the
-    prequential rank, the popularity fallback of users without vectors included, as ``/recommend`` answers)
-    and of each servable baseline (one serving can compute itself) on the same target events, the last
-    ``window`` of them. The window slides across published versions: a version is served for about a
-    second, far too few events to judge it alone, and the model changes little between two versions.
+    Paired and windowed, like the version check above: the NDCG@k gains of each *learnt* ranker as serving
+    answers with it (the served model: the prequential rank, the popularity fallback of users without
+    vectors included; ``fused``: ``learner.shadow.FusedShadow`` at the served weight) and of each servable
+    baseline (one serving can compute itself) on the same target events, the last ``window`` of them. The
+    window slides across published versions: a version is served for about a second, far too few events
+    to judge it alone, and the model changes little between two versions.
 
-    ``decide()`` (at each publish) picks the ranker for the next version:
+    ``decide()`` (at each publish) picks the ranker for the next version. ``learnt`` is the best learnt
+    ranker by windowed NDCG@k, ``best`` the best baseline (ties: the first listed); ``z(a - b)`` is the
+    one-sided paired z of the gains of ``a`` minus ``b``:
 
     - fewer than ``min_events`` paired events: keep the current ranker;
-    - ``best`` is the baseline with the highest windowed NDCG@k (ties: the first of ``baselines``);
-    - serving the model: switch to ``best`` when the model is significantly worse than it, the one-sided
-      paired z-test ``z(model - best) <= -z_critical``;
-    - serving a baseline: back to the model once ``z(model - best) >= recover_z`` (default 0: the model
-      ranks at least as well as the best baseline on the window; the gap between the two thresholds keeps
-      a model that hovers at the edge from switching to and fro); else to ``best`` if it is another
-      baseline and significantly better than the current one (``z(best - current) >= z_critical``).
+    - serving a learnt ranker ``cur``: if ``z(cur - best) <= -z_critical`` (significantly worse than the
+      best baseline), switch to ``learnt`` when that one is not significantly worse
+      (``z(learnt - best) > -z_critical``), else to ``best``; otherwise move to ``learnt`` only when it is
+      significantly better than ``cur`` (``z(learnt - cur) >= z_critical``: no flapping between two
+      learnt rankers of equal merit);
+    - serving a baseline: back to ``learnt`` once ``z(learnt - best) >= recover_z`` (default 0: at least
+      as good as the best baseline on the window; the gap between the two thresholds keeps a ranker that
+      hovers at the edge from switching to and fro); else to ``best`` if it is another baseline and
+      significantly better than the current one (``z(best - current) >= z_critical``).
+
+    So after each decision serving is never significantly worse than the best servable baseline on the
+    window, and it serves a learnt ranker whenever one is not.
 
     Each switch is one log line (and one JSON line in ``log_path``) and counts in ``switches``.
 
@@ -205,6 +214,13 @@ class RankerFallback:
     >>> fb.record([1.0] * 4, {"popularity": [0.0] * 4, "cooccurrence": [0.0] * 4})  # the model recovers
     >>> fb.decide(), fb.switches
     ('model', 2)
+
+    With a second learnt ranker, a model worse than the baseline hands over to it, not to the baseline:
+
+    >>> fb = RankerFallback(("cooccurrence",), window=8, min_events=4, z_critical=1.0, learnt=("fused",))
+    >>> fb.record([0.0] * 4, {"fused": [1.0, 1.0, 0.0, 1.0], "cooccurrence": [1.0, 0.0, 0.0, 1.0]})
+    >>> fb.decide(), fb.learnt_best()
+    ('fused', 'fused')
     """
 
     def __init__(
@@ -216,21 +232,26 @@ class RankerFallback:
         recover_z: float = 0.0,
         log_path: Path | None = None,
         model: str = "model",
+        learnt: Sequence[str] = (),
     ) -> None:
-        if not baselines or model in baselines or len(set(baselines)) != len(baselines):
-            raise ValueError(f"baselines must be distinct names other than {model!r}, got {list(baselines)}")
+        """``learnt``: learnt rankers besides ``model`` (e.g. ``("fused",)``); ``model`` is served first."""
+        names = (model, *learnt, *baselines)
+        if not baselines or len(set(names)) != len(names):
+            raise ValueError(f"baselines must be distinct names other than {model!r} and {list(learnt)}, "
+                             f"got {list(baselines)}")
         if min_events < 2 or window < min_events:
             raise ValueError(f"need 2 <= min_events <= window, got min_events={min_events} window={window}")
         if z_critical <= 0 or recover_z <= -z_critical:
             raise ValueError(f"need z_critical > 0 and recover_z > -z_critical, got z_critical={z_critical} "
                              f"recover_z={recover_z}")
         self.model = model
+        self.learnt = (model, *learnt)
         self.baselines = tuple(baselines)
         self.min_events = min_events
         self.z_critical = z_critical
         self.recover_z = recover_z
         self.log_path = log_path
-        self._gains = {name: deque[float](maxlen=window) for name in (model, *self.baselines)}
+        self._gains = {name: deque[float](maxlen=window) for name in names}
         self.served = model
         self.switches = 0
 
@@ -238,15 +259,17 @@ class RankerFallback:
     def events(self) -> int:
         return len(self._gains[self.model])
 
-    def record(self, model_gains: Sequence[float], baseline_gains: Mapping[str, Sequence[float]]) -> None:
-        """Add the NDCG@k gains of the same events: the served model's and each baseline's."""
-        if set(baseline_gains) != set(self.baselines):
-            raise ValueError(f"gains must be given for the baselines {list(self.baselines)}, got {sorted(baseline_gains)}")
-        for name, gains in baseline_gains.items():
+    def record(self, model_gains: Sequence[float], other_gains: Mapping[str, Sequence[float]]) -> None:
+        """Add the NDCG@k gains of the same events: the served model's, and each other learnt ranker's
+        and baseline's (``other_gains``)."""
+        others = (*self.learnt[1:], *self.baselines)
+        if set(other_gains) != set(others):
+            raise ValueError(f"gains must be given for the rankers {list(others)}, got {sorted(other_gains)}")
+        for name, gains in other_gains.items():
             if len(gains) != len(model_gains):
                 raise ValueError(f"{name}: {len(gains)} gains for {len(model_gains)} model gains")
         self._gains[self.model].extend(model_gains)
-        for name, gains in baseline_gains.items():
+        for name, gains in other_gains.items():
             self._gains[name].extend(gains)
 
     def ndcg(self, ranker: str) -> float:
@@ -254,9 +277,17 @@ class RankerFallback:
         gains = self._gains[ranker]
         return sum(gains) / len(gains) if gains else math.nan
 
+    def _argmax(self, names: Sequence[str]) -> str:
+        scores = {b: self.ndcg(b) for b in names}
+        return max(names, key=lambda b: -math.inf if math.isnan(scores[b]) else scores[b])
+
     def best(self) -> str:
-        scores = {b: self.ndcg(b) for b in self.baselines}
-        return max(self.baselines, key=lambda b: -math.inf if math.isnan(scores[b]) else scores[b])
+        """The baseline with the highest windowed NDCG@k (ties: the first listed)."""
+        return self._argmax(self.baselines)
+
+    def learnt_best(self) -> str:
+        """The learnt ranker with the highest windowed NDCG@k (ties: the first listed, the model)."""
+        return self._argmax(self.learnt)
 
     def z_against(self, baseline: str, ranker: str | None = None) -> float:
         """Paired z of ``ranker`` (default the model) minus ``baseline``; negative = ``ranker`` is worse."""
@@ -266,18 +297,19 @@ class RankerFallback:
         """The ranker serving should use from now on (see the class docstring); logs a switch."""
         if self.events < self.min_events:
             return self.served
-        best = self.best()
-        z = self.z_against(best)
-        chosen = self.served
-        if self.served == self.model:
-            if z <= -self.z_critical:
-                chosen = best
-        elif z >= self.recover_z:
-            chosen = self.model
-        elif best != self.served and self.z_against(self.served, ranker=best) >= self.z_critical:
+        best, learnt, cur = self.best(), self.learnt_best(), self.served
+        chosen = cur
+        if cur in self.learnt:
+            if self.z_against(best, ranker=cur) <= -self.z_critical:
+                chosen = learnt if self.z_against(best, ranker=learnt) > -self.z_critical else best
+            elif learnt != cur and self.z_against(cur, ranker=learnt) >= self.z_critical:
+                chosen = learnt
+        elif self.z_against(best, ranker=learnt) >= self.recover_z:
+            chosen = learnt
+        elif best != cur and self.z_against(cur, ranker=best) >= self.z_critical:
             chosen = best
-        if chosen != self.served:
-            self._switch(chosen, best, z)
+        if chosen != cur:
+            self._switch(chosen, best, self.z_against(best, ranker=learnt))
         return self.served
 
     def _switch(self, to: str, best: str, z: float) -> None:
@@ -288,6 +320,8 @@ class RankerFallback:
             "from": self.served,
             "to": to,
             "model_ndcg": self.ndcg(self.model),
+            "best_learnt": self.learnt_best(),
+            "best_learnt_ndcg": self.ndcg(self.learnt_best()),
             "best_baseline": best,
             "best_baseline_ndcg": self.ndcg(best),
             "z": z,
@@ -306,12 +340,13 @@ class RankerFallback:
     def state(self) -> dict[str, float]:
         best = self.best()
         return {
-            "fallback_serving_baseline": float(self.served != self.model),
+            "fallback_serving_baseline": float(self.served in self.baselines),
             "fallback_switches_total": float(self.switches),
             "fallback_events": float(self.events),
             "fallback_model_ndcg": self.ndcg(self.model),
+            "fallback_served_ndcg": self.ndcg(self.served),
             "fallback_best_baseline_ndcg": self.ndcg(best),
-            "fallback_z": self.z_against(best),
+            "fallback_z": self.z_against(best, ranker=self.learnt_best()),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -320,7 +355,7 @@ class RankerFallback:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a checkpoint: the ranker it served, its switch count and paired window."""
-        if state["served"] in (self.model, *self.baselines):
+        if state["served"] in (*self.learnt, *self.baselines):
             self.served = state["served"]
         self.switches = int(state["switches"])
         for name, gains in state["gains"].items():

@@ -151,17 +151,22 @@ class StreamQuality:
     2.0
     """
 
-    def __init__(self, rankers: Sequence[str], k: int = 10, window: int = 2000, model: str = "model") -> None:
-        if model not in rankers or len(rankers) < 2:
-            raise ValueError(f"rankers must hold {model!r} and at least one baseline, got {list(rankers)}")
+    def __init__(self, rankers: Sequence[str], k: int = 10, window: int = 2000, model: str = "model",
+                 learnt: Sequence[str] = ()) -> None:
+        """``learnt``: rankers built on the model (e.g. ``fused``), tallied like it and never a baseline."""
+        if model not in rankers or not set(learnt) <= set(rankers) or model in learnt:
+            raise ValueError(f"rankers must hold {model!r} and every learnt ranker {list(learnt)}, got {list(rankers)}")
+        if len(rankers) - len(set(learnt)) < 2:
+            raise ValueError(f"rankers must hold at least one baseline, got {list(rankers)} (learnt {list(learnt)})")
         self.rankers = tuple(rankers)
         self.model = model
+        self.learnt = (model, *learnt)
         self.k = k
         self.tallies = {name: RankTally(k, window) for name in self.rankers}
 
     @property
     def baselines(self) -> tuple[str, ...]:
-        return tuple(r for r in self.rankers if r != self.model)
+        return tuple(r for r in self.rankers if r not in self.learnt)
 
     def record(self, rankable: Sequence[bool], ranks: Mapping[str, Sequence[int | None]]) -> dict[str, list[float]]:
         """Record the ranks every ranker gave the same events; returns the NDCG@k gains, by ranker."""
@@ -180,22 +185,25 @@ class StreamQuality:
         scores = {b: self.tallies[b].figures(span)[span]["ndcg"] for b in self.baselines}
         return max(self.baselines, key=lambda b: -math.inf if math.isnan(scores[b]) else scores[b])
 
-    def lift(self, span: str = "stream") -> float:
-        """Model NDCG@k divided by the best baseline's, over all events of ``span`` (nan while undefined)."""
+    def lift(self, span: str = "stream", ranker: str | None = None) -> float:
+        """NDCG@k of ``ranker`` (default the model) divided by the best baseline's, over all events of
+        ``span`` (nan while undefined)."""
         best = self.tallies[self.best_baseline(span)].figures(span)[span]["ndcg"]
-        model = self.tallies[self.model].figures(span)[span]["ndcg"]
-        if math.isnan(best) or math.isnan(model) or best == 0.0:
+        mine = self.tallies[ranker or self.model].figures(span)[span]["ndcg"]
+        if math.isnan(best) or math.isnan(mine) or best == 0.0:
             return math.nan
-        return model / best
+        return mine / best
 
     def figures(self) -> dict[str, Any]:
-        """Everything, JSON-ready: per ranker and span the tally's figures, the best baseline and the lift."""
+        """Everything, JSON-ready: per ranker and span the tally's figures, the best baseline, the model's
+        lift and every learnt ranker's (``lifts``: ranker -> span -> lift)."""
         return {
             "k": self.k,
             "rankers": {name: tally.figures() for name, tally in self.tallies.items()},
             "best_baseline": self.best_baseline(),
             "lift": self.lift(),
             "lift_window": self.lift("window"),
+            "lifts": {name: {span: self.lift(span, name) for span in SPANS} for name in self.learnt},
         }
 
     def stats(self) -> dict[str, float]:
@@ -207,6 +215,8 @@ class StreamQuality:
                "prequential_rankable_ratio": model["rankable_ratio"],
                "prequential_events_total": float(self.tallies[self.model].events),
                "prequential_lift": self.lift()}
+        for name in self.learnt[1:]:
+            out[f"{name}_lift"] = self.lift(ranker=name)
         for name, tally in self.tallies.items():
             for span, f in tally.figures().items():
                 for metric in ("hr", "ndcg"):
@@ -317,6 +327,9 @@ class PrequentialEvaluator:
         self._items = RowTable()  # (N, D) rows, dense: items are never evicted
         self._users = RowTable(max_users)  # (capacity <= max_users, V, D)
         self._pop_rank: dict[str, int] = {}  # item -> 1-based position in the served popularity order
+        self._ids: tuple[str, ...] = ()  # served item ids in row order, cached per (table, size)
+        self._ids_key: tuple[int, int] | None = None
+        self._generation = 0  # bumped whenever the item rows are rebuilt (a full publish)
 
     def set_served(
         self,
@@ -330,6 +343,7 @@ class PrequentialEvaluator:
         """Replace the served state (called after each publish with exactly what was published)."""
         self.version = version
         self._items = RowTable.of(item_ids, item_vectors)
+        self._generation += 1
         evicted = self._users.evicted
         self._users = RowTable.of(user_ids, user_vectors, self.max_users)
         self._users.evicted += evicted
@@ -346,11 +360,29 @@ class PrequentialEvaluator:
         """True when the user has published vectors (ranked by the model, not the popularity fallback)."""
         return user_id in self._users
 
+    def item_row(self, item_id: str) -> int | None:
+        """The served item's row (its column in ``served_item_ids`` order), None when it is not served."""
+        return self._items.get(item_id)
+
+    def served_item_ids(self) -> tuple[str, ...]:
+        """The served items in row order (the columns of the score rows ``rank_many`` hands out). The same
+        tuple object while the served items are unchanged, so callers can cache on its identity."""
+        key = (self._generation, len(self._items))
+        if self._ids_key != key:
+            ids = [""] * len(self._items)
+            for item_id, row in self._items.rows.items():
+                ids[row] = item_id
+            self._ids, self._ids_key = tuple(ids), key
+        return self._ids
+
     def rank_many(
-        self, pairs: Sequence[tuple[str, str]], consumed: Sequence[Collection[str]] | None = None
+        self, pairs: Sequence[tuple[str, str]], consumed: Sequence[Collection[str]] | None = None,
+        scores_out: dict[int, np.ndarray] | None = None,
     ) -> list[int | None]:
         """Rank each (user_id, item_id) with the served state, ``consumed[i]`` excluded (ties against the
-        item); None when the served index does not hold the item (a miss)."""
+        item); None when the served index does not hold the item (a miss). ``scores_out``: filled with
+        ``i -> (N,)`` served model scores of every served item (``served_item_ids`` order) for each pair
+        whose item is served and whose user has vectors."""
         if consumed is not None and len(consumed) != len(pairs):
             raise ValueError(f"consumed must have one entry per pair ({len(pairs)}), got {len(consumed)}")
         ranks: list[int | None] = []
@@ -384,6 +416,9 @@ class PrequentialEvaluator:
                     at_least[j, excluded] = False
             for slot, r in zip(model_slots, at_least.sum(axis=1).tolist(), strict=True):
                 ranks[slot] = int(r)
+            if scores_out is not None:
+                for j, slot in enumerate(model_slots):
+                    scores_out[slot] = scores[j]
         return ranks
 
     def _popularity_rank(self, item_id: str, consumed: Collection[str]) -> int:

@@ -51,7 +51,7 @@ PREQUENTIAL_RANKED = Counter(
 )
 RANKER_HR = Gauge(
     "sitn_learner_ranker_hr_at_10",
-    "Prequential HR@10 by ranker (model, popularity, cooc_target, cooc_target_source), over all target events or "
+    "Prequential HR@10 by ranker (model, fused, popularity, cooc_target, cooc_target_source), over all target events or "
     "the rankable ones (events), whole stream or last window (span).",
     ["ranker", "events", "span"],
 )
@@ -70,15 +70,25 @@ MODEL_LIFT = Gauge(
 )
 SERVED_RANKER = Gauge(
     "sitn_learner_served_ranker",
-    "1 for the ranker serving is told to use (model, popularity, cooccurrence), 0 for the others.",
+    "1 for the ranker serving is told to use (model, fused, popularity, cooccurrence), 0 for the others.",
     ["served_by"],
 )
 SERVED_RANKER_SWITCHES = Counter(
-    "sitn_learner_served_ranker_switches", "Switches of the ranker serving is told to use (model <-> a baseline)."
+    "sitn_learner_served_ranker_switches",
+    "Switches of the ranker serving is told to use (between model and fused, to a baseline and back).",
+)
+FUSED_WEIGHT = Gauge(
+    "sitn_learner_fused_weight",
+    "w of the fused ranker z(model) + w * z(cooc) serving is told to use (best windowed NDCG@10 of the grid).",
+)
+FUSED_LIFT = Gauge(
+    "sitn_learner_fused_lift_ratio",
+    "Fused ranker's NDCG@10 divided by the best baseline's, whole stream, all target events (1 = as good).",
 )
 FALLBACK_Z = Gauge(
     "sitn_learner_fallback_z",
-    "Paired z of the served model's windowed NDCG@10 minus the best servable baseline's (negative: model worse).",
+    "Paired z of the best learnt ranker's (model or fused) windowed NDCG@10 minus the best servable baseline's "
+    "(negative: worse).",
 )
 PUBLISH_LAG_SECONDS = Histogram(
     "sitn_learner_publish_lag_seconds",
@@ -104,7 +114,7 @@ CHECKPOINT_SECONDS = Histogram(
 EVENTS_APPLIED = Gauge("sitn_learner_events_applied", "Events whose effect the model holds (restored + trained).")
 
 _LOSS_TERMS = {"loss": "total", "loss_main": "main", "loss_i2i": "i2i", "loss_i2c": "i2c"}
-SERVED_BY = ("model", "popularity", "cooccurrence")
+SERVED_BY = ("model", "fused", "popularity", "cooccurrence")
 
 
 def record_step(stats: Mapping[str, float], seconds: float, examples_by_domain: Mapping[str, int]) -> None:
@@ -159,6 +169,8 @@ def record_quality(quality: Any) -> None:
             if ranker == quality.model:
                 RANKABLE_RATIO.labels(span).set(f["rankable_ratio"])
     MODEL_LIFT.set(quality.lift())
+    if "fused" in quality.tallies:
+        FUSED_LIFT.set(quality.lift(ranker="fused"))
 
 
 def record_served_ranker(served_by: str, switched: bool) -> None:

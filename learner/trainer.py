@@ -6,7 +6,11 @@ before the model trains on them, and by the shadow baselines (``learner.shadow``
 ``quality`` (a :class:`learner.prequential.StreamQuality`) tallies every ranker on those same events.
 With a ``fallback`` (``learner.gate.RankerFallback``), each publish also tells serving which ranker to
 use (``EmbeddingBatch.served_by``): the model, or the best servable baseline while the model ranks
-significantly worse than it. Tallies, baselines and the fallback's window are checkpointed with the model.
+significantly worse than it. The fused ranker (``learner.shadow.FusedShadow``: the served model's scores
+combined with the baselines' target-history co-occurrence, ``serving.fused``) is ranked on the same events
+for a grid of weights; each publish carries the weight it serves with (``EmbeddingBatch.fused_weight``), and
+the ``fused`` tally is its rank at that weight, so the fallback can choose it as serving would answer.
+Tallies, baselines, the fused weights' tallies and the fallback's window are checkpointed with the model.
 
 Commit order (see also ``stream.consumer``):
 
@@ -39,7 +43,8 @@ from learner.drift import DriftMonitor
 from learner.gate import PublishGate, RankerFallback, ndcg_gain
 from learner.prequential import PrequentialEvaluator, StreamQuality
 from learner.publisher import Publisher, Transport
-from learner.shadow import BASELINES, ShadowBaselines, consumed_items
+from learner.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
+from serving.fused import FUSED_WEIGHTS
 from stream.consumer import ExampleBatch, PendingCommits, Positions
 from stream.cooccurrence import rank_with_ties_against
 from stream.events import EmbeddingBatch, InteractionEvent
@@ -48,20 +53,23 @@ from stream.user_state import UserStateStore
 log = logging.getLogger(__name__)
 
 MODEL = "model"
-RANKERS = (MODEL, *BASELINES)  # the rankers every target event is scored with
+FUSED = "fused"
+RANKERS = (MODEL, *BASELINES)  # the rankers every target event is scored with (and FUSED when it is on)
 # The baselines serving can compute itself, by the name ``served_by`` gives them, and their shadow ranker.
 SERVABLE = {"popularity": "popularity", "cooccurrence": "cooc_target"}
 
 
 class _StampServedBy:
-    """Hands each published batch on with the ranker serving must use (``EmbeddingBatch.served_by``)."""
+    """Hands each published batch on with the ranker serving must use (``EmbeddingBatch.served_by``) and
+    the fused ranker's weight (``EmbeddingBatch.fused_weight``)."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.served_by = MODEL
+        self.fused_weight = 1.0
 
     def stamp(self, batch: EmbeddingBatch) -> EmbeddingBatch:
-        return dataclasses.replace(batch, served_by=self.served_by)
+        return dataclasses.replace(batch, served_by=self.served_by, fused_weight=self.fused_weight)
 
     def send(self, batch: EmbeddingBatch) -> None:
         self.transport.send(self.stamp(batch))
@@ -88,6 +96,8 @@ class OnlineTrainer:
         gate_sample_per_step: int = 64,
         drift: DriftMonitor | None = None,
         fallback: RankerFallback | None = None,
+        fused_weights: tuple[float, ...] = FUSED_WEIGHTS,
+        fused_window: int = 10_000,
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
@@ -96,7 +106,10 @@ class OnlineTrainer:
         ``drift``: watches each step's losses and prequential metrics, the input events and, after each
         publish, the prototype assignments (``learner.drift``); its detectors are checkpointed.
         ``fallback``: decides at each publish whether serving uses the model or a baseline; its baselines
-        must be named as in ``SERVABLE``. Without it serving always uses the model."""
+        must be named as in ``SERVABLE``, its learnt rankers among ``model`` and ``fused``. Without it serving
+        always uses the model.
+        ``fused_weights``: the fused ranker's weight grid (``learner.shadow.FusedShadow``, whose weights are
+        tallied over the last ``fused_window`` target events); empty: no fused ranker."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if checkpoint_every_steps < 1:
@@ -109,11 +122,18 @@ class OnlineTrainer:
         self.max_users = max_users
         if fallback is not None and not set(fallback.baselines) <= set(SERVABLE):
             raise ValueError(f"fallback baselines must be among {sorted(SERVABLE)}, got {list(fallback.baselines)}")
+        self.fused = FusedShadow(fused_weights, prequential_k, fused_window) if fused_weights else None
+        learnt = (MODEL, FUSED) if self.fused is not None else (MODEL,)
+        if fallback is not None and not set(fallback.learnt) <= set(learnt):
+            raise ValueError(f"fallback learnt rankers must be among {list(learnt)}, got {list(fallback.learnt)}")
         self._stamp = _StampServedBy(transport)
         self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every)
         self.prequential = PrequentialEvaluator(max_users=served_max_users)
         self.shadow = ShadowBaselines(self.source, self.target, max_history=learner.config.max_len)
-        self.quality = StreamQuality(RANKERS, prequential_k, prequential_window, model=MODEL)
+        self.quality = StreamQuality((*RANKERS, *learnt[1:]), prequential_k, prequential_window, model=MODEL,
+                                     learnt=learnt[1:])
+        if self.fused is not None:
+            self._stamp.fused_weight = self.fused.weight
         self.fallback = fallback
         self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
         self.mirror: dict[int, UserStateStore] = {}  # partition -> the consumers' user state, as trained
@@ -153,11 +173,21 @@ class OnlineTrainer:
         targets = [ex for ex in examples if ex.domain == self.target]
         consumed = [(ex.user_id, ex.item_id) for ex in targets]
         before = [consumed_items(ex, self.target) for ex in targets]  # excluded from the candidates
-        served_ranks = self.prequential.rank_many(consumed, before)  # test with what is served ...
-        rankable, baseline_ranks = self.shadow.observe(examples)  # ... the baselines, each event then learnt ...
-        gains = self.quality.record(rankable, {MODEL: served_ranks, **baseline_ranks})
+        model_scores: dict[int, np.ndarray] = {}  # target position -> served model scores (N,)
+        served_ranks = self.prequential.rank_many(consumed, before, model_scores)  # test with what is served ...
+        ranks: dict[str, list[int | None]] = {MODEL: served_ranks}
+        hook = None
+        if self.fused is not None:
+            fused_ranks: list[int | None] = []
+            ranks[FUSED] = fused_ranks
+            hook = self._fused_ranker(model_scores, fused_ranks)
+        # ... the baselines and the fused ranker, each event then learnt ...
+        rankable, baseline_ranks = self.shadow.observe(examples, hook)
+        gains = self.quality.record(rankable, {**ranks, **baseline_ranks})
         if self.fallback is not None:
-            self.fallback.record(gains[MODEL], {name: gains[SERVABLE[name]] for name in self.fallback.baselines})
+            others = {name: gains[name] for name in self.fallback.learnt[1:]}
+            others.update({name: gains[SERVABLE[name]] for name in self.fallback.baselines})
+            self.fallback.record(gains[MODEL], others)
         telemetry.PREQUENTIAL_RANKED.inc(len(targets))
         if self.gate is not None and consumed:
             self._shadow_rank(consumed, before, served_ranks)  # ... and with what would be published ...
@@ -165,6 +195,8 @@ class OnlineTrainer:
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         stats.update(self.prequential.stats())
         stats.update(self.quality.stats())
+        if self.fused is not None:
+            stats.update(self.fused.stats())
         telemetry.record_quality(self.quality)
         if self.gate is not None:
             stats.update(self.gate.state())
@@ -180,6 +212,23 @@ class OnlineTrainer:
                               {self.source: len(examples) - n_target, self.target: n_target})
         self.publish_if_due()
         return stats
+
+    def _fused_ranker(self, model_scores: dict[int, np.ndarray], out: list[int | None]) -> Any:
+        """The shadow hook ranking each target event with the fused ranker (served vectors, the baselines'
+        co-occurrence before the event) into ``out``."""
+        assert self.fused is not None
+        fused, prequential, cooc = self.fused, self.prequential, self.shadow.cooc
+        served_ids = prequential.served_item_ids()
+
+        def rank(position: int, ex: Any, rankable: bool, cooc_scores: np.ndarray | None) -> None:
+            positive = prequential.item_row(ex.item_id)
+            excluded: list[int] = []
+            if positive is not None:
+                excluded = [r for r in map(prequential.item_row, consumed_items(ex, self.target)) if r is not None]
+            out.append(fused.rank(ex, served_ids, model_scores.get(position), positive, excluded, cooc,
+                                  cooc_scores, rankable))
+
+        return rank
 
     def _shadow_rank(self, consumed: list[tuple[str, str]], before: list[tuple[str, ...]],
                      served_ranks: list[int | None]) -> None:
@@ -228,6 +277,9 @@ class OnlineTrainer:
         if self.fallback is not None:
             previous, self._stamp.served_by = self._stamp.served_by, self.fallback.decide()
             telemetry.record_served_ranker(self._stamp.served_by, self._stamp.served_by != previous)
+        if self.fused is not None:  # the weight serving uses from this version on, and the learner ranks with
+            self._stamp.fused_weight = self.fused.choose()
+            telemetry.FUSED_WEIGHT.set(self._stamp.fused_weight)
         start_s = time.perf_counter()
         batch = self._stamp.stamp(self.publisher.publish(int(self.learner.step), force_full=force_full))
         if self.gate is not None:
@@ -267,6 +319,7 @@ class OnlineTrainer:
             "quality": self.quality.state_dict(),
             "shadow": self.shadow.state_dict(),
             "fallback": self.fallback.state_dict() if self.fallback is not None else None,
+            "fused": self.fused.state_dict() if self.fused is not None else None,
         }
         start_s = time.perf_counter()
         self.checkpoints.save(self.learner, int(self.learner.step), extra)
@@ -301,6 +354,9 @@ class OnlineTrainer:
         if self.fallback is not None and extra.get("fallback") is not None:
             self.fallback.load_state_dict(extra["fallback"])
             self._stamp.served_by = self.fallback.served
+        if self.fused is not None and extra.get("fused") is not None:
+            self.fused.load_state_dict(extra["fused"])
+            self._stamp.fused_weight = self.fused.weight
         self._last_checkpoint_step = int(learner.step)
         log.info("restored step=%d events_applied=%d partitions=%d", learner.step, self.events_applied,
                  len(self.positions))
@@ -323,6 +379,10 @@ class OnlineTrainer:
         with the ranker serving was last told to use."""
         out = self.quality.figures()
         out["served_by"] = self.served_by
+        out["fused"] = None if self.fused is None else {
+            "weight": self.fused.weight, "weights": list(self.fused.weights),
+            "ndcg_window_by_weight": {f"{w:g}": self.fused.ndcg(w) for w in self.fused.weights},
+        }
         out["fallback"] = self.fallback.state() if self.fallback is not None else None
         return out
 

@@ -3,7 +3,8 @@
 The learner actor hands it :class:`~stream.events.EmbeddingBatch` es through its handle (the in-cluster
 transport). Each batch's item rows go into the FAISS index as one upsert, user query vectors into the
 user store, consumed (user, item) pairs into the exclusion sets, popularity and co-occurrence counts; its
-``served_by`` says which ranker ``/recommend`` answers with from then on. Freshness, the
+``served_by`` says which ranker ``/recommend`` answers with from then on (``fused_weight``: the fused ranker's
+weight). Freshness, the
 time from an event's arrival at the learner to its effect being visible here, is recorded per user.
 The HTTP server runs in a thread of this actor, so ``/recommend`` reads the same in-memory state
 without a hop.
@@ -81,7 +82,7 @@ class ServingCore:
             by_user.setdefault(user_id, []).append(item_id)
         for user_id, item_ids in by_user.items():
             self.service.record_consumed(user_id, item_ids)
-        self.service.set_ranker(batch.served_by)
+        self.service.set_ranker(batch.served_by, batch.fused_weight)
         self.service.refresh_gauges()
         now_s = time.time()
         for ingest_s in batch.ingest_wall_s.values():
@@ -106,6 +107,7 @@ class ServingCore:
         health = self.service.health()
         return {
             "served_by": self.service.ranker,
+            "fused_weight": self.service.fused_weight,
             "ranker_switches": float(self.service.ranker_switches),
             "served_version": float(self.version),
             "batches_applied": float(self.batches_applied),

@@ -52,7 +52,7 @@ class IndexInfoOut(BaseModel):
 class RecommendationOut(BaseModel):
     user_id: str
     k: int
-    served_by: str  # "model" | "popularity" | "cooccurrence"
+    served_by: str  # "model" | "fused" | "popularity" | "cooccurrence"
     items: list[ScoredItemOut]
     index: IndexInfoOut
 
@@ -144,9 +144,10 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
         user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS, description=ALLOWED["user_id"])],
         k: Annotated[int, Query(ge=1, le=MAX_K, description=ALLOWED["k"])] = 10,
     ) -> dict[str, Any]:
-        """Top ``k`` items for ``user_id``; ``served_by`` says which ranker answered: the model, popularity (users
-        without vectors, or while the learner says popularity beats the model), or item co-occurrence with the
-        user's consumed items (while the learner says it beats the model)."""
+        """Top ``k`` items for ``user_id``; ``served_by`` says which ranker answered: the model, ``fused`` (the
+        model's scores fused with item co-occurrence with the user's consumed items, while the learner says it
+        ranks best), popularity (users without vectors, or while the learner says popularity beats the learnt
+        rankers), or item co-occurrence with the user's consumed items (while the learner says it beats them)."""
         try:
             rec = service.recommend(user_id, k)
         except ValueError as exc:
@@ -165,8 +166,8 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        """Liveness plus index state and the ranker ``/recommend`` answers with; ``ready`` is false while the
-        index is empty."""
+        """Liveness plus index state, the ranker ``/recommend`` answers with and the fused ranker's weight;
+        ``ready`` is false while the index is empty."""
         return {"status": "ok", **service.health()}
 
     @app.get("/metrics", response_class=Response)

@@ -25,6 +25,7 @@ from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 
+from serving.fused import CoocAlignment
 from stream.cooccurrence import ItemCooccurrence
 
 # ItemCooccurrence counts events of two named domains; serving only sees the target domain.
@@ -47,6 +48,13 @@ class CooccurrenceRanker:
         with self._lock:
             for before, item_id in events:
                 self._cooc.learn({_TARGET: tuple(before)[-self.max_history :]}, _TARGET, item_id)
+
+    def aligned_scores(self, history: Sequence[str], alignments: Sequence[CoocAlignment]) -> list[np.ndarray]:
+        """The co-occurrence scores for a user who consumed ``history`` (as ``top`` ranks them), read in the
+        item order of each alignment (0 for items never consumed here); for the fused ranker."""
+        with self._lock:
+            scores = self._cooc.scores({_TARGET: tuple(history)}, "target")  # (N,)
+            return [alignment.gather(self._cooc, scores) for alignment in alignments]
 
     def top(self, history: Sequence[str], k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
         """The ``k`` best items for a user who consumed ``history`` (oldest first), ``exclude`` left out,

@@ -14,12 +14,12 @@ HTTP_REQUEST_SECONDS = Histogram(
 )
 RECOMMENDATIONS = Counter(
     "sitn_serving_recommendations",
-    "Recommendation requests answered, by the path that served them (model, popularity, cooccurrence).",
+    "Recommendation requests answered, by the path that served them (model, fused, popularity, cooccurrence).",
     ["served_by"],
 )
 RANKER = Gauge(
     "sitn_serving_ranker",
-    "1 for the ranker /recommend answers with (model, popularity, cooccurrence; the learner decides), 0 for the others.",
+    "1 for the ranker /recommend answers with (model, fused, popularity, cooccurrence; the learner decides), 0 for the others.",
     ["served_by"],
 )
 RANKER_SWITCHES = Counter("sitn_serving_ranker_switches", "Switches of the ranker /recommend answers with.")

@@ -26,9 +26,10 @@ How each series is derived (``derive``):
   processes. Only one process sets each of these; an unlabelled gauge exports 0 from every other process
   that imported its module, so the sum is the owner's value.
 - *quality*, the headline: ``ndcg_at_10{ranker}`` and ``hr_at_10{ranker}``, the prequential figures of the
-  served model and of each shadow baseline (popularity, co-occurrence with target history, with target and
-  source history) over the last window of target events, all events (an unseen item is a miss);
-  ``model_lift_ratio`` (model NDCG@10 / best baseline's, whole stream); ``rankable_ratio`` (window);
+  served model, of the fused ranker (model and co-occurrence, ``serving.fused``) and of each shadow baseline
+  (popularity, co-occurrence with target history, with target and source history) over the last window of
+  target events, all events (an unseen item is a miss); ``model_lift_ratio`` and ``fused_lift_ratio``
+  (NDCG@10 / best baseline's, whole stream); ``fused_weight`` (the w served); ``rankable_ratio`` (window);
   ``serving_ranker{served_by}`` (1 for the ranker ``/recommend`` answers with, from serving).
 
 Every series with a label (``domain``, ``term``, ``k``) has one buffer per label value; all those labels
@@ -258,6 +259,8 @@ def derive(new: Scrape, previous: Scrape | None = None, window_start: Scrape | N
     for served_by, value in new.by_label("sitn_serving_ranker", "served_by").items():
         out[f'serving_ranker{{served_by="{served_by}"}}'] = value
     for series, metric, labels in (("model_lift_ratio", "sitn_learner_model_lift_ratio", {}),
+                                   ("fused_lift_ratio", "sitn_learner_fused_lift_ratio", {}),
+                                   ("fused_weight", "sitn_learner_fused_weight", {}),
                                    ("rankable_ratio", "sitn_learner_prequential_rankable_ratio", {"span": "window"})):
         if has(metric) and any(True for _ in new.select(metric, **labels)):
             out[series] = new.total(metric, **labels)

@@ -222,6 +222,8 @@ class Pipeline:
             gate_sample_per_step=r.gate_sample_per_step,
             drift=DriftMonitor(self.drift_settings, self.drift_log),
             fallback=self._fallback(),
+            fused_weights=tuple(r.fused_weights),
+            fused_window=r.fused_window,
             max_users=self.stream.max_users,
             served_max_users=self.serving_settings.max_users,
             audit_log=self.audit_log,
@@ -239,7 +241,8 @@ class Pipeline:
         if not r.fallback_enabled:
             return None
         return RankerFallback(("popularity", "cooccurrence"), r.fallback_window, r.fallback_min_events,
-                              r.fallback_z_critical, r.fallback_recover_z, log_path=self.drift_log)
+                              r.fallback_z_critical, r.fallback_recover_z, log_path=self.drift_log,
+                              learnt=("fused",) if r.fused_weights else ())
 
     def start_replay(self, events: list[InteractionEvent]) -> None:
         producer = open_replay_producer(self.stream)
@@ -495,6 +498,8 @@ def _prequential_summary(quality: dict[str, Any]) -> dict[str, Any]:
         "best_baseline": quality["best_baseline"],
         "lift": quality["lift"],
         "lift_window": quality["lift_window"],
+        "lifts": quality.get("lifts"),  # per learnt ranker (model, fused) and span
+        "fused": quality.get("fused"),  # the weight served at the end, the grid and each weight's windowed NDCG
         "fallback": quality.get("fallback"),
     }
 

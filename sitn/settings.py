@@ -38,8 +38,12 @@ class RunSettings(BaseSettings):
     full_publish_every: int = Field(50, ge=1, description="every Nth publish is a full snapshot")
     torch_threads: int = Field(1, ge=1, le=64, description="torch threads in the learner actor (1 leaves a core to serving on 2-core machines)")
     learner_dim: int = Field(64, ge=8, description="embedding width d of the SITN model")
-    learner_views: int = Field(4, ge=1, description="interest views V")
+    learner_views: int = Field(1, ge=1, description="interest views V (1: chosen on validation, see learner.config)")
     learner_max_len: int = Field(50, ge=1, description="history length L per domain")
+    learner_replay_buffer_size: int = Field(
+        20_000, ge=0, description="last N trained examples each step also replays a sample of (0 = no replay)")
+    learner_replay_ratio: float = Field(
+        1.0, ge=0, description="replayed examples per fresh example in each step (each event trains ~1 + this often)")
     status_every_s: float = Field(1.0, gt=0, description="progress display refresh period")
     max_lag_events: int | None = Field(
         None, ge=1, description="replay backpressure: wait while the consumer group's lag is above this "
@@ -52,13 +56,20 @@ class RunSettings(BaseSettings):
     gate_z_critical: float = Field(2.33, ge=0, description="paired z-test bound: a drop must also be this significant")
     gate_sample_per_step: int = Field(64, ge=1, description="target events per step also ranked by the live model")
     fallback_enabled: bool = Field(
-        True, description="serve the best servable baseline (popularity, co-occurrence) while the model's "
-        "prequential NDCG@10 is significantly below it (learner.gate.RankerFallback)",
+        True, description="serve the best learnt ranker (model or fused), or the best servable baseline "
+        "(popularity, co-occurrence) while both learnt rankers' prequential NDCG@10 is significantly below it "
+        "(learner.gate.RankerFallback)",
     )
     fallback_window: int = Field(2000, ge=2, description="paired target events (model vs baselines) the fallback judges")
     fallback_min_events: int = Field(200, ge=2, description="paired events needed before the fallback can switch")
-    fallback_z_critical: float = Field(2.33, gt=0, description="switch to a baseline when z(model - best) <= -this")
-    fallback_recover_z: float = Field(0.0, description="switch back to the model when z(model - best) >= this")
+    fallback_z_critical: float = Field(2.33, gt=0, description="switch to a baseline when z(learnt - best) <= -this "
+                                       "for every learnt ranker (model, fused); switch between learnt rankers at +this")
+    fallback_recover_z: float = Field(0.0, description="switch back to the best learnt ranker when z(it - best) >= this")
+    fused_weights: tuple[float, ...] = Field(
+        (0.25, 0.5, 1.0, 2.0, 4.0), description="weights w of the fused ranker z(model) + w z(cooc) ranked on "
+        "every target event; serving gets the best by windowed NDCG@10 (empty: no fused ranker)",
+    )
+    fused_window: int = Field(10_000, ge=1, description="target events the fused weights are judged on")
 
     @model_validator(mode="after")
     def _fallback_consistent(self) -> RunSettings:
@@ -68,4 +79,6 @@ class RunSettings(BaseSettings):
         if self.fallback_recover_z <= -self.fallback_z_critical:
             raise ValueError(f"fallback_recover_z must be > -fallback_z_critical ({-self.fallback_z_critical}), "
                              f"got {self.fallback_recover_z}")
+        if len(set(self.fused_weights)) != len(self.fused_weights) or not all(0 < w < 1e6 for w in self.fused_weights):
+            raise ValueError(f"fused_weights must be distinct numbers in (0, 1e6), got {list(self.fused_weights)}")
         return self

@@ -176,6 +176,8 @@ class EmbeddingBatch:
     created_at_s: float  # wall clock when the batch was built
     ingest_wall_s: dict[str, float] = field(default_factory=dict)  # user_id -> when its oldest unpublished event arrived
     consumed: list[tuple[str, str]] = field(default_factory=list)  # (user_id, target item_id) since the last batch
-    # The ranker /recommend must use from this version on: "model", or a baseline serving computes itself
-    # ("popularity", "cooccurrence") while the model ranks significantly worse (learner.gate.RankerFallback).
+    # The ranker /recommend must use from this version on (learner.gate.RankerFallback): "model", "fused" (the
+    # model's scores fused with item co-occurrence, serving.fused), or a baseline serving computes itself
+    # ("popularity", "cooccurrence") while the learnt rankers rank significantly worse.
     served_by: str = "model"
+    fused_weight: float = 1.0  # w of the fused score z(model) + w * z(cooc), from this version on

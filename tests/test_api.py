@@ -132,6 +132,24 @@ def test_served_by_follows_the_ranker_the_learner_chose(client: httpx.Client, se
     assert client.get("/healthz").json()["ranker"] == "model"
 
 
+def test_served_by_can_be_the_fused_ranker(client: httpx.Client, service: RecommendationService) -> None:
+    """With weight 0 the fused score is z(model) alone: u1's best views give a 1, b 0.75, c 0.5 (mean 0.75,
+    std sqrt(1/24)); a is consumed."""
+    try:
+        assert service.set_ranker("fused", fused_weight=0.0)
+        body = client.get("/recommend", params={"user_id": "u1", "k": 5}).json()
+        assert (body["served_by"], [it["item_id"] for it in body["items"]]) == ("fused", ["b", "c"])
+        assert [it["score"] for it in body["items"]] == pytest.approx([0.0, -0.25 * 24**0.5], abs=1e-6)
+        health = client.get("/healthz").json()
+        assert (health["ranker"], health["fused_weight"]) == ("fused", 0.0)
+        metrics = client.get("/metrics").text
+        assert 'sitn_serving_ranker{served_by="fused"} 1.0' in metrics
+        assert 'sitn_serving_recommendations_total{served_by="fused"}' in metrics
+    finally:
+        service.set_ranker("model", fused_weight=1.0)
+    assert client.get("/recommend", params={"user_id": "u1", "k": 5}).json()["served_by"] == "model"
+
+
 def test_metrics_exposition_contains_the_serving_metrics(client: httpx.Client) -> None:
     client.get("/recommend", params={"user_id": "u1"})
     client.get("/no/such/route")

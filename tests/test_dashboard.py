@@ -73,6 +73,7 @@ sitn_learner_ranker_ndcg_at_10{events="all",ranker="model",span="window"} 0.125
 sitn_learner_ranker_ndcg_at_10{events="rankable",ranker="model",span="window"} 0.25
 sitn_learner_ranker_ndcg_at_10{events="all",ranker="model",span="stream"} 0.1
 sitn_learner_ranker_ndcg_at_10{events="all",ranker="cooc_target",span="window"} 0.375
+sitn_learner_ranker_ndcg_at_10{events="all",ranker="fused",span="window"} 0.5
 # HELP sitn_learner_ranker_hr_at_10 HR
 # TYPE sitn_learner_ranker_hr_at_10 gauge
 sitn_learner_ranker_hr_at_10{events="all",ranker="model",span="window"} 0.25
@@ -80,6 +81,12 @@ sitn_learner_ranker_hr_at_10{events="all",ranker="popularity",span="window"} 0.5
 # HELP sitn_learner_model_lift_ratio lift
 # TYPE sitn_learner_model_lift_ratio gauge
 sitn_learner_model_lift_ratio 0.5
+# HELP sitn_learner_fused_lift_ratio lift
+# TYPE sitn_learner_fused_lift_ratio gauge
+sitn_learner_fused_lift_ratio 1.25
+# HELP sitn_learner_fused_weight w
+# TYPE sitn_learner_fused_weight gauge
+sitn_learner_fused_weight 2.0
 # HELP sitn_learner_prequential_rankable_ratio rankable
 # TYPE sitn_learner_prequential_rankable_ratio gauge
 sitn_learner_prequential_rankable_ratio{span="window"} 0.75
@@ -129,7 +136,7 @@ def serving(buckets: dict[str, float], ranker: str | None = None) -> str:
     if ranker is not None:
         lines += ["# HELP sitn_serving_ranker ranker", "# TYPE sitn_serving_ranker gauge"]
         lines += [f'sitn_serving_ranker{{served_by="{r}"}} {float(r == ranker)}'
-                  for r in ("model", "popularity", "cooccurrence")]
+                  for r in ("model", "fused", "popularity", "cooccurrence")]
     return "\n".join(lines) + "\n"
 
 
@@ -165,10 +172,12 @@ def test_derive_two_rounds_exact() -> None:
         'loss{term="total"}': 5.25, 'loss{term="main"}': 4.5, 'loss{term="i2i"}': 0.5, 'loss{term="i2c"}': 0.25,
         # the model and the baselines: last window, all events (the rankable and stream ones are not drawn)
         'ndcg_at_10{ranker="model"}': 0.125, 'ndcg_at_10{ranker="cooc_target"}': 0.375,
+        'ndcg_at_10{ranker="fused"}': 0.5, "fused_lift_ratio": 1.25, "fused_weight": 2.0,
         'hr_at_10{ranker="model"}': 0.25, 'hr_at_10{ranker="popularity"}': 0.5,
         "model_lift_ratio": 0.5,  # the consumer's exported 0 does not change the sum
         "rankable_ratio": 0.75,
         'serving_ranker{served_by="model"}': 0.0, 'serving_ranker{served_by="popularity"}': 0.0,
+        'serving_ranker{served_by="fused"}': 0.0,
         'serving_ranker{served_by="cooccurrence"}': 1.0,
         "publish_gate_closed": 1.0,
         "consumer_lag_records": 3 + 4 + 2,
@@ -440,7 +449,7 @@ PREFIXES = {
     "chart-loss": ("loss{",),
     "chart-quality": ("ndcg_at_10{",),
     "chart-hr": ("hr_at_10{",),
-    "chart-lift": ("model_lift_ratio", "rankable_ratio", "serving_ranker{"),
+    "chart-lift": ("model_lift_ratio", "fused_lift_ratio", "fused_weight", "rankable_ratio", "serving_ranker{"),
     "chart-freshness": ("freshness_p50_s", "freshness_p99_s", "publish_lag_p99_s"),
     "chart-lag": ("consumer_lag_records",),
     "chart-agreement": ("prototype_agreement{",),

@@ -632,6 +632,8 @@ ALERT_CASES: list[tuple[str, list[tuple[str, str]], str, dict[str, str] | None]]
                              ('sitn_learner_served_ranker{served_by="model"}', "0x40")], "35m", {"served_by": "cooccurrence"}),
     ("SitnServingBaseline", [('sitn_learner_served_ranker{served_by="cooccurrence"}', "1x20 0x20"),
                              ('sitn_learner_served_ranker{served_by="model"}', "0x20 1x20")], "35m", None),
+    ("SitnServingBaseline", [('sitn_learner_served_ranker{served_by="fused"}', "1x40"),  # a learnt ranker: fine
+                             ('sitn_learner_served_ranker{served_by="model"}', "0x40")], "35m", None),
     ("SitnTargetDown", [('up{job="sitn",instance="10.0.0.5:41234",component="learner"}', "0x10")], "5m",
      {"job": "sitn", "instance": "10.0.0.5:41234", "component": "learner"}),
 ]

@@ -3,6 +3,7 @@ switching ``served_by`` with what the learner publishes."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,43 @@ def test_state_round_trip_and_validation() -> None:
         RankerFallback(BASELINES, window=8, min_events=9)
     with pytest.raises(ValueError, match=r"recover_z > -z_critical, got z_critical=2.0 recover_z=-2.0"):
         RankerFallback(BASELINES, z_critical=2.0, recover_z=-2.0)
-    with pytest.raises(ValueError, match=r"gains must be given for the baselines"):
+    with pytest.raises(ValueError, match=r"gains must be given for the rankers \[.popularity., .cooccurrence.\], got \[.popularity.\]"):
         fb.record([1.0], {"popularity": [1.0]})
+
+
+def learnt_fallback() -> RankerFallback:
+    return RankerFallback(("cooccurrence",), window=10, min_events=4, z_critical=2.0, recover_z=0.0, learnt=("fused",))
+
+
+def test_moves_between_learnt_rankers_only_when_significantly_better() -> None:
+    fb = learnt_fallback()
+    # fused better than the model on 2 of 4 events, never worse: z(fused - model) = 1.732 < 2, stay
+    fb.record([0.0, 0.0, 1.0, 1.0], {"fused": [1.0, 1.0, 1.0, 1.0], "cooccurrence": [0.0, 1.0, 1.0, 1.0]})
+    assert fb.z_against("model", ranker="fused") == pytest.approx(1.7321, abs=1e-4)
+    assert (fb.learnt_best(), fb.decide()) == ("fused", "model")
+    fb.record([0.0, 0.0], {"fused": [1.0, 1.0], "cooccurrence": [0.0, 0.0]})
+    # now 4 of 6 better: diffs [1, 1, 0, 0, 1, 1], mean 2/3, sd sqrt(4/15): z = 3.162 >= 2
+    assert fb.z_against("model", ranker="fused") == pytest.approx(3.1623, abs=1e-4)
+    assert (fb.decide(), fb.switches, fb.state()["fallback_serving_baseline"]) == ("fused", 1, 0.0)
+
+
+def test_a_model_worse_than_the_baseline_hands_over_to_fused_and_both_worse_to_the_baseline() -> None:
+    fb = learnt_fallback()
+    # the model misses all, co-occurrence hits all (z = -inf); fused is as good as co-occurrence
+    fb.record([0.0] * 4, {"fused": [1.0] * 4, "cooccurrence": [1.0] * 4})
+    assert (fb.decide(), fb.switches) == ("fused", 1)
+    # fused falls behind too: window (10) fused [1, 1, 1, 1, 0 x 6] vs co-occurrence all 1: diffs [0 x 4, -1 x 6],
+    # mean -0.6, sd sqrt(0.24 * 10 / 9): z = -3.674
+    fb.record([0.0] * 6, {"fused": [0.0] * 6, "cooccurrence": [1.0] * 6})
+    assert fb.z_against("cooccurrence", ranker="fused") == pytest.approx(-0.6 / math.sqrt(0.24 / 9), abs=1e-12)
+    assert (fb.decide(), fb.switches, fb.state()["fallback_serving_baseline"]) == ("cooccurrence", 2, 1.0)
+    # fused catches up on the window (10 events: fused 1 x 10, co-occurrence 1 x 10): back to the best learnt
+    fb.record([0.0] * 10, {"fused": [1.0] * 10, "cooccurrence": [1.0] * 10})
+    assert (fb.learnt_best(), fb.z_against("cooccurrence", ranker="fused"), fb.decide()) == ("fused", 0.0, "fused")
+    with pytest.raises(ValueError, match=r"gains must be given for the rankers \['fused', 'cooccurrence'\], got \['cooccurrence'\]"):
+        fb.record([1.0], {"cooccurrence": [1.0]})
+    with pytest.raises(ValueError, match=r"baselines must be distinct names other than 'model' and \['fused'\]"):
+        RankerFallback(("fused",), learnt=("fused",))
 
 
 def _batch(version: int, served_by: str, consumed: list[tuple[str, str]]) -> EmbeddingBatch:
@@ -134,5 +170,5 @@ def test_serving_switches_served_by_with_the_published_batches() -> None:
     assert switches_total() - switches0 == 3
     assert REGISTRY.get_sample_value("sitn_serving_ranker", {"served_by": "model"}) == 1.0
     assert REGISTRY.get_sample_value("sitn_serving_ranker", {"served_by": "cooccurrence"}) == 0.0
-    with pytest.raises(ValueError, match=r"ranker must be one of \('model', 'popularity', 'cooccurrence'\), got 'x'"):
+    with pytest.raises(ValueError, match=r"ranker must be one of \('model', 'fused', 'popularity', 'cooccurrence'\), got 'x'"):
         core.service.set_ranker("x")

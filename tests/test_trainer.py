@@ -78,7 +78,13 @@ def test_trains_every_example_publishes_and_ranks(tmp_path: Path, events: list[I
     # Prequential: every target event was ranked by the model and by every baseline, before training.
     books = [e.item_id for e in events[:600] if e.domain == "book"]
     assert {name: t.events for name, t in trainer.quality.tallies.items()} == dict.fromkeys(
-        ("model", "popularity", "cooc_target", "cooc_target_source"), len(books))
+        ("model", "popularity", "cooc_target", "cooc_target_source", "fused"), len(books))
+    # The fused ranker: every weight of the grid ranked every target event; each batch carries the weight
+    # chosen at its publish, the one the learner ranks with from then on.
+    assert trainer.fused is not None
+    assert {w: t.events for w, t in trainer.fused.tallies.items()} == dict.fromkeys(
+        (0.25, 0.5, 1.0, 2.0, 4.0), len(books))
+    assert sent[-1].fused_weight == trainer.fused.weight in trainer.fused.weights
     # An item's first occurrence is the only unrankable one, in whatever order the partitions interleave.
     figures = trainer.quality.figures()["rankers"]
     assert {f["stream"]["rankable"] for f in figures.values()} == {len(books) - len(set(books))}
@@ -117,6 +123,8 @@ def test_checkpoint_restore_resumes_exactly(tmp_path: Path, events: list[Interac
     # So do the prequential tallies and the shadow baselines (the same figures, the same counts).
     assert fresh.quality.state_dict() == trainer.quality.state_dict()
     assert fresh.shadow.state_dict() == trainer.shadow.state_dict()
+    assert fresh.fused is not None and trainer.fused is not None
+    assert fresh.fused.state_dict() == trainer.fused.state_dict()
 
 
 def test_checkpoint_holds_only_trained_batches(tmp_path: Path, events: list[InteractionEvent]) -> None:

@@ -4,8 +4,8 @@ When it ends, by ``--exit-after-replay`` or Ctrl-C (SIGINT/SIGTERM), the learner
 checkpoint, commit and full publish) and ``<run dir>/summary.json`` gets the run's figures
 (``sitn.pipeline.Pipeline.summary``): events replayed, trained and dead-lettered, restarts, wall time,
 end-to-end events/s, freshness p50/p99, and the prequential HR@10/NDCG@10 of the served model and of
-each shadow baseline on the same target events, the model's lift over the best baseline and the ranker
-serving ended on.
+each shadow baseline on the same target events, the fused ranker's (and the weight it ended on), the lift
+of the model and of the fused ranker over the best baseline and the ranker serving ended on.
 """
 
 from __future__ import annotations
@@ -38,7 +38,12 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
     "publish_every_steps": ("SITN_RUN_PUBLISH_EVERY_STEPS", "steps between publishes (default: 20)", "int"),
     "publish_every_s": ("SITN_RUN_PUBLISH_EVERY_S", "seconds between publishes (default: 1.0)", "float"),
     "learner_dim": ("SITN_RUN_LEARNER_DIM", "SITN embedding width d (default: 64)", "int"),
-    "learner_views": ("SITN_RUN_LEARNER_VIEWS", "SITN interest views V (default: 4)", "int"),
+    "learner_views": ("SITN_RUN_LEARNER_VIEWS", "SITN interest views V (default: 1)", "int"),
+    "learner_max_len": ("SITN_RUN_LEARNER_MAX_LEN", "SITN history length L per domain (default: 50)", "int"),
+    "learner_replay_buffer_size": ("SITN_RUN_LEARNER_REPLAY_BUFFER_SIZE", "last N trained examples each learner "
+                                   "step replays a sample of; 0 = off (default: 20000)", "int"),
+    "learner_replay_ratio": ("SITN_RUN_LEARNER_REPLAY_RATIO", "replayed examples per fresh one in each step "
+                             "(default: 1.0)", "float"),
     "max_lag_events": ("SITN_RUN_MAX_LAG_EVENTS", "replay backpressure: wait while the consumer group lags more "
                        "than N events (default: off)", "int"),
 }
@@ -95,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
         **stream_kwargs,
     )
     serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
-    config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len)
+    config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len,
+                        replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio)
     telemetry = TelemetrySettings()  # environment only (SITN_METRICS_*)
     drift = DriftSettings()  # environment only (SITN_DRIFT_*), read here in the driver
     log.info("settings run=%r", run)
@@ -197,7 +203,10 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
         ("NDCG@10 popularity / cooc target / +source", f"{_fmt(s.get('popularity_ndcg_at_10_window'), '.4f')} / "
                                                        f"{_fmt(s.get('cooc_target_ndcg_at_10_window'), '.4f')} / "
                                                        f"{_fmt(s.get('cooc_target_source_ndcg_at_10_window'), '.4f')}"),
-        ("lift over best baseline (stream)", _fmt(s.get("prequential_lift"), ".3f")),
+        ("NDCG@10 fused (window) / weight w", f"{_fmt(s.get('fused_ndcg_at_10_window'), '.4f')} / "
+                                              f"{_fmt(s.get('fused_weight'), 'g')}"),
+        ("lift over best baseline: model / fused (stream)", f"{_fmt(s.get('prequential_lift'), '.3f')} / "
+                                                            f"{_fmt(s.get('fused_lift'), '.3f')}"),
         ("served by", str(s.get("served_by", "-"))),
         ("served version / items / users", f"{_fmt(s.get('served_version'))} / {_fmt(s.get('index_items'))}"
                                            f" / {_fmt(s.get('users'))}"),
@@ -216,8 +225,11 @@ def render_summary(summary: dict[str, Any], path: Path) -> Any:
 
     pq = summary.get("prequential") or {}
     ratio = (pq.get("rankable_ratio") or {}).get("stream")
+    fused_lift = ((pq.get("lifts") or {}).get("fused") or {}).get("stream")
+    fused_weight = (pq.get("fused") or {}).get("weight")
     table = Table(title=f"{path}  (whole stream; rankable share {_fmt(ratio, '.3f')}; "
-                        f"lift {_fmt(pq.get('lift'), '.3f')}; served by {summary.get('served_by')})")
+                        f"lift model {_fmt(pq.get('lift'), '.3f')}, fused {_fmt(fused_lift, '.3f')} "
+                        f"(w {_fmt(fused_weight, 'g')}); served by {summary.get('served_by')})")
     for column in ("ranker", "HR@10", "NDCG@10", "HR@10 rankable", "NDCG@10 rankable"):
         table.add_column(column, justify="left" if column == "ranker" else "right")
     for name, spans in (pq.get("rankers") or {}).items():
