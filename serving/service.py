@@ -164,6 +164,7 @@ class RecommendationService:
         self.ranker = "model"
         self.fused_weight = 1.0  # w of the fused ranker (set with the ranker, from each published batch)
         self._fused_base: CoocAlignment | None = None  # the index base's items on co-occurrence rows
+        self._live_cache: tuple[IndexSnapshot, np.ndarray] | None = None  # a snapshot's live base rows
         self.ranker_switches = 0
         self._evictions_exported = {"vectors": 0, "consumed": 0}
         self._export_ranker()
@@ -271,44 +272,60 @@ class RecommendationService:
 
     def fused_scores(
         self, snap: IndexSnapshot, queries: np.ndarray | None, history: Sequence[str]
-    ) -> tuple[list[str], np.ndarray]:
-        """Every live item of ``snap`` (base, then delta) and its fused score for a user with query vectors
-        ``queries`` (V, D; None: none) who consumed ``history`` (oldest first), at ``fused_weight``.
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The fused score, at ``fused_weight``, of every live item of ``snap`` for a user with query vectors
+        ``queries`` (V, D; None: none) who consumed ``history`` (oldest first): ``(scores, live_base_rows)``,
+        scores (N,) over the live base rows (``snap.base_item_ids[live_base_rows]``), then the delta rows.
 
-        Brute force: one (N, D) x (D, V) product plus a few passes over N. Measured on one core, N = 40k
-        books, D = 64, V = 1: about 1.3 ms a request, growing linearly with N (a few hundred thousand items is
-        where it stops fitting a 10 ms budget; beyond that, fuse only the top candidates of the index and of
-        co-occurrence).
+        Brute force: one (N, D) x (D, V) product plus a few passes over N. Measured on one core, the 39,412
+        books of the shipped data, D = 64, V = 1, real consumed histories: see ``_fused_top``.
         """
         base_ids, delta_ids = snap.base_item_ids, snap.delta_item_ids
         base_align = self._fused_base
         if base_align is None or base_align.item_ids is not base_ids:
             base_align = self._fused_base = CoocAlignment(base_ids)
-        delta_align = CoocAlignment(delta_ids)
-        base_cooc, delta_cooc = self.cooccurrence.aligned_scores(history, (base_align, delta_align))
-        live = ~snap.base_stale  # (N_base,)
-        cooc = np.concatenate([base_cooc[live], delta_cooc])  # (N,)
+        live_rows = self._live_rows(snap)
+        base_cooc, delta_cooc = self.cooccurrence.aligned_scores(history, (base_align, CoocAlignment(delta_ids)))
+        cooc = np.concatenate([base_cooc[live_rows], delta_cooc])  # (N,)
         model = None
         if queries is not None:
             model = np.concatenate([
-                (snap.base_vectors @ queries.T).max(axis=1, initial=-np.inf)[live],  # (N_base, V) -> (N_base,)
+                (snap.base_vectors @ queries.T).max(axis=1, initial=-np.inf)[live_rows],  # (N_base, V) -> (N_live,)
                 (snap.delta_vectors @ queries.T).max(axis=1, initial=-np.inf),  # (N_delta,)
             ])
-        item_ids = [i for i, keep in zip(base_ids, live.tolist(), strict=True) if keep] if snap.n_stale else list(base_ids)
-        item_ids.extend(delta_ids)
-        return item_ids, fused_scores(model, cooc, self.fused_weight)
+        return fused_scores(model, cooc, self.fused_weight), live_rows
+
+    def _live_rows(self, snap: IndexSnapshot) -> np.ndarray:
+        """The base rows of ``snap`` the delta does not supersede, cached per snapshot."""
+        cached = self._live_cache
+        if cached is None or cached[0] is not snap:
+            cached = self._live_cache = (snap, np.flatnonzero(~snap.base_stale))
+        return cached[1]
 
     def _fused_top(self, snap: IndexSnapshot, queries: np.ndarray | None, history: Sequence[str], k: int,
                    exclude: Collection[str]) -> list[tuple[str, float]]:
         """The ``k`` best items by fused score, ``exclude`` left out; equal scores in index order (base rows,
-        then delta rows), so a stranger's answer is deterministic."""
-        item_ids, scores = self.fused_scores(snap, queries, history)
-        fetch = min(len(item_ids), k + len(exclude))
+        then delta rows), so a stranger's answer is deterministic.
+
+        Measured (one core shared with other work, 39,412 books, D = 64, V = 1, real consumed histories of up
+        to 50 items, 400 requests): 1.4-1.6 ms a request against 0.6 ms for the model path (exact ``Flat``
+        index) and 0.35-0.45 ms for co-occurrence. The cost grows linearly with the catalogue, so around 250k
+        items (~10 ms) it stops being fine: then fuse only the union of the index's and co-occurrence's top
+        candidates.
+        """
+        scores, live_rows = self.fused_scores(snap, queries, history)
+        n_live_base = len(live_rows)
+        fetch = min(len(scores), k + len(exclude))
         kth = -np.partition(-scores, fetch - 1)[fetch - 1]  # the fetch-th highest score
         above = np.flatnonzero(scores > kth)
         rows = np.concatenate([above, np.flatnonzero(scores == kth)[: fetch - len(above)]])
         rows = rows[np.lexsort((rows, -scores[rows]))]  # by score, then index order
-        return [(item_ids[r], float(scores[r])) for r in rows.tolist() if item_ids[r] not in exclude][:k]
+        out = []
+        for r in rows.tolist():
+            item_id = snap.base_item_ids[live_rows[r]] if r < n_live_base else snap.delta_item_ids[r - n_live_base]
+            if item_id not in exclude:
+                out.append((item_id, float(scores[r])))
+        return out[:k]
 
     def health(self) -> dict[str, float | int | bool | str]:
         snap = self.index.snapshot
