@@ -1,0 +1,53 @@
+"""``sitn run`` builds the learner's SITNConfig from its settings: flags, environment, defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sitn.cli import build_parser
+from sitn.settings import RunSettings
+
+
+def started_config(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> Any:
+    import sitn.commands.run as run_command
+
+    started: dict[str, Any] = {}
+
+    def pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None,
+                 drift: Any = None) -> int:
+        started.update(run=run, config=config)
+        return 0
+
+    monkeypatch.setattr(run_command, "run_pipeline", pipeline)
+    args = build_parser().parse_args(["run", *argv])
+    assert args.func(args) == 0
+    return started
+
+
+def test_defaults_reach_the_learner_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    started = started_config(monkeypatch, ["--run-dir", str(tmp_path)])
+    config = started["config"]
+    assert (config.dim, config.n_views, config.max_len) == (64, 1, 50)
+    assert (config.replay_buffer_size, config.replay_ratio) == (20_000, 1.0)
+    assert started["run"].fused_weights == (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def test_flags_and_environment_reach_the_learner_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SITN_RUN_LEARNER_REPLAY_RATIO", "0.5")
+    monkeypatch.setenv("SITN_RUN_LEARNER_VIEWS", "2")
+    monkeypatch.setenv("SITN_RUN_FUSED_WEIGHTS", "[1, 3]")
+    started = started_config(monkeypatch, ["--run-dir", str(tmp_path), "--learner-replay-buffer-size", "0",
+                                           "--learner-max-len", "20"])
+    config = started["config"]
+    assert (config.n_views, config.max_len, config.replay_buffer_size, config.replay_ratio) == (2, 20, 0, 0.5)
+    assert started["run"].fused_weights == (1.0, 3.0)
+
+
+def test_bad_values_are_refused_naming_what_was_received() -> None:
+    with pytest.raises(ValueError, match=r"fused_weights must be distinct numbers in \(0, 1e6\), got \[1.0, 1.0\]"):
+        RunSettings(fused_weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match=r"learner_replay_ratio\n  Input should be greater than or equal to 0"):
+        RunSettings(learner_replay_ratio=-1.0)
