@@ -40,7 +40,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from learner.baselines import ItemKNN, Popularity, Ranker  # noqa: E402
-from learner.evaluate import RunResult, chronological_split, train_and_test  # noqa: E402
+from learner.eval_split import chronological_split  # noqa: E402
+from learner.evaluate import RunResult, train_and_test  # noqa: E402
 from learner.sitn_ranker import SITNRanker  # noqa: E402
 from stream.synthetic import SyntheticConfig, SyntheticStream  # noqa: E402
 
