@@ -10,7 +10,7 @@ from learner.evaluate import SETTINGS
 
 METRICS_ORDER = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
 ITEMKNN_ROWS = ("itemknn_target", "itemknn_target_source", "itemknn_source")
-ABLATIONS = ("sitn_no_i2i", "sitn_no_i2c", "sitn_v1", "sitn_m1")
+ABLATIONS = ("sitn_no_i2i", "sitn_no_i2c", "sitn_v4", "sitn_m1")
 FULL_BUDGET = {"max_epochs": 30, "patience": 3, "seeds": 3}
 
 PROTOCOL_MD = """\
