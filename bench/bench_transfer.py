@@ -19,6 +19,18 @@ mean ± sample std over seeds, next to the training time per run.
     python bench/bench_transfer.py --strengths 0,1 --seeds 3 --users 1500 --max-epochs 6 --patience 2  # the test's size
 
 ``tests/test_transfer_synthetic.py`` runs the same code (``run_strength``) at a small size.
+
+Measured at the defaults (commit d75b709, 2 shared cores, load ~6, 541 s), full-ranking NDCG@10, mean ±
+sample std over seeds 0-2:
+
+| strength | SITN overlap | single-domain | item-kNN t+s | SITN cold-start | popularity |
+| --- | --- | --- | --- | --- | --- |
+| 0 | 0.0387 ± 0.0015 | 0.0568 ± 0.0066 | 0.0535 ± 0.0050 | 0.0362 ± 0.0024 | 0.0366 ± 0.0066 |
+| 0.5 | 0.0903 ± 0.0075 | 0.0699 ± 0.0035 | 0.1160 ± 0.0059 | 0.0888 ± 0.0053 | 0.0344 ± 0.0005 |
+| 1 | 0.1863 ± 0.0049 | 0.0665 ± 0.0110 | 0.2187 ± 0.0045 | 0.1884 ± 0.0028 | 0.0353 ± 0.0050 |
+
+Transfer shows and vanishes with the data; but at strength 0 SITN stays below single-domain (0.64-0.76x
+per seed, best epoch 2-3), and item co-occurrence over both histories stays above SITN at every strength.
 """
 
 from __future__ import annotations
