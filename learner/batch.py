@@ -48,11 +48,13 @@ def encode_histories(
     max_len: int,
     n_gap_buckets: int,
     add: bool,
+    trained_rows: np.ndarray | None = None,
 ) -> SequenceBatch:
     """Pad one domain's histories into a :class:`SequenceBatch`.
 
     ``add=True`` registers unknown items (training); ``add=False`` drops them from the history
-    (inference: an item the model never saw carries no information).
+    (inference: an item the model never saw carries no information). ``trained_rows`` (inference only,
+    bool per row) also drops items registered but never trained: their rows are still random.
     """
     b = len(histories)
     kept = [(h[0][-max_len:], h[1][-max_len:]) for h in histories]
@@ -63,6 +65,8 @@ def encode_histories(
     owner = np.repeat(np.arange(b), lengths)  # batch row of each token
     if not add:
         known = rows != 0
+        if trained_rows is not None:
+            known &= trained_rows[rows]
         rows, ts, owner = rows[known], ts[known], owner[known]
         lengths = np.bincount(owner, minlength=b).astype(np.int64)
     width = max(int(lengths.max(initial=0)), 1)

@@ -358,6 +358,9 @@ class SITNLearner:
         role = self._role(domain)
         cfg = self.config
         out = np.zeros((len(histories), cfg.n_views, cfg.dim), dtype=np.float32)
+        # rows that were a training label at least once; a registered but never trained item (its row is
+        # still its random initialisation) is dropped from a query history like an unknown one
+        trained = {r: (self.model.encoder(r).item_count > 0).numpy() for r in self.domains}
         self.model.eval()
         with torch.no_grad():
             for start in range(0, len(histories), EMBED_CHUNK):
@@ -366,7 +369,7 @@ class SITNLearner:
                 sequences = {
                     r: encode_histories(
                         [h.get(name, EMPTY) for h in chunk], reference, self.idmaps[r], cfg.max_len,
-                        cfg.n_time_gap_buckets, add=False,
+                        cfg.n_time_gap_buckets, add=False, trained_rows=trained[r],
                     )
                     for r, name in self.domains.items()
                 }

@@ -279,3 +279,15 @@ def test_transfer_gate_starts_closed() -> None:
     learner = SITNLearner(SMALL.replace(gate_init_bias=-4.0), "movie", "book")
     gate = learner.model.transfer["target"].gate
     assert gate is not None and torch.all(gate.bias == -4.0)
+
+
+def test_registered_but_untrained_items_are_dropped_from_query_histories(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL, "movie", "book")
+    train(learner, examples[:256])
+    learner.register_items("book", ["registered-only"])  # a row exists, still at its random initialisation
+    known = next(ex for ex in examples if ex.history["book"][0])
+    items, times = known.history["book"]
+    with_untrained = {"movie": known.history["movie"], "book": ((*items, "registered-only"), (*times, times[-1]))}
+    np.testing.assert_allclose(
+        learner.embed_histories([with_untrained])[0], learner.embed_histories([known.history])[0], atol=1e-6
+    )
