@@ -87,10 +87,14 @@ def encode_histories(
     )
 
 
-def latest_timestamp(histories: Sequence[Mapping[str, History]]) -> np.ndarray:
-    """Newest timestamp over all domains of each user's histories (0 for an empty history)."""
+def latest_timestamp(histories: Sequence[Mapping[str, History]], domains: Sequence[str] | None = None) -> np.ndarray:
+    """Newest timestamp over ``domains`` (default: all) of each user's histories (0 for an empty history)."""
+    def newest(per_domain: Mapping[str, History]) -> int:
+        seqs = per_domain.values() if domains is None else (per_domain.get(d, ((), ())) for d in domains)
+        return max((h[1][-1] for h in seqs if h[1]), default=0)
+
     return np.fromiter(
-        (max((h[1][-1] for h in per_domain.values() if h[1]), default=0) for per_domain in histories),
+        (newest(per_domain) for per_domain in histories),
         dtype=np.int64,
         count=len(histories),
     )

@@ -365,7 +365,7 @@ class SITNLearner:
         with torch.no_grad():
             for start in range(0, len(histories), EMBED_CHUNK):
                 chunk = histories[start : start + EMBED_CHUNK]
-                reference = latest_timestamp(chunk)
+                reference = latest_timestamp(chunk, list(self.domains.values()))  # only what the model reads
                 sequences = {
                     r: encode_histories(
                         [h.get(name, EMPTY) for h in chunk], reference, self.idmaps[r], cfg.max_len,

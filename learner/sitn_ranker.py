@@ -51,12 +51,13 @@ class SITNRanker:
         self.batch_size = batch_size
         self.workdir = Path(workdir)
         self.on_step = on_step
+        # Items get rows as the training (and refit) examples bring them, not up front: a row that first
+        # arrives with an example starts at the mean of its history items (init_new_items_from_history),
+        # which is what lets one refit pass place the validation-period items.
         self.learner = SITNLearner(config, split.source, split.target)
-        self.learner.register_items(split.target, split.catalogue)
-        if config.use_source:
-            self.learner.register_items(split.source, split.source_items)
         self._rng = random.Random(config.seed)
         self._items: np.ndarray | None = None
+        self._trained = np.zeros(0, dtype=bool)
         self.last_stats: dict[str, float] = {}
 
     def learn_many(self, examples: Sequence[Example]) -> None:
@@ -75,8 +76,14 @@ class SITNRanker:
         """``(C, D)`` target item vectors in catalogue order (cached until the weights change)."""
         if self._items is None:
             item_ids, vectors = self.learner.embed_items(self.target)
+            counts = self.learner.model.encoder("target").item_count[1 : len(item_ids) + 1].numpy()
             position = {item_id: j for j, item_id in enumerate(item_ids)}
-            self._items = np.ascontiguousarray(vectors[[position[i] for i in self.catalogue]])
+            order = np.array([position.get(i, -1) for i in self.catalogue], dtype=np.int64)  # -1: no row yet
+            has_row = order >= 0
+            self._items = np.zeros((len(self.catalogue), vectors.shape[1]), dtype=np.float32)
+            self._items[has_row] = vectors[order[has_row]]
+            self._trained = np.zeros(len(self.catalogue), dtype=bool)  # (C,) a training label at least once
+            self._trained[has_row] = counts[order[has_row]] > 0
         return self._items
 
     def score(
@@ -87,8 +94,15 @@ class SITNRanker:
         queries = self.learner.embed_histories(list(histories), self.target)  # (N, V, D)
         n, v, d = queries.shape
         items = self._catalogue_items() if columns is None else self._catalogue_items()[columns]  # (C, D)
-        scores = queries.reshape(n * v, d) @ items.T  # (N * V, C)
-        return scores.reshape(n, v, -1).max(axis=1)  # (N, C)
+        trained = self._trained if columns is None else self._trained[columns]  # (C,)
+        scores = (queries.reshape(n * v, d) @ items.T).reshape(n, v, -1).max(axis=1)  # (N, C)
+        if trained.any() and not trained.all():
+            # An item never trained has no row or still its random initial row, and a random score would
+            # put it anywhere; the model knows nothing of it, so it ties with the row's lowest trained score
+            # among the columns asked for (below every trained item; ties count against a held-out item).
+            floor = np.where(trained[None, :], scores, np.inf).min(axis=1, keepdims=True)  # (N, 1)
+            scores = np.where(trained[None, :], scores, floor)
+        return scores
 
     def snapshot(self) -> object:
         self.workdir.mkdir(parents=True, exist_ok=True)

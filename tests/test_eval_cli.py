@@ -180,12 +180,21 @@ def test_sitn_ranker_scores_match_the_learner(events_csv: Path, tmp_path: Path) 
     learner = ranker.learner
     item_ids, _ = learner.embed_items("book")
     column = {item_id: j for j, item_id in enumerate(item_ids)}
-    theirs = learner.score_items(learner.embed_histories(histories, "book"), "book")
-    theirs = theirs[:, [column[i] for i in split.catalogue]]
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
-    columns = np.array([5, 0, 2])  # a subset of columns scores exactly those columns of the full scores
-    np.testing.assert_allclose(ranker.score([None] * len(histories), histories, columns), ours[:, columns],
-                               rtol=1e-6, atol=1e-7)
+    theirs = learner.score_items(learner.embed_histories(histories, "book"), "book")  # (N, rows)
+    counts = learner.model.encoder("target").item_count[1 : len(item_ids) + 1].numpy()
+    trained = np.array([i in column and counts[column[i]] > 0 for i in split.catalogue])  # (C,)
+    assert 0 < trained.sum() < len(split.catalogue)  # the catalogue holds items training never reached
+    trained_cols = [column[i] for i, t in zip(split.catalogue, trained, strict=True) if t]
+    np.testing.assert_allclose(ours[:, trained], theirs[:, trained_cols], rtol=1e-5, atol=1e-6)
+    # an item without a trained row ties with the row's lowest trained score
+    np.testing.assert_allclose(ours[:, ~trained], np.repeat(ours[:, trained].min(axis=1, keepdims=True),
+                                                            (~trained).sum(), axis=1), rtol=0, atol=0)
+    # a subset of columns scores its trained columns exactly as the full scores do; its untrained ones tie
+    # with the lowest trained score among the columns asked for
+    columns = np.concatenate([np.flatnonzero(trained)[:3], np.flatnonzero(~trained)[:2]])
+    subset = ranker.score([None] * len(histories), histories, columns)
+    np.testing.assert_allclose(subset[:, :3], ours[:, columns[:3]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(subset[:, 3:], np.repeat(subset[:, :3].min(axis=1, keepdims=True), 2, axis=1))
     # Snapshot and restore give back the same scores.
     state = ranker.snapshot()
     ranker.learn_many(split.train_examples)
