@@ -41,7 +41,8 @@ class RunSettings(BaseSettings):
     learner_views: int = Field(1, ge=1, description="interest views V (1: chosen on validation, see learner.config)")
     learner_max_len: int = Field(50, ge=1, description="history length L per domain")
     learner_replay_buffer_size: int = Field(
-        20_000, ge=0, description="last N trained examples each step also replays a sample of (0 = no replay)")
+        0, ge=0, description="last N trained examples each step also replays a sample of (0 = no replay; off by "
+        "default: 20,000 at ratio 1.0 gave stream NDCG@10 0.0054 against 0.0052 without, at 8 percent less throughput)")
     learner_replay_ratio: float = Field(
         1.0, ge=0, description="replayed examples per fresh example in each step (each event trains ~1 + this often)")
     status_every_s: float = Field(1.0, gt=0, description="progress display refresh period")
