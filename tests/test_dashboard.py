@@ -30,6 +30,7 @@ from sitn.dashboard import (
     parse_exposition,
 )
 from sitn.telemetry import TelemetrySettings, write_target
+from tests.conftest import skip_or_fail
 from tests.test_pipeline import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,8 +397,9 @@ def run_chromium(args: list[str], profile: Path, timeout_s: float = 60) -> subpr
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (infra/test.sh installs the Debian package)")
 def test_dashboard_in_headless_chromium(tmp_path: Path, ray_cluster: Any, events_csv: Path) -> None:
+    if CHROMIUM is None:
+        skip_or_fail("chromium not installed (infra/test.sh installs the Debian package)")
     from stream.dataset import load_events
 
     events = load_events(events_csv, "movie", "book", limit=N_EVENTS).events

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import EVENTS_CSV, REPO, SHARED_DATA
+from tests.conftest import EVENTS_CSV, REPO, SHARED_DATA, skip_or_fail
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -575,7 +575,7 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboards(services: 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("promtool")
     if exe is None:
-        pytest.skip("promtool is not on PATH (Debian package `prometheus` provides it)")
+        skip_or_fail("promtool is not on PATH (Debian package `prometheus` provides it)")
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, check=False)
 
 

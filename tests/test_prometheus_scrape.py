@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from sitn import dashboard
+from tests.conftest import skip_or_fail
 from tests.test_dashboard import make_metrics_pipeline, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -108,7 +109,7 @@ def pipeline(tmp_path: Path, ray_cluster: Any) -> Iterator[Any]:
 @pytest.fixture
 def prometheus(pipeline: Any, tmp_path: Path) -> Iterator[PrometheusServer]:
     if PROMETHEUS is None:
-        pytest.skip("prometheus not installed (infra/test.sh installs the Debian package)")
+        skip_or_fail("prometheus not installed (infra/test.sh installs the Debian package)")
     server = PrometheusServer(pipeline.targets_dir, tmp_path / "prometheus")
     try:
         server.wait_ready()
