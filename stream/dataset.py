@@ -1,6 +1,8 @@
 """Load an interaction data set in the shared generic format (``events.csv``).
 
-Columns ``timestamp`` (unix seconds), ``user_id``, ``item_id``, ``domain``; other columns are ignored.
+Columns ``timestamp``, ``user_id``, ``item_id``, ``domain``; other columns are ignored. The timestamp
+column is read in a unit (``time_unit``: unix seconds, milliseconds, ISO-8601, ordinal positions, or
+``auto`` to detect it; ``stream.time_unit``) and converted to the wire's unix seconds here, at the file.
 Rows come back in chronological order with ties kept in file order (a stable sort), so no example ever
 sees a later event. Rows of domains other than the two requested are skipped and counted.
 """
@@ -10,45 +12,52 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from sitn.errors import DataFormatError
 from stream.events import InteractionEvent
+from stream.time_unit import TimeColumnStats, TimeUnitChoice
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("timestamp", "user_id", "item_id", "domain")
 
 
+class CsvRow(NamedTuple):
+    """One data row as read, before its timestamp is converted. ``line`` is 1-based (the header is 1)."""
+
+    line: int
+    raw_timestamp: str
+    user_id: str
+    item_id: str
+    domain: str
+
+
 @dataclass
 class EventLog:
-    """Events of one data set, chronological, plus what was skipped while loading."""
+    """Events of one data set, chronological, plus what was skipped while loading and the time unit used."""
 
     path: Path
     events: list[InteractionEvent]
     domains: tuple[str, str]
     skipped_by_domain: Counter[str] = field(default_factory=Counter)
+    time: TimeUnitChoice | None = None
 
     def __len__(self) -> int:
         return len(self.events)
 
 
-def load_events(path: str | Path, source: str, target: str, limit: int | None = None) -> EventLog:
-    """Read ``path`` and return the events of domains ``source`` and ``target``, chronologically.
+def read_rows(path: str | Path, limit: int | None = None) -> Iterator[CsvRow]:
+    """The data rows of ``path`` (the first ``limit`` only, if given), each checked for shape and empty fields.
 
-    ``event_id`` is ``<file stem>:<line>`` (1-based line numbers, the header is line 1), stable across runs.
-    ``limit`` keeps the first ``limit`` data rows of the file (before sorting), for quick runs.
+    Raises :class:`DataFormatError` naming the file, the line and the problem at the first malformed row.
     """
     path = Path(path)
-    if source == target:
-        raise ValueError(f"source and target domains must differ, got {source!r} twice")
     if not path.is_file():
         raise FileNotFoundError(f"events file not found: {path}")
-    wanted = {source, target}
-    events: list[InteractionEvent] = []
-    skipped: Counter[str] = Counter()
-    stem = path.stem
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         try:
@@ -60,30 +69,60 @@ def load_events(path: str | Path, source: str, target: str, limit: int | None = 
             raise DataFormatError(f"{path}:1: header lacks column(s) {missing}; has {header}")
         i_ts, i_user, i_item, i_dom = (header.index(c) for c in REQUIRED_COLUMNS)
         width = len(header)
-        for row in reader:
+        for n, row in enumerate(reader):
+            if limit is not None and n >= limit:
+                return
             line = reader.line_num
-            if limit is not None and len(events) + sum(skipped.values()) >= limit:
-                break
             if len(row) != width:
                 raise DataFormatError(f"{path}:{line}: expected {width} fields, got {len(row)}")
-            raw_ts, user_id, item_id, domain = row[i_ts], row[i_user], row[i_item], row[i_dom]
-            try:
-                timestamp = int(raw_ts)
-            except ValueError:
-                raise DataFormatError(f"{path}:{line}: timestamp {raw_ts!r} is not an integer") from None
-            if timestamp < 0:
-                raise DataFormatError(f"{path}:{line}: timestamp {timestamp} is negative")
-            if not user_id:
-                raise DataFormatError(f"{path}:{line}: user_id is empty")
-            if not item_id:
-                raise DataFormatError(f"{path}:{line}: item_id is empty")
-            if not domain:
-                raise DataFormatError(f"{path}:{line}: domain is empty")
-            if domain not in wanted:
-                skipped[domain] += 1
-                continue
-            events.append(InteractionEvent(f"{stem}:{line}", user_id, item_id, domain, timestamp))
+            out = CsvRow(line, row[i_ts], row[i_user], row[i_item], row[i_dom])
+            for name in ("user_id", "item_id", "domain"):
+                if not getattr(out, name):
+                    raise DataFormatError(f"{path}:{line}: {name} is empty")
+            yield out
+
+
+def to_event(path: Path, row: CsvRow, time: TimeUnitChoice) -> InteractionEvent:
+    """The event of one row, ``event_id`` ``<file stem>:<line>``; its timestamp converted by ``time``."""
+    try:
+        timestamp = time.to_unix_s(row.raw_timestamp)
+    except ValueError as exc:
+        raise DataFormatError(f"{path}:{row.line}: timestamp {exc}") from None
+    if timestamp < 0:
+        raise DataFormatError(f"{path}:{row.line}: timestamp {row.raw_timestamp} is negative")
+    return InteractionEvent(f"{path.stem}:{row.line}", row.user_id, row.item_id, row.domain, timestamp)
+
+
+def load_events(path: str | Path, source: str, target: str, limit: int | None = None,
+                time_unit: str = "s") -> EventLog:
+    """Read ``path`` and return the events of domains ``source`` and ``target``, chronologically.
+
+    ``event_id`` is ``<file stem>:<line>`` (1-based line numbers, the header is line 1), stable across runs.
+    ``limit`` keeps the first ``limit`` data rows of the file (before sorting), for quick runs.
+    ``time_unit``: ``s`` (the default, for callers that know their data), ``ms``, ``iso``, ``ordinal`` or
+    ``auto``, detected from the kept rows; ``EventLog.time`` says what was used.
+    """
+    path = Path(path)
+    if source == target:
+        raise ValueError(f"source and target domains must differ, got {source!r} twice")
+    wanted = {source, target}
+    rows: list[CsvRow] = []
+    skipped: Counter[str] = Counter()
+    stats = TimeColumnStats()
+    for row in read_rows(path, limit):
+        if row.domain not in wanted:
+            skipped[row.domain] += 1
+            continue
+        rows.append(row)
+        stats.add(row.raw_timestamp)
+    time = stats.choose(time_unit)
+    events: list[InteractionEvent] = []
+    for i, row in enumerate(rows):  # each row is released as its event is made: one copy in memory at a time
+        rows[i] = None  # type: ignore[call-overload]
+        events.append(to_event(path, row, time))
     events.sort(key=lambda e: e.timestamp)  # stable: same-second ties keep file order
     if skipped:
         log.info("skipped rows of other domains path=%s skipped=%s", path, dict(skipped))
-    return EventLog(path=path, events=events, domains=(source, target), skipped_by_domain=skipped)
+    log.info("timestamps path=%s unit=%s requested=%s fitting=%d rows=%d", path, time.unit, time.requested,
+             time.fitting, time.rows)
+    return EventLog(path=path, events=events, domains=(source, target), skipped_by_domain=skipped, time=time)

@@ -40,7 +40,7 @@ def test_limit_keeps_first_rows(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("abc,u,a,movie,x\n", "events.csv:2: timestamp 'abc' is not an integer"),
+        ("abc,u,a,movie,x\n", "events.csv:2: timestamp 'abc' is not a number (unix seconds)"),
         ("1,u,a,movie,x\n2,u,b\n", "events.csv:3: expected 5 fields, got 3"),
         ("1,,a,movie,x\n", "events.csv:2: user_id is empty"),
         ("1,u,,movie,x\n", "events.csv:2: item_id is empty"),

@@ -6,6 +6,10 @@ is idempotent), else the embedded log in ``SITN_EMBEDDED_LOG_DIR``. Messages are
 ``--speed X`` is a time-compression factor: X seconds of event time per wall-clock second (86400 = one
 day per second; the shipped data spans 17 years, about 72 minutes at that speed). ``--max`` (default)
 sends as fast as the producer accepts.
+
+``--time-unit`` says how the timestamp column is written: ``s``, ``ms``, ``iso``, ``ordinal`` (positions that
+only order events), or ``auto`` (the default: detected from the data; the choice is printed). It is converted
+to the wire's unix seconds here; see ``stream/time_unit.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import argparse
 import logging
 from pathlib import Path
 from typing import Any
+
+from stream.time_unit import TIME_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,8 @@ def register(subparsers: Any) -> None:
     )
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows of the file")
+    parser.add_argument("--time-unit", choices=TIME_UNITS, default="auto",
+                        help="unit of the timestamp column (default: auto, detected from the data)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -55,13 +63,16 @@ def run(args: argparse.Namespace) -> int:
     settings = StreamSettings()
     log.info("replay settings=%r", settings)
     source, target = settings.domains
-    events = load_events(args.events, source, target, limit=args.limit).events
+    loaded = load_events(args.events, source, target, limit=args.limit, time_unit=args.time_unit)
+    events = loaded.events
     if settings.uses_kafka:
         from stream.topics import ensure_topics
 
         ensure_topics(settings)
     producer = open_producer(settings)
     console = Console(stderr=True)
+    assert loaded.time is not None
+    console.print(f"timestamps of {args.events}: {loaded.time.describe()}")
     backend = settings.kafka_bootstrap_servers or f"embedded log at {settings.embedded_log_dir}"
     try:
         with Progress(
