@@ -71,6 +71,11 @@ REPLAY_EVENTS_SENT = Counter(
 RESTARTS = Counter(
     "sitn_pipeline_restarts", "Times the supervisor restarted the learner and consumers.", registry=REGISTRY
 )
+DEAD_LETTER_WINDOW_RATIO = Gauge(
+    "sitn_pipeline_dead_letter_window_ratio",
+    "Dead letters per record consumed over the live window (SITN_RUN_DEAD_LETTER_WINDOW_RECORDS); the counts by "
+    "reason are the consumers' sitn_stream_dead_letters_total.", registry=REGISTRY,
+)
 SCRAPE_FAILURES = Counter(
     "sitn_dashboard_scrape_failures", "Dashboard scrapes of a target that failed, by component.", ["component"],
     registry=REGISTRY,
@@ -95,6 +100,8 @@ class PipelineMetrics:
         # A new replay starts its count at 0 again: everything it reports is new.
         REPLAY_EVENTS_SENT.inc(sent - self._sent if sent >= self._sent else sent)
         RESTARTS.inc(max(0, restarts - self._restarts))
+        if "dead_letter_window_ratio" in status:
+            DEAD_LETTER_WINDOW_RATIO.set(float(status["dead_letter_window_ratio"]))
         self._sent, self._restarts = sent, max(restarts, self._restarts)
 
 

@@ -22,8 +22,9 @@ stays), and hands it to the learner, whose loop sends it a full version first. O
 interrupts answers.
 
 ``write_summary`` puts the run's figures in one JSON file (``sitn run`` writes ``<run dir>/summary.json``
-when it ends): what was replayed, trained and dead-lettered, restarts, wall time and throughput, freshness,
-and the prequential HR@10/NDCG@10 of the served model and of every shadow baseline on the same events.
+when it ends): what was replayed, trained and dead-lettered (by reason, with the first record of each), the
+verdict (``ok``, ``problems``: trained nothing, or dead-lettered more than ``dead_letter_max_ratio``; see
+``sitn.dead_letter_watch``), restarts, wall time and throughput, freshness, and the prequential HR@10/NDCG@10 of the served model and of every shadow baseline on the same events.
 
 The replay producer is idempotent (acks=all, retries until its delivery timeout), and each tick waits
 for every record of the tick to be acknowledged: a broker that is killed and restarted within the
@@ -39,6 +40,7 @@ import math
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +54,11 @@ from learner.drift import DriftMonitor, DriftSettings
 from learner.gate import PublishGate, RankerFallback
 from serving.actor import ServingActor
 from serving.settings import ServingSettings
+from sitn.dead_letter_watch import judge_run
 from sitn.settings import RunSettings
 from sitn.telemetry import TelemetrySettings
 from stream.actors import ConsumerFleet
-from stream.dataset import load_events
+from stream.dataset import EventLog, load_events
 from stream.events import InteractionEvent
 from stream.group_offsets import GroupLag, reset_group_offsets
 from stream.producer import (
@@ -393,6 +396,14 @@ class Pipeline:
                 stats = self.fleet.stats(timeout_s=10)
                 out["dead_letters"] = sum(s.dead_letters for s in stats.values())
                 out["records_in"] = sum(s.records_in for s in stats.values())
+                by_reason: Counter[str] = Counter()
+                examples: dict[str, str] = {}
+                for s in stats.values():
+                    by_reason.update(s.dead_letters_by_reason)
+                    for reason, example in s.dead_letter_examples.items():
+                        examples.setdefault(reason, example)
+                out["dead_letters_by_reason"] = dict(by_reason)
+                out["dead_letter_examples"] = examples
             except Exception as exc:
                 out["consumer_error"] = type(exc).__name__
         return out
@@ -421,11 +432,21 @@ class Pipeline:
         end_s = self.caught_up_s if self.caught_up_s is not None else time.monotonic()
         replay_to_trained_s = end_s - progress.started_s if progress.total else math.nan
         trained = int(status.get("events_applied", 0))
+        by_reason = {r: int(n) for r, n in (status.get("dead_letters_by_reason") or {}).items()}
+        verdict = judge_run(int(status.get("records_in", 0)), trained, int(progress.total), by_reason,
+                            self.run_settings.dead_letter_max_ratio)
         out: dict[str, Any] = {
+            "ok": verdict.ok,  # trained something and dead-lettered at most dead_letter_max_ratio (sitn run's exit status)
+            "problems": verdict.problems,
             "events_replayed": int(progress.sent),
             "events_to_replay": int(progress.total),
             "events_trained": trained,
             "dead_letters": int(status.get("dead_letters", 0)),
+            "records_consumed": verdict.records_in,
+            "dead_letter_ratio": verdict.ratio,  # per record consumed, whole run
+            "dead_letter_max_ratio": self.run_settings.dead_letter_max_ratio,
+            "dead_letters_by_reason": by_reason,
+            "dead_letter_examples": status.get("dead_letter_examples") or {},  # the first letter of each reason
             "restarts": int(self.restarts),
             "serving_restarts": int(self.serving_restarts),
             "caught_up": self.caught_up_s is not None,
@@ -515,7 +536,8 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def load_replay_events(run: RunSettings) -> list[InteractionEvent]:
+def load_replay_log(run: RunSettings) -> EventLog | None:
+    """The events file of the run, its timestamps read in ``run.time_unit``; None when there is none."""
     if run.events is None:
-        return []
-    return load_events(run.events, run.source, run.target, limit=run.limit).events
+        return None
+    return load_events(run.events, run.source, run.target, limit=run.limit, time_unit=run.time_unit)

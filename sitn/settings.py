@@ -8,6 +8,7 @@ logs them with secrets hidden.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,13 @@ class RunSettings(BaseSettings):
         1000.0, gt=0, description="replay pace in events per wall second; unset with --max = as fast as possible"
     )
     limit: int | None = Field(None, ge=1, description="replay only the first N rows of the file")
+    time_unit: Literal["auto", "s", "ms", "iso", "ordinal"] = Field(
+        "auto", description="unit of the events file's timestamp column (stream.time_unit); auto = detected")
+    dead_letter_max_ratio: float = Field(
+        0.01, ge=0, lt=1, description="dead letters per record consumed above which the live table warns (over "
+        "the window) and the run exits non-zero (over the whole run)")
+    dead_letter_window_records: int = Field(10_000, ge=1, description="records consumed the live dead-letter rate "
+                                            "is measured over")
     exit_after_replay: bool = Field(False, description="stop once every replayed event is trained and published")
     run_dir: Path | None = Field(None, description="state directory (log, checkpoints); reused = resumed")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")

@@ -118,6 +118,8 @@ class ConsumerStats:
     records_in: int = 0
     examples_out: int = 0
     dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
+    # reason -> the first dead letter of that reason (DeadLetter.example); bounded: reasons are a fixed set
+    dead_letter_examples: dict[str, str] = field(default_factory=dict)
     partitions_revoked: int = 0
     commits_skipped_partitions: int = 0
 
@@ -216,9 +218,10 @@ class StreamConsumer:
         return ExampleBatch(examples, positions, spans, dead, self.consumer_id)
 
     def _dead_letter(self, topic: str, partition: int, offset: int, raw: bytes | None, exc: EventDecodeError) -> None:
-        self.dead_letters.send(
-            DeadLetter(exc.reason, exc.detail, topic, partition, offset, raw, failed_at_ms=int(time.time() * 1000))
-        )
+        letter = DeadLetter(exc.reason, exc.detail, topic, partition, offset, raw, failed_at_ms=int(time.time() * 1000))
+        self.dead_letters.send(letter)
+        if exc.reason not in self.stats.dead_letter_examples:
+            self.stats.dead_letter_examples[exc.reason] = letter.example()
         self.stats.dead_letters_by_reason[exc.reason] += 1
         telemetry.DEAD_LETTERS.labels(exc.reason).inc()
         log.debug("dead letter topic=%s partition=%s offset=%s reason=%s", topic, partition, offset, exc.reason)

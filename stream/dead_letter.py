@@ -10,6 +10,8 @@ letters in order.
 True
 >>> encode_dead_letter(letter)[:60]
 b'{"schema_version":1,"reason":"bad_json","detail":"unexpected'
+>>> print(letter.example())
+partition 2 offset 41: unexpected character; record b'\\xff{'
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_SCHEMA_VERSION = 1
+EXAMPLE_RECORD_BYTES = 160  # how much of the original record an example shows
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,13 @@ class DeadLetter:
     @property
     def key(self) -> bytes:
         return f"{self.source_topic}:{self.source_partition}".encode()
+
+    def example(self) -> str:
+        """One line an operator can act on: where the record was, why it failed, and (the start of) the record."""
+        record = "none" if self.original is None else repr(self.original[:EXAMPLE_RECORD_BYTES])
+        if self.original is not None and len(self.original) > EXAMPLE_RECORD_BYTES:
+            record += f"... ({len(self.original)} bytes)"
+        return f"partition {self.source_partition} offset {self.source_offset}: {self.detail}; record {record}"
 
 
 def encode_dead_letter(letter: DeadLetter) -> bytes:

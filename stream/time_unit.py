@@ -47,6 +47,8 @@ in that order.
 >>> seconds = TimeColumnStats.of(["1400000000", "1400000000123", "1400000001"]).choose("auto")
 >>> seconds.unit, seconds.fitting, seconds.to_unix_s("1400000000.9")
 ('s', 2, 1400000000)
+>>> TimeColumnStats.of(["0", "1"]).choose("s").describe()
+'unix seconds (as given: 0 of 2 values fit); --time-unit auto would read them as ordinal positions (2 fit)'
 >>> TimeColumnStats.of(["2014-05-03T10:00:00Z"]).choose("auto").to_unix_s("2014-05-03T10:00:00Z")
 1399111200
 >>> TimeColumnStats.of(["x"]).choose("minutes")
@@ -167,8 +169,11 @@ class TimeColumnStats:
         unit = requested
         if requested == "auto":
             unit = max(_AUTO_ORDER, key=lambda u: (self.fits[u], -_AUTO_ORDER.index(u))) if self.rows else "s"
+            auto = unit
+        else:
+            auto = max(_AUTO_ORDER, key=lambda u: (self.fits[u], -_AUTO_ORDER.index(u))) if self.rows else "s"
         step = ordinal_step_s(self.max_whole) if unit == "ordinal" else None
-        return TimeUnitChoice(unit, requested, self.rows, self.fits[unit], step)
+        return TimeUnitChoice(unit, requested, self.rows, self.fits[unit], step, auto, self.fits[auto])
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,8 @@ class TimeUnitChoice:
     rows: int  # values looked at
     fitting: int  # of those, values that fit ``unit`` (the rest are likely dead letters or reader errors)
     step_s: int | None = None  # ordinal only: seconds per position
+    auto_unit: str | None = None  # what auto-detection picks for the same values (a hint when a unit was given)
+    auto_fitting: int = 0  # values that fit ``auto_unit``
 
     def to_unix_s(self, raw: str) -> int:
         """Unix seconds of one raw value; ``ValueError`` naming the unit if it cannot be read in it.
@@ -217,7 +224,11 @@ class TimeUnitChoice:
             step = "1 day" if self.step_s == ORDINAL_STEP_S else f"{self.step_s:,} s"
             what += f", one position = {step} from 2000-01-01"
         how = "auto-detected" if self.requested == "auto" else "as given"
-        return f"{what} ({how}: {self.fitting:,} of {self.rows:,} values fit)"
+        out = f"{what} ({how}: {self.fitting:,} of {self.rows:,} values fit)"
+        if self.auto_unit is not None and self.auto_unit != self.unit and self.auto_fitting > self.fitting:
+            out += (f"; --time-unit auto would read them as {UNIT_NAMES[self.auto_unit]} "
+                    f"({self.auto_fitting:,} fit)")
+        return out
 
     def as_dict(self) -> dict[str, object]:
         return {"unit": self.unit, "requested": self.requested, "rows": self.rows, "fitting": self.fitting,

@@ -6,6 +6,13 @@ checkpoint, commit and full publish) and ``<run dir>/summary.json`` gets the run
 end-to-end events/s, freshness p50/p99, and the prequential HR@10/NDCG@10 of the served model and of
 each shadow baseline on the same target events, the fused ranker's (and the weight it ended on), the lift
 of the model and of the fused ranker over the best baseline and the ranker serving ended on.
+
+A run that learns nothing says so (``sitn.dead_letter_watch``): the live table shows the dead-letter rate over
+the last ``--dead-letter-window-records`` records and its top reasons; when that rate passes
+``--dead-letter-max-ratio`` a warning names the top reason and an example record. At exit, a run that trained
+nothing, or dead-lettered more than that ratio of everything it consumed, prints the reasons with their
+counts and exits with status 1 (``summary.json``: ``ok``, ``problems``, ``dead_letters_by_reason``). A file
+with no rows of the two domains stops before anything starts, naming the domains it has.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from stream.time_unit import TIME_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,10 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
                              "(default: 1.0)", "float"),
     "max_lag_events": ("SITN_RUN_MAX_LAG_EVENTS", "replay backpressure: wait while the consumer group lags more "
                        "than N events (default: off)", "int"),
+    "dead_letter_max_ratio": ("SITN_RUN_DEAD_LETTER_MAX_RATIO", "dead letters per record consumed above which the "
+                              "table warns (over the window) and the run exits 1 (whole run) (default: 0.01)", "float"),
+    "dead_letter_window_records": ("SITN_RUN_DEAD_LETTER_WINDOW_RECORDS", "records the live dead-letter rate is "
+                                   "measured over (default: 10000)", "int"),
 }
 TYPES: dict[str, Any] = {"path": Path, "str": str, "float": float, "int": int}
 
@@ -63,6 +76,10 @@ def register(subparsers: Any) -> None:
     for name, (env, help_, type_name) in RUN_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=TYPES[type_name], default=None,
                        help=f"{help_} [env {env}]")
+    p.add_argument("--time-unit", choices=TIME_UNITS, default=None,
+                   help="unit of the events file's timestamp column: unix s, ms, ISO-8601, ordinal positions (order "
+                        "only, one position = one day), or auto = detected from the data (default: auto) "
+                        "[env SITN_RUN_TIME_UNIT]")
     p.add_argument("--max", action="store_true", help="replay as fast as possible (ignores --rate-events-per-s)")
     p.add_argument("--exit-after-replay", action="store_true", default=None,
                    help="stop once every replayed event is trained and published [env SITN_RUN_EXIT_AFTER_REPLAY]")
@@ -86,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     from sitn.telemetry import TelemetrySettings
     from stream.settings import StreamSettings
 
-    run_kwargs = _given(args, [*RUN_FLAGS, "exit_after_replay"])
+    run_kwargs = _given(args, [*RUN_FLAGS, "exit_after_replay", "time_unit"])
     if args.max:
         run_kwargs["rate_events_per_s"] = None
     run = RunSettings(**run_kwargs)
@@ -121,13 +138,24 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
     from rich.live import Live
 
     from sitn.dashboard import PipelineMetrics, start_dashboard
-    from sitn.pipeline import Pipeline, load_replay_events
+    from sitn.dead_letter_watch import DeadLetterWatch
+    from sitn.pipeline import Pipeline, load_replay_log
     from sitn.ray_cluster import init_ray
 
     started_s = time.monotonic()
     console = Console(stderr=True)
-    events = load_replay_events(run)
+    replay_log = load_replay_log(run)
+    events = replay_log.events if replay_log is not None else []
+    if replay_log is not None:
+        assert replay_log.time is not None
+        console.print(f"[bold]sitn run[/bold]: timestamps of {run.events}: {replay_log.time.describe()}")
+        if not events:
+            others = ", ".join(f"{d} ({n:,} rows)" for d, n in replay_log.skipped_by_domain.most_common()) or "none"
+            console.print(f"[bold red]sitn run: no events of domains {run.source!r} and {run.target!r} in "
+                          f"{run.events}[/bold red]; its other domains: {others}. Nothing was started.")
+            return 1
     console.print(f"[bold]sitn run[/bold]: {len(events):,} events to replay from {run.events}, state in {run_dir}")
+    watch = DeadLetterWatch(run.dead_letter_max_ratio, run.dead_letter_window_records)
     init_ray(run.ray_address, run.ray_temp_dir or Path(tempfile.mkdtemp(prefix="sitn-ray-", dir="/tmp")))
     pipeline = Pipeline(run, stream, serving, config, run_dir, metrics=telemetry, drift=drift)
     driver_metrics = PipelineMetrics()
@@ -153,6 +181,13 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
             while not stopping["flag"]:
                 pipeline.supervise()
                 status = pipeline.status()
+                alert = watch.observe(int(status.get("records_in", 0)), status.get("dead_letters_by_reason") or {},
+                                      status.get("dead_letter_examples") or {})
+                status["dead_letter_window_ratio"] = watch.window_ratio
+                status["dead_letter_window_records"] = watch.window_size
+                if alert is not None:
+                    log.warning("%s", alert.message())
+                    live.console.print(f"[bold yellow]warning[/bold yellow]: {alert.message()}")
                 driver_metrics.observe(status)
                 live.update(render_status(status, pipeline.serving_url))
                 if pipeline.caught_up(status) and run.exit_after_replay:
@@ -162,8 +197,14 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
             pipeline.finish_training()  # last checkpoint, commit and full publish: the summary covers them
         summary = pipeline.write_summary(run_dir / "summary.json", time.monotonic() - started_s)
         final = pipeline.status()
+        watch.observe(int(final.get("records_in", 0)), final.get("dead_letters_by_reason") or {}, {})
+        final["dead_letter_window_ratio"] = watch.window_ratio
+        final["dead_letter_window_records"] = watch.window_size
         console.print(render_status(final, pipeline.serving_url))
         console.print(render_summary(summary, run_dir / "summary.json"))
+        if summary["problems"]:
+            console.print(render_failure(summary))
+            return 1
     finally:
         try:
             pipeline.stop()
@@ -185,6 +226,8 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 def render_status(s: dict[str, Any], url: str | None) -> Any:
     from rich.table import Table
 
+    from sitn.dead_letter_watch import format_reasons
+
     table = Table(title=f"sitn-stream  {url or ''}", show_header=False, expand=False)
     table.add_column("metric", style="cyan")
     table.add_column("value", justify="right")
@@ -193,6 +236,9 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
                             f"  ({_fmt(s.get('replay_rate'))}/s)"),
         ("events trained", _fmt(s.get("events_applied"))),
         ("dead letters", _fmt(s.get("dead_letters"))),
+        ("dead-letter rate (window) / top reasons", f"{_fmt(s.get('dead_letter_window_ratio'), '.1%')} of "
+                                                    f"{_fmt(s.get('dead_letter_window_records'))} / "
+                                                    f"{format_reasons(s.get('dead_letters_by_reason') or {})}"),
         ("learner step", _fmt(s.get("step"))),
         ("examples/s (last step)", _fmt(s.get("examples_per_s"))),
         ("loss (main / i2i / i2c)", f"{_fmt(s.get('loss_main'), '.3f')} / {_fmt(s.get('loss_i2i'), '.3f')}"
@@ -236,3 +282,26 @@ def render_summary(summary: dict[str, Any], path: Path) -> Any:
         f = spans["stream"]
         table.add_row(name, *(_fmt(f[key], ".4f") for key in ("hr", "ndcg", "hr_rankable", "ndcg_rankable")))
     return table
+
+
+def render_failure(summary: dict[str, Any]) -> Any:
+    """Why the run failed (``summary['problems']``), and every dead-letter reason with its count and an example."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from sitn.dead_letter_watch import REASON_HINTS
+
+    lines = [Text(f"sitn run failed: {problem}", style="bold red") for problem in summary["problems"]]
+    by_reason = summary.get("dead_letters_by_reason") or {}
+    if not by_reason:
+        return Group(*lines)
+    table = Table(title="dead letters by reason (every record is kept in the dead-letter topic)")
+    table.add_column("reason")
+    table.add_column("records", justify="right")
+    table.add_column("first record")
+    examples = summary.get("dead_letter_examples") or {}
+    for reason, count in sorted(by_reason.items(), key=lambda rc: (-rc[1], rc[0])):
+        table.add_row(reason, f"{count:,}", examples.get(reason, "-"))
+    hints = [Text(f"hint ({reason}): {REASON_HINTS[reason]}") for reason in by_reason if reason in REASON_HINTS]
+    return Group(*lines, table, *hints)
