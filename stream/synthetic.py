@@ -387,18 +387,72 @@ class SyntheticStream:
     __iter__ = events
 
 
-def write_csv(path: str | Path, config: SyntheticConfig) -> int:
+CSV_TIME_UNITS = ("s", "ms", "iso", "ordinal")
+
+
+def per_user_positions(user: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each event's 0-based position in its user's sequence, given ``counts`` (events per user index before
+    this chunk); returns the positions and the counts after the chunk (grown to cover new users).
+
+    >>> positions, counts = per_user_positions(np.array([2, 0, 2, 2]), np.array([5, 0, 1]))
+    >>> positions.tolist(), counts.tolist()
+    ([1, 5, 2, 3], [6, 0, 4])
+    """
+    if len(user) and user.max() >= len(counts):
+        counts = np.concatenate([counts, np.zeros(int(user.max()) + 1 - len(counts), dtype=counts.dtype)])
+    order = np.argsort(user, kind="stable")  # (n,) events grouped by user, in stream order within a user
+    sorted_user = user[order]
+    group_start = np.r_[0, np.flatnonzero(np.diff(sorted_user)) + 1]  # first index of each user's run
+    rank = np.arange(len(user)) - np.repeat(group_start, np.diff(np.r_[group_start, len(user)]))
+    positions = np.empty(len(user), dtype=np.int64)
+    positions[order] = counts[sorted_user] + rank
+    counts = counts.copy()
+    np.add.at(counts, user, 1)
+    return positions, counts
+
+
+def _time_column(chunk: EventChunk, time_unit: str, config: SyntheticConfig,
+                 counts: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The chunk's timestamp column written in ``time_unit`` (and the per-user counts for ``ordinal``)."""
+    if time_unit == "s":
+        return [str(t) for t in chunk.timestamp.tolist()], counts
+    if time_unit == "ms":  # the same instants to the millisecond: floor(ms / 1000) is the seconds column
+        index = np.arange(chunk.start, chunk.start + len(chunk), dtype=np.int64)
+        if config.unique_pairs:  # kept events are renumbered: fall back to whole seconds
+            return [str(t * 1000) for t in chunk.timestamp.tolist()], counts
+        ms = config.start_timestamp * 1000 + np.floor(index * 1000 / config.events_per_second).astype(np.int64)
+        return [str(t) for t in ms.tolist()], counts
+    if time_unit == "iso":
+        return [f"{t}Z" for t in np.datetime_as_string(chunk.timestamp.astype("datetime64[s]"), unit="s")], counts
+    positions, counts = per_user_positions(chunk.user, counts)
+    return [str(p) for p in positions.tolist()], counts
+
+
+def write_csv(path: str | Path, config: SyntheticConfig, time_unit: str = "s") -> int:
     """Write the events of ``config`` to ``path`` in the shared format; returns the number of rows.
 
-    Readable by :func:`stream.dataset.load_events` with ``source=config.source, target=config.target``.
+    Streams chunk by chunk: memory stays flat whatever ``config.events`` (plus one counter per user for
+    ``ordinal``). ``time_unit`` is how the timestamp column is written: ``s`` (unix seconds, the default),
+    ``ms``, ``iso`` (``2017-07-14T02:40:00Z``), or ``ordinal``: each event's 0-based position in its user's
+    sequence (both domains), the shape of logs without clock times. Readable by
+    :func:`stream.dataset.load_events` with ``source=config.source, target=config.target`` and that
+    ``time_unit`` (or ``auto``).
     """
     if config.events is None:
         raise ValueError("events is None (an endless stream): set events to write a file")
+    if time_unit not in CSV_TIME_UNITS:
+        raise ValueError(f"time_unit must be one of {CSV_TIME_UNITS}, got {time_unit!r}")
     path = Path(path)
     rows = 0
+    counts = np.zeros(config.n_users, dtype=np.int64)
     with path.open("w", encoding="utf-8", newline="") as fh:
         fh.write(CSV_HEADER)
         for chunk in SyntheticStream(config).chunks():
-            fh.write(chunk.csv_text())
+            if time_unit == "s":
+                fh.write(chunk.csv_text())
+            else:
+                stamps, counts = _time_column(chunk, time_unit, config, counts)
+                fh.write("".join(f"{t},u{u},{d}{i},{d}\n" for t, u, d, i in zip(
+                    stamps, chunk.user.tolist(), chunk.domain_names(), chunk.item.tolist(), strict=True)))
             rows += len(chunk)
     return rows

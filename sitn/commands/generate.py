@@ -7,6 +7,17 @@ byte. Every option can also come from its environment variable (shown in bracket
     sitn generate --output var/synthetic.csv --events 1000000 --seed 1
     sitn generate --output var/drift.csv --events 200000 --drift domain_mix --drift-at 0.5
     sitn generate --output var/no-transfer.csv --shared-interest 0 --unique-pairs true
+
+A log shaped like issue 12's large case (5,000 users with about 600 events each, 500,000 items split 80/20,
+the timestamp column holding each event's position in its user's sequence), written chunk by chunk:
+
+    sitn generate --output var/big.csv --users 5000 --events-per-user 600 --source-items 400000 \\
+        --target-items 100000 --target-share 0.2 --time-unit ordinal
+
+``--events-per-user N`` sets ``--events`` to users x N with no new users arriving (users are drawn
+uniformly, so each has about N events: N on average, a binomial spread around it). ``--time-unit`` writes
+the timestamp column as ``s`` (default), ``ms``, ``iso`` or ``ordinal`` (per-user positions); ``sitn run``
+and ``sitn inspect`` read each back with ``--time-unit auto``.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from stream.synthetic import CSV_TIME_UNITS, SyntheticConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +100,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--output", type=Path, default=None,
                    help=f"the events.csv to write (required) [env {env_name('output')}]")
+    p.add_argument("--events-per-user", type=int, default=None, metavar="N",
+                   help="events = users x N, no new users (about N events each; instead of --events)")
+    p.add_argument("--time-unit", choices=CSV_TIME_UNITS, default="s",
+                   help="how the timestamp column is written: unix s (default), ms, iso, or ordinal "
+                        "(each event's position in its user's sequence)")
     for flag, (_field, parse, help_) in FLAGS.items():
         metavar = {int: "N", float: "X", boolean: "BOOL"}.get(parse, "NAME")
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), default=None, metavar=metavar,
@@ -127,11 +145,22 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Path,
                 raise ValueError(f"{where}: expected one of {DRIFT_CHOICES}, got {value!r}")
             value = None if value == "none" else value
         kwargs[field] = value
+    per_user = getattr(args, "events_per_user", None)
+    if per_user is not None:
+        if per_user < 1:
+            raise ValueError(f"--events-per-user must be >= 1, got {per_user}")
+        if "events" in kwargs:
+            raise ValueError(f"give --events or --events-per-user, not both; got {kwargs['events']} and {per_user}")
+        if kwargs.get("new_user_share", 0.0) != 0.0:
+            raise ValueError(f"--events-per-user needs --new-user-share 0 (a fixed population), got "
+                             f"{kwargs['new_user_share']}")
+        kwargs["events"] = kwargs.get("n_users", SyntheticConfig.n_users) * per_user
+        kwargs["new_user_share"] = 0.0
     return Path(output), kwargs
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.synthetic import SyntheticConfig, write_csv
+    from stream.synthetic import write_csv
 
     try:
         output, kwargs = resolve(args, os.environ)
@@ -141,9 +170,10 @@ def run(args: argparse.Namespace) -> int:
     log.info("generate output=%s config=%r", output, config)
     output.parent.mkdir(parents=True, exist_ok=True)
     started_s = time.perf_counter()
-    rows = write_csv(output, config)
+    rows = write_csv(output, config, time_unit=args.time_unit)
     elapsed_s = time.perf_counter() - started_s
     drift = "no drift" if config.drift is None else f"drift={config.drift} from event {config.drift_index}"
-    print(f"wrote {rows:,} events ({config.source} -> {config.target}, seed {config.seed}, {drift}) to {output} "
+    stamps = "" if args.time_unit == "s" else f", {args.time_unit} timestamps"
+    print(f"wrote {rows:,} events ({config.source} -> {config.target}, seed {config.seed}, {drift}){stamps} to {output} "
           f"in {elapsed_s:.2f} s: {rows / max(elapsed_s, 1e-9):,.0f} events/s")
     return 0
