@@ -191,7 +191,7 @@ def render(report: dict[str, Any], problems: list[str]) -> Any:
         head.add_row(f"  e.g. {reason}", example)
     if report["unreadable_timestamps"]:
         head.add_row("unreadable timestamps", f"{report['unreadable_timestamps']:,}, e.g. {report['unreadable_example']}")
-    domains = Table(title="per domain (valid events; history length = events per user in the domain)")
+    domains = Table(title="per domain (valid events; history = events per user)")
     for column in ("domain", "events", "users", "items", "history min", "median", "p90", "max"):
         domains.add_column(column, justify="left" if column == "domain" else "right")
     for d, s in report["per_domain"].items():
