@@ -48,7 +48,7 @@ class Ranker(Protocol):
         self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
     ) -> np.ndarray: ...
 
-    def snapshot(self) -> object: ...
+    def snapshot(self, tag: str = "best") -> object: ...
 
     def restore(self, state: object) -> None: ...
 
@@ -76,7 +76,7 @@ class Popularity:
         counts = self.counts if columns is None else self.counts[columns]
         return np.broadcast_to(counts, (len(user_ids), len(counts))).copy()  # (N, C)
 
-    def snapshot(self) -> object:
+    def snapshot(self, tag: str = "best") -> object:
         return self.counts.copy()
 
     def restore(self, state: object) -> None:
@@ -190,7 +190,7 @@ class OnlineMF:
                 users[n] = self.fold_in(history)
         return (users @ vectors.T + biases[None, :]).astype(np.float32)  # (N, C)
 
-    def snapshot(self) -> object:
+    def snapshot(self, tag: str = "best") -> object:
         return copy.deepcopy((self.model, self._rng, self._domain_items, self._domain_seen))
 
     def restore(self, state: object) -> None:
@@ -273,7 +273,7 @@ the tie-break (``1e-9`` relative) would vanish in float32 next to a co-occurrenc
     ) -> np.ndarray:
         return self.score_mode(histories, self.mode, columns)
 
-    def snapshot(self) -> object:
+    def snapshot(self, tag: str = "best") -> object:
         return self.model.state_dict()
 
     def restore(self, state: object) -> None:

@@ -52,12 +52,14 @@ PROTOCOL_MD = """\
   restored. Counting models (popularity, item-kNN) learn the training examples exactly once (a second
   pass would double-count) and are validated once.
 - Refit before test, every row alike: after selection each model learns the refit examples, then the
-  test queries are ranked once. Popularity and item-kNN count them once; online_mf takes `refit_passes`
-  more SGD passes over them; SITN rows take `refit_passes` more passes over their causal examples
-  (shuffled, seeded), one `learn_many` step per mini-batch at the same learning rate and batch size,
-  continuing from the restored best epoch's weights and optimizer state; single_domain learns only the
-  target-domain ones (the validation events). With `refit_passes = 0` nothing is refit and test queries
-  are ranked among the training-known items.
+  test queries are ranked once. Popularity and item-kNN count them once. Iterative rows (online_mf, SITN
+  rows) with `refit_mode = retrain` (the default) go back to their untrained initial state and train
+  the epoch count chosen on validation over the training and refit examples together (shuffled,
+  seeded; the standard "retrain on train + validation with the selected budget", so an item first seen
+  in the refit period gets as many passes as a training item); with `refit_mode = continue` they take
+  `refit_passes` more passes over the refit examples from the selected epoch's weights and optimizer
+  state. single_domain learns only the target-domain examples. With `refit_passes = 0` nothing is refit
+  and test queries are ranked among the training-known items.
 - SITN rows train on the causal examples of the training events, shuffled per epoch (seeded), one
   `learn_many` step per mini-batch; single_domain trains on target-domain examples only. Per epoch they
   log validation NDCG@10, validation NDCG@10 with the source history blanked at query time, and HR@10 /
@@ -186,10 +188,12 @@ def diagnostics_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
         if not epochs or "val_no_source_ndcg@10" not in epochs[0] or row["name"] == "fused":
             continue
         parts += [f"### {row['name']} (seed {run['seed']}, chosen epoch {run['epoch']})", "",
-                  "| epoch | val NDCG@10 | val NDCG@10, source blanked | train-probe HR@10 | train-probe NDCG@10 | train s | val s |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| epoch | val NDCG@10 | val NDCG@10, source blanked | val NDCG@10, cold start | train-probe HR@10 | "
+                  "train-probe NDCG@10 | train s | val s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for e in epochs:
             parts.append(f"| {int(e['epoch'])} | {e['val_ndcg@10']:.4f} | {e['val_no_source_ndcg@10']:.4f} | "
+                         f"{e.get('val_cold_ndcg@10', float('nan')):.4f} | "
                          f"{e.get('probe_hr@10', float('nan')):.4f} | {e.get('probe_ndcg@10', float('nan')):.4f} | "
                          f"{e['train_s']:.1f} | {e['val_s']:.1f} |")
         parts.append("")
@@ -201,6 +205,9 @@ def budget_line(protocol: dict[str, Any]) -> str:
 
     >>> budget_line({"max_epochs": 30, "patience": 3, "seeds": 3, "val_users": 0, "test_users": 0, "refit_passes": 1})
     '- Budget: full (max 30 epochs, patience 3, 3 seeds, every validation and test query, refit 1 pass).'
+    >>> budget_line({"max_epochs": 30, "patience": 3, "seeds": 3, "val_users": 0, "test_users": 0, "refit_passes": 1,
+    ...              "refit_mode": "retrain"})[-79:]
+    'query, refit by retraining on training + refit events for the selected epochs).'
     >>> budget_line({"max_epochs": 2, "patience": 3, "seeds": 1, "val_users": 0, "test_users": 0, "refit_passes": 1})
     '- Budget: **shortened**: max_epochs 2 < 30, seeds 1 < 3. Not a publishable table.'
     """
@@ -213,9 +220,12 @@ def budget_line(protocol: dict[str, Any]) -> str:
         short.append("no refit before test")
     if short:
         return f"- Budget: **shortened**: {', '.join(short)}. Not a publishable table."
+    if protocol.get("refit_mode", "continue") == "retrain":
+        refit = "refit by retraining on training + refit events for the selected epochs"
+    else:
+        refit = f"refit {protocol['refit_passes']} pass{'es' if protocol['refit_passes'] > 1 else ''}"
     return (f"- Budget: full (max {protocol['max_epochs']} epochs, patience {protocol['patience']}, "
-            f"{protocol['seeds']} seeds, every validation and test query, refit {protocol['refit_passes']} pass"
-            f"{'es' if protocol['refit_passes'] > 1 else ''}).")
+            f"{protocol['seeds']} seeds, every validation and test query, {refit}).")
 
 
 def _fraction(part: int, whole: int) -> str:

@@ -19,8 +19,12 @@ the split, examples, known items, negatives and query views are in ``learner.eva
 - Model selection on validation only: after each epoch the full-protocol NDCG@10 over every validation
   query; training stops after ``patience`` epochs without improvement or at ``max_epochs`` and the best
   epoch's state is restored. A counting model (``iterative = False``) learns the training examples once
-  and is validated once. Then every model learns the refit examples (``refit_passes`` passes for an
-  iterative model, once for a counting one) and the test queries are ranked once.
+  and is validated once. Then every model learns the refit examples and the test queries are ranked
+  once. A counting model counts them once. An iterative model either *retrains* (``refit_mode
+  "retrain"``, the default: back to its untrained initial state, then as many epochs as selection chose
+  over the training and refit examples together, so an item first seen in the refit period gets as many
+  passes as a training item) or *continues* (``"continue"``: ``refit_passes`` more passes over the refit
+  examples from the selected epoch's state). ``refit_passes = 0`` refits nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ VIEWS = ("overlap", "cold_start")
 SETTINGS = ("full/overlap", "full/cold_start", "sampled/overlap", "sampled/cold_start",
             "c2dsr/overlap", "c2dsr/cold_start", "full/overlap/rankable", "full/cold_start/rankable")
 SCORE_BATCH = 256  # queries scored at once: (256, 39k) float64 scores are 80 MB
+REFIT_MODES = ("retrain", "continue")
 MISS_RANK = 2**62  # rank of a held-out item no model can rank (never learnt): 0 in HR and NDCG, 2e-19 in MRR
 
 
@@ -167,6 +172,7 @@ class Selection:
     curve: list[float]
     epochs: list[dict[str, float]]
     train_s: float
+    initial: object = None  # the ranker's state before the first epoch (kept for a retraining refit)
 
 
 def select_epoch(
@@ -177,13 +183,16 @@ def select_epoch(
     patience: int,
     diagnostics: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
+    keep_initial: bool = False,
 ) -> Selection:
     """Train epoch by epoch on the training examples, pick the epoch on validation, restore it.
 
     Each epoch's log holds ``train_s``, ``val_s`` (one pass over the validation queries) and the
     validation HR@10/NDCG@10; with ``diagnostics`` also ``val_no_source_ndcg@10`` (the source history
-    blanked at query time) and ``probe_hr@10``/``probe_ndcg@10`` (training queries: memorisation).
-    A counting ranker (``iterative`` False) learns once and is validated once.
+    blanked at query time), ``val_cold_ndcg@10`` (the target history blanked, user id withheld: the
+    cold-start view) and ``probe_hr@10``/``probe_ndcg@10`` (training queries: memorisation).
+    A counting ranker (``iterative`` False) learns once and is validated once. With ``keep_initial``
+    an iterative ranker's untrained state is kept in ``Selection.initial`` (for :func:`refit`).
     """
     if max_epochs < 1 or patience < 1:
         raise ValueError(f"max_epochs and patience must be >= 1, got {max_epochs} and {patience}")
@@ -196,6 +205,7 @@ def select_epoch(
     epochs: list[dict[str, float]] = []
     train_s = 0.0
     epoch = 0
+    initial = ranker.snapshot("initial") if keep_initial and ranker.iterative else None
     for epoch in range(1, max_epochs + 1):
         t0 = time.perf_counter()
         ranker.learn_many(split.train_examples)
@@ -209,6 +219,8 @@ def select_epoch(
         if diagnostics:
             no_source = summarize(rank_queries(ranker, split.validation, split, known, view="no_source").full)
             entry["val_no_source_ndcg@10"] = no_source["ndcg@10"]
+            cold = summarize(rank_queries(ranker, split.validation, split, known, view="cold_start").full)
+            entry["val_cold_ndcg@10"] = cold["ndcg@10"]
             if split.train_probe:
                 probe = summarize(rank_queries(ranker, split.train_probe, split, known).full)
                 entry["probe_hr@10"], entry["probe_ndcg@10"] = probe["hr@10"], probe["ndcg@10"]
@@ -219,22 +231,41 @@ def select_epoch(
             on_epoch(epoch, val[SELECTION_METRIC])
         if val[SELECTION_METRIC] > best_value:
             best_value, best_epoch, best_val = val[SELECTION_METRIC], epoch, val
-            best_state = ranker.snapshot() if ranker.iterative and epoch < max_epochs else None
+            best_state = ranker.snapshot("best") if ranker.iterative and epoch < max_epochs else None
         elif epoch - best_epoch >= patience:
             break
     if best_epoch != epoch:
         ranker.restore(best_state)
-    return Selection(best_epoch, best_val, curve, epochs, train_s)
+    return Selection(best_epoch, best_val, curve, epochs, train_s, initial)
 
 
-def refit(ranker: Ranker, split: Split, passes: int) -> float:
-    """Learn the refit examples (``passes`` times for an iterative ranker, once for a counting one);
-    returns the seconds spent. ``passes = 0`` skips refitting."""
+def refit(ranker: Ranker, split: Split, passes: int, mode: str = "continue", selection: Selection | None = None) -> float:
+    """Learn the refit examples before test; returns the seconds spent. ``passes = 0`` skips refitting.
+
+    A counting ranker learns them once. An iterative ranker with ``mode="retrain"`` goes back to
+    ``selection.initial`` and trains ``selection.epoch`` epochs over the training and refit examples
+    together (each epoch one shuffled ``learn_many``); with ``mode="continue"`` it takes ``passes`` more
+    passes over the refit examples from its current (selected) state.
+    """
     if passes < 0:
         raise ValueError(f"refit passes must be >= 0, got {passes}")
+    if mode not in REFIT_MODES:
+        raise ValueError(f"refit mode must be one of {REFIT_MODES}, got {mode!r}")
     t0 = time.perf_counter()
-    for _ in range(min(passes, 1) if not ranker.iterative else passes):
+    if passes == 0:
+        return 0.0
+    if not ranker.iterative:
         ranker.learn_many(split.refit_examples)
+    elif mode == "retrain":
+        if selection is None or selection.initial is None:
+            raise ValueError("a retraining refit needs the selection's initial state (select_epoch(keep_initial=True))")
+        ranker.restore(selection.initial)
+        examples = [*split.train_examples, *split.refit_examples]
+        for _ in range(selection.epoch):
+            ranker.learn_many(examples)
+    else:
+        for _ in range(passes):
+            ranker.learn_many(split.refit_examples)
     return time.perf_counter() - t0
 
 
@@ -261,13 +292,14 @@ def train_and_test(
     patience: int,
     seed: int,
     refit_passes: int = 1,
+    refit_mode: str = "continue",
     diagnostics: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> RunResult:
     """Select the epoch on validation, refit on the refit examples, then rank the test queries once."""
     selection = select_epoch(ranker, split, max_epochs=max_epochs, patience=patience, diagnostics=diagnostics,
-                             on_epoch=on_epoch)
-    refit_s = refit(ranker, split, refit_passes)
+                             on_epoch=on_epoch, keep_initial=refit_mode == "retrain" and refit_passes > 0)
+    refit_s = refit(ranker, split, refit_passes, refit_mode, selection)
     test = rank_test_queries(ranker, split, seed, refit_passes)
     return RunResult(selection.epoch, selection.train_s, selection.curve, selection.val, test, selection.epochs,
                      refit_s)

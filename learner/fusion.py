@@ -105,7 +105,7 @@ class FusedRanker:
         z_model, z_cooc, mask = self.parts(user_ids, histories, columns, (self.mode,))
         return fuse(z_model, z_cooc[self.mode], mask, self.weight)
 
-    def snapshot(self) -> object:
+    def snapshot(self, tag: str = "best") -> object:
         raise NotImplementedError("a fused ranker is not trained in epochs; snapshot its model")
 
     def restore(self, state: object) -> None:
@@ -151,6 +151,7 @@ def train_and_test_with_fusion(
     patience: int,
     seed: int,
     refit_passes: int = 1,
+    refit_mode: str = "continue",
     diagnostics: bool = False,
     weights: Sequence[float] = FUSION_WEIGHTS,
     on_epoch: Callable[[int, float], None] | None = None,
@@ -158,13 +159,13 @@ def train_and_test_with_fusion(
     """The model's run and the fused run from one training: select the model's epoch on validation,
     tune the fusion on validation, refit both parts, rank the test queries with each."""
     selection = select_epoch(model, split, max_epochs=max_epochs, patience=patience, diagnostics=diagnostics,
-                             on_epoch=on_epoch)
+                             on_epoch=on_epoch, keep_initial=refit_mode == "retrain" and refit_passes > 0)
     t0 = time.perf_counter()
     knn.learn_many(split.train_examples)
     fused = FusedRanker(model, knn)
     grid = fused.tune(split.validation, split, split.known("validation"), weights)
     tune_s = time.perf_counter() - t0
-    refit_s = refit(model, split, refit_passes)
+    refit_s = refit(model, split, refit_passes, refit_mode, selection)
     if refit_passes > 0:
         knn.learn_many(split.refit_examples)
     model_run = RunResult(selection.epoch, selection.train_s, selection.curve, selection.val,

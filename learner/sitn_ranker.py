@@ -22,10 +22,10 @@ class SITNRanker:
 
     ``learn_many`` shuffles the examples (seeded, a fresh order per call) and takes one
     ``SITNLearner.learn_many`` step per mini-batch at the config's learning rate; a single-domain config
-    (``use_source=False``) trains on target-domain examples only. The refit before test is one more
-    such pass over the refit examples. Scores come from ``embed_histories`` on the query history (the
-    learner's own per-user state is never used), so cold-start queries see exactly the history they are
-    given.
+    (``use_source=False``) trains on target-domain examples only. The refit before test
+    (``learner.evaluate.refit``) retrains from the saved initial state or continues with more passes.
+    Scores come from ``embed_histories`` on the query history (the learner's own per-user state is never
+    used), so cold-start queries see exactly the history they are given.
     """
 
     iterative = True
@@ -104,9 +104,9 @@ class SITNRanker:
             scores = np.where(trained[None, :], scores, floor)
         return scores
 
-    def snapshot(self) -> object:
+    def snapshot(self, tag: str = "best") -> object:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        path = self.workdir / f"{self.name}-best.pt"
+        path = self.workdir / f"{self.name}-{tag}.pt"
         self.learner.save(path)
         return path
 

@@ -21,8 +21,8 @@ LIMIT_ROWS = 2000
 METRIC_KEYS = {"hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"}
 ROWS = ["popularity", "itemknn_target", "itemknn_target_source", "itemknn_source", "online_mf", "single_domain",
         "sitn", "fused"]
-DIAGNOSTICS = {"epoch", "train_s", "val_s", "val_hr@10", "val_ndcg@10", "val_no_source_ndcg@10", "probe_hr@10",
-               "probe_ndcg@10"}
+DIAGNOSTICS = {"epoch", "train_s", "val_s", "val_hr@10", "val_ndcg@10", "val_no_source_ndcg@10", "val_cold_ndcg@10",
+               "probe_hr@10", "probe_ndcg@10"}
 
 
 def _rows(path: Path, limit: int) -> list[dict[str, str]]:
@@ -96,7 +96,7 @@ def test_sitn_eval_cli_writes_results(events_csv: Path, tmp_path: Path) -> None:
         assert row["summary"]["full/overlap"]["hr@10"]["mean"] <= row["summary"]["full/overlap/rankable"]["hr@10"]["mean"]
         diagnosed = row["name"] in ("single_domain", "sitn", "fused")
         assert set(run["epochs"][0]) == (DIAGNOSTICS if diagnosed else DIAGNOSTICS - {
-            "val_no_source_ndcg@10", "probe_hr@10", "probe_ndcg@10"})
+            "val_no_source_ndcg@10", "val_cold_ndcg@10", "probe_hr@10", "probe_ndcg@10"})
     by_name = {r["name"]: r for r in report["rows"]}
     # single_domain ignores the source history: blanking it changes nothing.
     [epoch] = by_name["single_domain"]["per_seed"][0]["epochs"]

@@ -103,6 +103,44 @@ def test_counting_rankers_learn_the_training_examples_once(tmp_path: Path) -> No
     assert set(selection.epochs[0]) == {"epoch", "train_s", "val_s", "val_hr@10", "val_ndcg@10"}
 
 
+class _Recorder(_Constant):
+    """An iterative ranker that records what it learns; its state is the list of ``learn_many`` calls."""
+
+    name = "recorder"
+    iterative = True
+
+    def __init__(self, n_items: int) -> None:
+        super().__init__(n_items)
+        self.calls: list[list[str]] = []
+
+    def learn_many(self, examples: Sequence[Example]) -> None:
+        self.calls.append([ex.event_id for ex in examples])
+
+    def snapshot(self, tag: str = "best") -> object:
+        return list(self.calls)
+
+    def restore(self, state: object) -> None:
+        assert isinstance(state, list)
+        self.calls = list(state)
+
+
+def test_refit_retrains_from_the_initial_state_for_the_selected_epochs(tmp_path: Path) -> None:
+    split = _split(tmp_path, REFIT_ROWS)
+    train_ids = [ex.event_id for ex in split.train_examples]
+    refit_ids = [ex.event_id for ex in split.refit_examples]
+    retrained = _Recorder(len(split.catalogue))
+    run = train_and_test(retrained, split, max_epochs=5, patience=2, seed=0, refit_passes=1, refit_mode="retrain")
+    # A constant ranker never improves after epoch 1, so selection keeps epoch 1 and stops at epoch 3.
+    assert run.epoch == 1 and len(run.val_curve) == 3
+    # The refit went back to the untrained state and trained one epoch over training + refit examples.
+    assert retrained.calls == [train_ids + refit_ids]
+    continued = _Recorder(len(split.catalogue))
+    train_and_test(continued, split, max_epochs=5, patience=2, seed=0, refit_passes=2, refit_mode="continue")
+    assert continued.calls == [train_ids, refit_ids, refit_ids]  # the selected epoch, then 2 passes
+    with pytest.raises(ValueError, match="refit mode"):
+        train_and_test(_Recorder(len(split.catalogue)), split, max_epochs=1, patience=1, seed=0, refit_mode="twice")
+
+
 # u1 reads a, then fav (validation) and p (test); h1 and h2 read a then p; h3 reads fav, h4 reads q.
 FUSION_ROWS = "timestamp,user_id,item_id,domain\n" + "".join(f"1,f{i},x{i},book\n" for i in range(N_FILLERS)) + """\
 1,u1,a,book

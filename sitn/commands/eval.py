@@ -35,7 +35,7 @@ from learner.eval_split import (
     subsample_queries,
     update_query_stats,
 )
-from learner.evaluate import SELECTION_METRIC, RunResult, aggregate, train_and_test
+from learner.evaluate import REFIT_MODES, SELECTION_METRIC, RunResult, aggregate, train_and_test
 from learner.fusion import FUSION_WEIGHTS
 from stream.dataset import load_events
 
@@ -51,7 +51,7 @@ _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SITNConfig)}
 # SITNConfig fields exposed as flags when the config has them; their defaults are the config's own.
 NO_AUTO_DEFAULT = "%(default).0s"  # renders as nothing and stops ArgumentDefaultsHelpFormatter's "(default: None)"
 SITN_FLAGS = ("dropout", "source_dropout", "gate_init_bias", "weight_decay", "item_weight_decay",
-              "init_new_items_from_history")
+              "init_new_items_from_history", "item_bias")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,8 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=None,
                    help=f"epochs without validation gain before stopping (default: {FULL_BUDGET['patience']}, "
                         f"{QUICK['patience']} with --quick)" + NO_AUTO_DEFAULT)
+    p.add_argument("--refit", choices=REFIT_MODES, default="retrain",
+                   help="how an iterative model learns the refit examples (the validation-period events) before "
+                        "test: retrain = from its initial state, the selected number of epochs over training + "
+                        "refit examples (a refit-period item gets as many passes as a training item); continue = "
+                        "--refit-passes more passes over the refit examples from the selected epoch")
     p.add_argument("--refit-passes", type=int, default=1,
-                   help="passes over the refit examples (validation events) before test; 0 = no refit")
+                   help="passes over the refit examples with --refit continue; 0 = no refit in either mode")
     p.add_argument("--val-users", type=int, default=0,
                    help="rank only this many validation queries (a fixed seeded subset; 0 = all; shortens the budget)")
     p.add_argument("--test-users", type=int, default=0,
@@ -233,7 +238,7 @@ def run_seed(
     rows = args.row_list
     ranker, max_epochs, settings = make_ranker(row, seed, args, split, workdir)
     common: dict[str, Any] = {"max_epochs": max_epochs, "patience": args.patience, "seed": seed,
-                              "refit_passes": args.refit_passes, "diagnostics": row in SITN_ROWS or row == "fused",
+                              "refit_passes": args.refit_passes, "refit_mode": args.refit, "diagnostics": row in SITN_ROWS or row == "fused",
                               "on_epoch": on_epoch}
     if row in ("sitn", "fused") and "fused" in rows:
         from learner.fusion import train_and_test_with_fusion
@@ -307,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
                      "consumed_excluded": True, "unknown_item": "miss", "ties": "against the held-out item",
                      "std": "sample, ddof=1", "max_epochs": args.max_epochs, "patience": args.patience,
                      "seeds": args.seeds, "val_users": args.val_users, "test_users": args.test_users,
-                     "refit_passes": args.refit_passes, "fusion_weights": list(fusion_weights(args))},
+                     "refit_passes": args.refit_passes, "refit_mode": args.refit, "fusion_weights": list(fusion_weights(args))},
         "rows": results_rows,
     }
     markdown = render_markdown(report)
