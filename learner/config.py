@@ -51,6 +51,12 @@ class SITNConfig:
     source_dropout: float = 0.5  # share of training examples whose *other* domain's history is blanked (for a
     #                              target event: the source history), so each domain's path must stand alone
     #                              and the other side cannot serve as a user fingerprint
+    item_bias: bool = True  # the last of the dim coordinates is a learned per-item bias: every query's last
+    #                        coordinate is 1 (score = <q', e'> + b_i), so popularity has a place of its own and
+    #                        a user with a weak query (cold start) still gets the items the softmax favours
+    own_history_dropout: float = 0.0  # share of training examples (disjoint from the source_dropout share) whose
+    #                                   *own* domain's history is blanked, so the transfer path must predict the
+    #                                   item from the other domain alone, as for a cold-start user (DropoutNet)
     # -- multi-granularity (a): item level + coarse level (item cluster ids) ------------------------
     use_coarse_level: bool = True  # add an embedding of the item's cluster id to each history token
     n_item_clusters: int = 64  # k of the periodic k-means over item embeddings (the data has no categories)
@@ -104,6 +110,8 @@ class SITNConfig:
         need(self.dim % self.n_heads == 0, "n_heads", f"a divisor of dim={self.dim}")
         need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
         need(0.0 <= self.source_dropout <= 1.0, "source_dropout", "in [0, 1]")
+        need(0.0 <= self.own_history_dropout <= 1.0 - self.source_dropout, "own_history_dropout",
+             f"in [0, 1 - source_dropout = {1.0 - self.source_dropout:g}] (the two shares are disjoint)")
         need(isinstance(self.replay_buffer_size, int) and self.replay_buffer_size >= 0, "replay_buffer_size",
              "an int >= 0")
         need(self.replay_ratio >= 0, "replay_ratio", ">= 0")
@@ -137,12 +145,14 @@ class SITNConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SITNConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a checkpoint from another version)."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a checkpoint from another version). A
+        missing ``item_bias`` means False: checkpoints older than that field were trained without it."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown SITNConfig field(s) {unknown}; allowed: {sorted(known)}")
         values = dict(values)
+        values.setdefault("item_bias", False)  # a checkpoint written before the bias coordinate existed
         if "cluster_counts" in values:
             values["cluster_counts"] = tuple(values["cluster_counts"])
         return cls(**values)

@@ -193,7 +193,7 @@ class SITNLearner:
         self._ensure_capacity()
         if cfg.init_new_items_from_history:
             self._init_new_rows(tb, known_rows)
-        if cfg.use_source and cfg.source_dropout > 0:
+        if cfg.use_source and (cfg.source_dropout > 0 or cfg.own_history_dropout > 0):
             self._drop_other_history(tb)
         for role, idx in (("source", 0), ("target", 1)):
             if role in self.domains:
@@ -247,11 +247,15 @@ class SITNLearner:
                         weight[labels[b]] = weight.index_select(0, rows).mean(dim=0)
 
     def _drop_other_history(self, tb: TrainingBatch) -> None:
-        """Blank the other domain's history of a random ``source_dropout`` share of the examples."""
-        drop = torch.rand(tb.label_rows.shape[0]) < self.config.source_dropout  # (B,)
-        for role, other_idx in (("source", 1), ("target", 0)):  # role's history of the other role's events
+        """Blank the other domain's history of a random ``source_dropout`` share of the examples and the
+        event's own domain's history of a disjoint ``own_history_dropout`` share."""
+        draw = torch.rand(tb.label_rows.shape[0])  # (B,)
+        drop_other = draw < self.config.source_dropout
+        drop_own = draw >= 1.0 - self.config.own_history_dropout
+        for role, idx in (("source", 0), ("target", 1)):
             seq = tb.sequences[role]
-            seq.valid[drop & (tb.event_role == other_idx)] = False
+            seq.valid[drop_other & (tb.event_role != idx)] = False  # role's history of the other role's events
+            seq.valid[drop_own & (tb.event_role == idx)] = False  # role's history of its own events
 
     def _main_loss(self, tb: TrainingBatch, interests: Interests) -> torch.Tensor:
         """Sampled softmax per event domain, weighted by the domain's share of the batch."""

@@ -34,6 +34,17 @@ from learner.encoder import DomainEncoder
 ROLES = ("source", "target")
 
 
+def with_bias_coordinate(queries: torch.Tensor) -> torch.Tensor:
+    """``queries`` (..., D) with the last coordinate set to 1, so that <q, e_i> = <q', e_i'> + e_i[-1]:
+    the last coordinate of every item row is that item's learned bias (``SITNConfig.item_bias``). The
+    score stays one inner product, so serving's FAISS index needs nothing new.
+
+    >>> with_bias_coordinate(torch.tensor([[0.5, -2.0, 3.0]])).tolist()
+    [[0.5, -2.0, 1.0]]
+    """
+    return torch.cat([queries[..., :-1], torch.ones_like(queries[..., -1:])], dim=-1)
+
+
 class InterestTransfer(nn.Module):
     """Adds the gated, mapped interests of the other domain to a domain's own interests."""
 
@@ -112,11 +123,14 @@ class SITNModel(nn.Module):
             s = sequences[role]
             views[role], has[role] = self.encoder(role)(s.items, s.positions, s.gaps, s.valid)
         if not self.config.use_source:
-            return Interests(views, has, dict(views))
-        queries = {
-            "source": self.transfer["source"](views["source"], views["target"]),
-            "target": self.transfer["target"](views["target"], views["source"]),
-        }
+            queries = dict(views)
+        else:
+            queries = {
+                "source": self.transfer["source"](views["source"], views["target"]),
+                "target": self.transfer["target"](views["target"], views["source"]),
+            }
+        if self.config.item_bias:
+            queries = {role: with_bias_coordinate(q) for role, q in queries.items()}
         return Interests(views, has, queries)
 
     def summaries(self, interests: Interests) -> dict[str, torch.Tensor]:

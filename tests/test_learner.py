@@ -255,6 +255,25 @@ def test_source_dropout_blanks_the_other_domains_history_of_a_share_of_examples(
     assert 0.35 < dropped / had["source"][target_events].float().mean().item() < 0.65
 
 
+def test_own_history_dropout_blanks_a_disjoint_share_of_the_events_own_domain(examples: list[Example]) -> None:
+    from learner.batch import build_training_batch
+
+    learner = SITNLearner(SMALL.replace(source_dropout=0.3, own_history_dropout=0.3), "movie", "book")
+    tb = build_training_batch(examples[:256], learner.domains, learner.idmaps, SMALL.max_len, SMALL.n_time_gap_buckets)
+    had = {role: tb.sequences[role].valid.any(dim=1).clone() for role in ("source", "target")}
+    torch.manual_seed(0)
+    learner._drop_other_history(tb)
+    has = {role: tb.sequences[role].valid.any(dim=1) for role in ("source", "target")}
+    target_events = tb.event_role == 1
+    lost_own = (had["target"] & ~has["target"])[target_events]
+    lost_other = (had["source"] & ~has["source"])[target_events]
+    assert not (lost_own & lost_other).any()  # the two shares are disjoint: never both histories gone
+    assert 0.15 < lost_own.float().mean().item() / had["target"][target_events].float().mean().item() < 0.45
+    assert 0.15 < lost_other.float().mean().item() / had["source"][target_events].float().mean().item() < 0.45
+    with pytest.raises(ValueError, match="own_history_dropout must be in"):
+        SMALL.replace(source_dropout=0.6, own_history_dropout=0.5)
+
+
 def test_new_item_rows_start_at_the_mean_of_their_history_items(examples: list[Example]) -> None:
     learner = SITNLearner(SMALL.replace(source_dropout=0.0), "movie", "book")
     train(learner, examples[:128])
@@ -291,3 +310,32 @@ def test_registered_but_untrained_items_are_dropped_from_query_histories(example
     np.testing.assert_allclose(
         learner.embed_histories([with_untrained])[0], learner.embed_histories([known.history])[0], atol=1e-6
     )
+
+
+def test_item_bias_is_the_last_coordinate_and_serves_popularity_to_a_user_without_history(
+    examples: list[Example],
+) -> None:
+    learner = SITNLearner(SMALL, "movie", "book")  # item_bias is on by default
+    train(learner, examples, epochs=3)
+    queries = learner.embed_histories([{}, examples[0].history])  # (2, V, D): no history at all, and some
+    assert (queries[..., -1] == 1.0).all()
+    item_ids, vectors = learner.embed_items()
+    scores = learner.score_items(queries[:1])[0]
+    expected = (queries[0, :, :-1] @ vectors[:, :-1].T).max(axis=0) + vectors[:, -1]  # <q', e'> + b_i
+    assert np.allclose(scores, expected, atol=1e-5)
+    # The bias learns what the softmax favours: the most frequent book labels rank above the rare ones.
+    counts = {item_id: 0 for item_id in item_ids}
+    for ex in examples:
+        if ex.domain == "book":
+            counts[ex.item_id] += 1
+    frequent = [i for i, item_id in enumerate(item_ids) if counts[item_id] >= 3]
+    once = [i for i, item_id in enumerate(item_ids) if counts[item_id] == 1]
+    assert frequent and once
+    assert scores[frequent].mean() > scores[once].mean()
+
+
+def test_checkpoints_without_item_bias_keep_it_off() -> None:
+    values = SMALL.to_dict()
+    del values["item_bias"]
+    assert SITNConfig.from_dict(values).item_bias is False
+    assert SITNConfig.from_dict(SMALL.to_dict()).item_bias is True

@@ -51,7 +51,7 @@ _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SITNConfig)}
 # SITNConfig fields exposed as flags when the config has them; their defaults are the config's own.
 NO_AUTO_DEFAULT = "%(default).0s"  # renders as nothing and stops ArgumentDefaultsHelpFormatter's "(default: None)"
 SITN_FLAGS = ("dropout", "source_dropout", "gate_init_bias", "weight_decay", "item_weight_decay",
-              "init_new_items_from_history", "item_bias")
+              "init_new_items_from_history", "item_bias", "own_history_dropout")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
