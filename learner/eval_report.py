@@ -249,6 +249,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"test {_fraction(data['test_rankable'], data['test_queries'])}; training probe "
         f"{data['probe_queries']} queries.",
         budget_line(protocol),
+        *([f"- **Partial report**: rows still running or stopped before the end: {', '.join(report['pending_rows'])}."]
+          if report.get("pending_rows") else []),
         f"- `epochs` column = the epoch chosen on validation per seed (max {protocol['max_epochs']}, patience "
         f"{protocol['patience']}; counting models have one pass).",
         "",

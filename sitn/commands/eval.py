@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib.metadata
 import json
 import logging
 import platform
 import shlex
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         console=console, transient=False,
     ) as progress:
         overall = progress.add_task("runs", total=len(rows) * args.seeds)
-        for row in rows:
+        for position, row in enumerate(rows):
             for seed in range(args.seeds):
                 epoch_task = progress.add_task(f"{row} seed={seed}", total=args.max_epochs)
                 t_run = time.perf_counter()
@@ -297,14 +298,30 @@ def run(args: argparse.Namespace) -> int:
                     })
                     log.info("run done row=%s seed=%d epoch=%d test_ndcg10=%.5f", name, seed, result.epoch,
                              result.test["full/overlap"]["ndcg@10"])
+            pending = rows[position + 1:]
+            if pending:
+                write_report(args, split, started, t0, runs, per_seed, settings, console, pending=pending)
+    write_report(args, split, started, t0, runs, per_seed, settings, console)
+    return 0
+
+
+def write_report(
+    args: argparse.Namespace, split: Split, started: dt.datetime, t0: float, runs: dict[str, list[RunResult]],
+    per_seed: dict[str, list[dict[str, Any]]], settings: dict[str, dict[str, Any]], console: Console,
+    *, pending: Sequence[str] = (),
+) -> None:
+    """Print the tables and write results.json and results.md; with rows ``pending`` (still to run) the
+    report is marked partial, so a long run leaves its finished rows behind if it is stopped."""
+    done = [name for name in args.row_list if name in runs and name not in pending]
     results_rows = [{"name": name, "settings": settings[name], "per_seed": per_seed[name],
-                     "summary": aggregate(runs[name])} for name in args.row_list]
+                     "summary": aggregate(runs[name])} for name in done]
     report = {
         "command": command_line(args),
         "argv": vars(args) | {"events": str(args.events), "output": str(args.output), "func": None},
         "started_utc": started.isoformat(timespec="seconds"),
         "wall_s": round(time.perf_counter() - t0, 1),
-        "machine": f"{platform.node()} {platform.machine()} python {platform.python_version()} torch {torch.__version__}",
+        "machine": f"{platform.node()} {platform.machine()} python {platform.python_version()} "
+                   f"torch {importlib.metadata.version('torch')}",
         "data": {"path": str(args.events), "source": args.source, "target": args.target, **split.stats},
         "protocol": {"split": "per-user chronological on the target domain, val = 2nd-to-last, test = last",
                      "sampled_negatives": N_SAMPLED_NEGATIVES, "c2dsr_negatives": N_C2DSR_NEGATIVES,
@@ -312,17 +329,20 @@ def run(args: argparse.Namespace) -> int:
                      "consumed_excluded": True, "unknown_item": "miss", "ties": "against the held-out item",
                      "std": "sample, ddof=1", "max_epochs": args.max_epochs, "patience": args.patience,
                      "seeds": args.seeds, "val_users": args.val_users, "test_users": args.test_users,
-                     "refit_passes": args.refit_passes, "refit_mode": args.refit, "fusion_weights": list(fusion_weights(args))},
+                     "refit_passes": args.refit_passes, "refit_mode": args.refit,
+                     "fusion_weights": list(fusion_weights(args))},
+        "pending_rows": list(pending),
         "rows": results_rows,
     }
     markdown = render_markdown(report)
-    Console().print(markdown_tables(results_rows))
+    if not pending:
+        Console().print(markdown_tables(results_rows))
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.output / "results.md").write_text(markdown)
-        console.print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}")
-    return 0
+        console.print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}"
+                      + (f" (partial: {', '.join(pending)} still to run)" if pending else ""))
 
 
 def command_line(args: argparse.Namespace) -> str:
