@@ -91,8 +91,7 @@ def model_run(kind: str, seed: int, args: argparse.Namespace, settings: DriftSet
     from learner import SITNConfig, SITNLearner
     from learner.publisher import CallableTransport
     from learner.trainer import OnlineTrainer
-    from stream.consumer import ExampleBatch, Position
-    from stream.user_state import UserStateStore
+    from stream.consumer import EventBatch
 
     torch.set_num_threads(args.threads)
     drift = None if kind == "none" else kind
@@ -109,7 +108,6 @@ def model_run(kind: str, seed: int, args: argparse.Namespace, settings: DriftSet
     trainer = OnlineTrainer(SITNLearner(model, config.source, config.target), CallableTransport(lambda _b: None),
                             None, batch_size=BATCH, publish_every_steps=10, publish_every_s=1e9,
                             full_publish_every=1000)
-    store = UserStateStore((config.source, config.target), model.max_len)
     monitor = DriftMonitor(settings)
     result = RunResult()
     alarms: list[DriftAlarm] = []
@@ -117,9 +115,8 @@ def model_run(kind: str, seed: int, args: argparse.Namespace, settings: DriftSet
     step = 0
     for chunk in SyntheticStream(config.replace(chunk_events=BATCH)).chunks():
         events = chunk.events()
-        examples = [store.observe(e) for e in events]
-        offset += len(examples)
-        stats = trainer.process(ExampleBatch(examples, {0: Position(1, offset)}, {0: (0, len(examples))}, 0, "c0"))
+        stats = trainer.process(EventBatch.of(events, 0, offset, "c0"))
+        offset += len(events)
         step = int(trainer.learner.step)
         if step <= args.burn_in_steps:
             continue

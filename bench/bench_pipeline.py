@@ -5,6 +5,7 @@ Replays the shipped data set (or its first ``--limit`` rows) through the real pi
 -> HTTP — and reports:
 
 - events/s trained end to end: replayed events / (time the last one was trained - replay start);
+- events read twice and dropped by the learner (``redelivered_dropped``; 0 in a fault-free run);
 - freshness, from an event's arrival at the learner to its user's vectors being served: p50 / p99;
 - ``/recommend`` latency at a fixed open-loop rate while the replay streams updates, then the same load
   on the idle pipeline (after the last publish): p50 / p99 of each, and their ratio;
@@ -131,6 +132,8 @@ def main() -> None:
             broker.stop()
     print(f"  trained {len(events)} events in {trained_s:.1f} s: {len(events) / trained_s:,.0f} events/s end to end "
           f"(replay {status['replay_rate']:,.0f}/s, steps={int(summary['step'])}, restarts={status['restarts']})")
+    print(f"  read twice and dropped by the learner: {int(summary['redelivered_dropped']):,} events "
+          f"({summary['redelivered_dropped'] / len(events):.1%} of the stream)")
     print(f"  freshness p50_s={final['freshness_p50_s']:.2f} p99_s={final['freshness_p99_s']:.2f}")
     if load_outlived_training:
         print("  note: training caught up before the load phase ended; the tail of 'streaming' ran idle")

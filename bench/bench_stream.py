@@ -1,9 +1,10 @@
-"""Stream throughput: replay -> log -> decoded, validated training examples per second, one consumer process.
+"""Stream throughput: replay -> log -> decoded, validated events per second, one consumer process.
 
 For each backend (the embedded log, and Kafka) the events are replayed once (producer rate reported),
-then consumed ``--repeats`` times by a fresh consumer group after one warm-up run, per batch size
-(the swept knob). Each run times ``StreamConsumer.poll`` from the first poll until every event came out
-as an example, and the count check (examples out == events in, no dead letters) is printed next to the
+then consumed ``--repeats`` times by a fresh consumer (all partitions, from the beginning) after one
+warm-up run, per batch size (the swept knob). Each run times ``StreamConsumer.poll`` from the first poll
+until every event came out decoded (histories are built by the learner, not here), and the count check
+(events out == events in, no dead letters) is printed next to the
 speed. Medians and the spread (min..max) over the repeats are printed.
 
     python bench/bench_stream.py [--events PATH] [--limit N] [--repeats R] [--batch-sizes 500,2000,5000]
@@ -59,35 +60,33 @@ def synthetic_events(n: int, seed: int = 0) -> list[InteractionEvent]:
 def consume_once(
     settings: StreamSettings, expected: int, timeout_s: float = 300.0
 ) -> tuple[float, float, int, int]:
-    """(records/s wall, records/s of process CPU time, examples out, dead letters) for a fresh group reading all.
+    """(records/s wall, records/s of process CPU time, events out, dead letters) for a fresh consumer reading all.
 
     CPU time covers every thread of this process (kafka-python's IO thread too): on a busy shared machine
     it estimates what one otherwise idle core would sustain, while wall time is what this run got.
     """
-    group = f"bench-{uuid.uuid4().hex[:8]}"
     consumer = StreamConsumer(
-        open_source(settings, group=group),
+        open_source(settings),
         open_dead_letters(settings),
         settings.domains,
-        max_history=settings.max_history,
     )
     try:
-        # Setup (group join, first fetch) is outside the timed region: wait for the first records.
+        # Setup (first fetch) is outside the timed region: wait for the first records.
         out = 0
         deadline = time.monotonic() + timeout_s
         first = consumer.poll(1.0)
-        while not first.positions:
+        while not first.read:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no records within {timeout_s}s")
             first = consumer.poll(1.0)
-        out += len(first.examples)
+        out += len(first.events)
         records_before = consumer.stats.records_in
         start = time.perf_counter()
         start_cpu = time.process_time()
         while consumer.stats.records_in < expected:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{consumer.stats.records_in} of {expected} records within {timeout_s}s")
-            out += len(consumer.poll(0.5).examples)
+            out += len(consumer.poll(0.5).events)
         elapsed_s = time.perf_counter() - start
         cpu_s = time.process_time() - start_cpu
         timed = consumer.stats.records_in - records_before

@@ -1,18 +1,15 @@
-"""Ray shell around the online trainer: takes example batches from the consumers' bounded queue, trains,
-publishes to the serving actor through its handle, checkpoints, then commits offsets.
+"""Ray shell around the online trainer: takes event batches from the consumers' bounded queue, trains,
+publishes to the serving actor through its handle, checkpoints, then mirrors its positions into the
+consumer group.
 
-The loop (``run``), once per delivered batch: ``trainer.process(batch)`` (prequential rank of the model
-and the shadow baselines, then ``learn_many`` on every example), and when a checkpoint is due: write it, *then* send each consumer the
-positions it made durable (``ConsumerWorker.commit``). See ``learner.trainer`` for why this order loses
-nothing. A commit that fails (the broker is down, the consumer died) is logged and its positions go back
-to the pending set, so the next round commits them (a newer position covers an older one); nothing is
-lost, because the checkpoint, not the commit, is what a restart resumes from. ``finish()`` ends the loop
-after the batch in hand with a last checkpoint, commit and full publish.
-
-A consumer-group rebalance can hand a partition to another consumer, which re-reads it from the last
-commit: records the learner has already trained (e.g. a consumer that joined the group alone at start
-and polled every partition before the others joined). The loop cuts them out of the batch
-before training (``RedeliveryFilter``), so a rebalance never applies an event twice.
+The loop (``run``), once per delivered batch: ``trainer.process(batch)`` (events already trained are
+dropped by offset; prequential rank of the model and the shadow baselines, then ``learn_many`` on every
+example), and when a checkpoint is due: write it, *then* commit the positions it holds to the consumer
+group (``stream.group_offsets.GroupCommitter``), so that lag tools see the durable progress. See
+``learner.trainer`` for why this order loses nothing. A commit that fails (the broker is down) is logged;
+the next checkpoint commits newer positions. Nothing reads the group's offsets back: a restart resumes
+from the checkpoint, whose positions the supervisor hands to the consumers (``positions()``).
+``finish()`` ends the loop after the batch in hand with a last checkpoint, commit and full publish.
 
 Serving may die on its own: ``_send`` then drops the version (it never crashes the learner), and when the
 supervisor hands over a new replica (``set_serving``) the loop, and only the loop (it owns the trainer),
@@ -20,7 +17,7 @@ sends it a full version before any delta.
 
 ``audit_log``: a JSON-lines record of what each incarnation of the learner trained: one ``start`` line
 (pid, the restored checkpoint's ``events_applied``, positions, id-map and user-state sizes), then one
-``batch`` line per trained batch with its event ids, written after the batch is trained and before any
+``batch`` line per trained batch with the event ids it trained (re-read ones dropped), written after the batch is trained and before any
 checkpoint that holds it. From it the fault tests rebuild exactly which events the model reflects and how
 many were trained twice across a restart.
 """
@@ -43,84 +40,12 @@ from learner.config import SITNConfig
 from learner.learner import SITNLearner
 from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
 from learner.trainer import OnlineTrainer
-from sitn.errors import SitnError
 from sitn.telemetry import TelemetrySettings, start_exporter
-from stream.consumer import ExampleBatch, Position
 from stream.events import EmbeddingBatch
+from stream.group_offsets import GroupCommitter
 from stream.settings import StreamSettings
 
 log = logging.getLogger(__name__)
-
-
-class RedeliveryError(SitnError):
-    """A re-delivered batch whose overlap with what was trained cannot be told exactly (it holds dead
-    letters), or a batch that skips records. The learner stops; the supervisor restarts it from the
-    checkpoint."""
-
-
-class RedeliveryFilter:
-    """Cuts records the learner has trained already out of a batch that re-delivers them.
-
-    Each partition's batches come from one consumer per assignment epoch, in offset order. A batch from
-    the same (consumer, epoch) as the last one trained for its partition continues it. One from another
-    owner follows a rebalance and starts at the last commit, at or below what was trained: a span of ``n``
-    examples ending at next offset ``e`` covers offsets ``e - n .. e - 1`` when the batch has no dead
-    letters (with ``d`` dead letters it starts somewhere in ``e - n - d .. e - n``).
-
-    >>> from stream.user_state import Example
-    >>> ex = [Example(f"e{i}", "u", "movie", f"m{i}", i, {}) for i in range(5)]
-    >>> f = RedeliveryFilter()
-    >>> first = ExampleBatch(ex[:2], {0: Position(1, 12), 1: Position(1, 9)}, {0: (0, 1), 1: (1, 2)}, consumer_id="c0")
-    >>> f.filter(first, {0: 11, 1: 8})[0] is first  # the first batch after a restore continues the checkpoint
-    True
-    >>> again = ExampleBatch(ex, {0: Position(2, 13), 1: Position(2, 7)}, {0: (0, 3), 1: (3, 5)}, consumer_id="c1")
-    >>> kept, cut = f.filter(again, {0: 12, 1: 9})  # 0: offsets 10..12, 12 is new; 1: nothing new
-    >>> [e.event_id for e in kept.examples], kept.positions, kept.spans, cut
-    (['e2'], {0: Position(epoch=2, offset=13)}, {0: (0, 1)}, 4)
-    """
-
-    def __init__(self) -> None:
-        self.owners: dict[int, tuple[str, int]] = {}  # partition -> (consumer, epoch) of its last trained batch
-
-    def filter(self, batch: ExampleBatch, trained: dict[int, int]) -> tuple[ExampleBatch, int]:
-        """``batch`` without what ``trained`` (partition -> next offset trained) covers; and the examples cut."""
-        examples: list[Any] = []
-        spans: dict[int, tuple[int, int]] = {}
-        positions: dict[int, Position] = {}
-        cut = 0
-        d = batch.dead_letters
-        for p, pos in batch.positions.items():
-            start, end = batch.spans.get(p, (0, 0))
-            n = end - start
-            owner = self.owners.get(p)
-            done = trained.get(p)
-            keep = n
-            if owner is not None and owner != (batch.consumer_id, pos.epoch) and done is not None:
-                first = pos.offset - n  # the first offset, unless some of the records were dead letters
-                if first - d > done:
-                    raise RedeliveryError(f"partition {p}: a batch from offset {first - d} on, but the learner "
-                                          f"trained up to {done}: records were skipped")
-                if pos.offset <= done:
-                    keep = 0
-                elif d == 0 or first - d == done:
-                    keep = min(n, pos.offset - done)
-                else:
-                    raise RedeliveryError(
-                        f"partition {p}: a re-delivered batch with {d} dead letter(s) ends at offset {pos.offset}, "
-                        f"the learner trained up to {done}: the overlap is not exact"
-                    )
-            cut += n - keep
-            if keep or (n == 0 and (done is None or pos.offset > done)):
-                positions[p] = pos
-                self.owners[p] = (batch.consumer_id, pos.epoch)
-            if keep:
-                spans[p] = (len(examples), len(examples) + keep)
-                examples.extend(batch.examples[end - keep : end])
-        if cut == 0:
-            for p, pos in batch.positions.items():
-                self.owners[p] = (batch.consumer_id, pos.epoch)
-            return batch, 0
-        return ExampleBatch(examples, positions, spans, d, batch.consumer_id), cut
 
 
 class LearnerWorker:
@@ -136,12 +61,14 @@ class LearnerWorker:
         torch_threads: int = 1,
         checkpoint_keep: int = 3,
         kafka_updates: StreamSettings | None = None,
+        group_offsets: StreamSettings | None = None,
         metrics: TelemetrySettings | None = None,
         targets_dir: Path | None = None,
         audit_log: Path | None = None,
         **trainer_options: Any,
     ) -> None:
         """``kafka_updates``: also publish every version to that settings' compacted updates topic.
+        ``group_offsets``: after each checkpoint, commit its positions to that settings' consumer group.
         ``metrics``/``targets_dir``: expose this process's metrics and register them (``sitn.telemetry``).
         ``audit_log``: append what this incarnation trains there (see the module docstring)."""
         torch.set_num_threads(torch_threads)
@@ -153,8 +80,7 @@ class LearnerWorker:
         self._awaiting_full = False  # a new replica must get a full version before any delta
         self.versions_dropped = 0
         self.commit_failures = 0
-        self.redelivered_dropped = 0
-        self._redelivery = RedeliveryFilter()
+        self._group = GroupCommitter(group_offsets) if group_offsets is not None else None
         transports: list[Transport] = [CallableTransport(self._send)]
         if kafka_updates is not None and kafka_updates.uses_kafka:
             from stream.producer import make_kafka_producer
@@ -176,7 +102,7 @@ class LearnerWorker:
                 "restored_events_applied": self.trainer.events_applied,
                 "positions": {str(p): o for p, o in self.trainer.positions.items()},
                 "idmap_sizes": {role: len(m) for role, m in self.trainer.learner.idmaps.items()},
-                "mirror_users": {str(p): len(s) for p, s in self.trainer.mirror.items()},
+                "users": {str(p): len(s) for p, s in self.trainer.user_state.items()},
             })
         if self.restored:
             self.trainer.publish(force_full=True)  # serving gets exactly the restored state
@@ -239,10 +165,11 @@ class LearnerWorker:
         if self._awaiting_full and self._serving is not None:
             self.trainer.publish(force_full=True)  # None while the publish gate holds: retried next iteration
 
-    def resume_info(self) -> dict[str, Any]:
-        return self.trainer.resume_info()
+    def positions(self) -> dict[int, int]:
+        """Per partition, the next offset after everything trained: where a (re)started consumer begins."""
+        return self.trainer.resume_positions()
 
-    def run(self, queue: Any, consumers: dict[str, Any], poll_timeout_s: float = 0.5) -> dict[str, float]:
+    def run(self, queue: Any, poll_timeout_s: float = 0.5) -> dict[str, float]:
         """Train until ``finish()``; returns the final summary."""
         from ray.util.queue import Empty
 
@@ -256,40 +183,35 @@ class LearnerWorker:
                 except Empty:
                     self.trainer.publish_if_due()  # an idle stream still publishes its last steps
                     continue
-                batch, cut = self._redelivery.filter(batch, self.trainer.positions)
-                if cut:
-                    self.redelivered_dropped += cut
-                    log.warning("dropped re-delivered examples already trained consumer=%s examples=%d",
-                                batch.consumer_id, cut)
+                dropped_before = self.trainer.redelivered_dropped
+                applied_before = self.trainer.events_applied
                 self.trainer.process(batch, received_wall_s=time.time())
+                dropped = self.trainer.redelivered_dropped - dropped_before
+                if dropped:
+                    log.warning("dropped re-delivered events already trained consumer=%s events=%d",
+                                batch.consumer_id, dropped)
                 self.batches_processed += 1
-                self.examples_processed += len(batch.examples)
+                self.examples_processed += self.trainer.events_applied - applied_before
                 if self._audit is not None:  # after training, before any checkpoint that holds it
-                    self._audit_write({"kind": "batch", "event_ids": [ex.event_id for ex in batch.examples]})
+                    trained = self.trainer.last_trained_event_ids
+                    self._audit_write({"kind": "batch", "event_ids": trained})
                 if self.trainer.checkpoint_due():
-                    self._checkpoint_and_commit(consumers)
+                    self._checkpoint_and_commit()
             self._adopt_serving()
             self.trainer.publish(force_full=True)
-            self._checkpoint_and_commit(consumers)
+            self._checkpoint_and_commit()
             return self.trainer.summary()
         finally:
             self._stopped.set()
+            if self._group is not None:
+                self._group.close()
 
-    def _checkpoint_and_commit(self, consumers: dict[str, Any]) -> None:
-        self.trainer.checkpoint()  # 1. the checkpoint holds the batches' effect ...
+    def _checkpoint_and_commit(self) -> None:
+        self.trainer.checkpoint()  # 1. the checkpoint holds the batches' effect and their positions ...
         self.events_checkpointed = self.trainer.events_applied
-        commits = self.trainer.take_commits()  # 2. ... only then are their offsets committed
-        refs = {cid: consumers[cid].commit.remote(positions) for cid, positions in commits.items() if cid in consumers}
-        for cid, ref in refs.items():
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                # 3. A failed commit is retried by the next round: put the positions back (a newer position
-                # covers an older one). A restart in between resumes from the checkpoint, so nothing is lost.
-                self.commit_failures += 1
-                self.trainer.pending.add(ExampleBatch([], commits[cid], consumer_id=cid))
-                log.warning("commit failed; retried with the next checkpoint consumer=%s error=%s", cid,
-                            str(exc).splitlines()[0])
+        # 2. ... only then does the consumer group show them (for lag tools; a failure is retried next time).
+        if self._group is not None and not self._group.commit(self.trainer.resume_positions()):
+            self.commit_failures += 1
         self.commit_rounds += 1
 
     def finish(self) -> None:
@@ -303,7 +225,6 @@ class LearnerWorker:
         out["events_checkpointed"] = float(self.events_checkpointed)
         out["commit_failures"] = float(self.commit_failures)
         out["versions_dropped"] = float(self.versions_dropped)
-        out["redelivered_dropped"] = float(self.redelivered_dropped)
         return out
 
     def quality(self) -> dict[str, Any]:

@@ -12,19 +12,24 @@ for a grid of weights; each publish carries the weight it serves with (``Embeddi
 the ``fused`` tally is its rank at that weight, so the fallback can choose it as serving would answer.
 Tallies, baselines, the fused weights' tallies and the fallback's window are checkpointed with the model.
 
-Commit order (see also ``stream.consumer``):
+The learner owns the stream's positions and each user's history (``stream.consumer`` hands it decoded events
+with their offsets, nothing more). Per partition it keeps the position, the next offset to read, of
+everything trained, and one :class:`~stream.user_state.UserStateStore` from which each event's causal
+example is built. Exactly once, in this order:
 
-1. ``process(batch)`` trains on *every* example of the delivered batch (in chunks of ``batch_size``)
-   before it returns, so between calls nothing is half-applied. It also replays the batch's events into
-   a per-partition mirror of the consumers' user state, and notes the batch's positions.
-2. ``checkpoint()`` writes model, optimizer, prototypes, id maps, the mirrored user state, publisher
-   state and the positions (next offset to read per partition) atomically, in one file.
-3. Only then does the caller commit the positions returned by ``take_commits()`` to the stream.
+1. ``process(batch)`` drops every event at an offset below its partition's position (trained already: a
+   consumer replaced alone re-reads from the position it was given, while the batches its predecessor
+   delivered are still queued), builds the examples of the others from the history store, trains on all
+   of them (in chunks of ``batch_size``) before it returns, and advances the positions. Between calls
+   nothing is half-applied. A batch that starts *above* a position would skip records: an error.
+2. ``checkpoint()`` writes model, optimizer, prototypes, id maps, the history store, publisher state and
+   the positions atomically, in one file.
+3. Only then does the caller mirror the positions into the consumer group (``stream.group_offsets``),
+   for lag tools; nothing reads them back.
 
-A crash before 2 loses nothing: the stream re-delivers from the last committed offsets, which are the
-previous checkpoint's. A crash between 2 and 3 is repaired at restart: the supervisor moves the
-group's committed offsets to the checkpoint's positions (``resume_info``) before the consumers start,
-and seeds their user state from the checkpoint, so nothing is applied twice.
+A crash before 2 loses nothing: the new learner restores the previous checkpoint and the consumers are
+started at its positions (``positions()``), so what was trained after it is trained again (at most one
+checkpoint interval plus the batches in flight) and nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -45,10 +50,11 @@ from learner.prequential import PrequentialEvaluator, StreamQuality
 from learner.publisher import Publisher, Transport
 from learner.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
 from serving.fused import FUSED_WEIGHTS
-from stream.consumer import ExampleBatch, PendingCommits, Positions
+from sitn.errors import SitnError
+from stream.consumer import EventBatch
 from stream.cooccurrence import rank_with_ties_against
-from stream.events import EmbeddingBatch, InteractionEvent
-from stream.user_state import UserStateStore
+from stream.events import EmbeddingBatch
+from stream.user_state import Example, UserStateStore
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,11 @@ FUSED = "fused"
 RANKERS = (MODEL, *BASELINES)  # the rankers every target event is scored with (and FUSED when it is on)
 # The baselines serving can compute itself, by the name ``served_by`` gives them, and their shadow ranker.
 SERVABLE = {"popularity": "popularity", "cooccurrence": "cooc_target"}
+
+
+class StreamGapError(SitnError):
+    """A batch starts above the learner's position in a partition: records would be skipped. A bug in
+    whoever started the consumer there; the learner stops and is restarted from its checkpoint."""
 
 
 class _StampServedBy:
@@ -101,7 +112,7 @@ class OnlineTrainer:
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
-        ``max_users``: users kept per partition in the mirror of the consumers' user state;
+        ``max_users``: users kept per partition in the history store;
         ``served_max_users``: users in the mirror of what serving holds (``ServingSettings.max_users``).
         ``drift``: watches each step's losses and prequential metrics, the input events and, after each
         publish, the prototype assignments (``learner.drift``); its detectors are checkpointed.
@@ -136,9 +147,10 @@ class OnlineTrainer:
             self._stamp.fused_weight = self.fused.weight
         self.fallback = fallback
         self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
-        self.mirror: dict[int, UserStateStore] = {}  # partition -> the consumers' user state, as trained
-        self.pending = PendingCommits()
+        self.user_state: dict[int, UserStateStore] = {}  # partition -> its users' histories, as trained
         self.events_applied = 0
+        self.redelivered_dropped = 0  # events of delivered batches below the position: trained already
+        self.last_trained_event_ids: list[str] = []  # of the last process() call, in training order
         self._last_checkpoint_step = int(learner.step)
         self.last_stats: dict[str, float] = {}
         self.gate = gate
@@ -147,26 +159,44 @@ class OnlineTrainer:
         self._gate_rng = np.random.default_rng(0)
 
     # -- the batch path ------------------------------------------------------------------------------
-    def process(self, batch: ExampleBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
-        """Train on every example of ``batch``; returns the statistics of each learner step."""
+    def process(self, batch: EventBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
+        """Train on every event of ``batch`` not trained yet; returns the statistics of each learner step."""
         received_wall_s = time.time() if received_wall_s is None else received_wall_s
-        domains = (self.source, self.target)
-        for partition, (start, end) in batch.spans.items():
-            store = self.mirror.get(partition)
-            if store is None:
-                store = self.mirror[partition] = UserStateStore(domains, self.learner.config.max_len, self.max_users)
-            for ex in batch.examples[start:end]:
-                store.observe(InteractionEvent(ex.event_id, ex.user_id, ex.item_id, ex.domain, ex.timestamp))
+        examples = self._examples(batch)
+        self.last_trained_event_ids = [ex.event_id for ex in examples]
         stats = [
-            self._step(batch.examples[i : i + self.batch_size], received_wall_s)
-            for i in range(0, len(batch.examples), self.batch_size)
+            self._step(examples[i : i + self.batch_size], received_wall_s)
+            for i in range(0, len(examples), self.batch_size)
         ]
-        for partition, position in batch.positions.items():
-            self.positions[partition] = position.offset
-        self.pending.add(batch)
-        self.events_applied += len(batch.examples)
+        self.events_applied += len(examples)
         telemetry.EVENTS_APPLIED.set(self.events_applied)
         return stats
+
+    def _examples(self, batch: EventBatch) -> list[Example]:
+        """The causal examples of the batch's new events (history before each, from the store), in batch
+        order; advances the positions and the store. Events below a partition's position are dropped."""
+        examples: list[Example] = []
+        for partition, (first, end) in batch.read.items():
+            trained = self.positions.get(partition)
+            if trained is not None and first > trained:
+                raise StreamGapError(f"partition {partition}: a batch from offset {first} on, but the learner "
+                                     f"trained up to {trained}: records {trained}..{first - 1} would be skipped")
+            start, stop = batch.spans.get(partition, (0, 0))
+            store = self.user_state.get(partition)
+            if store is None and stop > start:
+                store = self.user_state[partition] = UserStateStore(
+                    (self.source, self.target), self.learner.config.max_len, self.max_users)
+            floor = trained or 0
+            dropped = 0
+            for event, offset in zip(batch.events[start:stop], batch.offsets[start:stop], strict=True):
+                if offset < floor:
+                    dropped += 1
+                    continue
+                assert store is not None
+                examples.append(store.observe(event))
+            self.redelivered_dropped += dropped
+            self.positions[partition] = max(end, floor)
+        return examples
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
         start_s = time.perf_counter()
@@ -312,7 +342,8 @@ class OnlineTrainer:
             return
         extra = {
             "positions": dict(self.positions),
-            "user_state": {p: s.state_dict() for p, s in self.mirror.items()},
+            "user_state": {p: s.state_dict() for p, s in self.user_state.items()},
+            "redelivered_dropped": self.redelivered_dropped,
             "publisher": self.publisher.state_dict(),
             "events_applied": self.events_applied,
             "drift": self.drift.state_dict() if self.drift is not None else None,
@@ -327,10 +358,6 @@ class OnlineTrainer:
         telemetry.EVENTS_APPLIED.set(self.events_applied)
         self._last_checkpoint_step = int(self.learner.step)
 
-    def take_commits(self) -> dict[str, Positions]:
-        """Positions, per consumer, made durable by the last checkpoint: commit them now."""
-        return self.pending.take()
-
     def restore(self) -> bool:
         """Load the newest good checkpoint, if any; True when one was loaded."""
         if self.checkpoints is None:
@@ -343,7 +370,8 @@ class OnlineTrainer:
         self.publisher.learner = learner
         self.publisher.load_state_dict(extra["publisher"])
         self.positions = {int(p): int(o) for p, o in extra["positions"].items()}
-        self.mirror = {int(p): UserStateStore.from_state_dict(s) for p, s in extra["user_state"].items()}
+        self.user_state = {int(p): UserStateStore.from_state_dict(s) for p, s in extra["user_state"].items()}
+        self.redelivered_dropped = int(extra.get("redelivered_dropped", 0))
         self.events_applied = int(extra["events_applied"])
         if self.drift is not None and extra.get("drift") is not None:
             self.drift.load_state_dict(extra["drift"])
@@ -362,12 +390,9 @@ class OnlineTrainer:
                  len(self.positions))
         return True
 
-    def resume_info(self) -> dict[str, Any]:
-        """What the consumers must resume from: the positions and per-partition user state trained so far."""
-        return {
-            "positions": dict(self.positions),
-            "user_state": {p: s.state_dict() for p, s in self.mirror.items()},
-        }
+    def resume_positions(self) -> dict[int, int]:
+        """Where consumers start: per partition, the next offset after everything trained (a copy)."""
+        return dict(self.positions)
 
     @property
     def served_by(self) -> str:
@@ -389,6 +414,7 @@ class OnlineTrainer:
     def summary(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self.last_stats.items() if isinstance(v, int | float) and not math.isnan(v)}
         out["events_applied"] = float(self.events_applied)
+        out["redelivered_dropped"] = float(self.redelivered_dropped)
         out["step"] = float(self.learner.step)
         out["published_version"] = float(self.publisher.version)
         return out

@@ -4,18 +4,18 @@
 
 - the **serving actor** (FAISS index + HTTP API) starts first and keeps answering through every restart
   below it;
-- the **learner actor** restores the newest good checkpoint (if the run directory has one);
-- the group's committed offsets are moved to that checkpoint's positions and the **consumer actors**
-  start with the checkpoint's per-partition user state, so the stream resumes exactly after what the
-  model holds;
+- the **learner actor** restores the newest good checkpoint (if the run directory has one); it owns the
+  stream's positions and every user's history;
+- the **consumer actors**, stateless decoders with a static partition assignment, start at the learner's
+  positions, so the stream resumes exactly after what the model holds;
 - a **replay thread** produces the data set into the log (embedded or Kafka) at a chosen rate.
 
-If the learner or a consumer actor dies, ``supervise()`` stops the consumers, starts a new learner from
-the last checkpoint and new consumers from its positions. Nothing is lost: offsets are only committed
-after the checkpoint that contains their effect. What was trained after that checkpoint is trained again
-(at most one checkpoint interval plus the batches in flight). A restart that fails (the broker is down,
-a killed consumer is still a member of the group until its session times out) is retried by the next
-``supervise()`` call.
+If a consumer actor dies, ``supervise()`` replaces it alone, at the learner's current positions for its
+partitions; the learner goes on and drops by offset what the replacement reads twice. If the learner
+dies, ``supervise()`` stops the consumers, starts a new learner from the last checkpoint and new
+consumers at its positions: what was trained after that checkpoint is trained again (at most one
+checkpoint interval plus the batches in flight), nothing is lost and nothing is applied twice. A restart
+that fails (the broker is down) is retried by the next ``supervise()`` call.
 
 If the serving actor dies, ``supervise()`` starts a new one, on the same port when it can (so the URL
 stays), and hands it to the learner, whose loop sends it a full version first. Only that restart
@@ -60,7 +60,7 @@ from sitn.telemetry import TelemetrySettings
 from stream.actors import ConsumerFleet
 from stream.dataset import EventLog, load_events
 from stream.events import InteractionEvent
-from stream.group_offsets import GroupLag, reset_group_offsets
+from stream.group_offsets import GroupLag
 from stream.producer import (
     KafkaRecordProducer,
     LagThrottle,
@@ -151,7 +151,8 @@ class Pipeline:
         self.learner: Any = None
         self.fleet: ConsumerFleet | None = None
         self._learner_run: Any = None
-        self.restarts = 0
+        self.restarts = 0  # of the learner (with the consumers)
+        self.consumer_restarts = 0  # of one consumer alone
         self.serving_restarts = 0
         self.recovering: str | None = None  # the failure whose restart has not succeeded yet
         self.audit_log = audit_log
@@ -189,20 +190,16 @@ class Pipeline:
 
     def _start_training(self) -> None:
         """A learner restored from the newest checkpoint (kept from a failed attempt if there is one), the
-        group's offsets moved to its positions, consumers seeded with its user state, then its loop."""
+        consumers started at its positions, then its loop."""
         if self.learner is None:
             self.learner = self._new_learner()
-        resume = ray.get(self.learner.resume_info.remote())
-        # Refused while a killed consumer is still a member of the group (until its session times out) or
-        # while the broker is away: supervise() retries.
-        reset_group_offsets(self.stream, resume["positions"])
+        positions = ray.get(self.learner.positions.remote())
         r = self.run_settings
         self.fleet = ConsumerFleet(
-            self.stream, consumers=r.consumers, queue_maxsize=r.queue_maxsize,
-            initial_user_state={int(p): s for p, s in resume["user_state"].items()},
+            self.stream, consumers=r.consumers, queue_maxsize=r.queue_maxsize, start_offsets=positions,
             metrics=self.metrics, targets_dir=self.targets_dir,
         )
-        self._learner_run = self.learner.run.remote(self.fleet.queue, self.fleet.actors)
+        self._learner_run = self.learner.run.remote(self.fleet.queue)
 
     def _new_learner(self) -> Any:
         r = self.run_settings
@@ -219,6 +216,7 @@ class Pipeline:
             publish_every_s=r.publish_every_s,
             full_publish_every=r.full_publish_every,
             kafka_updates=self.stream if self.stream.uses_kafka else None,
+            group_offsets=self.stream,
             metrics=self.metrics,
             targets_dir=self.targets_dir,
             gate=self._gate(),
@@ -280,14 +278,16 @@ class Pipeline:
 
     # -- supervision -----------------------------------------------------------------------------------
     def supervise(self) -> None:
-        """Restart what died: serving on its own; learner and consumers together, from the last checkpoint.
+        """Restart what died: serving on its own; a consumer on its own, at the learner's positions; the
+        learner together with the consumers, from the last checkpoint.
 
         Call it periodically. A restart that fails is logged and retried by the next call.
         """
         self._supervise_serving()
         if self.recovering is None:
-            self.recovering = self._training_failure()
+            self.recovering = self._learner_failure()
             if self.recovering is None:
+                self._supervise_consumers()
                 return
             log.error("recovering from failure=%s", self.recovering.splitlines()[0])
             self.restarts += 1
@@ -305,21 +305,34 @@ class Pipeline:
         log.info("recovered from failure=%s", self.recovering.splitlines()[0])
         self.recovering = None
 
-    def _training_failure(self) -> str | None:
-        """Why the learner or a consumer is down, or None."""
-        assert self.fleet is not None
+    def _learner_failure(self) -> str | None:
+        """Why the learner is down, or None."""
         done, _ = ray.wait([self._learner_run], timeout=0)
-        if done:
-            try:
-                ray.get(done[0])
-                return "learner loop returned"
-            except Exception as exc:
-                return f"learner: {type(exc).__name__}: {exc}"
+        if not done:
+            return None
         try:
-            self.fleet.check_health()
+            ray.get(done[0])
+            return "learner loop returned"
         except Exception as exc:
-            return f"consumer: {type(exc).__name__}: {exc}"
-        return None
+            return f"learner: {type(exc).__name__}: {exc}"
+
+    def _supervise_consumers(self) -> None:
+        """Replace each consumer whose loop ended, alone, at the learner's positions for its partitions.
+
+        The learner's positions may trail what it trains by the time the new consumer reads: the learner
+        drops what is read twice (``learner.trainer``). A replacement that fails is retried next call."""
+        assert self.fleet is not None
+        for consumer_id, why in self.fleet.failed().items():
+            log.error("consumer failed consumer=%s failure=%s", consumer_id, why.splitlines()[0])
+            try:
+                positions = ray.get(self.learner.positions.remote(), timeout=30)
+                self.fleet.replace(consumer_id, positions)
+            except Exception as exc:
+                log.warning("consumer restart failed, retried at the next supervise() consumer=%s error=%s: %s",
+                            consumer_id, type(exc).__name__, (str(exc) or "-").splitlines()[0])
+                continue
+            self.consumer_restarts += 1
+            log.info("consumer replaced consumer=%s", consumer_id)
 
     def _supervise_serving(self) -> None:
         """Start a new serving actor if this one died (or its HTTP server stopped), and hand it to the learner."""
@@ -379,6 +392,7 @@ class Pipeline:
             "replay_total": self.replay_progress.total,
             "replay_rate": self.replay_progress.rate_events_per_s,
             "restarts": self.restarts,
+            "consumer_restarts": self.consumer_restarts,
         }
         if self._throttle is not None:
             out["replay_throttled_s"] = self._throttle.throttled_s
@@ -447,7 +461,8 @@ class Pipeline:
             "dead_letter_max_ratio": self.run_settings.dead_letter_max_ratio,
             "dead_letters_by_reason": by_reason,
             "dead_letter_examples": status.get("dead_letter_examples") or {},  # the first letter of each reason
-            "restarts": int(self.restarts),
+            "restarts": int(self.restarts),  # of the learner, with the consumers
+            "consumer_restarts": int(self.consumer_restarts),  # of a consumer alone
             "serving_restarts": int(self.serving_restarts),
             "caught_up": self.caught_up_s is not None,
             "wall_time_s": wall_time_s,

@@ -1,28 +1,22 @@
-"""Ray shell around the consumer core: one actor per partition set, batches out through a bounded queue.
+"""Ray shell around the consumer core: one actor per fixed partition set, batches out through a bounded queue.
 
-``ConsumerFleet`` starts ``n`` :class:`ConsumerActor` s in one consumer group and a
-``ray.util.queue.Queue(maxsize)``. Each actor loops ``poll -> put`` in a thread of its own; the learner
-``get``s :class:`~stream.consumer.ExampleBatch` es, trains, checkpoints, then hands the batches' positions
-back with ``commit`` (see the commit order in ``stream.consumer``).
+``ConsumerFleet`` starts ``n`` :class:`ConsumerActor` s and a ``ray.util.queue.Queue(maxsize)``. Partition
+``p`` is read by actor ``p % n`` (a static assignment, on Kafka as on the embedded log: no consumer group,
+no rebalance), from the start offsets the fleet is given: the learner's checkpointed positions. Each actor
+loops ``poll -> put`` in a thread of its own; the learner ``get``s :class:`~stream.consumer.EventBatch` es.
+Consumers commit nothing and keep no state, so a dead one is replaced alone (``replace``), at the positions
+the learner has trained for its partitions; the learner drops what the replacement reads twice.
 
-Backpressure: when the queue is full, ``put`` waits ``put_wait_s``; if there is still no room the actor
-pauses its source and keeps polling (returns nothing, keeps the Kafka group membership and serves commit
-requests) until the batch fits. Partitions revoked meanwhile are cut out of the waiting batch. Kafka
-assigns partitions through the group; the embedded log gets a static split (partition ``p`` goes to actor
-``p % n``).
-
-Only the loop thread touches the consumer (a KafkaConsumer is not thread-safe): ``commit`` calls from the
-driver are queued to it and answered through a future.
+Backpressure: when the queue is full, ``put`` waits ``put_wait_s`` and tries again (updating the lag
+gauge meanwhile) until the batch fits or the actor is stopped.
 """
 
 from __future__ import annotations
 
 import logging
-import queue as stdlib_queue
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +25,7 @@ from ray.util.queue import Empty, Full, Queue
 
 from sitn.telemetry import Exporter, TelemetrySettings, start_exporter
 from stream import telemetry
-from stream.consumer import ConsumerStats, ExampleBatch, Position, Positions, StreamConsumer
+from stream.consumer import ConsumerStats, EventBatch, StreamConsumer
 from stream.dead_letter import open_dead_letters
 from stream.settings import StreamSettings
 from stream.source import open_source
@@ -48,22 +42,22 @@ class ConsumerWorker:
         consumer_id: str,
         out: Any,
         partitions: frozenset[int] | None = None,
+        start_offsets: Mapping[int, int] | None = None,
         put_wait_s: float = 1.0,
-        initial_user_state: Mapping[int, dict[str, Any]] | None = None,
         metrics: TelemetrySettings | None = None,
         targets_dir: Path | None = None,
         lag_every_s: float = 1.0,
     ) -> None:
-        """``metrics``/``targets_dir``: expose this process's metrics and register them (``sitn.telemetry``)."""
+        """``partitions``: what it reads (default all); ``start_offsets``: next offset to read per partition
+        (a partition without one from its beginning).
+        ``metrics``/``targets_dir``: expose this process's metrics and register them (``sitn.telemetry``)."""
         self.settings = settings
-        self.initial_user_state = dict(initial_user_state or {})
         self.consumer_id = consumer_id
         self.out = out
         self.partitions = partitions
+        self.start_offsets = dict(start_offsets or {})
         self.put_wait_s = put_wait_s
         self._stop = threading.Event()
-        self._started = threading.Event()
-        self._commits: stdlib_queue.Queue[tuple[Positions, Future[dict[int, int]]]] = stdlib_queue.Queue()
         self._consumer: StreamConsumer | None = None
         self.batches_delivered = 0
         self.waits_on_full_queue = 0
@@ -71,98 +65,48 @@ class ConsumerWorker:
         self.exporter: Exporter | None = start_exporter(metrics, "consumer", targets_dir)
 
     def run(self) -> ConsumerStats:
-        """Poll and deliver until ``stop()``; then close the consumer (leaving the group). Returns the stats."""
+        """Poll and deliver until ``stop()``; then close the consumer. Returns the stats."""
         consumer = StreamConsumer(
-            open_source(self.settings, partitions=self.partitions),
+            open_source(self.settings, partitions=self.partitions, start_offsets=self.start_offsets),
             open_dead_letters(self.settings),
             domains=self.settings.domains,
-            max_history=self.settings.max_history,
-            max_users=self.settings.max_users,
             consumer_id=self.consumer_id,
-            initial_user_state=self.initial_user_state,
         )
         self._consumer = consumer
-        self._started.set()
         try:
             lag_due_s = 0.0
             while not self._stop.is_set():
-                self._serve_commits(consumer)
                 batch = consumer.poll(self.settings.poll_timeout_s)
-                if batch.positions:
+                if batch.read:
                     self._deliver(consumer, batch)
                 if time.monotonic() >= lag_due_s:
                     consumer.export_lag()
                     lag_due_s = time.monotonic() + self.lag_every_s
-            self._serve_commits(consumer)
         except Exception:
             log.exception("consumer loop failed consumer=%s", self.consumer_id)
             raise
         finally:
-            self._fail_pending_commits()
             consumer.close()
             if self.exporter is not None:
                 self.exporter.unregister()
             log.info("consumer stopped consumer=%s stats=%s", self.consumer_id, consumer.stats)
         return consumer.stats
 
-    def _deliver(self, consumer: StreamConsumer, batch: ExampleBatch) -> None:
-        paused = False
-        try:
-            while not self._stop.is_set():
-                try:
-                    self.out.put(batch, timeout=self.put_wait_s)
-                    self.batches_delivered += 1
-                    telemetry.BATCHES_DELIVERED.inc()
-                    return
-                except Full:
-                    self.waits_on_full_queue += 1
-                    telemetry.QUEUE_FULL_WAITS.inc()
-                    consumer.export_lag()  # lag grows while we wait: keep the gauge honest
-                if not paused:
-                    consumer.source.pause()
-                    paused = True
-                self._serve_commits(consumer)
-                idle = consumer.poll(self.settings.poll_timeout_s)  # keeps the group membership alive
-                assert not idle.positions, "a paused source returned records"
-                stale = consumer.stale_partitions(batch.positions)
-                if stale:
-                    batch = batch.without_partitions(stale)
-                    if not batch.positions:
-                        return
-        finally:
-            if paused:
-                consumer.source.resume()
-
-    def _serve_commits(self, consumer: StreamConsumer) -> None:
-        while True:
+    def _deliver(self, consumer: StreamConsumer, batch: EventBatch) -> None:
+        while not self._stop.is_set():
             try:
-                positions, future = self._commits.get_nowait()
-            except stdlib_queue.Empty:
+                self.out.put(batch, timeout=self.put_wait_s)
+                self.batches_delivered += 1
+                telemetry.BATCHES_DELIVERED.inc()
                 return
-            try:
-                future.set_result(consumer.commit(positions))
-            except Exception as exc:
-                future.set_exception(exc)
-                raise
-
-    def _fail_pending_commits(self) -> None:
-        while True:
-            try:
-                _positions, future = self._commits.get_nowait()
-            except stdlib_queue.Empty:
-                return
-            future.set_result({})  # stopped before committing: the records will be read again
-
-    def commit(self, positions: Mapping[int, Position], timeout_s: float = 60.0) -> dict[int, int]:
-        """Commit from another thread: runs on the loop thread; returns the offsets committed."""
-        if self._stop.is_set():
-            return {}
-        future: Future[dict[int, int]] = Future()
-        self._commits.put((dict(positions), future))
-        return future.result(timeout=timeout_s)
+            except Full:
+                self.waits_on_full_queue += 1
+                telemetry.QUEUE_FULL_WAITS.inc()
+                consumer.export_lag()  # lag grows while we wait: keep the gauge honest
 
     def assignment(self) -> frozenset[int]:
-        return self._consumer.assignment() if self._consumer is not None else frozenset()
+        """The partitions it reads (static: known before the loop starts)."""
+        return self.partitions if self.partitions is not None else frozenset(range(self.settings.partitions))
 
     def stats(self) -> ConsumerStats:
         return self._consumer.stats if self._consumer is not None else ConsumerStats()
@@ -175,15 +119,15 @@ class ConsumerWorker:
         self._stop.set()
 
 
-# max_concurrency: `run` occupies one thread for the actor's life; commit/stop/stats use the others.
+# max_concurrency: `run` occupies one thread for the actor's life; stop/stats use the others.
 _ray_remote: Any = ray.remote  # its type stubs lack the actor options
 ConsumerActor = _ray_remote(max_concurrency=4, num_cpus=0)(ConsumerWorker)
 
 
-def embedded_partition_sets(partitions: int, consumers: int) -> list[frozenset[int]]:
-    """Static split of the embedded log's partitions over ``consumers`` actors.
+def partition_sets(partitions: int, consumers: int) -> list[frozenset[int]]:
+    """The static split of a topic's partitions over ``consumers`` actors: ``p`` goes to actor ``p % n``.
 
-    >>> embedded_partition_sets(5, 2)
+    >>> partition_sets(5, 2)
     [frozenset({0, 2, 4}), frozenset({1, 3})]
     """
     if not 1 <= consumers <= partitions:
@@ -192,7 +136,7 @@ def embedded_partition_sets(partitions: int, consumers: int) -> list[frozenset[i
 
 
 class ConsumerFleet:
-    """``n`` consumer actors of one group feeding one bounded queue. Use as a context manager."""
+    """``n`` consumer actors with fixed partitions feeding one bounded queue. Use as a context manager."""
 
     def __init__(
         self,
@@ -200,28 +144,34 @@ class ConsumerFleet:
         consumers: int = 2,
         queue_maxsize: int = 8,
         put_wait_s: float = 1.0,
-        initial_user_state: Mapping[int, dict[str, Any]] | None = None,
+        start_offsets: Mapping[int, int] | None = None,
         metrics: TelemetrySettings | None = None,
         targets_dir: Path | None = None,
     ) -> None:
-        """``initial_user_state``: per-partition user state from the checkpoint the group resumes from.
+        """``start_offsets``: next offset to read per partition (the learner's checkpointed positions;
+        a partition without one is read from its beginning).
         ``metrics``/``targets_dir``: each actor exposes its metrics (``sitn.telemetry``)."""
         if queue_maxsize < 1:
             raise ValueError(f"queue_maxsize must be >= 1 (bounded), got {queue_maxsize}")
+        self.settings = settings
+        self.put_wait_s = put_wait_s
+        self.metrics = metrics
+        self.targets_dir = targets_dir
+        self.partitions = {f"consumer-{i}": ps for i, ps in enumerate(partition_sets(settings.partitions, consumers))}
         self.queue = Queue(maxsize=queue_maxsize, actor_options={"num_cpus": 0})
-        sets: list[frozenset[int] | None] = (
-            [None] * consumers if settings.uses_kafka else list(embedded_partition_sets(settings.partitions, consumers))
-        )
         self.actors: dict[str, Any] = {}
         self._runs: dict[str, Any] = {}
-        for i, partitions in enumerate(sets):
-            consumer_id = f"consumer-{i}"
-            actor = ConsumerActor.remote(
-                settings, consumer_id, self.queue, partitions, put_wait_s, initial_user_state or {}, metrics,
-                targets_dir,
-            )
-            self.actors[consumer_id] = actor
-            self._runs[consumer_id] = actor.run.remote()
+        for consumer_id in self.partitions:
+            self._start(consumer_id, start_offsets or {})
+
+    def _start(self, consumer_id: str, start_offsets: Mapping[int, int]) -> None:
+        partitions = self.partitions[consumer_id]
+        mine = {int(p): int(o) for p, o in start_offsets.items() if int(p) in partitions}
+        actor = ConsumerActor.remote(self.settings, consumer_id, self.queue, partitions, mine, self.put_wait_s,
+                                     self.metrics, self.targets_dir)
+        self.actors[consumer_id] = actor
+        self._runs[consumer_id] = actor.run.remote()
+        log.info("consumer started consumer=%s partitions=%s start_offsets=%s", consumer_id, sorted(partitions), mine)
 
     def __enter__(self) -> ConsumerFleet:
         return self
@@ -229,18 +179,13 @@ class ConsumerFleet:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def get(self, timeout_s: float) -> ExampleBatch | None:
+    def get(self, timeout_s: float) -> EventBatch | None:
         """The next batch, or None after ``timeout_s`` without one."""
         try:
-            batch: ExampleBatch = self.queue.get(timeout=timeout_s)
+            batch: EventBatch = self.queue.get(timeout=timeout_s)
         except Empty:
             return None
         return batch
-
-    def commit(self, positions_by_consumer: Mapping[str, Positions], timeout_s: float = 60.0) -> dict[str, dict[int, int]]:
-        """Commit each consumer's positions (``PendingCommits.take()``); returns what each committed."""
-        refs = {cid: self.actors[cid].commit.remote(pos, timeout_s) for cid, pos in positions_by_consumer.items()}
-        return {cid: ray.get(ref, timeout=timeout_s) for cid, ref in refs.items()}
 
     def assignments(self, timeout_s: float = 30.0) -> dict[str, frozenset[int]]:
         refs = {cid: a.assignment.remote() for cid, a in self.actors.items()}
@@ -254,14 +199,35 @@ class ConsumerFleet:
         refs = {cid: a.delivery.remote() for cid, a in self.actors.items()}
         return {cid: ray.get(ref, timeout=timeout_s) for cid, ref in refs.items()}
 
+    def failed(self) -> dict[str, str]:
+        """Consumers whose loop ended (died or raised): consumer id -> why."""
+        out: dict[str, str] = {}
+        done, _ = ray.wait(list(self._runs.values()), num_returns=len(self._runs), timeout=0)
+        by_ref = {ref: cid for cid, ref in self._runs.items()}
+        for ref in done:
+            try:
+                ray.get(ref)
+                out[by_ref[ref]] = "consumer loop returned"
+            except Exception as exc:
+                out[by_ref[ref]] = f"{type(exc).__name__}: {exc}"
+        return out
+
     def check_health(self) -> None:
         """Raise the error of an actor whose loop died (ray.get of its finished run)."""
         done, _ = ray.wait(list(self._runs.values()), num_returns=len(self._runs), timeout=0)
         for ref in done:
             ray.get(ref)
 
+    def replace(self, consumer_id: str, start_offsets: Mapping[int, int]) -> None:
+        """Start a new actor for ``consumer_id``'s partitions at ``start_offsets`` (the learner's positions),
+        in place of the one there (killed first). The others and the queue are untouched."""
+        old = self.actors.pop(consumer_id)
+        self._runs.pop(consumer_id)
+        ray.kill(old, no_restart=True)
+        self._start(consumer_id, start_offsets)
+
     def stop(self, timeout_s: float = 60.0) -> dict[str, ConsumerStats]:
-        """Stop every loop (each leaves the group), wait for them, then release the actors and the queue."""
+        """Stop every loop, wait for them, then release the actors and the queue."""
         for actor in self.actors.values():
             actor.stop.remote()
         try:

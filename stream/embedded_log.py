@@ -31,7 +31,7 @@ from typing import BinaryIO
 import orjson
 
 from sitn.errors import ConfigError, DataFormatError
-from stream.source import NoRebalanceListener, Offsets, RebalanceListener, RecordBatch
+from stream.source import Offsets, RecordBatch
 
 log = logging.getLogger(__name__)
 
@@ -372,43 +372,30 @@ class PartitionReader:
 class EmbeddedSource:
     """The :class:`~stream.source.Source` contract over an :class:`EmbeddedLog` topic.
 
-    The assignment is static (``partitions``, default all), so there are no rebalances; the listener hears
-    ``on_assigned`` on the first ``next_batch`` and ``on_revoked`` on ``close``. Reading starts at the
-    group's committed offsets (0 where none), exactly as a Kafka consumer with ``auto_offset_reset=earliest``.
+    The assignment is static (``partitions``, default all). Reading starts at ``start_offsets`` (a
+    partition without one from offset 0), as a Kafka consumer that was ``assign()``-ed and ``seek()``-ed.
     """
 
     def __init__(
         self,
         log_: EmbeddedLog,
-        group: str,
         partitions: Iterable[int] | None = None,
-        listener: RebalanceListener | None = None,
+        start_offsets: Mapping[int, int] | None = None,
         max_records: int = 2000,
-        fsync: bool = False,
     ) -> None:
         self.log = log_
         self.topic = log_.topic
-        self.group = group
         self._partitions = frozenset(range(log_.partitions) if partitions is None else partitions)
-        for p in self._partitions:
-            log_.partition_dir(p)
-        self.listener = listener or NoRebalanceListener()
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
         self.max_records = max_records
-        self.fsync = fsync
-        self._readers: dict[int, PartitionReader] | None = None
+        start = dict(start_offsets or {})
+        self._readers = {p: PartitionReader(log_, p, int(start.get(p, 0))) for p in sorted(self._partitions)}
         self._paused = False
         self._next_partition = 0
 
-    def _start(self) -> dict[int, PartitionReader]:
-        committed = self.log.committed(self.group)
-        self._readers = {p: PartitionReader(self.log, p, committed.get(p, 0)) for p in sorted(self._partitions)}
-        self.listener.on_assigned(self._partitions)
-        return self._readers
-
     def next_batch(self, timeout_s: float) -> list[RecordBatch]:
-        readers = self._readers if self._readers is not None else self._start()
+        readers = self._readers
         deadline = time.monotonic() + timeout_s
         order = sorted(readers)
         while True:
@@ -432,19 +419,11 @@ class EmbeddedSource:
             time.sleep(min(_IDLE_WAIT_S, max(deadline - time.monotonic(), 0)))
 
     def snapshot(self) -> Offsets:
-        readers = self._readers if self._readers is not None else self._start()
-        return {p: r.position for p, r in readers.items()}
+        return {p: r.position for p, r in self._readers.items()}
 
     def lag(self) -> Offsets:
-        readers = self._readers if self._readers is not None else self._start()
         ends = self.log.end_offsets()
-        return {p: max(0, ends[p] - r.position) for p, r in readers.items()}
-
-    def commit(self, offsets: Mapping[int, int]) -> bool:
-        owned = {p: o for p, o in offsets.items() if p in self._partitions}
-        if owned:
-            self.log.commit(self.group, owned, fsync=self.fsync)
-        return True
+        return {p: max(0, ends[p] - r.position) for p, r in self._readers.items()}
 
     def assignment(self) -> frozenset[int]:
         return self._partitions
@@ -456,7 +435,4 @@ class EmbeddedSource:
         self._paused = False
 
     def close(self) -> None:
-        if self._readers is not None:
-            self.listener.on_revoked(self._partitions)
-            self._readers = None
         self.log.close()

@@ -1,10 +1,10 @@
-"""A consumer group's committed offsets: set them (resume exactly where a checkpoint left off) and read
-the group's lag.
+"""The consumer group's committed offsets, kept only so that progress is visible to standard tools.
 
-``reset_group_offsets`` is used by the pipeline's supervisor *while no consumer of the group runs*: before
-the consumers start, the group's committed offsets are moved to the positions recorded in the learner's
-checkpoint (partitions the checkpoint never saw go to offset 0), so what the checkpoint holds is neither
-lost nor applied twice.
+Positions are the learner's: its checkpoint holds the next offset to read of every partition, and the
+consumers start there (``stream.source``). After each checkpoint the learner mirrors those positions into
+the consumer group (:class:`GroupCommitter`), so ``kafka-consumer-groups --describe``, a Prometheus Kafka
+exporter and :class:`GroupLag` show how far the durable model is behind the log. Nothing is ever read back
+from the group: a failed commit costs only a stale lag figure until the next checkpoint's commit.
 
 ``group_lag`` / :class:`GroupLag` read end offset minus committed offset per partition of the interactions
 topic. Offsets are committed only after the checkpoint that holds their effect, so this lag includes what
@@ -20,51 +20,86 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from stream import telemetry
 from stream.settings import StreamSettings, kafka_client_kwargs
 
 log = logging.getLogger(__name__)
 
 RETRY_S = 0.2  # between tries of a lag read that failed with a retriable Kafka error
+COMMIT_TIMEOUT_S = 5.0  # a group commit gives up after this (broker away): the learner must not wait on it
 
 
-def reset_group_offsets(settings: StreamSettings, offsets: Mapping[int, int], group: str | None = None) -> dict[int, int]:
-    """Commit ``offsets`` (partition -> next offset to read; missing partitions -> 0) for the group.
+class GroupCommitter:
+    """Commits positions (partition -> next offset to read) for the consumer group, which has no members.
 
-    Returns the full mapping committed. The group must have no active members.
+    On Kafka it is a group-less commit (``KafkaConsumer.commit`` with explicit offsets, no subscription),
+    which the broker accepts for a group without active members; on the embedded log, the group's offsets
+    file. ``commit`` returns False (logged, counted) when the broker cannot be reached within
+    ``COMMIT_TIMEOUT_S``; call ``close()`` at the end.
     """
-    group = group or settings.consumer_group
-    full = {p: int(offsets.get(p, 0)) for p in range(settings.partitions)}
-    unknown = sorted(set(offsets) - set(full))
-    if unknown:
-        raise ValueError(f"offsets name partitions {unknown}, the topic has 0..{settings.partitions - 1}")
-    if settings.uses_kafka:
-        _reset_kafka(settings, group, full)
-    else:
-        from stream.embedded_log import EmbeddedLog
 
-        log_ = EmbeddedLog.open(
-            settings.embedded_log_dir, settings.topic_interactions, settings.partitions,
-            segment_bytes=settings.embedded_segment_bytes,
-        )
+    def __init__(self, settings: StreamSettings, group: str | None = None) -> None:
+        self.settings = settings
+        self.group = group or settings.consumer_group
+        self._consumer: Any = None
+        self._log: Any = None
+
+    def commit(self, positions: Mapping[int, int]) -> bool:
+        if not positions:
+            return True
+        unknown = sorted(p for p in positions if not 0 <= p < self.settings.partitions)
+        if unknown:
+            raise ValueError(f"positions name partitions {unknown}, the topic has 0..{self.settings.partitions - 1}")
         try:
-            log_.commit(group, full, fsync=True)
-        finally:
-            log_.close()
-    log.info("group offsets reset group=%s offsets=%s", group, full)
-    return full
+            if self.settings.uses_kafka:
+                self._commit_kafka(positions)
+            else:
+                self._commit_embedded(positions)
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            telemetry.COMMITS.labels("failed").inc()
+            log.warning("group commit failed, the next checkpoint commits newer positions group=%s error=%r",
+                        self.group, exc)
+            return False
+        telemetry.COMMITS.labels("committed").inc()
+        return True
+
+    def _commit_kafka(self, positions: Mapping[int, int]) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        if self._consumer is None:
+            self._consumer = KafkaConsumer(group_id=self.group, client_id=f"sitn-{self.group}-positions",
+                                           enable_auto_commit=False, **kafka_client_kwargs(self.settings))
+        topic = self.settings.topic_interactions
+        offsets = {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in positions.items()}
+        self._consumer.commit(offsets, timeout_ms=int(COMMIT_TIMEOUT_S * 1000))
+
+    def _commit_embedded(self, positions: Mapping[int, int]) -> None:
+        if self._log is None:
+            from stream.embedded_log import EmbeddedLog
+
+            s = self.settings
+            self._log = EmbeddedLog.open(s.embedded_log_dir, s.topic_interactions, s.partitions,
+                                         segment_bytes=s.embedded_segment_bytes)
+        self._log.commit(self.group, dict(positions), fsync=self.settings.embedded_fsync)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
-def _reset_kafka(settings: StreamSettings, group: str, offsets: Mapping[int, int]) -> None:
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.structs import OffsetAndMetadata
+def _transient(exc: BaseException) -> bool:
+    """A Kafka error (broker away, coordinator moving, commit refused): only the lag figure goes stale, so
+    it is logged and counted, and the next checkpoint's commit covers it. Anything else is a bug: re-raised."""
+    from kafka.errors import KafkaError
 
-    consumer = KafkaConsumer(group_id=group, enable_auto_commit=False, **kafka_client_kwargs(settings))
-    try:
-        tps = {p: TopicPartition(settings.topic_interactions, p) for p in offsets}
-        consumer.assign(list(tps.values()))
-        consumer.commit({tps[p]: OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
-    finally:
-        consumer.close()
+    return isinstance(exc, KafkaError)
 
 
 class GroupLag:

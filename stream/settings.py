@@ -45,15 +45,13 @@ class StreamSettings(BaseSettings):
     domains: tuple[str, str] = Field(default=("movie", "book"), description="(source, target) domains accepted")
 
     # -- consuming --------------------------------------------------------------------------------
-    consumer_group: str = "sitn-learner"
+    consumer_group: str = Field(
+        default="sitn-learner",
+        description="group the learner commits its checkpointed positions to, for lag tools (nothing reads them back)",
+    )
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="max records per poll")
     poll_timeout_s: float = Field(default=0.5, gt=0, le=60)
-    max_poll_interval_s: float = Field(
-        default=600.0, ge=10, description="Kafka max_poll_interval_ms: longest gap between polls before eviction"
-    )
-    session_timeout_s: float = Field(default=45.0, ge=6, le=1800)
-    max_history: int = Field(default=50, ge=1, description="items kept per user per domain")
-    max_users: int = Field(default=1_000_000, ge=1, description="users kept per partition (LRU)")
+    max_users: int = Field(default=1_000_000, ge=1, description="users whose history the learner keeps, per partition (LRU)")
 
     # -- Kafka security passthrough ---------------------------------------------------------------
     security_protocol: SecurityProtocol = "PLAINTEXT"

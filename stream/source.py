@@ -1,26 +1,26 @@
 """The source contract shared by the Kafka consumer and the embedded log.
 
-A source reads one topic for one consumer group and hands out raw records in batches::
+A source reads a fixed set of partitions of one topic, from offsets it is given, and hands out raw
+records in batches::
 
+    source = open_source(settings, partitions={0, 2}, start_offsets={0: 120})  # 2: from the beginning
     batches = source.next_batch(timeout_s=0.5)   # [RecordBatch], one per partition with data
-    ...process them...
-    source.commit(offsets)                       # {partition: next offset to read}
 
-Offsets follow Kafka's convention everywhere: a *position* or a committed offset is **the next offset to
-read**, i.e. last processed offset + 1. ``snapshot()`` returns the positions after everything
-``next_batch`` has returned so far; committing a snapshot after processing those records resumes exactly
-after them (the off-by-one that bytewax warns about is avoided by never storing "last read").
+Offsets follow Kafka's convention everywhere: a *position* is **the next offset to read**, i.e. last
+processed offset + 1. ``snapshot()`` returns the positions after everything ``next_batch`` has returned so
+far; starting a new source at a snapshot resumes exactly after those records (the off-by-one that bytewax
+warns about is avoided by never storing "last read").
 
-Partitions can be taken away (Kafka group rebalance). The source tells its :class:`RebalanceListener`
-during ``next_batch``: ``on_revoked`` before a partition goes (the owner must drop any uncommitted state
-for it and must not commit it any more), ``on_assigned`` when partitions arrive (reading resumes at the
-group's committed offset). ``pause``/``resume`` are flow control: while paused, ``next_batch`` returns
-nothing but keeps the membership alive, which is how a slow downstream step avoids eviction.
+A source owns no progress. The assignment is static (Kafka ``assign()``, no consumer group, so no
+rebalance), and where to start is the caller's: in the pipeline, the positions of the learner's checkpoint
+(``learner.trainer``). Nothing is committed here; the learner mirrors its checkpointed positions into the
+consumer group (``stream.group_offsets.GroupCommitter``) only so that lag shows in standard tools.
+``pause``/``resume`` are flow control: while paused, ``next_batch`` returns nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,25 +55,10 @@ class RecordBatch:
         return self.offsets[-1] + 1
 
 
-class RebalanceListener(Protocol):
-    def on_assigned(self, partitions: frozenset[int]) -> None: ...
-
-    def on_revoked(self, partitions: frozenset[int]) -> None: ...
-
-
-class NoRebalanceListener:
-    def on_assigned(self, partitions: frozenset[int]) -> None:
-        pass
-
-    def on_revoked(self, partitions: frozenset[int]) -> None:
-        pass
-
-
 class Source(Protocol):
     """What the consumer core needs from Kafka or the embedded log."""
 
     topic: str
-    listener: RebalanceListener
 
     def next_batch(self, timeout_s: float) -> list[RecordBatch]:
         """Records after the current positions; waits up to ``timeout_s`` for some, may return ``[]``."""
@@ -81,12 +66,6 @@ class Source(Protocol):
 
     def snapshot(self) -> Offsets:
         """Next offset to read for every assigned partition."""
-        ...
-
-    def commit(self, offsets: Mapping[int, int]) -> bool:
-        """Store ``offsets`` (next offset to read) for the group; partitions not assigned are skipped.
-
-        Returns False if the group took the partitions away meanwhile (nothing was committed)."""
         ...
 
     def assignment(self) -> frozenset[int]: ...
@@ -106,29 +85,33 @@ def open_source(
     settings: StreamSettings,
     *,
     topic: str | None = None,
-    listener: RebalanceListener | None = None,
-    partitions: frozenset[int] | None = None,
-    group: str | None = None,
+    partitions: Iterable[int] | None = None,
+    start_offsets: Mapping[int, int] | None = None,
 ) -> Source:
     """The configured source for ``topic`` (default: interactions): Kafka if bootstrap servers are set.
 
-    ``partitions`` is the embedded log's static assignment (default: all); Kafka assigns through the group.
+    ``partitions``: the static assignment (default: all ``settings.partitions``, or the topic's one
+    partition for the others). ``start_offsets``: next offset to read per partition; a partition missing
+    from it starts at its beginning (the earliest retained offset on Kafka, 0 in the embedded log).
     """
     topic = topic or settings.topic_interactions
-    group = group or settings.consumer_group
-    listener = listener or NoRebalanceListener()
+    if partitions is None:
+        partitions = range(settings.partitions if topic == settings.topic_interactions else 1)
+    assigned = frozenset(partitions)
+    start = {int(p): int(o) for p, o in (start_offsets or {}).items()}
+    unknown = sorted(set(start) - assigned)
+    if unknown:
+        raise ValueError(f"start_offsets name partitions {unknown} outside the assignment {sorted(assigned)}")
+    negative = {p: o for p, o in start.items() if o < 0}
+    if negative:
+        raise ValueError(f"start_offsets must be >= 0, got {negative}")
     if settings.uses_kafka:
         from stream.kafka_source import KafkaSource
 
-        if partitions is not None:
-            raise ValueError("partitions are assigned by the Kafka consumer group; pass partitions=None")
-        return KafkaSource(settings, topic=topic, group=group, listener=listener)
+        return KafkaSource(settings, topic=topic, partitions=assigned, start_offsets=start)
     from stream.embedded_log import EmbeddedLog, EmbeddedSource
 
-    log = EmbeddedLog.open(
-        settings.embedded_log_dir, topic, settings.partitions, segment_bytes=settings.embedded_segment_bytes
-    )
-    return EmbeddedSource(
-        log, group=group, partitions=partitions, listener=listener, max_records=settings.batch_size,
-        fsync=settings.embedded_fsync,
-    )
+    partition_count = settings.partitions if topic == settings.topic_interactions else 1
+    log = EmbeddedLog.open(settings.embedded_log_dir, topic, partition_count,
+                           segment_bytes=settings.embedded_segment_bytes)
+    return EmbeddedSource(log, partitions=assigned, start_offsets=start, max_records=settings.batch_size)

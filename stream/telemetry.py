@@ -20,9 +20,13 @@ CONSUMER_LAG = Gauge(
     "Records between the consumer's position and the end of the partition.",
     ["partition"],
 )
-BATCHES_DELIVERED = Counter("sitn_stream_batches_delivered", "Example batches put on the learner's queue.")
+BATCHES_DELIVERED = Counter("sitn_stream_batches_delivered", "Event batches put on the learner's queue.")
 QUEUE_FULL_WAITS = Counter(
     "sitn_stream_queue_full_waits",
     "Times the learner's queue stayed full for put_wait_s (backpressure engaged).",
 )
-COMMITS = Counter("sitn_stream_commits", "Offset commits made after a checkpoint, by outcome.", ["outcome"])
+COMMITS = Counter(
+    "sitn_stream_commits",
+    "Checkpointed positions mirrored into the consumer group (for lag tools), by outcome.",
+    ["outcome"],
+)

@@ -41,7 +41,7 @@ import orjson
 import pytest
 
 from stream.broker import KafkaBroker
-from stream.consumer import ExampleBatch, StreamConsumer
+from stream.consumer import EventBatch, StreamConsumer
 from stream.dead_letter import DeadLetter, decode_dead_letter, open_dead_letters
 from stream.events import MAX_EVENT_BYTES, MAX_ID_CHARS, InteractionEvent, encode_event
 from stream.kafka_source import KafkaSource
@@ -161,8 +161,8 @@ def _stdin_and_expected(
 
 
 def _consume_until(consumer: StreamConsumer, records: int, producer: subprocess.Popen[bytes],
-                   timeout_s: float) -> list[ExampleBatch]:  # fmt: skip
-    batches: list[ExampleBatch] = []
+                   timeout_s: float) -> list[EventBatch]:  # fmt: skip
+    batches: list[EventBatch] = []
     deadline_s = time.monotonic() + timeout_s
     while consumer.stats.records_in < records:
         assert time.monotonic() < deadline_s, (
@@ -185,7 +185,7 @@ def _wait_for_text(path: Path, text: str, timeout_s: float) -> None:
 def _read_dead_letters(
     settings: StreamSettings, run: str, expected: int, timeout_s: float
 ) -> list[DeadLetter]:
-    inspector = open_source(settings, topic=settings.topic_dead_letters, group=f"inspect-{run}")
+    inspector = open_source(settings, topic=settings.topic_dead_letters)
     letters: list[DeadLetter] = []
     deadline_s = time.monotonic() + timeout_s
     try:
@@ -221,7 +221,7 @@ def test_console_producer_junk_goes_to_dead_letters_and_valid_events_through_onc
     records = len(events) + len(expected_letters)  # every line but TOO_LARGE becomes one record
 
     consumer = StreamConsumer(
-        KafkaSource(settings, settings.topic_interactions, settings.consumer_group),
+        KafkaSource(settings, settings.topic_interactions, {0}),
         open_dead_letters(settings),
         DOMAINS,
     )
@@ -239,7 +239,7 @@ def test_console_producer_junk_goes_to_dead_letters_and_valid_events_through_onc
         producer.stdin.write(stdin)  # the producer reads as it sends; the pipe drains
         producer.stdin.flush()
         batches = _consume_until(consumer, records, producer, timeout_s=120)
-        committed = consumer.commit(consumer.positions())
+        positions = consumer.positions()
         # stdin stays open until the refusal is logged: at end of input the producer's JVM shuts down,
         # and a send callback that fires during the shutdown can no longer log (log4j is stopping).
         _wait_for_text(stderr_path, "RecordTooLargeException", timeout_s=60)
@@ -257,13 +257,13 @@ def test_console_producer_junk_goes_to_dead_letters_and_valid_events_through_onc
     assert producer.returncode == 0, stderr[-3000:]
 
     # Every valid event exactly once, in order, ids byte for byte.
-    examples = [ex for batch in batches for ex in batch.examples]
+    examples = [e for batch in batches for e in batch.events]
     assert [(ex.event_id, ex.user_id, ex.item_id, ex.domain, ex.timestamp) for ex in examples] == [
         (e.event_id, e.user_id, e.item_id, e.domain, e.timestamp) for e in events
     ]
-    # The consumer read everything the broker accepted and committed up to the end.
+    # The consumer read everything the broker accepted, up to the end.
     assert consumer.stats.records_in == records
-    assert committed == {0: records}
+    assert positions == {0: records}
 
     # Every invalid message is in the dead-letter topic once, with its reason and its bytes as received.
     letters = _read_dead_letters(settings, run, len(expected_letters), timeout_s=60)

@@ -379,7 +379,6 @@ def make_metrics_pipeline(tmp_path: Path, rate_events_per_s: float | None) -> An
         embedded_log_dir=tmp_path / "log", topic_interactions=f"t-{uuid.uuid4().hex[:8]}",
         topic_dead_letters=f"dl-{uuid.uuid4().hex[:8]}", topic_embedding_updates=f"up-{uuid.uuid4().hex[:8]}",
         consumer_group=f"g-{uuid.uuid4().hex[:8]}", partitions=2, batch_size=500, poll_timeout_s=0.2,
-        max_history=10,
     )
     serving_settings = ServingSettings(port=0, dim=16, index_factory="Flat", index_search_params={})
     metrics = TelemetrySettings(enabled=True, host="127.0.0.1", actor_port=0, dashboard_port=0)

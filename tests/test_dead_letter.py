@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from sitn.errors import EventDecodeError
-from stream.consumer import ExampleBatch, StreamConsumer
+from stream.consumer import EventBatch, StreamConsumer
 from stream.dead_letter import DeadLetter, decode_dead_letter, encode_dead_letter, open_dead_letters
 from stream.embedded_log import EmbeddedLog, EmbeddedSource
 from stream.events import MAX_EVENT_BYTES, InteractionEvent, encode_event
@@ -77,8 +77,8 @@ def _mixed_stream() -> tuple[list[tuple[bytes, bytes | None]], list[InteractionE
     return records, good, bad
 
 
-def _consume(consumer: StreamConsumer, expected_records: int, timeout_s: float) -> list[ExampleBatch]:
-    batches: list[ExampleBatch] = []
+def _consume(consumer: StreamConsumer, expected_records: int, timeout_s: float) -> list[EventBatch]:
+    batches: list[EventBatch] = []
     deadline = time.monotonic() + timeout_s
     while consumer.stats.records_in < expected_records:
         assert time.monotonic() < deadline, f"{consumer.stats.records_in} of {expected_records} within {timeout_s}s"
@@ -96,9 +96,9 @@ def _read_dead_letters(source: Source, expected: int, timeout_s: float) -> list[
     return letters
 
 
-def _check(batches: list[ExampleBatch], letters: list[DeadLetter], good: list[InteractionEvent],
+def _check(batches: list[EventBatch], letters: list[DeadLetter], good: list[InteractionEvent],
            bad: dict[bytes | None, str], consumer: StreamConsumer, topic: str) -> None:
-    examples = [ex for b in batches for ex in b.examples]
+    examples = [e for b in batches for e in b.events]
     by_user: dict[str, list[str]] = {}
     for ex in examples:
         by_user.setdefault(ex.user_id, []).append(ex.event_id)
@@ -120,16 +120,16 @@ def test_malformed_messages_go_to_the_embedded_dead_letter_topic(tmp_path: Path)
     producer.close()
     consumer = StreamConsumer(open_source(settings), open_dead_letters(settings), DOMAINS)
     batches = _consume(consumer, len(records), timeout_s=10)
-    consumer.commit(consumer.positions())
+    assert consumer.positions() == EmbeddedLog.open(tmp_path, settings.topic_interactions, 2).end_offsets()
     consumer.close()
     dlq = EmbeddedLog.open(tmp_path, settings.topic_dead_letters, 1)
-    letters = _read_dead_letters(EmbeddedSource(dlq, "inspect"), len(bad), timeout_s=5)
+    letters = _read_dead_letters(EmbeddedSource(dlq), len(bad), timeout_s=5)
     _check(batches, letters, good, bad, consumer, settings.topic_interactions)
     # Each letter points at its original record: reading that offset gives the same bytes.
     log = EmbeddedLog.open(tmp_path, settings.topic_interactions, 2)
     for letter in letters:
-        raw = EmbeddedSource(log, f"peek-{letter.source_offset}", partitions=[letter.source_partition])
-        raw.log.commit(raw.group, {letter.source_partition: letter.source_offset})
+        raw = EmbeddedSource(log, partitions=[letter.source_partition],
+                             start_offsets={letter.source_partition: letter.source_offset})
         assert raw.next_batch(timeout_s=0)[0].values[0] == letter.original
 
 
@@ -156,11 +156,11 @@ def test_malformed_messages_go_to_the_kafka_dead_letter_topic(kafka_broker: obje
     consumer = StreamConsumer(open_source(settings), open_dead_letters(settings), DOMAINS)
     try:
         batches = _consume(consumer, len(records), timeout_s=60)
-        committed = consumer.commit(consumer.positions())
+        positions = consumer.positions()
     finally:
         consumer.close()
-    assert sum(committed.values()) == len(records)
-    inspector = open_source(settings, topic=settings.topic_dead_letters, group=f"inspect-{run}")
+    assert sum(positions.values()) == len(records)
+    inspector = open_source(settings, topic=settings.topic_dead_letters)
     try:
         letters = _read_dead_letters(inspector, len(bad), timeout_s=60)
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sitn.errors import ConfigError
-from stream.consumer import Position, StreamConsumer
+from stream.consumer import StreamConsumer
 from stream.dead_letter import EmbeddedDeadLetters
 from stream.embedded_log import (
     HEADER_BYTES,
@@ -126,84 +126,97 @@ def test_group_offsets_merge_and_are_per_group(tmp_path: Path) -> None:
         log.commit("g", {3: 1})
 
 
-def test_source_resumes_at_the_committed_offset_not_one_off(tmp_path: Path) -> None:
+def test_source_resumes_at_the_given_offset_not_one_off(tmp_path: Path) -> None:
     log = EmbeddedLog.open(tmp_path, "t", 1)
     log.append_many([(b"k", str(i).encode()) for i in range(10)])
-    source = EmbeddedSource(log, "g", max_records=4)
+    source = EmbeddedSource(log, max_records=4)
     assert source.snapshot() == {0: 0}
     first = source.next_batch(timeout_s=0)
     assert first == [RecordBatch("t", 0, [0, 1, 2, 3], [b"0", b"1", b"2", b"3"])]
     assert source.snapshot() == {0: 4}
-    source.next_batch(timeout_s=0)  # 4..7 read but never committed
-    source.commit({0: first[0].next_offset})
+    source.next_batch(timeout_s=0)  # 4..7 read, but only 0..3 were done
     source.close()
-    again = EmbeddedSource(log, "g", max_records=100)
+    again = EmbeddedSource(log, start_offsets={0: first[0].next_offset}, max_records=100)
     assert again.next_batch(timeout_s=0) == [
         RecordBatch("t", 0, list(range(4, 10)), [str(i).encode() for i in range(4, 10)])
     ]
     assert again.next_batch(timeout_s=0.01) == []
+    assert log.committed("g") == {}  # a source commits nothing
 
 
 def test_source_static_assignment_and_pause(tmp_path: Path) -> None:
     log = EmbeddedLog.open(tmp_path, "t", 4)
     log.append_many(_records(40))
-    source = EmbeddedSource(log, "g", partitions=[1, 3])
+    source = EmbeddedSource(log, partitions=[1, 3])
     assert source.assignment() == frozenset({1, 3})
     source.pause()
     assert source.next_batch(timeout_s=0.01) == []
     source.resume()
     got = source.next_batch(timeout_s=0)
     assert {b.partition for b in got} == {p for p in (1, 3) if log.end_offsets()[p] > 0}
-    assert source.commit({0: 3, 1: 1}) is True
-    assert log.committed("g") == {1: 1}  # partition 0 is not this source's
+
+
+def test_open_source_refuses_offsets_outside_its_assignment(tmp_path: Path) -> None:
+    from stream.settings import StreamSettings
+    from stream.source import open_source
+
+    settings = StreamSettings(embedded_log_dir=tmp_path, partitions=4)
+    with pytest.raises(ValueError, match=r"start_offsets name partitions \[2\] outside the assignment \[1, 3\]"):
+        open_source(settings, partitions={1, 3}, start_offsets={1: 0, 2: 5})
+    with pytest.raises(ValueError, match=r"start_offsets must be >= 0, got \{1: -1\}"):
+        open_source(settings, partitions={1}, start_offsets={1: -1})
 
 
 def _event(i: int, user: str, domain: str = "movie", ts: int = 1_400_000_000) -> InteractionEvent:
     return InteractionEvent(f"e{i}", user, f"i{i}", domain, ts + i)
 
 
-def test_consumer_core_over_the_embedded_log_builds_examples_and_dead_letters(tmp_path: Path) -> None:
+def test_consumer_core_over_the_embedded_log_decodes_events_and_dead_letters(tmp_path: Path) -> None:
     log = EmbeddedLog.open(tmp_path, "events", 2)
     events = [_event(i, f"u{i % 3}", "movie" if i % 2 else "book") for i in range(12)]
     records: list[tuple[bytes, bytes | None]] = [(e.user_id.encode(), encode_event(e)) for e in events]
     records.insert(5, (b"u1", b"{not json"))
     log.append_many(records)
     dlq = EmbeddedLog.open(tmp_path, "dlq", 1)
-    consumer = StreamConsumer(EmbeddedSource(log, "g"), EmbeddedDeadLetters(dlq), domains=("movie", "book"))
+    consumer = StreamConsumer(EmbeddedSource(log), EmbeddedDeadLetters(dlq), domains=("movie", "book"))
     batch = consumer.poll(timeout_s=0)
-    assert sorted(e.event_id for e in batch.examples) == sorted(e.event_id for e in events)
+    assert sorted(e.event_id for e in batch.events) == sorted(e.event_id for e in events)
     assert batch.dead_letters == 1
     assert consumer.stats.dead_letters_by_reason == {"bad_json": 1}
     by_user: dict[str, list[str]] = {}
-    for ex in batch.examples:
-        by_user.setdefault(ex.user_id, []).append(ex.event_id)
+    for e in batch.events:
+        by_user.setdefault(e.user_id, []).append(e.event_id)
     assert by_user == {u: [e.event_id for e in events if e.user_id == u] for u in ("u0", "u1", "u2")}
-    # The 4th event of user u0 (e9, a movie) sees e0 (book), e3 (movie), e6 (book) before it.
-    e9 = next(ex for ex in batch.examples if ex.event_id == "e9")
-    assert e9.history["movie"] == (("i3",), (1_400_000_003,))
-    assert e9.history["book"] == (("i0", "i6"), (1_400_000_000, 1_400_000_006))
-    assert batch.positions == {p: Position(1, n) for p, n in log.end_offsets().items() if n > 0}
-    assert dlq.end_offsets() == {0: 0}  # dead letters are stored by commit at the latest
-    assert consumer.commit(batch.positions) == {p: pos.offset for p, pos in batch.positions.items()}
-    assert dlq.end_offsets() == {0: 1}
+    # Each event carries its own offset; the dead letter's offset is read (in ``read``) but has no event.
+    ends = log.end_offsets()
+    assert batch.read == {p: (0, n) for p, n in ends.items() if n > 0}
+    assert batch.positions == {p: n for p, n in ends.items() if n > 0}
+    u1 = log.partition_for(b"u1")
+    start, stop = batch.spans[u1]
+    assert stop - start == ends[u1] - 1
+    assert sorted(batch.offsets[start:stop]) == batch.offsets[start:stop]
+    assert set(range(ends[u1])) - set(batch.offsets[start:stop]) == {_offset_of_bad(records, u1, log)}
+    assert dlq.end_offsets() == {0: 1}  # the dead letter is stored before the batch is handed out
     consumer.close()
+
+
+def _offset_of_bad(records: list[tuple[bytes, bytes | None]], partition: int, log: EmbeddedLog) -> int:
+    """The offset of the malformed record in its partition: records of that partition before it."""
+    same = [v for k, v in records if log.partition_for(k) == partition]
+    return same.index(b"{not json")
 
 
 _RESTART_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from stream.embedded_log import EmbeddedLog, EmbeddedSource
-    root, commit_after = sys.argv[1], int(sys.argv[2])
-    source = EmbeddedSource(EmbeddedLog.open(root, "t", 2), "g", max_records=3)
-    seen = []
-    batches = source.next_batch(timeout_s=0)
-    for b in batches:
-        seen += [v.decode() for v in b.values]
-    if commit_after:
-        source.commit({b.partition: b.next_offset for b in batches})
-    for b in source.next_batch(timeout_s=0):  # read, never committed: must come again after the restart
-        seen += [v.decode() for v in b.values]
+    root, start = sys.argv[1], {int(p): o for p, o in json.loads(sys.argv[2]).items()}
+    source = EmbeddedSource(EmbeddedLog.open(root, "t", 2), start_offsets=start, max_records=3)
+    seen = [v.decode() for b in source.next_batch(timeout_s=0) for v in b.values]
+    done = source.snapshot()  # what the first batch covers: all that is "trained" before the crash
+    seen += [v.decode() for b in source.next_batch(timeout_s=0) for v in b.values]  # read, not done
     print(",".join(seen))
+    print(json.dumps(done))
     """
 )
 
@@ -213,19 +226,20 @@ def test_resume_across_a_real_process_restart(tmp_path: Path) -> None:
     log.append_many([(b"ad"[i % 2 : i % 2 + 1], f"v{i}".encode()) for i in range(20)], fsync=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
-    def run(commit: int) -> list[str]:
+    def run(start: str) -> tuple[list[str], str]:
         out = subprocess.run(
-            [sys.executable, "-c", _RESTART_SCRIPT, str(tmp_path), str(commit)],
+            [sys.executable, "-c", _RESTART_SCRIPT, str(tmp_path), start],
             capture_output=True, text=True, env=env, timeout=60, check=True,
         )
-        return out.stdout.strip().split(",")
+        seen, done = out.stdout.strip().split("\n")
+        return seen.split(","), done
 
     values = {p: [f"v{i}" for i in range(20) if partition_for(b"ad"[i % 2 : i % 2 + 1], 2) == p] for p in (0, 1)}
     assert len(values[0]) == len(values[1]) == 10
     # Batches of 3 records; the starting partition rotates: batch 1 reads partition 0, batch 2 partition 1.
-    first = run(commit=1)
+    first, done = run("{}")
     assert first == values[0][0:3] + values[1][0:3]
-    assert log.committed("g") == {0: 3}
-    second = run(commit=0)
-    # Resumes exactly after the committed records; partition 1's uncommitted records come again.
+    assert done == '{"0": 3, "1": 0}'
+    second, _ = run(done)
+    # Resumes exactly after what was done; partition 1's records read but not done come again.
     assert second == values[0][3:6] + values[1][0:3]

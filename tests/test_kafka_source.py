@@ -1,21 +1,22 @@
-"""The Kafka source and the consumer core against the real broker: resume from committed offsets,
-rebalance (revoked partitions are dropped and never committed), and staying in the group while paused."""
+"""The Kafka source and the consumer core against the real broker: a static assignment read from given
+offsets (no consumer group, so no rebalance), an exact resume at a snapshot, pause/resume, and the
+learner's positions mirrored into the consumer group for lag tools."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import pytest
 
-from stream.consumer import ExampleBatch, StreamConsumer
+from stream.consumer import EventBatch, StreamConsumer
 from stream.dead_letter import open_dead_letters
 from stream.events import InteractionEvent
+from stream.group_offsets import GroupCommitter, group_lag
 from stream.kafka_source import KafkaSource
 from stream.producer import open_producer, send_event
-from stream.settings import StreamSettings
+from stream.settings import StreamSettings, kafka_client_kwargs
 from stream.topics import ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
@@ -36,7 +37,6 @@ def settings(kafka_broker: object) -> Iterator[StreamSettings]:
         partitions=4,
         batch_size=50,
         poll_timeout_s=0.2,
-        session_timeout_s=10,
     )
     ensure_topics(s)
     yield s
@@ -53,112 +53,92 @@ def _produce(settings: StreamSettings, n: int) -> list[InteractionEvent]:
     return events
 
 
-def _consumer(settings: StreamSettings, name: str) -> StreamConsumer:
-    return StreamConsumer(
-        KafkaSource(settings, settings.topic_interactions, settings.consumer_group),
-        open_dead_letters(settings), DOMAINS, consumer_id=name,
-    )
+def _consumer(settings: StreamSettings, partitions: set[int], start: dict[int, int] | None = None) -> StreamConsumer:
+    return StreamConsumer(KafkaSource(settings, settings.topic_interactions, partitions, start),
+                          open_dead_letters(settings), DOMAINS)
 
 
-@dataclass
-class _Reader:
-    """A consumer and the event ids of the examples it produced."""
-
-    consumer: StreamConsumer
-    batches: list[ExampleBatch] = field(default_factory=list)
-
-    def poll(self) -> None:
-        self.batches.append(self.consumer.poll(0.2))
-
-    @property
-    def seen(self) -> list[str]:
-        return [ex.event_id for b in self.batches for ex in b.examples]
-
-    def seen_in_current_assignment(self) -> list[str]:
-        """Event ids of batches read since the last rebalance (older ones are re-read by the owner)."""
-        current = [b.without_partitions(self.consumer.stale_partitions(b.positions)) for b in self.batches]
-        return [ex.event_id for b in current for ex in b.examples]
-
-
-def _poll_until(readers: list[_Reader], done: Callable[[], bool], timeout_s: float) -> None:
-    """Poll every reader in turn until ``done()`` is true (each poll waits at most 0.2 s)."""
+def _read_until(consumer: StreamConsumer, records: int, timeout_s: float = 60) -> list[EventBatch]:
+    """Poll until ``records`` records were read in all (each poll waits at most 0.2 s)."""
+    batches: list[EventBatch] = []
     deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"condition not met within {timeout_s}s"
-        for r in readers:
-            r.poll()
+    while consumer.stats.records_in < records:
+        assert time.monotonic() < deadline, f"{consumer.stats.records_in} of {records} records within {timeout_s}s"
+        batches.append(consumer.poll(0.2))
+    return batches
 
 
-def test_restart_resumes_from_committed_offsets(settings: StreamSettings) -> None:
+def _ends(settings: StreamSettings) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    probe = KafkaConsumer(**kafka_client_kwargs(settings))
+    try:
+        tps = [TopicPartition(settings.topic_interactions, p) for p in range(settings.partitions)]
+        return {tp.partition: o for tp, o in probe.end_offsets(tps).items()}
+    finally:
+        probe.close()
+
+
+def test_static_assignment_reads_its_partitions_from_the_given_offsets(settings: StreamSettings) -> None:
     events = _produce(settings, N_EVENTS)
-    first = _consumer(settings, "first")
-    batch = first.poll(5.0)
-    deadline = time.monotonic() + 30
-    while not batch.positions:
-        assert time.monotonic() < deadline
-        batch = first.poll(1.0)
-    committed = first.commit(batch.positions)
-    assert committed == {p: pos.offset for p, pos in batch.positions.items()}
-    done_ids = [ex.event_id for ex in batch.examples]
-    uncommitted = first.poll(1.0)  # read, never committed
+    ends = _ends(settings)
+    assert sum(ends.values()) == N_EVENTS
+    start = {0: ends[0] // 2, 1: ends[1]}  # partition 1 fully trained already; 2 and 3 from the beginning
+    a = _consumer(settings, {0, 1}, start)
+    b = _consumer(settings, {2, 3})
+    expected_a = ends[0] - start[0]
+    got_a, got_b = _read_until(a, expected_a), _read_until(b, ends[2] + ends[3])
+    assert a.assignment() == frozenset({0, 1}) and b.assignment() == frozenset({2, 3})
+    assert {p for batch in got_a for p in batch.read} == {0}
+    assert min(batch.read[0][0] for batch in got_a if 0 in batch.read) == start[0]  # not one off
+    # Each event exactly once, at its own offset, in partition order.
+    offsets_a = [o for batch in got_a for o in batch.offsets]
+    assert offsets_a == list(range(start[0], ends[0]))
+    ids = [e.event_id for batch in got_a + got_b for e in batch.events]
+    assert len(ids) == len(set(ids)) == expected_a + ends[2] + ends[3]
+    assert set(ids) <= {e.event_id for e in events}
+    assert a.positions() == {0: ends[0], 1: ends[1]}
+    assert b.positions() == {2: ends[2], 3: ends[3]}
+    assert a.poll(0.5).read == {} and b.poll(0.5).read == {}
+    assert isinstance(a.source, KafkaSource)
+    assert a.source.consumer.config["group_id"] is None  # no group joined: nothing to rebalance
+    assert group_lag(settings) == ends  # and nothing committed: a source owns no progress
+    a.close()
+    b.close()
+
+
+def test_a_new_source_at_a_snapshot_resumes_exactly_and_pause_holds_records(settings: StreamSettings) -> None:
+    events = _produce(settings, N_EVENTS)
+    first = _consumer(settings, {0, 1, 2, 3})
+    done = _read_until(first, 120)
+    snapshot = first.positions()
+    done_ids = [e.event_id for b in done for e in b.events]
+    assert len(done_ids) == sum(snapshot.values()) >= 120
     first.close()
 
-    second = _Reader(_consumer(settings, "second"))
-    _poll_until([second], lambda: len(second.seen) >= N_EVENTS - len(done_ids), 60)
-    seen = second.seen
-    assert len(seen) == N_EVENTS - len(done_ids)  # nothing lost, nothing repeated beyond the uncommitted
-    assert sorted(seen + done_ids) == sorted(e.event_id for e in events)
-    assert set(ex.event_id for ex in uncommitted.examples) <= set(seen)
-    assert second.consumer.poll(0.5).positions == {}
-    second.consumer.close()
+    second = _consumer(settings, {0, 1, 2, 3}, snapshot)
+    second.source.pause()
+    assert second.poll(1.0).read == {}  # paused: nothing handed out
+    second.source.resume()
+    rest = _read_until(second, N_EVENTS - len(done_ids))
+    rest_ids = [e.event_id for b in rest for e in b.events]
+    assert sorted(done_ids + rest_ids) == sorted(e.event_id for e in events)  # nothing lost, nothing twice
+    assert second.positions() == _ends(settings)
+    second.close()
 
 
-def test_rebalance_drops_revoked_partitions_and_never_commits_them(settings: StreamSettings) -> None:
-    events = _produce(settings, N_EVENTS)
-    a = _Reader(_consumer(settings, "a"))
-    _poll_until([a], lambda: a.consumer.assignment() == frozenset({0, 1, 2, 3}) and len(a.seen) > 0, 60)
-    stale_positions = a.consumer.positions()
-    assert set(stale_positions) == {0, 1, 2, 3}
-    assert sum(len(s["users"]) for s in a.consumer.user_state().values()) > 0
-
-    b = _Reader(_consumer(settings, "b"))
-    owned = lambda: (a.consumer.assignment(), b.consumer.assignment())  # noqa: E731
-    _poll_until([a, b], lambda: all(owned()) and len(owned()[0] | owned()[1]) == 4, 60)
-    assert a.consumer.assignment().isdisjoint(b.consumer.assignment())
-    kept, moved = a.consumer.assignment(), b.consumer.assignment()
-    assert len(kept) == len(moved) == 2
-    assert a.consumer.stats.partitions_revoked == 2  # only those that moved; the kept ones keep their state
-    # The user state of the partitions A gave away is gone with them.
-    assert set(a.consumer.user_state()) == kept
-    # Positions read before the rebalance: committed only for the partitions A kept.
-    assert a.consumer.commit(stale_positions) == {p: stale_positions[p].offset for p in kept}
-    assert a.consumer.stats.commits_skipped_partitions == 2
-    # B starts the moved partitions from the last commit (none: the beginning): every event exactly once.
-    now_a, now_b = a.seen_in_current_assignment, b.seen_in_current_assignment
-    _poll_until([a, b], lambda: len(now_a()) + len(now_b()) >= N_EVENTS, 60)
-    assert sorted(now_a() + now_b()) == sorted(e.event_id for e in events)
-    committed_a = a.consumer.commit(a.consumer.positions())
-    committed_b = b.consumer.commit(b.consumer.positions())
-    assert set(committed_a) == a.consumer.assignment() and set(committed_b) == b.consumer.assignment()
-    assert sum(committed_a.values()) + sum(committed_b.values()) == N_EVENTS
-    a.consumer.close()
-    b.consumer.close()
-
-
-@pytest.mark.slow
-def test_paused_source_keeps_its_membership_through_a_long_step(settings: StreamSettings) -> None:
-    """max_poll_interval 10 s; a 12 s 'downstream step' spent pausing and polling keeps the partitions."""
-    quick = settings.model_copy(update={"max_poll_interval_s": 10.0, "session_timeout_s": 6.0})
-    _produce(quick, 40)
-    reader = _Reader(_consumer(quick, "slow"))
-    _poll_until([reader], lambda: len(reader.seen) == 40, 60)
-    c = reader.consumer
-    positions = c.positions()
-    c.source.pause()
-    step_end = time.monotonic() + 12.0
-    while time.monotonic() < step_end:
-        assert c.poll(0.5).positions == {}  # paused: nothing returned, but it counts as a poll
-    c.source.resume()
-    assert c.stats.partitions_revoked == 0
-    assert c.commit(positions) == {p: pos.offset for p, pos in positions.items()}
-    c.close()
+def test_committed_positions_show_as_the_group_lag(settings: StreamSettings) -> None:
+    _produce(settings, N_EVENTS)
+    ends = _ends(settings)
+    assert group_lag(settings) == ends  # nothing committed: lag counted from the beginning
+    committer = GroupCommitter(settings)
+    try:
+        trained = {p: end - 3 for p, end in ends.items() if end >= 3}
+        assert committer.commit(trained) is True
+        assert group_lag(settings) == {p: 3 if p in trained else ends[p] for p in ends}
+        assert committer.commit({p: ends[p] for p in trained}) is True  # the next checkpoint's positions
+        assert group_lag(settings) == {p: 0 if p in trained else ends[p] for p in ends}
+        with pytest.raises(ValueError, match=r"positions name partitions \[4\], the topic has 0\.\.3"):
+            committer.commit({4: 1})
+    finally:
+        committer.close()

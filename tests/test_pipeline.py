@@ -69,7 +69,6 @@ def make_pipeline(tmp_path: Path, kafka: str | None) -> Pipeline:
         partitions=2,
         batch_size=500,
         poll_timeout_s=0.2,
-        max_history=10,
     )
     serving = ServingSettings(port=0, dim=16, index_factory="Flat", index_search_params={})
     return Pipeline(run, stream, serving, small_config(), tmp_path / "run")

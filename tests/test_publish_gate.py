@@ -18,10 +18,9 @@ from learner.publisher import CallableTransport
 from learner.trainer import OnlineTrainer
 from serving.actor import ServingCore
 from serving.settings import ServingSettings
-from stream.consumer import ExampleBatch, Position
+from stream.consumer import EventBatch
 from stream.events import EmbeddingBatch, InteractionEvent
 from stream.synthetic import SyntheticConfig, SyntheticStream
-from stream.user_state import UserStateStore
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +34,8 @@ def synthetic_events(n: int) -> list[InteractionEvent]:
     return list(SyntheticStream(config).events())
 
 
-def batches(events: list[InteractionEvent], per_batch: int) -> list[ExampleBatch]:
-    store = UserStateStore(("movie", "book"), 10)
-    out = []
-    for i in range(0, len(events), per_batch):
-        examples = [store.observe(e) for e in events[i : i + per_batch]]
-        out.append(ExampleBatch(examples, {0: Position(1, i + len(examples))}, {0: (0, len(examples))}, 0, "c0"))
-    return out
+def batches(events: list[InteractionEvent], per_batch: int) -> list[EventBatch]:
+    return [EventBatch.of(events[i : i + per_batch], 0, i, "c0") for i in range(0, len(events), per_batch)]
 
 
 def make_trainer(tmp_path: Path, deliver: Callable[[EmbeddingBatch], None], gate: PublishGate | None,

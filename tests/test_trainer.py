@@ -1,4 +1,5 @@
-"""The online trainer: test-then-train, publishing, checkpoint-then-commit and exact resume."""
+"""The online trainer: test-then-train, publishing, checkpoints, exact resume, and positions it owns:
+re-read events dropped by offset, a skip refused, each user's history built once, in the learner."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from learner.checkpoint_store import CheckpointStore
 from learner.config import SITNConfig
 from learner.learner import SITNLearner
 from learner.publisher import CallableTransport
-from learner.trainer import OnlineTrainer
-from stream.consumer import ExampleBatch, Position
+from learner.trainer import OnlineTrainer, StreamGapError
+from stream.consumer import EventBatch
 from stream.dataset import load_events
 from stream.events import EmbeddingBatch, InteractionEvent
-from stream.user_state import UserStateStore
+from stream.user_state import Example, UserStateStore
 
 DOMAINS = ("movie", "book")
 
@@ -27,24 +28,30 @@ def small_config() -> SITNConfig:
                       i2c_warmup_steps=2, recluster_every_steps=3, reservoir_size=256, initial_item_capacity=64)
 
 
-def batches_from(events: list[InteractionEvent], per_batch: int, partitions: int = 2) -> list[ExampleBatch]:
-    """What consumer actors deliver: per-partition user state, positions = next offset per partition."""
-    stores = {p: UserStateStore(DOMAINS, 10) for p in range(partitions)}
+def batches_from(events: list[InteractionEvent], per_batch: int, partitions: int = 2) -> list[EventBatch]:
+    """What consumer actors deliver: events with their offsets, positions = next offset per partition."""
     next_offset = dict.fromkeys(range(partitions), 0)
     out = []
     for i in range(0, len(events), per_batch):
-        by_partition: dict[int, list] = {}
+        by_partition: dict[int, list[InteractionEvent]] = {}
         for e in events[i : i + per_batch]:
-            p = hash(e.user_id) % partitions
-            by_partition.setdefault(p, []).append(stores[p].observe(e))
-        examples, spans, positions = [], {}, {}
-        for p, exs in sorted(by_partition.items()):
-            spans[p] = (len(examples), len(examples) + len(exs))
-            examples.extend(exs)
-            next_offset[p] += len(exs)
-            positions[p] = Position(1, next_offset[p])
-        out.append(ExampleBatch(examples, positions, spans, 0, "c0"))
+            by_partition.setdefault(partition_of(e.user_id, partitions), []).append(e)
+        batch_events: list[InteractionEvent] = []
+        offsets: list[int] = []
+        spans: dict[int, tuple[int, int]] = {}
+        read: dict[int, tuple[int, int]] = {}
+        for p, es in sorted(by_partition.items()):
+            spans[p] = (len(batch_events), len(batch_events) + len(es))
+            batch_events.extend(es)
+            offsets.extend(range(next_offset[p], next_offset[p] + len(es)))
+            read[p] = (next_offset[p], next_offset[p] + len(es))
+            next_offset[p] += len(es)
+        out.append(EventBatch(batch_events, offsets, spans, read, 0, "c0"))
     return out
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    return sum(user_id.encode()) % partitions  # stable across processes, unlike hash()
 
 
 @pytest.fixture(scope="module")
@@ -104,27 +111,28 @@ def test_checkpoint_restore_resumes_exactly(tmp_path: Path, events: list[Interac
     for b in batches[:3]:
         trainer.process(b)
     trainer.checkpoint()
-    commits = trainer.take_commits()
     expected = {p: pos for b in batches[:3] for p, pos in b.positions.items()}  # the newest per partition
-    assert commits == {"c0": expected}
-    assert trainer.take_commits() == {}  # taken once
-    positions = {p: pos.offset for p, pos in commits["c0"].items()}
-    assert positions == trainer.resume_info()["positions"]
-    # A new trainer (a restarted actor) restores the same model, positions and user state.
+    assert trainer.resume_positions() == expected
+    assert sum(expected.values()) == 600
+    # A new trainer (a restarted actor) restores the same model, positions and histories.
     fresh = make_trainer(tmp_path, [])
     assert fresh.restore()
     assert fresh.learner.step == trainer.learner.step
-    assert fresh.resume_info() == trainer.resume_info()
+    assert fresh.resume_positions() == expected
     users = [e.user_id for e in events[:50]]
     np.testing.assert_allclose(fresh.learner.embed_users(users), trainer.learner.embed_users(users), atol=1e-6)
-    # The restored mirror continues the consumers' user state exactly.
-    for p, store in trainer.mirror.items():
-        assert fresh.mirror[p].state_dict() == store.state_dict()
+    for p, store in trainer.user_state.items():
+        assert fresh.user_state[p].state_dict() == store.state_dict()
     # So do the prequential tallies and the shadow baselines (the same figures, the same counts).
     assert fresh.quality.state_dict() == trainer.quality.state_dict()
     assert fresh.shadow.state_dict() == trainer.shadow.state_dict()
     assert fresh.fused is not None and trainer.fused is not None
     assert fresh.fused.state_dict() == trainer.fused.state_dict()
+    # Both go on alike: the same histories, built in the learner, for the next batch's examples.
+    for t in (trainer, fresh):
+        t.process(batches[3])
+    for p, store in trainer.user_state.items():
+        assert fresh.user_state[p].state_dict() == store.state_dict()
 
 
 def test_checkpoint_holds_only_trained_batches(tmp_path: Path, events: list[InteractionEvent]) -> None:
@@ -132,12 +140,58 @@ def test_checkpoint_holds_only_trained_batches(tmp_path: Path, events: list[Inte
     batches = batches_from(events[:400], per_batch=200)
     trainer.process(batches[0])
     trainer.checkpoint()
-    first = trainer.resume_info()["positions"]
+    first = trainer.resume_positions()
     trainer.process(batches[1])  # trained, not checkpointed: a crash now must re-deliver it
     fresh = make_trainer(tmp_path, [])
     fresh.restore()
-    assert fresh.resume_info()["positions"] == first
+    assert fresh.resume_positions() == first
     assert fresh.events_applied == 200
+
+
+def test_histories_are_built_once_in_the_learner_from_the_events_in_order(
+    tmp_path: Path, events: list[InteractionEvent]
+) -> None:
+    """Each example's history is the user's events before it (bounded by max_len), whatever the batching."""
+    trainer = make_trainer(tmp_path, [])
+    seen: list[Example] = []
+    learn_many = trainer.learner.learn_many
+
+    def recording(examples: list[Example]) -> dict[str, float]:
+        seen.extend(examples)
+        return learn_many(examples)
+
+    trainer.learner.learn_many = recording
+    for b in batches_from(events[:600], per_batch=150):
+        trainer.process(b)
+    reference = UserStateStore(DOMAINS, trainer.learner.config.max_len)
+    by_id = {ex.event_id: ex for ex in seen}
+    assert len(by_id) == 600
+    for e in events[:600]:
+        assert by_id[e.event_id] == reference.observe(e)
+
+
+def test_events_below_the_position_are_dropped_and_a_skip_is_refused(
+    tmp_path: Path, events: list[InteractionEvent]
+) -> None:
+    """A consumer replaced alone re-reads from the learner's position while its predecessor's batches are
+    still queued: the learner trains each event once. A batch that would skip records is an error."""
+    trainer = make_trainer(tmp_path, [])
+    batches = batches_from(events[:600], per_batch=200, partitions=1)  # offsets 0..199, 200..399, 400..599
+    trainer.process(batches[0])
+    trainer.process(batches[1])
+    # The replacement started at 100 (the position it was handed) and reads 100..399 in one batch.
+    reread = EventBatch(events[100:400], list(range(100, 400)), {0: (0, 300)}, {0: (100, 400)}, 0, "c0")
+    assert trainer.process(reread) == []  # nothing new: no step
+    assert trainer.redelivered_dropped == 300 and trainer.last_trained_event_ids == []
+    overlapping = EventBatch(events[350:500], list(range(350, 500)), {0: (0, 150)}, {0: (350, 500)}, 0, "c0")
+    trainer.process(overlapping)
+    assert trainer.redelivered_dropped == 350
+    assert trainer.last_trained_event_ids == [e.event_id for e in events[400:500]]
+    assert trainer.events_applied == 500 and trainer.resume_positions() == {0: 500}
+    with pytest.raises(StreamGapError, match=r"partition 0: a batch from offset 501 on, but the learner trained "
+                                             r"up to 500: records 500\.\.500 would be skipped"):
+        trainer.process(EventBatch(events[501:502], [501], {0: (0, 1)}, {0: (501, 502)}, 0, "c0"))
+    assert trainer.events_applied == 500
 
 
 def test_steps_before_an_idle_pause_are_published_once_the_interval_passes(

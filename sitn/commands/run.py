@@ -113,7 +113,6 @@ def main(args: argparse.Namespace) -> int:
     stream = StreamSettings(
         domains=(run.source, run.target),
         embedded_log_dir=(run_dir / "log").resolve(),
-        max_history=run.learner_max_len,
         **stream_kwargs,
     )
     serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
