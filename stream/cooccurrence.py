@@ -127,6 +127,11 @@ class ItemCooccurrence:
         self._target = _Rows()  # neighbours: target row -> {target row: C_tt}
         self._source = _Rows()  # neighbours: source row -> {target row: C_st}
         self.events = 0
+        # max(n_j, 1)^-(1 - alpha) per target row, kept between scores() calls: only the rows whose count
+        # changed since the last call are recomputed (a power over every item per call was most of its cost)
+        self._scale = np.ones(0, dtype=np.float64)
+        self._stale: set[int] = set()
+        self._max_count = 0.0
 
     # -- catalogue ---------------------------------------------------------------------------------
     @property
@@ -151,6 +156,8 @@ class ItemCooccurrence:
         if domain == self.target:
             j = self._target.add(item_id)
             self._target.counts[j] += 1.0
+            self._stale.add(j)
+            self._max_count = max(self._max_count, float(self._target.counts[j]))
             nj = self._target.neighbours[j]
             for other in set(_items(history, self.target, self.max_history)):
                 i = self._target.add(other)
@@ -201,11 +208,22 @@ class ItemCooccurrence:
                 cols = np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours))
                 values = np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours))
                 acc[cols] += values * (weight / max(rows.counts[i], 1.0) ** self.alpha)
-        counts = self.counts
         if n:
-            acc /= np.maximum(counts, 1.0) ** (1.0 - self.alpha)
-            acc += TIE_BREAK * counts / max(float(counts.max()), 1.0)
+            acc *= self._column_scale(n)
+            acc += self.counts * (TIE_BREAK / max(self._max_count, 1.0))
         return acc
+
+    def _column_scale(self, n: int) -> np.ndarray:
+        """(n,) ``max(n_j, 1)^-(1 - alpha)`` of the first ``n`` target rows, brought up to date."""
+        if len(self._scale) < n:  # rows added since: a row never counted has n_j = 0, scale 1
+            grown = np.ones(len(self._target.counts), dtype=np.float64)
+            grown[: len(self._scale)] = self._scale
+            self._scale = grown
+        if self._stale:
+            rows = np.fromiter(self._stale, dtype=np.int64, count=len(self._stale))
+            self._scale[rows] = np.maximum(self._target.counts[rows], 1.0) ** -(1.0 - self.alpha)
+            self._stale.clear()
+        return self._scale[:n]
 
     def rank(self, history: HistoryItems, item_id: str, mode: str, consumed: Iterable[str]) -> int | None:
         """1-based rank of ``item_id`` among the target items seen so far minus ``consumed``, ties
@@ -232,4 +250,6 @@ class ItemCooccurrence:
         out._target = _Rows.from_state_dict(state["target_rows"])
         out._source = _Rows.from_state_dict(state["source_rows"])
         out.events = int(state["events"])
+        out._stale = set(range(len(out._target.ids)))
+        out._max_count = float(out.counts.max()) if len(out) else 0.0
         return out

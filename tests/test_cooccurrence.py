@@ -80,3 +80,20 @@ def test_bad_arguments_are_named() -> None:
 def test_all_equal_scores_rank_the_positive_last() -> None:
     assert rank_with_ties_against(np.zeros(5), 2) == 5
     assert rank_with_ties_against(np.zeros(5), 2, excluded_rows=[0, 1]) == 3
+
+
+def test_scores_between_events_match_a_model_that_never_scored() -> None:
+    # scores() keeps its per-item normaliser between calls; scoring after every event must give exactly
+    # what a model that learnt the same events without ever scoring gives
+    store = UserStateStore(("movie", "book"), max_len=50)
+    examples = store.observe_many(_random_events(2))
+    scored, fresh = ItemCooccurrence("movie", "book", alpha=0.3), ItemCooccurrence("movie", "book", alpha=0.3)
+    for n, example in enumerate(examples):
+        scored.learn_example(example)
+        if n % 7 == 0:
+            scored.scores(example.history, "target+source")
+    fresh.learn_many(examples)
+    for user in ("u1", "u7", "u13"):
+        for mode in ("target", "target+source", "source"):
+            assert np.allclose(scored.scores(store.history(user), mode), fresh.scores(store.history(user), mode),
+                               rtol=1e-12, atol=0.0)
