@@ -173,7 +173,7 @@ def main() -> int:
         bootstrap = broker.bootstrap_servers
     run = RunSettings(events=None, rate_events_per_s=None, batch_size=256, checkpoint_every_steps=50)
     stream = StreamSettings(kafka_bootstrap_servers=bootstrap, embedded_log_dir=tmp / "log", batch_size=500,
-                            max_users=max(1, args.max_users // 4), partitions=4)  # max_users is per partition
+                            partitions=4)
     serving = ServingSettings(port=0, max_users=args.max_users)
     config = SITNConfig(max_users=args.max_users)
     need = run.checkpoint_every_steps * run.batch_size + run.queue_maxsize * stream.batch_size

@@ -16,9 +16,9 @@ supervisor hands over a new replica (``set_serving``) the loop, and only the loo
 sends it a full version before any delta.
 
 ``audit_log``: a JSON-lines record of what each incarnation of the learner trained: one ``start`` line
-(pid, the restored checkpoint's ``events_applied``, positions, id-map and user-state sizes), then one
-``batch`` line per trained batch with the event ids it trained (re-read ones dropped), written after the batch is trained and before any
-checkpoint that holds it. From it the fault tests rebuild exactly which events the model reflects and how
+(pid, the restored checkpoint's ``events_applied``, positions, id-map sizes and users with a history), then
+one ``batch`` line per trained batch with the event ids it trained (re-read ones dropped), written after the
+batch is trained and before any checkpoint that holds it. From it the fault tests rebuild exactly which events the model reflects and how
 many were trained twice across a restart.
 """
 
@@ -102,7 +102,7 @@ class LearnerWorker:
                 "restored_events_applied": self.trainer.events_applied,
                 "positions": {str(p): o for p, o in self.trainer.positions.items()},
                 "idmap_sizes": {role: len(m) for role, m in self.trainer.learner.idmaps.items()},
-                "users": {str(p): len(s) for p, s in self.trainer.user_state.items()},
+                "users": len(self.trainer.learner.histories),
             })
         if self.restored:
             self.trainer.publish(force_full=True)  # serving gets exactly the restored state

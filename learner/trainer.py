@@ -14,16 +14,19 @@ Tallies, baselines, the fused weights' tallies and the fallback's window are che
 
 The learner owns the stream's positions and each user's history (``stream.consumer`` hands it decoded events
 with their offsets, nothing more). Per partition it keeps the position, the next offset to read, of
-everything trained, and one :class:`~stream.user_state.UserStateStore` from which each event's causal
-example is built. Exactly once, in this order:
+everything trained. The one history store is the model's own (``SITNLearner.histories``, which
+``embed_users`` and ``recommend`` read): each event's causal example is built from it, the user's last
+``max_len`` items per domain before the event, and ``learn_many`` records the event there. Exactly once,
+in this order:
 
 1. ``process(batch)`` drops every event at an offset below its partition's position (trained already: a
    consumer replaced alone re-reads from the position it was given, while the batches its predecessor
-   delivered are still queued), builds the examples of the others from the history store, trains on all
-   of them (in chunks of ``batch_size``) before it returns, and advances the positions. Between calls
-   nothing is half-applied. A batch that starts *above* a position would skip records: an error.
-2. ``checkpoint()`` writes model, optimizer, prototypes, id maps, the history store, publisher state and
-   the positions atomically, in one file.
+   delivered are still queued), builds the examples of the others chunk by chunk (``batch_size``) from
+   the history store, trains on each chunk before building the next, and advances the positions once
+   all are trained. Between calls nothing is half-applied. A batch that starts *above* a position would
+   skip records: an error.
+2. ``checkpoint()`` writes model (with the history store), optimizer, prototypes, id maps, publisher
+   state and the positions atomically, in one file.
 3. Only then does the caller mirror the positions into the consumer group (``stream.group_offsets``),
    for lag tools; nothing reads them back.
 
@@ -46,6 +49,7 @@ from learner import telemetry
 from learner.checkpoint_store import CheckpointStore
 from learner.drift import DriftMonitor
 from learner.gate import PublishGate, RankerFallback, ndcg_gain
+from learner.history import EMPTY, History
 from learner.prequential import PrequentialEvaluator, StreamQuality
 from learner.publisher import Publisher, Transport
 from learner.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
@@ -53,8 +57,8 @@ from serving.fused import FUSED_WEIGHTS
 from sitn.errors import SitnError
 from stream.consumer import EventBatch
 from stream.cooccurrence import rank_with_ties_against
-from stream.events import EmbeddingBatch
-from stream.user_state import Example, UserStateStore
+from stream.events import EmbeddingBatch, InteractionEvent
+from stream.user_state import Example
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,6 @@ class OnlineTrainer:
         full_publish_every: int = 50,
         prequential_k: int = 10,
         prequential_window: int = 2000,
-        max_users: int = 1_000_000,
         served_max_users: int = 1_000_000,
         gate: PublishGate | None = None,
         gate_sample_per_step: int = 64,
@@ -112,7 +115,6 @@ class OnlineTrainer:
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
-        ``max_users``: users kept per partition in the history store;
         ``served_max_users``: users in the mirror of what serving holds (``ServingSettings.max_users``).
         ``drift``: watches each step's losses and prequential metrics, the input events and, after each
         publish, the prototype assignments (``learner.drift``); its detectors are checkpointed.
@@ -130,7 +132,6 @@ class OnlineTrainer:
         self.batch_size = batch_size
         self.checkpoints = checkpoints
         self.checkpoint_every_steps = checkpoint_every_steps
-        self.max_users = max_users
         if fallback is not None and not set(fallback.baselines) <= set(SERVABLE):
             raise ValueError(f"fallback baselines must be among {sorted(SERVABLE)}, got {list(fallback.baselines)}")
         self.fused = FusedShadow(fused_weights, prequential_k, fused_window) if fused_weights else None
@@ -147,7 +148,6 @@ class OnlineTrainer:
             self._stamp.fused_weight = self.fused.weight
         self.fallback = fallback
         self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
-        self.user_state: dict[int, UserStateStore] = {}  # partition -> its users' histories, as trained
         self.events_applied = 0
         self.redelivered_dropped = 0  # events of delivered batches below the position: trained already
         self.last_trained_event_ids: list[str] = []  # of the last process() call, in training order
@@ -162,41 +162,53 @@ class OnlineTrainer:
     def process(self, batch: EventBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
         """Train on every event of ``batch`` not trained yet; returns the statistics of each learner step."""
         received_wall_s = time.time() if received_wall_s is None else received_wall_s
-        examples = self._examples(batch)
-        self.last_trained_event_ids = [ex.event_id for ex in examples]
+        events, positions = self._new_events(batch)
+        self.last_trained_event_ids = [e.event_id for e in events]
         stats = [
-            self._step(examples[i : i + self.batch_size], received_wall_s)
-            for i in range(0, len(examples), self.batch_size)
+            self._step(self._examples(events[i : i + self.batch_size]), received_wall_s)
+            for i in range(0, len(events), self.batch_size)
         ]
-        self.events_applied += len(examples)
+        self.positions.update(positions)
+        self.events_applied += len(events)
         telemetry.EVENTS_APPLIED.set(self.events_applied)
         return stats
 
-    def _examples(self, batch: EventBatch) -> list[Example]:
-        """The causal examples of the batch's new events (history before each, from the store), in batch
-        order; advances the positions and the store. Events below a partition's position are dropped."""
-        examples: list[Example] = []
+    def _new_events(self, batch: EventBatch) -> tuple[list[InteractionEvent], dict[int, int]]:
+        """The batch's events at or above their partition's position, in batch order, and the positions
+        after the batch. Events below a position were trained already: dropped and counted."""
+        events: list[InteractionEvent] = []
+        positions: dict[int, int] = {}
         for partition, (first, end) in batch.read.items():
             trained = self.positions.get(partition)
             if trained is not None and first > trained:
                 raise StreamGapError(f"partition {partition}: a batch from offset {first} on, but the learner "
                                      f"trained up to {trained}: records {trained}..{first - 1} would be skipped")
-            start, stop = batch.spans.get(partition, (0, 0))
-            store = self.user_state.get(partition)
-            if store is None and stop > start:
-                store = self.user_state[partition] = UserStateStore(
-                    (self.source, self.target), self.learner.config.max_len, self.max_users)
             floor = trained or 0
-            dropped = 0
-            for event, offset in zip(batch.events[start:stop], batch.offsets[start:stop], strict=True):
-                if offset < floor:
-                    dropped += 1
-                    continue
-                assert store is not None
-                examples.append(store.observe(event))
-            self.redelivered_dropped += dropped
-            self.positions[partition] = max(end, floor)
-        return examples
+            start, stop = batch.spans.get(partition, (0, 0))
+            kept = [e for e, o in zip(batch.events[start:stop], batch.offsets[start:stop], strict=True) if o >= floor]
+            self.redelivered_dropped += (stop - start) - len(kept)
+            events.extend(kept)
+            positions[partition] = max(end, floor)
+        return events, positions
+
+    def _examples(self, events: list[InteractionEvent]) -> list[Example]:
+        """Each event's causal example: the user's last ``max_len`` items per domain before it, from the
+        learner's history store and, for a user with several events here, the earlier ones among them
+        (the store records them only when ``learn_many`` learns them)."""
+        histories = self.learner.histories
+        max_len = self.learner.config.max_len
+        pending: dict[str, dict[str, History]] = {}  # user -> history after their events so far in this chunk
+        out: list[Example] = []
+        for e in events:
+            before = pending.get(e.user_id)
+            if before is None:
+                before = histories.get(e.user_id)
+            out.append(Example(e.event_id, e.user_id, e.domain, e.item_id, e.timestamp, before))
+            items, stamps = before.get(e.domain, EMPTY)
+            after = dict(before)
+            after[e.domain] = ((*items, e.item_id)[-max_len:], (*stamps, e.timestamp)[-max_len:])
+            pending[e.user_id] = after
+        return out
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
         start_s = time.perf_counter()
@@ -342,7 +354,6 @@ class OnlineTrainer:
             return
         extra = {
             "positions": dict(self.positions),
-            "user_state": {p: s.state_dict() for p, s in self.user_state.items()},
             "redelivered_dropped": self.redelivered_dropped,
             "publisher": self.publisher.state_dict(),
             "events_applied": self.events_applied,
@@ -370,7 +381,6 @@ class OnlineTrainer:
         self.publisher.learner = learner
         self.publisher.load_state_dict(extra["publisher"])
         self.positions = {int(p): int(o) for p, o in extra["positions"].items()}
-        self.user_state = {int(p): UserStateStore.from_state_dict(s) for p, s in extra["user_state"].items()}
         self.redelivered_dropped = int(extra.get("redelivered_dropped", 0))
         self.events_applied = int(extra["events_applied"])
         if self.drift is not None and extra.get("drift") is not None:

@@ -225,7 +225,6 @@ class Pipeline:
             fallback=self._fallback(),
             fused_weights=tuple(r.fused_weights),
             fused_window=r.fused_window,
-            max_users=self.stream.max_users,
             served_max_users=self.serving_settings.max_users,
             audit_log=self.audit_log,
         )

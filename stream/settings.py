@@ -51,7 +51,6 @@ class StreamSettings(BaseSettings):
     )
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="max records per poll")
     poll_timeout_s: float = Field(default=0.5, gt=0, le=60)
-    max_users: int = Field(default=1_000_000, ge=1, description="users whose history the learner keeps, per partition (LRU)")
 
     # -- Kafka security passthrough ---------------------------------------------------------------
     security_protocol: SecurityProtocol = "PLAINTEXT"

@@ -11,7 +11,7 @@ incarnation's restored state, then the event ids of every batch it trained):
 - serving answers 200 throughout, except between the kill of its own process and its restart;
 - consistency after restore: each incarnation's restored positions, id-map sizes and user counts match
   exactly the events its checkpoint holds; at the end the id maps hold exactly the distinct items and
-  users replayed, the learner's per-partition history store equals one rebuilt from the replayed events
+  users replayed, the learner's history store (the only one) equals one rebuilt from the replayed events
   in order, and
   the prototypes have the configured shapes and finite values.
 
@@ -229,9 +229,7 @@ def model_lineage(incarnations: list[Incarnation], by_id: dict[str, InteractionE
             "source": len({e.item_id for e in prefix if e.domain == "movie"}),
             "target": len({e.item_id for e in prefix if e.domain == "book"}),
         }
-        assert {int(p): n for p, n in inc.start["users"].items()} == {
-            p: len({e.user_id for e in es}) for p, es in per_partition.items()
-        }
+        assert inc.start["users"] == len({e.user_id for e in prefix})
         lineage = lineage + inc.trained
     return lineage
 
@@ -253,7 +251,7 @@ def count_against_replay(rep: FaultReport, audit_log: Path, events: list[Interac
 
 
 def check_final_state(pipeline: Pipeline, events: list[InteractionEvent]) -> None:
-    """The last checkpoint (what the next restore loads): id maps, user state, prototypes, positions."""
+    """The last checkpoint (what the next restore loads): id maps, histories, prototypes, positions."""
     loaded = CheckpointStore(pipeline.run_dir / "checkpoints").load_latest()
     assert loaded is not None
     learner, extra = loaded
@@ -262,15 +260,15 @@ def check_final_state(pipeline: Pipeline, events: list[InteractionEvent]) -> Non
         assert len(ids) == len(set(ids)), f"{role} id map holds an id twice"
         assert set(ids) == {e.item_id for e in events if e.domain == domain}
     assert set(learner.known_users()) == {e.user_id for e in events}
-    reference: dict[int, UserStateStore] = {}
+    reference = UserStateStore(("movie", "book"), learner.config.max_len)
     for e in events:
-        p = partition_of(e.user_id)
-        if p not in reference:
-            reference[p] = UserStateStore(("movie", "book"), learner.config.max_len)
-        reference[p].observe(e)
-    restored = {int(p): UserStateStore.from_state_dict(s).state_dict() for p, s in extra["user_state"].items()}
-    assert restored == {p: s.state_dict() for p, s in reference.items()}
-    assert extra["positions"] == {p: sum(1 for e in events if partition_of(e.user_id) == p) for p in reference}
+        reference.observe(e)
+    # The one history store (the learner's) holds each user's last items exactly as replayed, in order.
+    assert {u: learner.histories.get(u) for u in learner.known_users()} == {
+        u: reference.history(u) for u in reference.user_ids()
+    }
+    partitions = {partition_of(e.user_id) for e in events}
+    assert extra["positions"] == {p: sum(1 for e in events if partition_of(e.user_id) == p) for p in partitions}
     config = learner.config
     assert set(learner.prototypes.sets) == {(role, k) for role in ("source", "target") for k in config.cluster_counts}
     for (_role, k), proto in learner.prototypes.sets.items():

@@ -121,8 +121,7 @@ def test_checkpoint_restore_resumes_exactly(tmp_path: Path, events: list[Interac
     assert fresh.resume_positions() == expected
     users = [e.user_id for e in events[:50]]
     np.testing.assert_allclose(fresh.learner.embed_users(users), trainer.learner.embed_users(users), atol=1e-6)
-    for p, store in trainer.user_state.items():
-        assert fresh.user_state[p].state_dict() == store.state_dict()
+    assert fresh.learner.histories.state_dict() == trainer.learner.histories.state_dict()
     # So do the prequential tallies and the shadow baselines (the same figures, the same counts).
     assert fresh.quality.state_dict() == trainer.quality.state_dict()
     assert fresh.shadow.state_dict() == trainer.shadow.state_dict()
@@ -131,8 +130,7 @@ def test_checkpoint_restore_resumes_exactly(tmp_path: Path, events: list[Interac
     # Both go on alike: the same histories, built in the learner, for the next batch's examples.
     for t in (trainer, fresh):
         t.process(batches[3])
-    for p, store in trainer.user_state.items():
-        assert fresh.user_state[p].state_dict() == store.state_dict()
+    assert fresh.learner.histories.state_dict() == trainer.learner.histories.state_dict()
 
 
 def test_checkpoint_holds_only_trained_batches(tmp_path: Path, events: list[InteractionEvent]) -> None:
@@ -168,6 +166,21 @@ def test_histories_are_built_once_in_the_learner_from_the_events_in_order(
     assert len(by_id) == 600
     for e in events[:600]:
         assert by_id[e.event_id] == reference.observe(e)
+    # The learner's one store holds each user's history after their last event (what embed_users reads).
+    assert sorted(trainer.learner.histories.user_ids()) == sorted(reference.user_ids())
+    assert all(trainer.learner.histories.get(u) == reference.history(u) for u in reference.user_ids())
+    # Several events of one user within one step: each example sees the earlier ones of the same step.
+    u = "u-new"
+    mine = [InteractionEvent(f"x{i}", u, f"m{i}", "movie" if i % 2 else "book", 1_500_000_000 + i) for i in range(3)]
+    seen.clear()
+    trainer.process(EventBatch.of(mine, partition=7))
+    assert [ex.history for ex in seen] == [
+        {"movie": ((), ()), "book": ((), ())},
+        {"movie": ((), ()), "book": (("m0",), (1_500_000_000,))},
+        {"movie": (("m1",), (1_500_000_001,)), "book": (("m0",), (1_500_000_000,))},
+    ]
+    assert trainer.learner.histories.get(u) == {"movie": (("m1",), (1_500_000_001,)),
+                                                "book": (("m0", "m2"), (1_500_000_000, 1_500_000_002))}
 
 
 def test_events_below_the_position_are_dropped_and_a_skip_is_refused(
