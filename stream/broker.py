@@ -54,6 +54,7 @@ HOST = "127.0.0.1"
 _BROKER_MAIN_CLASS = "kafka.Kafka"
 _STORAGE_TOOL_CLASS = "kafka.tools.StorageTool"
 _CONSOLE_PRODUCER_CLASS = "org.apache.kafka.tools.ConsoleProducer"
+_CONSUMER_GROUPS_CLASS = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"  # kafka-consumer-groups.sh
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _HEAP_SIZE = re.compile(r"^[1-9][0-9]*[kKmMgG]$")
 _LOG_TAIL_LINES = 25
@@ -367,6 +368,21 @@ class KafkaBroker:
             self.bootstrap_servers,
             "--topic",
             topic,
+        ]
+
+    def consumer_groups_cmd(self, *args: str) -> list[str]:
+        """The command line of Kafka's own ``kafka-consumer-groups`` tool with ``args`` (e.g. ``--describe
+        --group G``), against this broker."""
+        return [
+            _java(),
+            "-Xmx256m",
+            f"-Dlog4j2.configurationFile={KAFKA_INFRA_DIR / 'log4j2-tools.properties'}",
+            "-cp",
+            f"{self.libs_dir()}/*",
+            _CONSUMER_GROUPS_CLASS,
+            "--bootstrap-server",
+            self.bootstrap_servers,
+            *args,
         ]
 
     def _format(self, java: str, libs: Path) -> None:

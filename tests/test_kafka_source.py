@@ -4,12 +4,14 @@ learner's positions mirrored into the consumer group for lag tools."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from stream.broker import KafkaBroker
 from stream.consumer import EventBatch, StreamConsumer
 from stream.dead_letter import open_dead_letters
 from stream.events import InteractionEvent
@@ -79,6 +81,18 @@ def _ends(settings: StreamSettings) -> dict[int, int]:
         probe.close()
 
 
+def _described(broker: KafkaBroker, settings: StreamSettings) -> dict[int, tuple[int, int, int]]:
+    """``kafka-consumer-groups --describe``: partition -> (current offset, log end offset, lag)."""
+    out = subprocess.run(broker.consumer_groups_cmd("--describe", "--group", settings.consumer_group),
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    rows: dict[int, tuple[int, int, int]] = {}
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) >= 6 and cols[1] == settings.topic_interactions and cols[3].isdigit():
+            rows[int(cols[2])] = (int(cols[3]), int(cols[4]), int(cols[5]))
+    return rows
+
+
 def test_static_assignment_reads_its_partitions_from_the_given_offsets(settings: StreamSettings) -> None:
     events = _produce(settings, N_EVENTS)
     ends = _ends(settings)
@@ -127,7 +141,8 @@ def test_a_new_source_at_a_snapshot_resumes_exactly_and_pause_holds_records(sett
     second.close()
 
 
-def test_committed_positions_show_as_the_group_lag(settings: StreamSettings) -> None:
+def test_committed_positions_show_as_the_group_lag(settings: StreamSettings, kafka_broker: KafkaBroker) -> None:
+    """What the learner commits after a checkpoint is what ``kafka-consumer-groups --describe`` shows."""
     _produce(settings, N_EVENTS)
     ends = _ends(settings)
     assert group_lag(settings) == ends  # nothing committed: lag counted from the beginning
@@ -136,6 +151,7 @@ def test_committed_positions_show_as_the_group_lag(settings: StreamSettings) -> 
         trained = {p: end - 3 for p, end in ends.items() if end >= 3}
         assert committer.commit(trained) is True
         assert group_lag(settings) == {p: 3 if p in trained else ends[p] for p in ends}
+        assert _described(kafka_broker, settings) == {p: (trained[p], ends[p], 3) for p in trained}
         assert committer.commit({p: ends[p] for p in trained}) is True  # the next checkpoint's positions
         assert group_lag(settings) == {p: 0 if p in trained else ends[p] for p in ends}
         with pytest.raises(ValueError, match=r"positions name partitions \[4\], the topic has 0\.\.3"):
