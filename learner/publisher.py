@@ -13,9 +13,10 @@ ranks by. The catalogue bounds the items in practice; ``max_counted_items`` only
 unbounded id space, and what it prunes (the least counted) never reaches the published top
 ``popularity_size`` while the cap is well above it.
 
-Two transports: a Ray actor handle (everything in one cluster) and a Kafka topic of
-:class:`stream.events.EmbeddingUpdate` messages keyed ``kind:key`` (compacted) for replicas deployed
-on their own.
+Two transports: a Ray actor handle (everything in one cluster) and the compacted Kafka updates topic for
+replicas deployed on their own, which carries the same batch (:func:`stream.events.encode_batch`: one record
+per item and per user vector, then a version record with the consumed pairs, the ranker and the fused
+weight). Both ends apply it with ``serving.service.RecommendationService.apply``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stream.events import EmbeddingBatch, EmbeddingUpdate, encode_update
+from stream.events import EmbeddingBatch, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +47,16 @@ class CallableTransport:
         self._fn(batch)
 
 
-def batch_to_updates(batch: EmbeddingBatch) -> Iterable[tuple[bytes, bytes]]:
-    """(key, value) wire messages for a batch: one per item and one per user.
-
-    >>> b = EmbeddingBatch(3, False, ["i1"], np.ones((1, 2), np.float32), ["u1"],
-    ...                    np.zeros((1, 1, 2), np.float32), [], 0.0)
-    >>> [k for k, _ in batch_to_updates(b)]
-    [b'item:i1', b'user:u1']
-    """
-    for item_id, vec in zip(batch.item_ids, batch.item_vectors, strict=True):
-        update = EmbeddingUpdate("item", item_id, batch.version, 1, tuple(float(x) for x in vec))
-        yield f"item:{item_id}".encode(), encode_update(update)
-    for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):
-        update = EmbeddingUpdate(
-            "user", user_id, batch.version, int(views.shape[0]), tuple(float(x) for x in views.reshape(-1))
-        )
-        yield f"user:{user_id}".encode(), encode_update(update)
-
-
 class KafkaTransport:
-    """Sends every update to a (compacted) Kafka topic; ``producer`` is a kafka-python KafkaProducer."""
+    """Sends each batch's records to the (compacted, one-partition) updates topic, in order, and waits for
+    them; ``producer`` is a kafka-python KafkaProducer."""
 
     def __init__(self, producer: Any, topic: str) -> None:
         self._producer = producer
         self._topic = topic
 
     def send(self, batch: EmbeddingBatch) -> None:
-        for key, value in batch_to_updates(batch):
+        for key, value in encode_batch(batch):
             self._producer.send(self._topic, key=key, value=value)
         self._producer.flush()
 

@@ -1,10 +1,11 @@
 """Ray shell around the serving core: the RecommendationService plus its HTTP server in one actor.
 
 The learner actor hands it :class:`~stream.events.EmbeddingBatch` es through its handle (the in-cluster
-transport). Each batch's item rows go into the FAISS index as one upsert, user query vectors into the
-user store, consumed (user, item) pairs into the exclusion sets, popularity and co-occurrence counts; its
-``served_by`` says which ranker ``/recommend`` answers with from then on (``fused_weight``: the fused ranker's
-weight). Freshness, the
+transport), and it applies each with :meth:`serving.service.RecommendationService.apply`, the same validated
+write path a standalone replica (``sitn serve``) uses for the batches it reads from the updates topic: item
+rows into the FAISS index as one upsert, user query vectors into the user store, consumed (user, item) pairs
+into the exclusion sets, popularity and co-occurrence counts; ``served_by`` says which ranker ``/recommend``
+answers with from then on (``fused_weight``: the fused ranker's weight). Freshness, the
 time from an event's arrival at the learner to its effect being visible here, is recorded per user.
 The HTTP server runs in a thread of this actor, so ``/recommend`` reads the same in-memory state
 without a hop.
@@ -70,20 +71,10 @@ class ServingCore:
         return self.http.url if self.http is not None else None
 
     def apply_batch(self, batch: EmbeddingBatch) -> dict[str, int]:
-        """Apply one published version; returns counts applied."""
-        items = 0
-        if batch.item_ids:
-            items = self.service.index.upsert(batch.item_ids, batch.item_vectors, batch.version)
-        users = 0
-        for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):  # views: (V, D)
-            users += self.service.users.upsert(user_id, views, batch.version)
-        by_user: dict[str, list[str]] = {}
-        for user_id, item_id in batch.consumed:
-            by_user.setdefault(user_id, []).append(item_id)
-        for user_id, item_ids in by_user.items():
-            self.service.record_consumed(user_id, item_ids)
-        self.service.set_ranker(batch.served_by, batch.fused_weight)
-        self.service.refresh_gauges()
+        """Apply one published version through the service's one write path (validated there, as on a
+        standalone replica); returns counts applied. A batch that fails validation raises: the learner built
+        it, so it is a bug, not data."""
+        stats = self.service.apply(batch)
         now_s = time.time()
         for ingest_s in batch.ingest_wall_s.values():
             self._freshness_s.append(now_s - ingest_s)
@@ -91,7 +82,7 @@ class ServingCore:
         self.batches_applied += 1
         self.version = max(self.version, batch.version)
         self._applied_at[batch.version] = now_s
-        return {"items": int(items), "users": int(users), "consumed": len(batch.consumed)}
+        return {"items": stats.items_applied, "users": stats.users_applied, "consumed": stats.consumed_applied}
 
     def recommend(self, user_id: str, k: int = 10) -> dict[str, Any]:
         rec = self.service.recommend(user_id, k)

@@ -1,5 +1,11 @@
 """The recommendation service: plain Python, no HTTP, no PyTorch. HTTP and Kafka are thin shells on it.
 
+Every write goes through :meth:`RecommendationService.apply`, one published version
+(:class:`~stream.events.EmbeddingBatch`) at a time, validated first (:func:`validate_batch`): the in-cluster
+serving actor hands it the learner's batches, a standalone replica the batches it reassembles from the
+updates topic, so both hold the same state after the same versions. ``apply_updates`` (vectors only) is a
+convenience on top of it.
+
 >>> service = RecommendationService(dim=2, popularity_refresh_s=0.0)
 >>> stats = service.apply_updates([
 ...     EmbeddingUpdate("item", "a", 1, 1, (1.0, 0.0)),
@@ -56,7 +62,7 @@ from serving.fused import CoocAlignment, fused_scores
 from serving.index import IndexSnapshot, ItemIndex
 from serving.settings import ServingSettings
 from serving.store import ConsumedItems, PopularityCounter, UserVectorStore
-from stream.events import MAX_ID_CHARS, EmbeddingUpdate
+from stream.events import MAX_ID_CHARS, EmbeddingBatch, EmbeddingUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +102,53 @@ def validate_update(update: EmbeddingUpdate, dim: int) -> None:
         raise ValueError(f"{where}: vector has a non-finite value")
 
 
+def _check_id(what: str, value: object) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_CHARS:
+        got = len(value) if isinstance(value, str) else type(value).__name__
+        raise ValueError(f"{what} must be a string of 1..{MAX_ID_CHARS} characters, got {got}")
+
+
+def validate_batch(batch: EmbeddingBatch, dim: int) -> None:
+    """Raise ``ValueError`` naming what is wrong with ``batch`` (one published version) for an index of
+    dimension ``dim``; :meth:`RecommendationService.apply` calls it before writing anything.
+
+    >>> b = EmbeddingBatch(2, False, ["a"], np.zeros((1, 3), np.float32), [], np.zeros((0, 1, 2), np.float32),
+    ...                    [], 0.0)
+    >>> validate_batch(b, dim=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: version 2: item_vectors must have shape (1, 2), got (1, 3)
+    """
+    version = batch.version
+    if isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 0:
+        raise ValueError(f"version must be an integer >= 0, got {version!r}")
+    where = f"version {version}"
+    item_vectors, user_vectors = np.asarray(batch.item_vectors), np.asarray(batch.user_vectors)
+    if item_vectors.shape != (len(batch.item_ids), dim):
+        raise ValueError(f"{where}: item_vectors must have shape ({len(batch.item_ids)}, {dim}), "
+                         f"got {item_vectors.shape}")
+    n_users = len(batch.user_ids)
+    if user_vectors.ndim != 3 or user_vectors.shape[0] != n_users or user_vectors.shape[2] != dim \
+            or (n_users and user_vectors.shape[1] < 1):
+        raise ValueError(f"{where}: user_vectors must have shape ({n_users}, V >= 1, {dim}), got {user_vectors.shape}")
+    if not (np.isfinite(item_vectors).all() and np.isfinite(user_vectors).all()):
+        raise ValueError(f"{where}: a vector has a non-finite value")
+    for item_id in batch.item_ids:
+        _check_id(f"{where}: item_id", item_id)
+    for user_id in batch.user_ids:
+        _check_id(f"{where}: user_id", user_id)
+    for pair in batch.consumed:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ValueError(f"{where}: consumed must hold (user_id, item_id) pairs, got {pair!r}")
+        _check_id(f"{where}: consumed user_id", pair[0])
+        _check_id(f"{where}: consumed item_id", pair[1])
+    if batch.served_by not in RANKERS:
+        raise ValueError(f"{where}: served_by must be one of {RANKERS}, got {batch.served_by!r}")
+    weight = batch.fused_weight
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf:
+        raise ValueError(f"{where}: fused_weight must be a finite number >= 0, got {weight!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class ScoredItem:
     item_id: str
@@ -118,6 +171,7 @@ class UpdateStats:
     items_applied: int
     users_applied: int
     stale_ignored: int  # updates older than the stored version of their key
+    consumed_applied: int = 0  # (user, item) pairs recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,28 +225,63 @@ class RecommendationService:
 
     # --- updates -----------------------------------------------------------------------------
 
-    def apply_updates(self, updates: Iterable[EmbeddingUpdate]) -> UpdateStats:
-        """Validate every update (all or nothing), then upsert items as one batch and users one by one."""
-        batch = list(updates)
-        for update in batch:
-            validate_update(update, self.dim)
-        items = [u for u in batch if u.kind == "item"]
+    def apply(self, batch: EmbeddingBatch) -> UpdateStats:
+        """Apply one published version: the one write path, in-cluster and on a standalone replica.
+
+        Validates the whole batch first (nothing is written if any part is wrong), then: item vectors into
+        the index as one upsert, users' query vectors (V, D) one by one, consumed pairs per user in order
+        (exclusions, popularity, co-occurrence), then the ranker and fused weight to answer with.
+        """
+        validate_batch(batch, self.dim)
         applied_items = 0
-        if items:
-            vectors = np.array([u.vector for u in items], dtype=np.float32).reshape(len(items), self.dim)
-            applied_items = self.index.upsert([u.key for u in items], vectors, [u.version for u in items])
+        if batch.item_ids:
+            applied_items = self.index.upsert(batch.item_ids, batch.item_vectors, int(batch.version))
         applied_users = 0
-        for update in batch:
-            if update.kind == "user":
-                vectors = np.array(update.vector, dtype=np.float32).reshape(update.views, self.dim)  # (V, D)
-                applied_users += self.users.upsert(update.key, vectors, update.version)
-        stale = len(batch) - applied_items - applied_users
+        for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):  # views: (V, D)
+            applied_users += self.users.upsert(user_id, views, int(batch.version))
+        by_user: dict[str, list[str]] = {}
+        for user_id, item_id in batch.consumed:
+            by_user.setdefault(user_id, []).append(item_id)
+        for user_id, item_ids in by_user.items():
+            self.record_consumed(user_id, item_ids)
+        self.set_ranker(batch.served_by, batch.fused_weight)
+        stale = len(batch.item_ids) + len(batch.user_ids) - applied_items - applied_users
         metrics.UPDATES_APPLIED.labels(kind="item").inc(applied_items)
         metrics.UPDATES_APPLIED.labels(kind="user").inc(applied_users)
         if stale:
             metrics.UPDATES_REJECTED.labels(reason="stale").inc(stale)
         self.refresh_gauges()
-        return UpdateStats(applied_items, applied_users, stale)
+        return UpdateStats(applied_items, applied_users, stale, len(batch.consumed))
+
+    def apply_updates(self, updates: Iterable[EmbeddingUpdate]) -> UpdateStats:
+        """Vectors only (tests, tools): validate every update (all or nothing), then :meth:`apply` one batch per
+        (version, views), lowest version first, keeping the current ranker."""
+        batch = list(updates)
+        for update in batch:
+            validate_update(update, self.dim)
+        groups: dict[tuple[int, int], list[EmbeddingUpdate]] = {}
+        for update in batch:
+            groups.setdefault((update.version, update.views), []).append(update)
+        totals = [0, 0, 0]
+        for (version, views), group in sorted(groups.items(), key=lambda pair: pair[0]):
+            items = [u for u in group if u.kind == "item"]
+            users = [u for u in group if u.kind == "user"]
+            stats = self.apply(EmbeddingBatch(
+                version=version,
+                full=False,
+                item_ids=[u.key for u in items],
+                item_vectors=np.array([u.vector for u in items], dtype=np.float32).reshape(len(items), self.dim),
+                user_ids=[u.key for u in users],
+                user_vectors=np.array([u.vector for u in users], dtype=np.float32).reshape(
+                    len(users), views, self.dim),  # (U, V, D)
+                popularity=[],
+                created_at_s=0.0,
+                served_by=self.ranker,
+                fused_weight=self.fused_weight,
+            ))
+            totals = [totals[0] + stats.items_applied, totals[1] + stats.users_applied,
+                      totals[2] + stats.stale_ignored]
+        return UpdateStats(*totals)
 
     def record_consumed(self, user_id: str, item_ids: Iterable[str]) -> None:
         """Remember that ``user_id`` consumed ``item_ids`` in this order (excluded from their results), count

@@ -1,13 +1,23 @@
-"""Kafka consumer of the compacted embedding-updates topic (key ``kind:key``) that feeds a service.
+"""Kafka consumer of the compacted embedding-updates topic that feeds a standalone serving replica.
 
-A serving replica is a pure function of that topic: on start it reads every partition from the
-beginning (no consumer group, nothing committed) and applies updates in batches. Per-key versions
-in the service make replays idempotent: an update older than the stored version is ignored, so a
-replica restored from a snapshot can replay the whole topic safely.
+The topic carries each published version as vector records (keys ``item:<id>``, ``user:<id>``) followed by
+the version record that closes it (key ``version:<n>``: consumed pairs, ranker, fused weight; see
+:func:`stream.events.encode_batch`). This consumer holds a version's vector records until its version
+record arrives, reassembles the :class:`~stream.events.EmbeddingBatch` and applies it with
+:meth:`RecommendationService.apply`, the write path the in-cluster serving actor uses; so after the same
+versions a replica holds what the in-cluster serving holds and answers ``/recommend`` the same.
 
-Order, per poll: decode and validate each record -> apply the valid ones as one batch -> only then
-advance ``positions`` (the next offset to read, per partition) and ``max_version``. A record that
-fails to decode or validate is data, not a bug: it is logged with its partition, offset and reason,
+A replica is a pure function of that topic: on start it reads every partition from the beginning (no
+consumer group, nothing committed). That is also how a replica that joins late gets the full state:
+compaction keeps the latest vector record of every item and user, and every version record (each has its
+own key), so the vectors, the consumed sets, popularity and co-occurrence are all rebuilt. Per-key
+versions in the service make replays idempotent: a vector older than the stored version is ignored.
+
+Order, per poll: decode and validate each record; on a version record, validate and apply that version
+-> only then advance ``positions`` (the next offset to read, per partition) and ``max_version`` (the last
+version applied). Vector records of a version whose version record has not arrived yet stay pending (they
+are re-read after a restart, since nothing is committed). A record that fails to decode or validate, one of
+another schema version included, is data, not a bug: it is logged with its partition, offset and reason,
 counted in ``sitn_serving_updates_rejected``, and skipped. Any other exception propagates.
 """
 
@@ -19,10 +29,12 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import numpy as np
+
 from serving import metrics
-from serving.service import RecommendationService, validate_update
+from serving.service import RecommendationService, validate_batch, validate_update
 from sitn.errors import BrokerError, EventDecodeError
-from stream.events import EmbeddingUpdate, decode_update
+from stream.events import EmbeddingBatch, EmbeddingUpdate, VersionRecord, decode_update_record
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +79,11 @@ class UpdateConsumer:
         self.poll_timeout_ms = poll_timeout_ms
         self.positions: dict[int, int] = {}  # partition -> next offset to read (all before it applied)
         self.end_offsets_at_start: dict[int, int] = {}
-        self.max_version = -1
-        self.applied = 0
+        self.max_version = -1  # the last version applied
+        self.applied = 0  # vectors applied (stale ones not counted)
+        self.versions_applied = 0
         self.rejected = 0
+        self.pending: list[EmbeddingUpdate] = []  # vector records of versions not closed yet, in topic order
         self.caught_up = threading.Event()  # set once every partition reached its end offset at start
         self._assigned: list[Any] = []
 
@@ -124,27 +138,66 @@ class UpdateConsumer:
         logger.info("update consumer started topic=%s end_offsets=%s", self.topic, self.end_offsets_at_start)
 
     def poll_once(self) -> int:
-        """Poll, apply one batch, advance positions; return how many updates were applied."""
+        """Poll, apply every version closed in what came back, advance positions; return how many vectors
+        were applied."""
         records_by_partition = self.consumer.poll(
             timeout_ms=self.poll_timeout_ms, max_records=self.batch_size
         )
-        batch: list[EmbeddingUpdate] = []
+        applied = 0
         for tp, records in records_by_partition.items():
             for record in records:
-                update = self._decode(tp.partition, record.offset, record.value)
-                if update is not None:
-                    batch.append(update)
-        stats = self.service.apply_updates(batch) if batch else None
-        # Only now, with every returned record applied, take the fetch positions (gaps from
+                decoded = self._decode(tp.partition, record.offset, record.value)
+                if isinstance(decoded, EmbeddingUpdate):
+                    self.pending.append(decoded)
+                elif isinstance(decoded, VersionRecord):
+                    applied += self._apply_version(tp.partition, record.offset, decoded)
+        # Only now, with every returned record applied or pending, take the fetch positions (gaps from
         # compaction or control records included).
         self.positions = {tp.partition: int(self.consumer.position(tp)) for tp in self._assigned}
-        if batch:
-            self.max_version = max(self.max_version, *(u.version for u in batch))
-        applied = (stats.items_applied + stats.users_applied) if stats else 0
         self.applied += applied
         self._report_lag()
         self._check_caught_up()
         return applied
+
+    def _apply_version(self, partition: int, offset: int, record: VersionRecord) -> int:
+        """Reassemble version ``record.version`` from the pending vector records and apply it; pending
+        records of older versions (their version record was rejected or never sent) are dropped, counted."""
+        mine = [u for u in self.pending if u.version == record.version]
+        orphans = [u for u in self.pending if u.version < record.version]
+        self.pending = [u for u in self.pending if u.version > record.version]
+        if orphans:
+            self._reject(partition, offset, "orphan_update", ValueError(
+                f"{len(orphans)} vector records of versions below {record.version} had no version record"), len(orphans))
+        items = [u for u in mine if u.kind == "item"]
+        users = [u for u in mine if u.kind == "user"]
+        views = {u.views for u in users}
+        try:
+            if len(views) > 1:
+                raise ValueError(f"version {record.version}: users must share one number of views, got {sorted(views)}")
+            n_views = views.pop() if views else 1
+            batch = EmbeddingBatch(
+                version=record.version,
+                full=record.full,
+                item_ids=[u.key for u in items],
+                item_vectors=np.array([u.vector for u in items], dtype=np.float32).reshape(
+                    len(items), self.service.dim),  # (N, D)
+                user_ids=[u.key for u in users],
+                user_vectors=np.array([u.vector for u in users], dtype=np.float32).reshape(
+                    len(users), n_views, self.service.dim),  # (U, V, D)
+                popularity=[],
+                created_at_s=record.created_at_s,
+                consumed=list(record.consumed),
+                served_by=record.served_by,
+                fused_weight=record.fused_weight,
+            )
+            validate_batch(batch, self.service.dim)
+        except ValueError as exc:
+            self._reject(partition, offset, "invalid_version", exc, 1 + len(mine))
+            return 0
+        stats = self.service.apply(batch)
+        self.versions_applied += 1
+        self.max_version = max(self.max_version, record.version)
+        return stats.items_applied + stats.users_applied
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; exceptions other than bad messages propagate."""
@@ -154,20 +207,23 @@ class UpdateConsumer:
     def close(self) -> None:
         self.consumer.close()
 
-    def _decode(self, partition: int, offset: int, raw: bytes | None) -> EmbeddingUpdate | None:
+    def _decode(self, partition: int, offset: int, raw: bytes | None) -> EmbeddingUpdate | VersionRecord | None:
         try:
             if raw is None:
                 raise EventDecodeError("tombstone", "deletes are not supported; record skipped")
-            update = decode_update(raw)
-            validate_update(update, self.service.dim)
+            record = decode_update_record(raw)
+            if isinstance(record, EmbeddingUpdate):
+                validate_update(record, self.service.dim)
         except ValueError as exc:  # EventDecodeError is a ValueError too
-            reason = exc.reason if isinstance(exc, EventDecodeError) else "invalid_update"
-            self.rejected += 1
-            metrics.UPDATES_REJECTED.labels(reason=reason).inc()
-            logger.warning("update rejected topic=%s partition=%d offset=%d reason=%s detail=%s",
-                           self.topic, partition, offset, reason, exc)  # fmt: skip
+            self._reject(partition, offset, exc.reason if isinstance(exc, EventDecodeError) else "invalid_update", exc)
             return None
-        return update
+        return record
+
+    def _reject(self, partition: int, offset: int, reason: str, exc: Exception, count: int = 1) -> None:
+        self.rejected += count
+        metrics.UPDATES_REJECTED.labels(reason=reason).inc(count)
+        logger.warning("update rejected topic=%s partition=%d offset=%d reason=%s records=%d detail=%s",
+                       self.topic, partition, offset, reason, count, exc)  # fmt: skip
 
     def _report_lag(self) -> None:
         highwater = getattr(self.consumer, "highwater", None)
@@ -188,11 +244,3 @@ class UpdateConsumer:
             logger.info("update consumer caught up topic=%s applied=%d max_version=%d",
                         self.topic, self.applied, self.max_version)  # fmt: skip
 
-
-def key_of(update: EmbeddingUpdate) -> bytes:
-    """The compaction key of an update: ``kind:key``.
-
-    >>> key_of(EmbeddingUpdate("item", "B001", 3, 1, (0.0,)))
-    b'item:B001'
-    """
-    return f"{update.kind}:{update.key}".encode()

@@ -1,5 +1,13 @@
 """Wire schemas: interaction events and embedding updates, versioned, JSON-encoded with orjson.
 
+The embedding-updates topic carries each published :class:`EmbeddingBatch` as records
+(:func:`encode_batch`): one per item vector (key ``item:<item_id>``), one per user's query vectors (key
+``user:<user_id>``), then one :class:`VersionRecord` (key ``version:<version>``) that closes the version and
+carries what is not a vector: the consumed (user, target item) pairs since the previous version (serving's
+exclusions, popularity counts and co-occurrence are all counted from them), the ranker to answer with and
+the fused weight. A reader applies a version when its version record arrives, with the vector records of
+that version read before it.
+
 This is the one module that producers and consumers of either message import. It needs no PyTorch,
 so ``serving/`` can import it.
 
@@ -24,7 +32,8 @@ import orjson
 from sitn.errors import EventDecodeError
 
 EVENT_SCHEMA_VERSION = 1
-UPDATE_SCHEMA_VERSION = 1
+# 2: a version record closes each published version (consumed pairs, ranker); 1 carried vectors only.
+UPDATE_SCHEMA_VERSION = 2
 MAX_EVENT_BYTES = 4096
 MAX_ID_CHARS = 256
 # Event time must fall in [1990-01-01, 2100-01-01): the shipped data starts in 1997.
@@ -125,6 +134,26 @@ class EmbeddingUpdate:
     schema_version: int = UPDATE_SCHEMA_VERSION
 
 
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """Closes published version ``version`` on the updates topic: what serving needs besides vectors.
+
+    ``consumed``: (user_id, target item_id) pairs since the previous version, in the order learnt;
+    ``served_by`` and ``fused_weight`` as in :class:`EmbeddingBatch`; ``items`` and ``users``: how many
+    vector records the version sent (before this record; fewer survive once the topic is compacted).
+    """
+
+    version: int
+    full: bool
+    consumed: tuple[tuple[str, str], ...]
+    served_by: str
+    fused_weight: float
+    items: int
+    users: int
+    created_at_s: float
+    schema_version: int = UPDATE_SCHEMA_VERSION
+
+
 def encode_update(update: EmbeddingUpdate) -> bytes:
     return orjson.dumps(
         {
@@ -138,24 +167,78 @@ def encode_update(update: EmbeddingUpdate) -> bytes:
     )
 
 
-def decode_update(raw: bytes) -> EmbeddingUpdate:
+def encode_version_record(record: VersionRecord) -> bytes:
+    return orjson.dumps(
+        {
+            "schema_version": record.schema_version,
+            "kind": "version",
+            "version": record.version,
+            "full": record.full,
+            "consumed": [list(pair) for pair in record.consumed],
+            "served_by": record.served_by,
+            "fused_weight": record.fused_weight,
+            "items": record.items,
+            "users": record.users,
+            "created_at_s": record.created_at_s,
+        }
+    )
+
+
+def decode_update_record(raw: bytes) -> EmbeddingUpdate | VersionRecord:
+    """Decode one record of the updates topic; raise :class:`EventDecodeError` naming the reason.
+
+    A record of another schema version is refused (``bad_schema_version``): its fields cannot be trusted
+    to mean what this reader thinks.
+
+    >>> decode_update_record(b'{"schema_version": 1, "kind": "item"}')
+    Traceback (most recent call last):
+    ...
+    sitn.errors.EventDecodeError: bad_schema_version: got 1, supported: 2
+    """
     try:
         payload = orjson.loads(raw)
-        kind = payload["kind"]
-        if kind not in ("item", "user"):
-            raise EventDecodeError("bad_value", f"'kind' must be 'item' or 'user', got {kind!r}")
+    except orjson.JSONDecodeError as exc:
+        raise EventDecodeError("bad_json", str(exc)) from None
+    if not isinstance(payload, dict):
+        raise EventDecodeError("wrong_type", f"record must be a JSON object, got {type(payload).__name__}")
+    schema_version = payload.get("schema_version")
+    if type(schema_version) is not int or schema_version != UPDATE_SCHEMA_VERSION:
+        raise EventDecodeError("bad_schema_version", f"got {schema_version!r}, supported: {UPDATE_SCHEMA_VERSION}")
+    kind = payload.get("kind")
+    if kind not in ("item", "user", "version"):
+        raise EventDecodeError("bad_value", f"'kind' must be 'item', 'user' or 'version', got {kind!r}")
+    try:
+        if kind == "version":
+            consumed = tuple((str(u), str(i)) for u, i in payload["consumed"])
+            return VersionRecord(
+                version=int(payload["version"]),
+                full=bool(payload["full"]),
+                consumed=consumed,
+                served_by=str(payload["served_by"]),
+                fused_weight=float(payload["fused_weight"]),
+                items=int(payload["items"]),
+                users=int(payload["users"]),
+                created_at_s=float(payload["created_at_s"]),
+                schema_version=schema_version,
+            )
         return EmbeddingUpdate(
             kind=kind,
             key=str(payload["key"]),
             version=int(payload["version"]),
             views=int(payload["views"]),
             vector=tuple(float(x) for x in payload["vector"]),
-            schema_version=int(payload.get("schema_version", UPDATE_SCHEMA_VERSION)),
+            schema_version=schema_version,
         )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, EventDecodeError):
-            raise
+    except (KeyError, TypeError, ValueError) as exc:
         raise EventDecodeError("bad_update", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_update(raw: bytes) -> EmbeddingUpdate:
+    """Decode one vector record (``kind`` item or user) of the updates topic."""
+    record = decode_update_record(raw)
+    if not isinstance(record, EmbeddingUpdate):
+        raise EventDecodeError("bad_value", "expected an item or user record, got a version record")
+    return record
 
 
 @dataclass(frozen=True)
@@ -181,3 +264,38 @@ class EmbeddingBatch:
     # ("popularity", "cooccurrence") while the learnt rankers rank significantly worse.
     served_by: str = "model"
     fused_weight: float = 1.0  # w of the fused score z(model) + w * z(cooc), from this version on
+
+
+def encode_batch(batch: EmbeddingBatch) -> list[tuple[bytes, bytes]]:
+    """The (key, value) records of one published version on the updates topic, in the order to send them:
+    its item vectors, its users' query vectors, then the version record that closes it.
+
+    Vectors keep their float32 values exactly (JSON numbers round-trip), so a reader applies bit-identical
+    vectors.
+
+    >>> b = EmbeddingBatch(3, False, ["i1"], np.ones((1, 2), np.float32), ["u1"],
+    ...                    np.zeros((1, 1, 2), np.float32), [], 0.0, consumed=[("u1", "i1")])
+    >>> [k for k, _ in encode_batch(b)]
+    [b'item:i1', b'user:u1', b'version:3']
+    """
+    records = []
+    for item_id, vec in zip(batch.item_ids, batch.item_vectors, strict=True):  # vec: (D,)
+        update = EmbeddingUpdate("item", item_id, batch.version, 1, tuple(float(x) for x in vec))
+        records.append((f"item:{item_id}".encode(), encode_update(update)))
+    for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):  # views: (V, D)
+        update = EmbeddingUpdate(
+            "user", user_id, batch.version, int(views.shape[0]), tuple(float(x) for x in views.reshape(-1))
+        )
+        records.append((f"user:{user_id}".encode(), encode_update(update)))
+    closing = VersionRecord(
+        version=batch.version,
+        full=batch.full,
+        consumed=tuple((u, i) for u, i in batch.consumed),
+        served_by=batch.served_by,
+        fused_weight=float(batch.fused_weight),
+        items=len(batch.item_ids),
+        users=len(batch.user_ids),
+        created_at_s=float(batch.created_at_s),
+    )
+    records.append((f"version:{batch.version}".encode(), encode_version_record(closing)))
+    return records

@@ -54,5 +54,8 @@ def test_update_round_trip_and_error() -> None:
     update = EmbeddingUpdate("user", "u1", 3, 2, (0.5, -1.0, 0.25, 2.0))
     assert decode_update(encode_update(update)) == update
     with pytest.raises(EventDecodeError) as err:
-        decode_update(b'{"kind": "song"}')
+        decode_update(b'{"schema_version": 2, "kind": "song"}')
     assert err.value.reason == "bad_value"
+    with pytest.raises(EventDecodeError) as err:
+        decode_update(b'{"kind": "item"}')
+    assert err.value.reason == "bad_schema_version"

@@ -1,15 +1,29 @@
-"""UpdateConsumer against an in-memory stand-in for kafka-python's consumer (the real broker: lead's test)."""
+"""UpdateConsumer against an in-memory stand-in for kafka-python's consumer (the real broker: tests/test_pipeline.py's
+replica equivalence test)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import numpy as np
+import orjson
+import pytest
 from kafka import TopicPartition
 
+from serving.actor import ServingCore
+from serving.metrics import UPDATES_REJECTED as REJECTED
 from serving.service import RecommendationService
-from serving.update_consumer import UpdateConsumer, key_of
-from stream.events import EmbeddingUpdate, encode_update
+from serving.settings import ServingSettings
+from serving.update_consumer import UpdateConsumer
+from stream.events import (
+    EmbeddingBatch,
+    EmbeddingUpdate,
+    VersionRecord,
+    encode_batch,
+    encode_update,
+    encode_version_record,
+)
 
 TOPIC = "updates"
 
@@ -63,36 +77,100 @@ def item(key: str, version: int, x: float) -> bytes:
     return encode_update(EmbeddingUpdate("item", key, version, 1, (x, 0.0)))
 
 
-def test_reads_from_the_beginning_in_batches_tracks_versions_and_skips_bad_records() -> None:
-    service = RecommendationService(dim=2)
+def closing(version: int, consumed: tuple[tuple[str, str], ...] = (), served_by: str = "model") -> bytes:
+    return encode_version_record(VersionRecord(version, False, consumed, served_by, 1.0, 0, 0, 0.0))
+
+
+def test_applies_a_version_when_its_version_record_arrives_and_skips_bad_records() -> None:
+    service = RecommendationService(dim=2, popularity_refresh_s=0.0)
     fake = InMemoryConsumer(
         {
-            0: [item("a", 1, 1.0), b"{not json", item("a", 3, 3.0), item("b", 2, 2.0)],
-            1: [
-                encode_update(EmbeddingUpdate("user", "u", 2, 2, (1.0, 0.0, 0.0, 1.0))),
-                None,
-                item("a", 2, 9.0),
+            0: [
+                item("a", 1, 1.0), b"{not json", item("b", 1, 2.0), closing(1),
+                encode_update(EmbeddingUpdate("user", "u", 2, 2, (1.0, 0.0, 0.0, 1.0))), None,
+                item("a", 2, 3.0), closing(2, consumed=(("u", "b"),)),
+                item("c", 3, 9.0),  # version 3 is never closed: pending, not applied
             ],
         }
     )
     consumer = UpdateConsumer(service, fake, TOPIC, batch_size=3)
     consumer.start()
-    assert consumer.end_offsets_at_start == {0: 4, 1: 3}
+    assert consumer.end_offsets_at_start == {0: 9}
     assert not consumer.caught_up.is_set()
-    assert consumer.poll_once() == 1  # partition 0 offsets 0..2: "a"@1, bad, "a"@3 -> one upsert of "a"@3
-    assert consumer.positions == {0: 3, 1: 0}
+    assert consumer.poll_once() == 0  # a@1, bad, b@1: version 1 not closed yet
+    assert (consumer.positions, len(consumer.pending), consumer.max_version) == ({0: 3}, 2, -1)
+    assert consumer.poll_once() == 2  # closing(1) applies a@1, b@1
+    assert consumer.max_version == 1
     while not consumer.caught_up.is_set():
         consumer.poll_once()
-    assert consumer.positions == {0: 4, 1: 3}
-    assert (consumer.applied, consumer.rejected, consumer.max_version) == (
-        3,
-        2,
-        3,
-    )  # a@3, b@2, u@2; bad json + tombstone
-    # "a"@2 arrived after "a"@3 and was ignored as stale.
-    rec = service.recommend("u", 2)
-    assert (rec.served_by, rec.index_version) == ("model", 3)
-    assert [(s.item_id, s.score) for s in rec.items] == [("a", 3.0), ("b", 2.0)]
+    assert consumer.positions == {0: 9}
+    assert (consumer.applied, consumer.versions_applied, consumer.rejected, consumer.max_version) == (4, 2, 2, 2)
+    assert [u.key for u in consumer.pending] == ["c"]
+    rec = service.recommend("u", 3)  # b consumed by u in version 2: excluded; c not applied
+    assert (rec.served_by, rec.index_version) == ("model", 2)
+    assert [(s.item_id, s.score) for s in rec.items] == [("a", 3.0)]
+    assert service.recommend("stranger", 3).items[0].item_id == "b"  # popularity from the consumed pairs
+
+
+def test_an_unknown_schema_version_is_refused_by_reason() -> None:
+    service = RecommendationService(dim=2)
+    v1 = orjson.dumps({"schema_version": 1, "kind": "item", "key": "a", "version": 1, "views": 1, "vector": [1.0, 0.0]})
+    consumer = UpdateConsumer(service, InMemoryConsumer({0: [v1, closing(1)]}), TOPIC)
+    consumer.start()
+    before = REJECTED.labels(reason="bad_schema_version")._value.get()
+    consumer.poll_once()
+    assert (consumer.rejected, consumer.versions_applied, service.index.size) == (1, 1, 0)
+    assert REJECTED.labels(reason="bad_schema_version")._value.get() == before + 1
+
+
+def test_a_version_that_fails_validation_is_rejected_whole() -> None:
+    service = RecommendationService(dim=2)
+    consumer = UpdateConsumer(service, InMemoryConsumer({0: [item("a", 1, 1.0), closing(1, served_by="magic")]}), TOPIC)
+    consumer.start()
+    consumer.poll_once()
+    assert (consumer.rejected, consumer.versions_applied, service.index.size) == (2, 0, 0)
+
+
+def in_cluster_batches() -> list[EmbeddingBatch]:
+    rng = np.random.default_rng(7)
+    items = [f"i{n}" for n in range(12)]
+
+    def batch(version: int, item_rows: list[int], users: list[str], consumed: list[tuple[str, str]],
+              served_by: str, weight: float) -> EmbeddingBatch:
+        return EmbeddingBatch(version, version == 1, [items[r] for r in item_rows],
+                              rng.normal(size=(len(item_rows), 2)).astype(np.float32), users,
+                              rng.normal(size=(len(users), 2, 2)).astype(np.float32), [], 0.0,
+                              consumed=consumed, served_by=served_by, fused_weight=weight)
+
+    return [
+        batch(1, list(range(12)), ["u1", "u2"], [("u1", "i0"), ("u1", "i1"), ("u3", "i1"), ("u3", "i2")], "model", 1.0),
+        batch(2, [3, 4], ["u1"], [("u2", "i2"), ("u1", "i2"), ("u3", "i4")], "fused", 2.0),
+        batch(3, [5], ["u3"], [("u2", "i5")], "cooccurrence", 2.0),
+        batch(4, [], [], [("u4", "i1")], "fused", 0.5),
+    ]
+
+
+@pytest.mark.parametrize("upto", [1, 2, 3, 4])
+def test_a_replica_fed_by_the_records_answers_like_the_in_cluster_core(upto: int) -> None:
+    """The in-cluster path (ServingCore.apply_batch) and the replica's (records -> UpdateConsumer) are one write
+    path: after the same versions, every ranker answers every user the same, scores included."""
+    settings = ServingSettings(dim=2, index_factory="Flat", index_search_params={}, popularity_refresh_s=0.0)
+    core = ServingCore(settings, start_http=False)
+    records: list[bytes | None] = []
+    for batch in in_cluster_batches()[:upto]:
+        core.apply_batch(batch)
+        records.extend(value for _, value in encode_batch(batch))
+    replica = RecommendationService.from_settings(settings)
+    consumer = UpdateConsumer(replica, InMemoryConsumer({0: records}), TOPIC, batch_size=5)
+    consumer.start()
+    while not consumer.caught_up.is_set():
+        consumer.poll_once()
+    assert consumer.max_version == upto and consumer.rejected == 0
+    assert (replica.ranker, replica.fused_weight) == (core.service.ranker, core.service.fused_weight)
+    assert core.service.recommend("u1", 5).served_by == ("model", "fused", "cooccurrence", "fused")[upto - 1]
+    for user_id in ("u1", "u2", "u3", "u4", "stranger"):
+        want, got = core.service.recommend(user_id, 5), replica.recommend(user_id, 5)
+        assert (got.served_by, got.items, got.index_version) == (want.served_by, want.items, want.index_version)
 
 
 def test_empty_topic_is_caught_up_at_start() -> None:
@@ -102,8 +180,10 @@ def test_empty_topic_is_caught_up_at_start() -> None:
     assert consumer.poll_once() == 0
 
 
-def test_compaction_key_is_kind_and_key() -> None:
-    assert key_of(EmbeddingUpdate("user", "u7", 1, 1, (0.0,))) == b"user:u7"
+def test_records_are_keyed_for_compaction_and_the_version_record_comes_last() -> None:
+    (batch, *_) = in_cluster_batches()
+    keys = [key for key, _ in encode_batch(batch)]
+    assert keys == [f"item:i{n}".encode() for n in range(12)] + [b"user:u1", b"user:u2", b"version:1"]
 
 
 def test_connect_passes_kafka_security_options_to_the_client(monkeypatch: Any) -> None:
