@@ -201,3 +201,28 @@ def test_sitn_ranker_scores_match_the_learner(events_csv: Path, tmp_path: Path) 
     assert not np.allclose(ranker.score([None] * len(histories), histories), ours)
     ranker.restore(state)
     np.testing.assert_allclose(ranker.score([None] * len(histories), histories), ours, rtol=1e-6, atol=1e-7)
+
+
+def test_a_stopped_evaluation_keeps_its_finished_rows(
+    events_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sitn.commands.eval as eval_command
+
+    real_run_seed = eval_command.run_seed
+
+    def stop_at_knn(row: str, *args: object, **kwargs: object) -> object:
+        if row == "itemknn_target":
+            raise KeyboardInterrupt  # the user stops a long run
+        return real_run_seed(row, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(eval_command, "run_seed", stop_at_knn)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--log-level", "WARNING", "eval", "--events", str(events_csv), "--source", "movie", "--target", "book",
+              "--limit", str(LIMIT_ROWS), "--seeds", "2", "--rows", "popularity,itemknn_target", "--output", str(out)])
+    report = json.loads((out / "results.json").read_text())
+    assert report["pending_rows"] == ["itemknn_target"]
+    assert [row["name"] for row in report["rows"]] == ["popularity"]
+    assert [run["seed"] for run in report["rows"][0]["per_seed"]] == [0, 1]
+    assert "**Partial report**: rows still running or stopped before the end: itemknn_target." in (
+        out / "results.md").read_text()
