@@ -220,6 +220,7 @@ class RecommendationService:
         self._fused_base: CoocAlignment | None = None  # the index base's items on co-occurrence rows
         self._live_cache: tuple[IndexSnapshot, np.ndarray] | None = None  # a snapshot's live base rows
         self.ranker_switches = 0
+        self.applied_version = -1  # the newest published version applied (apply); -1: none yet
         self._evictions_exported = {"vectors": 0, "consumed": 0}
         self._export_ranker()
 
@@ -245,6 +246,7 @@ class RecommendationService:
         for user_id, item_ids in by_user.items():
             self.record_consumed(user_id, item_ids)
         self.set_ranker(batch.served_by, batch.fused_weight)
+        self.applied_version = max(self.applied_version, int(batch.version))
         stale = len(batch.item_ids) + len(batch.user_ids) - applied_items - applied_users
         metrics.UPDATES_APPLIED.labels(kind="item").inc(applied_items)
         metrics.UPDATES_APPLIED.labels(kind="user").inc(applied_users)
@@ -422,6 +424,7 @@ class RecommendationService:
             "ranker": self.ranker,
             "fused_weight": self.fused_weight,
             "index_version": snap.version,
+            "applied_version": self.applied_version,
             "index_items": snap.size,
             "index_age_s": round(self.index.age_s(), 3),
             "users": len(self.users),

@@ -16,8 +16,9 @@ def register(subparsers: Any) -> None:
         "serve",
         help="run a serving replica: FAISS index + HTTP API fed from the Kafka embedding-updates topic",
         description=(
-            "Read the compacted embedding-updates topic from the beginning, keep applying it, and serve "
-            "GET /recommend, /healthz, /metrics and /docs. Every option also reads SITN_SERVING_<NAME>."
+            "Read the compacted embedding-updates topic from the beginning, keep applying it version by version "
+            "(vectors, consumed items, ranker: what the in-cluster serving applies), and serve GET /recommend, "
+            "/healthz, /metrics and /docs. Every option also reads SITN_SERVING_<NAME>."
         ),
     )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1) [env SITN_SERVING_HOST]")
