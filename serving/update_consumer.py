@@ -1,15 +1,16 @@
 """Kafka consumer of the compacted embedding-updates topic that feeds a standalone serving replica.
 
 The topic carries each published version as vector records (keys ``item:<id>``, ``user:<id>``) followed by
-the version record that closes it (key ``version:<n>``: consumed pairs, ranker, fused weight; see
-:func:`stream.events.encode_batch`). This consumer holds a version's vector records until its version
-record arrives, reassembles the :class:`~stream.events.EmbeddingBatch` and applies it with
+the version record that closes it (key ``version:<n>``: consumed pairs, ranker, fused weight; consumed pairs
+that do not fit it come just before, as ``consumed:<n>:<part>`` records; see
+:func:`stream.events.encode_batch`). This consumer holds a version's records until its version record
+arrives, reassembles the :class:`~stream.events.EmbeddingBatch` and applies it with
 :meth:`RecommendationService.apply`, the write path the in-cluster serving actor uses; so after the same
 versions a replica holds what the in-cluster serving holds and answers ``/recommend`` the same.
 
 A replica is a pure function of that topic: on start it reads every partition from the beginning (no
 consumer group, nothing committed). That is also how a replica that joins late gets the full state:
-compaction keeps the latest vector record of every item and user, and every version record (each has its
+compaction keeps the latest vector record of every item and user, and every version and consumed record (each has its
 own key), so the vectors, the consumed sets, popularity and co-occurrence are all rebuilt. Per-key
 versions in the service make replays idempotent: a vector older than the stored version is ignored.
 
@@ -34,7 +35,14 @@ import numpy as np
 from serving import metrics
 from serving.service import RecommendationService, validate_batch, validate_update
 from sitn.errors import BrokerError, EventDecodeError
-from stream.events import EmbeddingBatch, EmbeddingUpdate, VersionRecord, decode_update_record
+from stream.events import (
+    ConsumedRecord,
+    EmbeddingBatch,
+    EmbeddingUpdate,
+    UpdateRecord,
+    VersionRecord,
+    decode_update_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +91,7 @@ class UpdateConsumer:
         self.applied = 0  # vectors applied (stale ones not counted)
         self.versions_applied = 0
         self.rejected = 0
-        self.pending: list[EmbeddingUpdate] = []  # vector records of versions not closed yet, in topic order
+        self.pending: list[EmbeddingUpdate | ConsumedRecord] = []  # records of versions not closed yet, in order
         self.caught_up = threading.Event()  # set once every partition reached its end offset at start
         self._assigned: list[Any] = []
 
@@ -147,7 +155,7 @@ class UpdateConsumer:
         for tp, records in records_by_partition.items():
             for record in records:
                 decoded = self._decode(tp.partition, record.offset, record.value)
-                if isinstance(decoded, EmbeddingUpdate):
+                if isinstance(decoded, EmbeddingUpdate | ConsumedRecord):
                     self.pending.append(decoded)
                 elif isinstance(decoded, VersionRecord):
                     applied += self._apply_version(tp.partition, record.offset, decoded)
@@ -160,18 +168,23 @@ class UpdateConsumer:
         return applied
 
     def _apply_version(self, partition: int, offset: int, record: VersionRecord) -> int:
-        """Reassemble version ``record.version`` from the pending vector records and apply it; pending
-        records of older versions (their version record was rejected or never sent) are dropped, counted."""
+        """Reassemble version ``record.version`` from the pending records and apply it; pending records of
+        older versions (their version record was rejected or never sent) are dropped, counted."""
         mine = [u for u in self.pending if u.version == record.version]
         orphans = [u for u in self.pending if u.version < record.version]
         self.pending = [u for u in self.pending if u.version > record.version]
         if orphans:
             self._reject(partition, offset, "orphan_update", ValueError(
-                f"{len(orphans)} vector records of versions below {record.version} had no version record"), len(orphans))
-        items = [u for u in mine if u.kind == "item"]
-        users = [u for u in mine if u.kind == "user"]
+                f"{len(orphans)} records of versions below {record.version} had no version record"), len(orphans))
+        items = [u for u in mine if isinstance(u, EmbeddingUpdate) and u.kind == "item"]
+        users = [u for u in mine if isinstance(u, EmbeddingUpdate) and u.kind == "user"]
+        consumed = [pair for u in mine if isinstance(u, ConsumedRecord) for pair in u.consumed]
+        consumed += record.consumed
         views = {u.views for u in users}
         try:
+            if len(consumed) != record.consumed_total:
+                raise ValueError(f"version {record.version}: {record.consumed_total} consumed pairs sent, "
+                                 f"{len(consumed)} read")
             if len(views) > 1:
                 raise ValueError(f"version {record.version}: users must share one number of views, got {sorted(views)}")
             n_views = views.pop() if views else 1
@@ -186,7 +199,7 @@ class UpdateConsumer:
                     len(users), n_views, self.service.dim),  # (U, V, D)
                 popularity=[],
                 created_at_s=record.created_at_s,
-                consumed=list(record.consumed),
+                consumed=consumed,
                 served_by=record.served_by,
                 fused_weight=record.fused_weight,
             )
@@ -207,7 +220,7 @@ class UpdateConsumer:
     def close(self) -> None:
         self.consumer.close()
 
-    def _decode(self, partition: int, offset: int, raw: bytes | None) -> EmbeddingUpdate | VersionRecord | None:
+    def _decode(self, partition: int, offset: int, raw: bytes | None) -> UpdateRecord | None:
         try:
             if raw is None:
                 raise EventDecodeError("tombstone", "deletes are not supported; record skipped")

@@ -5,8 +5,9 @@ The embedding-updates topic carries each published :class:`EmbeddingBatch` as re
 ``user:<user_id>``), then one :class:`VersionRecord` (key ``version:<version>``) that closes the version and
 carries what is not a vector: the consumed (user, target item) pairs since the previous version (serving's
 exclusions, popularity counts and co-occurrence are all counted from them), the ranker to answer with and
-the fused weight. A reader applies a version when its version record arrives, with the vector records of
-that version read before it.
+the fused weight. Consumed pairs beyond what fits one record (``MAX_CONSUMED_RECORD_BYTES``, well under
+Kafka's 1 MB message limit) go ahead of it in :class:`ConsumedRecord` s (key ``consumed:<version>:<n>``). A
+reader applies a version when its version record arrives, with the records of that version read before it.
 
 This is the one module that producers and consumers of either message import. It needs no PyTorch,
 so ``serving/`` can import it.
@@ -34,6 +35,7 @@ from sitn.errors import EventDecodeError
 EVENT_SCHEMA_VERSION = 1
 # 2: a version record closes each published version (consumed pairs, ranker); 1 carried vectors only.
 UPDATE_SCHEMA_VERSION = 2
+MAX_CONSUMED_RECORD_BYTES = 256 * 1024  # consumed pairs per record, counted as the ids' UTF-8 bytes + 8
 MAX_EVENT_BYTES = 4096
 MAX_ID_CHARS = 256
 # Event time must fall in [1990-01-01, 2100-01-01): the shipped data starts in 1997.
@@ -138,19 +140,30 @@ class EmbeddingUpdate:
 class VersionRecord:
     """Closes published version ``version`` on the updates topic: what serving needs besides vectors.
 
-    ``consumed``: (user_id, target item_id) pairs since the previous version, in the order learnt;
-    ``served_by`` and ``fused_weight`` as in :class:`EmbeddingBatch`; ``items`` and ``users``: how many
-    vector records the version sent (before this record; fewer survive once the topic is compacted).
+    ``consumed``: the last (user_id, target item_id) pairs of the version, in the order learnt (the ones
+    before them in :class:`ConsumedRecord` s), ``consumed_total`` of them in all; ``served_by`` and
+    ``fused_weight`` as in :class:`EmbeddingBatch`; ``items`` and ``users``: how many vector records the
+    version sent (before this record; fewer survive once the topic is compacted).
     """
 
     version: int
     full: bool
     consumed: tuple[tuple[str, str], ...]
+    consumed_total: int
     served_by: str
     fused_weight: float
     items: int
     users: int
     created_at_s: float
+    schema_version: int = UPDATE_SCHEMA_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedRecord:
+    """Consumed (user_id, target item_id) pairs of version ``version`` that precede its version record's."""
+
+    version: int
+    consumed: tuple[tuple[str, str], ...]
     schema_version: int = UPDATE_SCHEMA_VERSION
 
 
@@ -175,6 +188,7 @@ def encode_version_record(record: VersionRecord) -> bytes:
             "version": record.version,
             "full": record.full,
             "consumed": [list(pair) for pair in record.consumed],
+            "consumed_total": record.consumed_total,
             "served_by": record.served_by,
             "fused_weight": record.fused_weight,
             "items": record.items,
@@ -184,7 +198,21 @@ def encode_version_record(record: VersionRecord) -> bytes:
     )
 
 
-def decode_update_record(raw: bytes) -> EmbeddingUpdate | VersionRecord:
+def encode_consumed_record(record: ConsumedRecord) -> bytes:
+    return orjson.dumps(
+        {
+            "schema_version": record.schema_version,
+            "kind": "consumed",
+            "version": record.version,
+            "consumed": [list(pair) for pair in record.consumed],
+        }
+    )
+
+
+UpdateRecord = EmbeddingUpdate | ConsumedRecord | VersionRecord
+
+
+def decode_update_record(raw: bytes) -> UpdateRecord:
     """Decode one record of the updates topic; raise :class:`EventDecodeError` naming the reason.
 
     A record of another schema version is refused (``bad_schema_version``): its fields cannot be trusted
@@ -205,15 +233,18 @@ def decode_update_record(raw: bytes) -> EmbeddingUpdate | VersionRecord:
     if type(schema_version) is not int or schema_version != UPDATE_SCHEMA_VERSION:
         raise EventDecodeError("bad_schema_version", f"got {schema_version!r}, supported: {UPDATE_SCHEMA_VERSION}")
     kind = payload.get("kind")
-    if kind not in ("item", "user", "version"):
-        raise EventDecodeError("bad_value", f"'kind' must be 'item', 'user' or 'version', got {kind!r}")
+    if kind not in ("item", "user", "version", "consumed"):
+        raise EventDecodeError("bad_value", f"'kind' must be 'item', 'user', 'consumed' or 'version', got {kind!r}")
     try:
-        if kind == "version":
+        if kind in ("version", "consumed"):
             consumed = tuple((str(u), str(i)) for u, i in payload["consumed"])
+            if kind == "consumed":
+                return ConsumedRecord(int(payload["version"]), consumed, schema_version)
             return VersionRecord(
                 version=int(payload["version"]),
                 full=bool(payload["full"]),
                 consumed=consumed,
+                consumed_total=int(payload["consumed_total"]),
                 served_by=str(payload["served_by"]),
                 fused_weight=float(payload["fused_weight"]),
                 items=int(payload["items"]),
@@ -237,7 +268,7 @@ def decode_update(raw: bytes) -> EmbeddingUpdate:
     """Decode one vector record (``kind`` item or user) of the updates topic."""
     record = decode_update_record(raw)
     if not isinstance(record, EmbeddingUpdate):
-        raise EventDecodeError("bad_value", "expected an item or user record, got a version record")
+        raise EventDecodeError("bad_value", f"expected an item or user record, got a {type(record).__name__}")
     return record
 
 
@@ -268,7 +299,8 @@ class EmbeddingBatch:
 
 def encode_batch(batch: EmbeddingBatch) -> list[tuple[bytes, bytes]]:
     """The (key, value) records of one published version on the updates topic, in the order to send them:
-    its item vectors, its users' query vectors, then the version record that closes it.
+    its item vectors, its users' query vectors, the consumed pairs that do not fit the version record, then
+    the version record that closes it.
 
     Vectors keep their float32 values exactly (JSON numbers round-trip), so a reader applies bit-identical
     vectors.
@@ -287,10 +319,23 @@ def encode_batch(batch: EmbeddingBatch) -> list[tuple[bytes, bytes]]:
             "user", user_id, batch.version, int(views.shape[0]), tuple(float(x) for x in views.reshape(-1))
         )
         records.append((f"user:{user_id}".encode(), encode_update(update)))
+    chunks: list[list[tuple[str, str]]] = [[]]
+    size = 0
+    for user_id, item_id in batch.consumed:
+        pair_bytes = len(user_id.encode()) + len(item_id.encode()) + 8  # ["u","i"], plus a comma
+        if chunks[-1] and size + pair_bytes > MAX_CONSUMED_RECORD_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((user_id, item_id))
+        size += pair_bytes
+    for n, chunk in enumerate(chunks[:-1]):
+        records.append((f"consumed:{batch.version}:{n}".encode(),
+                        encode_consumed_record(ConsumedRecord(batch.version, tuple(chunk)))))
     closing = VersionRecord(
         version=batch.version,
         full=batch.full,
-        consumed=tuple((u, i) for u, i in batch.consumed),
+        consumed=tuple(chunks[-1]),
+        consumed_total=len(batch.consumed),
         served_by=batch.served_by,
         fused_weight=float(batch.fused_weight),
         items=len(batch.item_ids),

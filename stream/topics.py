@@ -3,7 +3,7 @@
 - interactions: ``settings.partitions`` partitions, keyed by user_id, time-retained.
 - dead letters: 1 partition (low volume; ordered per source partition by key anyway).
 - embedding updates: 1 partition (a version's vector records must precede its version record), compacted:
-  the latest vector per ``item:``/``user:`` key and every ``version:`` record (each its own key) survive,
+  the latest vector per ``item:``/``user:`` key and every ``version:``/``consumed:`` record (each its own key) survive,
   which is the full state a serving replica rebuilds (``stream.events.encode_batch``).
 
 >>> [t.name for t in topic_specs(StreamSettings(partitions=8))]

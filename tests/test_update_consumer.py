@@ -78,7 +78,7 @@ def item(key: str, version: int, x: float) -> bytes:
 
 
 def closing(version: int, consumed: tuple[tuple[str, str], ...] = (), served_by: str = "model") -> bytes:
-    return encode_version_record(VersionRecord(version, False, consumed, served_by, 1.0, 0, 0, 0.0))
+    return encode_version_record(VersionRecord(version, False, consumed, len(consumed), served_by, 1.0, 0, 0, 0.0))
 
 
 def test_applies_a_version_when_its_version_record_arrives_and_skips_bad_records() -> None:
@@ -178,6 +178,32 @@ def test_empty_topic_is_caught_up_at_start() -> None:
     consumer.start()
     assert consumer.caught_up.is_set()
     assert consumer.poll_once() == 0
+
+
+def test_consumed_pairs_beyond_one_record_travel_ahead_of_the_version_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stream.events
+
+    monkeypatch.setattr(stream.events, "MAX_CONSUMED_RECORD_BYTES", 24)  # 2 pairs of ("uN", "iN"), 12 bytes each
+    consumed = [(f"u{n}", f"i{n % 3}") for n in range(5)]
+    batch = EmbeddingBatch(1, True, ["i0", "i1", "i2"], np.eye(3, 2, dtype=np.float32), [],
+                           np.zeros((0, 1, 2), np.float32), [], 0.0, consumed=consumed)
+    records = encode_batch(batch)
+    assert [k for k, _ in records] == [b"item:i0", b"item:i1", b"item:i2", b"consumed:1:0", b"consumed:1:1",
+                                       b"version:1"]
+    service = RecommendationService(dim=2, popularity_refresh_s=0.0)
+    consumer = UpdateConsumer(service, InMemoryConsumer({0: [v for _, v in records]}), TOPIC, batch_size=2)
+    consumer.start()
+    while not consumer.caught_up.is_set():
+        consumer.poll_once()
+    assert (consumer.versions_applied, consumer.rejected) == (1, 0)
+    assert [service.consumed.history(u) for u, _ in consumed] == [(i,) for _, i in consumed]
+    # A version whose consumed records did not all arrive is refused whole.
+    partial = [v for k, v in records if k != b"consumed:1:1"]
+    replica = RecommendationService(dim=2)
+    consumer = UpdateConsumer(replica, InMemoryConsumer({0: partial}), TOPIC)
+    consumer.start()
+    consumer.poll_once()
+    assert (consumer.versions_applied, consumer.rejected, replica.index.size) == (0, 5, 0)
 
 
 def test_records_are_keyed_for_compaction_and_the_version_record_comes_last() -> None:
