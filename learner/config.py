@@ -1,6 +1,6 @@
 """SITN model hyperparameters: one dataclass with commented defaults, saved in every checkpoint.
 
-Every component of the spec (/work/shared/SITN_SPEC.md) has a switch here so it can be ablated:
+Every component of the spec (../shared/SITN_SPEC.md) has a switch here so it can be ablated:
 
 - ``n_views=1``            -> a plain single-vector sequence model (attention pooling, no view selection;
                               the default, chosen on validation; ``n_views>1`` is the multi-view model)

@@ -49,7 +49,7 @@ EMBED_CHUNK = 4096  # users per forward pass in embed_histories
 
 
 class SITNLearner:
-    """Cross-domain SITN learner; see the module docstring and /work/shared/SITN_SPEC.md."""
+    """Cross-domain SITN learner; see the module docstring and ../shared/SITN_SPEC.md."""
 
     def __init__(self, config: SITNConfig, source: str, target: str) -> None:
         if not isinstance(config, SITNConfig):
