@@ -357,29 +357,22 @@ class KafkaBroker:
         """The command line of Kafka's own console producer writing stdin's lines to ``topic``."""
         if not _TOPIC_NAME.match(topic):
             raise ValueError(f"topic must be 1-249 characters of [A-Za-z0-9._-], got {topic!r}")
-        return [
-            _java(),
-            "-Xmx256m",
-            f"-Dlog4j2.configurationFile={KAFKA_INFRA_DIR / 'log4j2-tools.properties'}",
-            "-cp",
-            f"{self.libs_dir()}/*",
-            _CONSOLE_PRODUCER_CLASS,
-            "--bootstrap-server",
-            self.bootstrap_servers,
-            "--topic",
-            topic,
-        ]
+        return self._tool_cmd(_CONSOLE_PRODUCER_CLASS, "--topic", topic)
 
     def consumer_groups_cmd(self, *args: str) -> list[str]:
         """The command line of Kafka's own ``kafka-consumer-groups`` tool with ``args`` (e.g. ``--describe
         --group G``), against this broker."""
+        return self._tool_cmd(_CONSUMER_GROUPS_CLASS, *args)
+
+    def _tool_cmd(self, main_class: str, *args: str) -> list[str]:
+        """A Kafka command-line tool (``main_class``) against this broker, with the tools' log config."""
         return [
             _java(),
             "-Xmx256m",
             f"-Dlog4j2.configurationFile={KAFKA_INFRA_DIR / 'log4j2-tools.properties'}",
             "-cp",
             f"{self.libs_dir()}/*",
-            _CONSUMER_GROUPS_CLASS,
+            main_class,
             "--bootstrap-server",
             self.bootstrap_servers,
             *args,

@@ -21,9 +21,9 @@ REQUIRE_ALL_TIERS = os.environ.get("SITN_TEST_REQUIRE_ALL_TIERS") == "1"
 
 def skip_or_fail(reason: str) -> None:
     """Skip with ``reason`` (a missing prerequisite a fresh machine can install); under CI, fail instead."""
-    if REQUIRE_ALL_TIERS:
-        pytest.fail(f"required test tier unavailable: {reason}", pytrace=False)
-    pytest.skip(reason)
+    if not REQUIRE_ALL_TIERS:
+        pytest.skip(reason)
+    pytest.fail(f"required test tier unavailable: {reason}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

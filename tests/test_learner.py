@@ -238,16 +238,24 @@ def test_replay_buffer_trains_earlier_examples_again_and_survives_a_checkpoint(
     assert s1["loss"] == s2["loss"] and s1["replayed_examples"] == 32.0
 
 
-def test_source_dropout_blanks_the_other_domains_history_of_a_share_of_examples(examples: list[Example]) -> None:
+def _histories_before_and_after_dropout(
+    learner: SITNLearner, examples: list[Example]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Which of 256 examples have each domain's history before and after the learner's history dropout
+    (seeded), and which are target events."""
     from learner.batch import build_training_batch
 
-    learner = SITNLearner(SMALL.replace(source_dropout=0.5), "movie", "book")
     tb = build_training_batch(examples[:256], learner.domains, learner.idmaps, SMALL.max_len, SMALL.n_time_gap_buckets)
     had = {role: tb.sequences[role].valid.any(dim=1).clone() for role in ("source", "target")}
     torch.manual_seed(0)
     learner._drop_other_history(tb)
     has = {role: tb.sequences[role].valid.any(dim=1) for role in ("source", "target")}
-    target_events = tb.event_role == 1
+    return had, has, tb.event_role == 1
+
+
+def test_source_dropout_blanks_the_other_domains_history_of_a_share_of_examples(examples: list[Example]) -> None:
+    had, has, target_events = _histories_before_and_after_dropout(
+        SITNLearner(SMALL.replace(source_dropout=0.5), "movie", "book"), examples)
     # only the *other* domain's history is ever blanked: a target event keeps its target history
     assert torch.equal(has["target"][target_events], had["target"][target_events])
     assert torch.equal(has["source"][~target_events], had["source"][~target_events])
@@ -256,15 +264,8 @@ def test_source_dropout_blanks_the_other_domains_history_of_a_share_of_examples(
 
 
 def test_own_history_dropout_blanks_a_disjoint_share_of_the_events_own_domain(examples: list[Example]) -> None:
-    from learner.batch import build_training_batch
-
-    learner = SITNLearner(SMALL.replace(source_dropout=0.3, own_history_dropout=0.3), "movie", "book")
-    tb = build_training_batch(examples[:256], learner.domains, learner.idmaps, SMALL.max_len, SMALL.n_time_gap_buckets)
-    had = {role: tb.sequences[role].valid.any(dim=1).clone() for role in ("source", "target")}
-    torch.manual_seed(0)
-    learner._drop_other_history(tb)
-    has = {role: tb.sequences[role].valid.any(dim=1) for role in ("source", "target")}
-    target_events = tb.event_role == 1
+    had, has, target_events = _histories_before_and_after_dropout(
+        SITNLearner(SMALL.replace(source_dropout=0.3, own_history_dropout=0.3), "movie", "book"), examples)
     lost_own = (had["target"] & ~has["target"])[target_events]
     lost_other = (had["source"] & ~has["source"])[target_events]
     assert not (lost_own & lost_other).any()  # the two shares are disjoint: never both histories gone
