@@ -40,43 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Ray sets each worker's process title to "ray::<Class>[.<method>]": the actor classes of the pipeline.
-ACTOR_COMPONENTS = {"ServingCore": "serving", "LearnerWorker": "learner", "ConsumerWorker": "consumers",
-                    "_QueueActor": "queue"}
-COMPONENTS = ("driver", "serving", "learner", "consumers", "queue", "ray_system", "ray_idle", "kafka")
+from sitn.resources import COMPONENTS, rss_by_component  # noqa: E402
+
 MIN_JUDGED_S = 300.0  # the post-warm-up window needed before a slope is judged
-
-
-def component_of(proc: psutil.Process) -> str:
-    cmdline = proc.cmdline()
-    title = cmdline[0] if cmdline else proc.name()
-    if title.startswith("ray::"):
-        cls = title.removeprefix("ray::").split(".")[0].split(" ")[0]
-        if cls == "IDLE":
-            return "ray_idle"
-        return ACTOR_COMPONENTS.get(cls, "ray_system")
-    if proc.name() == "java":
-        return "kafka"
-    return "ray_system"  # gcs_server, raylet, Ray's monitors
-
-
-def rss_by_component() -> dict[str, float]:
-    """Resident MB per component: the driver and every process below it (Ray's and the broker's)."""
-    me = psutil.Process()
-    out = dict.fromkeys(COMPONENTS, 0.0)
-    out["driver"] = me.memory_info().rss / 2**20
-    for proc in me.children(recursive=True):
-        try:
-            out[component_of(proc)] += proc.memory_info().rss / 2**20
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
-
 
 @dataclass
 class Producer:

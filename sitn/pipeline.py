@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,10 +55,11 @@ from learner.gate import PublishGate, RankerFallback
 from serving.actor import ServingActor
 from serving.settings import ServingSettings
 from sitn.dead_letter_watch import judge_run
+from sitn.resources import PeakMemory
 from sitn.settings import RunSettings
 from sitn.telemetry import TelemetrySettings
 from stream.actors import ConsumerFleet
-from stream.dataset import EventLog, load_events
+from stream.dataset import EventFile, EventLog, open_events
 from stream.events import InteractionEvent
 from stream.group_offsets import GroupLag
 from stream.producer import (
@@ -73,6 +74,7 @@ from stream.settings import StreamSettings
 
 log = logging.getLogger(__name__)
 
+FLAT_OUT_CHUNK_EVENTS = 65_536  # events per flush when replaying flat out (bounds the replay's memory)
 REPLAY_DELIVERY_TIMEOUT_S = 300.0  # how long the replay producer retries a record while the broker is away
 SERVING_HEALTH_TIMEOUT_S = 10.0  # a serving actor that does not answer within this is busy, not dead
 
@@ -94,7 +96,7 @@ class ReplayProgress:
 
 
 def paced_replay(
-    events: list[InteractionEvent],
+    events: Iterable[InteractionEvent],
     producer: Any,
     rate_events_per_s: float | None,
     progress: ReplayProgress,
@@ -110,7 +112,7 @@ def paced_replay(
     ``throttle``: wait before each chunk while the consumer group's lag is above its bound (backpressure).
     """
     paced_send(events, producer, rate_events_per_s, throttle=throttle, stop=stop, tick_s=tick_s,
-               max_chunk_events=max(1, len(events)) if rate_events_per_s is None and throttle is None else 4096,
+               max_chunk_events=FLAT_OUT_CHUNK_EVENTS if rate_events_per_s is None and throttle is None else 4096,
                on_sent=lambda n: setattr(progress, "sent", n), clock=clock)
 
 
@@ -152,6 +154,7 @@ class Pipeline:
         self.fleet: ConsumerFleet | None = None
         self._learner_run: Any = None
         self.restarts = 0  # of the learner (with the consumers)
+        self.memory = PeakMemory()  # resident MiB per component, sampled with every status()
         self.consumer_restarts = 0  # of one consumer alone
         self.serving_restarts = 0
         self.recovering: str | None = None  # the failure whose restart has not succeeded yet
@@ -244,7 +247,8 @@ class Pipeline:
                               r.fallback_z_critical, r.fallback_recover_z, log_path=self.drift_log,
                               learnt=("fused",) if r.fused_weights else ())
 
-    def start_replay(self, events: list[InteractionEvent]) -> None:
+    def start_replay(self, events: EventFile | EventLog | Sequence[InteractionEvent]) -> None:
+        """Replay ``events`` (iterated once, lazily: an :class:`EventFile` streams from disk) in a thread."""
         producer = open_replay_producer(self.stream)
         self.replay_progress = ReplayProgress(total=len(events))
         self.caught_up_s = None
@@ -393,6 +397,9 @@ class Pipeline:
             "restarts": self.restarts,
             "consumer_restarts": self.consumer_restarts,
         }
+        rss = self.memory.sample()
+        out["rss_mb"] = rss
+        out["rss_total_mb"] = sum(rss.values())
         if self._throttle is not None:
             out["replay_throttled_s"] = self._throttle.throttled_s
             out["lag_events"] = self._throttle.last_lag_events
@@ -465,6 +472,10 @@ class Pipeline:
             "serving_restarts": int(self.serving_restarts),
             "caught_up": self.caught_up_s is not None,
             "wall_time_s": wall_time_s,
+            # resident MiB per component (driver, serving, learner, consumers, queue, Ray's own processes,
+            # a broker below the driver), the largest of the status samples taken once per status tick
+            "rss_peak_mb": {c: round(mb, 1) for c, mb in self.memory.peak_mb.items()},
+            "rss_peak_total_mb": round(self.memory.peak_total_mb, 1),
             "replay_to_trained_s": replay_to_trained_s,
             # end to end: from the first event produced to the last one trained (or to now, if not caught up)
             "events_per_s": trained / replay_to_trained_s if replay_to_trained_s > 0 else math.nan,
@@ -550,8 +561,9 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def load_replay_log(run: RunSettings) -> EventLog | None:
-    """The events file of the run, its timestamps read in ``run.time_unit``; None when there is none."""
+def load_replay_log(run: RunSettings) -> EventFile | EventLog | None:
+    """The events file of the run, its timestamps read in ``run.time_unit``, streamed from disk when it is
+    chronological (``stream.dataset.open_events``); None when there is none."""
     if run.events is None:
         return None
-    return load_events(run.events, run.source, run.target, limit=run.limit, time_unit=run.time_unit)
+    return open_events(run.events, run.source, run.target, limit=run.limit, time_unit=run.time_unit)

@@ -5,14 +5,20 @@ column is read in a unit (``time_unit``: unix seconds, milliseconds, ISO-8601, o
 ``auto`` to detect it; ``stream.time_unit``) and converted to the wire's unix seconds here, at the file.
 Rows come back in chronological order with ties kept in file order (a stable sort), so no example ever
 sees a later event. Rows of domains other than the two requested are skipped and counted.
+
+Two readers: :func:`load_events` holds every event in memory (the offline evaluation needs them all at
+once); :func:`open_events` streams a chronological file in bounded memory (the replay of ``sitn run``),
+reading it once to count, detect the time unit and check the order, then once per iteration. A file that
+is not chronological cannot be streamed in order: ``open_events`` then loads and sorts it, and says so.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -48,6 +54,32 @@ class EventLog:
 
     def __len__(self) -> int:
         return len(self.events)
+
+    def __iter__(self) -> Iterator[InteractionEvent]:
+        return iter(self.events)
+
+
+@dataclass
+class EventFile:
+    """A chronological events file, streamed: each iteration reads the file again and yields the events of
+    the two domains in file order, one at a time (memory does not grow with the file). ``n_events``,
+    ``skipped_by_domain`` and ``time`` come from the opening pass (:func:`open_events`)."""
+
+    path: Path
+    domains: tuple[str, str]
+    n_events: int
+    time: TimeUnitChoice
+    limit: int | None = None
+    skipped_by_domain: Counter[str] = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return self.n_events
+
+    def __iter__(self) -> Iterator[InteractionEvent]:
+        wanted = set(self.domains)
+        for row in read_rows(self.path, self.limit):
+            if row.domain in wanted:
+                yield to_event(self.path, row, self.time)
 
 
 def read_rows(path: str | Path, limit: int | None = None) -> Iterator[CsvRow]:
@@ -126,3 +158,45 @@ def load_events(path: str | Path, source: str, target: str, limit: int | None = 
     log.info("timestamps path=%s unit=%s requested=%s fitting=%d rows=%d", path, time.unit, time.requested,
              time.fitting, time.rows)
     return EventLog(path=path, events=events, domains=(source, target), skipped_by_domain=skipped, time=time)
+
+
+def _kept_rows(path: Path, wanted: set[str], limit: int | None, skipped: Counter[str]) -> Iterable[CsvRow]:
+    for row in read_rows(path, limit):
+        if row.domain in wanted:
+            yield row
+        else:
+            skipped[row.domain] += 1
+
+
+def open_events(path: str | Path, source: str, target: str, limit: int | None = None,
+                time_unit: str = "s") -> EventFile | EventLog:
+    """The events of ``source`` and ``target`` in ``path`` in chronological order, for one pass or more.
+
+    A chronological file (timestamps never decrease in file order, the usual shape of a log) comes back as
+    an :class:`EventFile` that streams it: two passes here (time unit, then order), memory independent of
+    the file's length. Any other file comes back from :func:`load_events`, sorted in memory (logged). The
+    events, their ids and their order are the same either way.
+    """
+    path = Path(path)
+    if source == target:
+        raise ValueError(f"source and target domains must differ, got {source!r} twice")
+    wanted = {source, target}
+    skipped: Counter[str] = Counter()
+    stats = TimeColumnStats()
+    n_events = 0
+    for row in _kept_rows(path, wanted, limit, skipped):
+        stats.add(row.raw_timestamp)
+        n_events += 1
+    time = stats.choose(time_unit)
+    previous = -math.inf
+    for row in _kept_rows(path, wanted, limit, Counter()):
+        timestamp = to_event(path, row, time).timestamp
+        if timestamp < previous:
+            log.info("not chronological, loading it into memory to sort path=%s line=%d", path, row.line)
+            return load_events(path, source, target, limit=limit, time_unit=time_unit)
+        previous = timestamp
+    if skipped:
+        log.info("skipped rows of other domains path=%s skipped=%s", path, dict(skipped))
+    log.info("timestamps path=%s unit=%s requested=%s fitting=%d rows=%d (streamed, chronological)", path,
+             time.unit, time.requested, time.fitting, time.rows)
+    return EventFile(path, (source, target), n_events, time, limit, skipped)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sitn.errors import DataFormatError
-from stream.dataset import load_events
+from stream.dataset import EventFile, EventLog, load_events, open_events
 
 HEADER = "timestamp,user_id,item_id,domain,extra\n"
 
@@ -72,3 +72,33 @@ def test_shipped_data_set(events_csv: Path) -> None:
     assert sum(e.domain == "book" for e in log.events) == 74_629
     assert all(a.timestamp <= b.timestamp for a, b in zip(log.events, log.events[1:], strict=False))
     assert not log.skipped_by_domain
+
+
+def test_open_events_streams_a_chronological_file_as_load_events_reads_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "1,u1,a,movie,x\n1,u2,b,book,x\n2,u1,c,music,x\n5,u1,d,book,x\n9,u2,e,movie,x\n")
+    streamed = open_events(path, "movie", "book")
+    assert isinstance(streamed, EventFile)  # chronological: not held in memory
+    loaded = load_events(path, "movie", "book")
+    assert len(streamed) == len(loaded) == 4
+    assert list(streamed) == loaded.events
+    assert list(streamed) == loaded.events  # every iteration reads the file again
+    assert dict(streamed.skipped_by_domain) == {"music": 1}
+    assert streamed.time.unit == loaded.time.unit == "s"
+    assert [e.item_id for e in open_events(path, "movie", "book", limit=2)] == ["a", "b"]
+
+
+def test_open_events_sorts_a_file_that_is_not_chronological_in_memory(tmp_path: Path) -> None:
+    path = write(tmp_path, "20,u1,a,movie,x\n10,u2,b,book,x\n20,u1,c,book,x\n")
+    opened = open_events(path, "movie", "book")
+    assert isinstance(opened, EventLog)
+    assert [e.item_id for e in opened] == ["b", "a", "c"]
+
+
+def test_open_events_reads_other_time_units_and_fails_like_load_events(tmp_path: Path) -> None:
+    path = write(tmp_path, "1700000000000,u1,a,movie,x\n1700000001000,u1,b,book,x\n")
+    opened = open_events(path, "movie", "book", time_unit="auto")
+    assert isinstance(opened, EventFile) and opened.time.unit == "ms"
+    assert [e.timestamp for e in opened] == [1700000000, 1700000001]
+    broken = write(tmp_path, "1,u1,a,movie,x\n2,u1,b\n")
+    with pytest.raises(DataFormatError, match="events.csv:3: expected 5 fields, got 3"):
+        open_events(broken, "movie", "book")

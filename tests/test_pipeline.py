@@ -280,6 +280,10 @@ def check_summary(pipeline: Pipeline, events: list[InteractionEvent]) -> None:
     assert (summary["events_replayed"], summary["events_to_replay"], summary["events_trained"]) == (N_EVENTS,) * 3
     assert (summary["dead_letters"], summary["restarts"], summary["caught_up"]) == (0, 0, True)
     assert summary["wall_time_s"] == 12.5
+    # resident memory per component: the test process (driver) and the Ray actors below it
+    peaks = summary["rss_peak_mb"]
+    assert peaks["driver"] > 0 and peaks["learner"] > 0 and peaks["serving"] > 0 and peaks["consumers"] > 0
+    assert summary["rss_peak_total_mb"] >= max(peaks.values())
     assert summary["events_per_s"] == pytest.approx(N_EVENTS / summary["replay_to_trained_s"], rel=1e-12)
     assert 0 < summary["freshness_p50_s"] <= summary["freshness_p99_s"]
     assert (summary["served_by"], summary["learner_served_by"], summary["serving_ranker_switches"]) == (

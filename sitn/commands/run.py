@@ -25,9 +25,13 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stream.time_unit import TIME_UNITS
+
+if TYPE_CHECKING:
+    from stream.dataset import EventFile, EventLog
+    from stream.events import InteractionEvent
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +148,8 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
     started_s = time.monotonic()
     console = Console(stderr=True)
     replay_log = load_replay_log(run)
-    events = replay_log.events if replay_log is not None else []
+    # a chronological file streams from disk (stream.dataset.open_events)
+    events: EventFile | EventLog | list[InteractionEvent] = replay_log if replay_log is not None else []
     if replay_log is not None:
         assert replay_log.time is not None
         console.print(f"[bold]sitn run[/bold]: timestamps of {run.events}: {replay_log.time.describe()}")
@@ -258,10 +263,17 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
         ("freshness p50 / p99 (s)", f"{_fmt(s.get('freshness_p50_s'), '.2f')} / "
                                     f"{_fmt(s.get('freshness_p99_s'), '.2f')}"),
         ("restarts", _fmt(s.get("restarts"))),
+        ("memory MiB: total / learner / serving / consumers", _memory_row(s.get("rss_mb"))),
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _memory_row(rss: dict[str, float] | None) -> str:
+    if not rss:
+        return "-"
+    return " / ".join(_fmt(v) for v in (sum(rss.values()), rss.get("learner"), rss.get("serving"), rss.get("consumers")))
 
 
 def render_summary(summary: dict[str, Any], path: Path) -> Any:
