@@ -40,6 +40,7 @@ from learner.config import SITNConfig
 from learner.learner import SITNLearner
 from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
 from learner.trainer import OnlineTrainer
+from learner.warm_start import load_warm_start
 from sitn.telemetry import TelemetrySettings, start_exporter
 from stream.events import EmbeddingBatch
 from stream.group_offsets import GroupCommitter
@@ -65,12 +66,15 @@ class LearnerWorker:
         metrics: TelemetrySettings | None = None,
         targets_dir: Path | None = None,
         audit_log: Path | None = None,
+        warm_start: Path | None = None,
         **trainer_options: Any,
     ) -> None:
         """``kafka_updates``: also publish every version to that settings' compacted updates topic.
         ``group_offsets``: after each checkpoint, commit its positions to that settings' consumer group.
         ``metrics``/``targets_dir``: expose this process's metrics and register them (``sitn.telemetry``).
-        ``audit_log``: append what this incarnation trains there (see the module docstring)."""
+        ``audit_log``: append what this incarnation trains there (see the module docstring).
+        ``warm_start``: with no checkpoint yet, start from this offline-trained model (``sitn train``), whose
+        training events are burnt in (``OnlineTrainer.warm_start``); a checkpoint, once written, wins."""
         torch.set_num_threads(torch_threads)
         self.exporter = start_exporter(metrics, "learner", targets_dir)
         self._serving = serving
@@ -94,6 +98,13 @@ class LearnerWorker:
             **trainer_options,
         )
         self.restored = self.trainer.restore()
+        self.warm_started = False
+        if not self.restored and warm_start is not None:
+            warm = load_warm_start(warm_start)
+            self.trainer.warm_start(warm.learner, warm.trained_until)
+            self.warm_started = True
+            log.info("warm start path=%s trained_until=%s events=%d epochs=%d", warm_start, warm.trained_until,
+                     warm.events, warm.epochs)
         self._audit = audit_log.open("a", encoding="utf-8") if audit_log is not None else None
         if self._audit is not None:
             self._audit_write({
@@ -104,8 +115,8 @@ class LearnerWorker:
                 "idmap_sizes": {role: len(m) for role, m in self.trainer.learner.idmaps.items()},
                 "users": len(self.trainer.learner.histories),
             })
-        if self.restored:
-            self.trainer.publish(force_full=True)  # serving gets exactly the restored state
+        if self.restored or self.warm_started:
+            self.trainer.publish(force_full=True)  # serving gets exactly the restored (or warm) state
         self._finish = threading.Event()
         self._stopped = threading.Event()
         self.batches_processed = 0

@@ -157,6 +157,24 @@ class OnlineTrainer:
         self.gate_sample_per_step = gate_sample_per_step
         self.drift = drift
         self._gate_rng = np.random.default_rng(0)
+        self.burn_in_until: float | None = None  # see warm_start()
+        self.burn_in_events = 0
+
+    def warm_start(self, learner: Any, trained_until: float) -> None:
+        """Start from ``learner``, trained offline (``sitn train``) on the events up to ``trained_until``.
+
+        Those events still arrive (the replay sends the whole file): each one is *burnt in*, not trained
+        and not ranked: its user's history and the shadow baselines learn it, its user is published with
+        the warm model's vectors and its item is excluded from that user's recommendations. So the
+        baselines know exactly what the model knows, and the prequential figures count only the events
+        after ``trained_until``, which neither has seen. Checkpoints carry both, so a restart goes on alike.
+        """
+        if learner.source != self.source or learner.target != self.target:
+            raise ValueError(f"warm-start model is {learner.source}->{learner.target}, the run {self.source}->{self.target}")
+        self.learner = learner
+        self.publisher.learner = learner
+        self._last_checkpoint_step = int(learner.step)
+        self.burn_in_until = float(trained_until)
 
     # -- the batch path ------------------------------------------------------------------------------
     def process(self, batch: EventBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
@@ -164,10 +182,16 @@ class OnlineTrainer:
         received_wall_s = time.time() if received_wall_s is None else received_wall_s
         events, positions = self._new_events(batch)
         self.last_trained_event_ids = [e.event_id for e in events]
-        stats = [
-            self._step(self._examples(events[i : i + self.batch_size]), received_wall_s)
-            for i in range(0, len(events), self.batch_size)
-        ]
+        stats = []
+        for i in range(0, len(events), self.batch_size):
+            chunk = events[i : i + self.batch_size]
+            if self.burn_in_until is not None:  # a user's early events all come before their later ones
+                early = [e for e in chunk if e.timestamp <= self.burn_in_until]
+                if early:
+                    self._burn_in(self._examples(early), received_wall_s)
+                    chunk = [e for e in chunk if e.timestamp > self.burn_in_until]
+            if chunk:
+                stats.append(self._step(self._examples(chunk), received_wall_s))
         self.positions.update(positions)
         self.events_applied += len(events)
         telemetry.EVENTS_APPLIED.set(self.events_applied)
@@ -209,6 +233,17 @@ class OnlineTrainer:
             after[e.domain] = ((*items, e.item_id)[-max_len:], (*stamps, e.timestamp)[-max_len:])
             pending[e.user_id] = after
         return out
+
+    def _burn_in(self, examples: list[Example], received_wall_s: float) -> None:
+        """Events the warm-start model was trained on (``warm_start``): record, let the baselines learn,
+        publish; no step, no ranking."""
+        self.shadow.learn(examples)
+        for ex in examples:
+            self.learner.histories.record(ex.user_id, ex.domain, ex.item_id, ex.timestamp, ex.history)
+        consumed = [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target]
+        self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
+        self.burn_in_events += len(examples)
+        self.publish_if_due()
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
         start_s = time.perf_counter()
@@ -362,6 +397,7 @@ class OnlineTrainer:
             "shadow": self.shadow.state_dict(),
             "fallback": self.fallback.state_dict() if self.fallback is not None else None,
             "fused": self.fused.state_dict() if self.fused is not None else None,
+            "burn_in": {"until": self.burn_in_until, "events": self.burn_in_events},
         }
         start_s = time.perf_counter()
         self.checkpoints.save(self.learner, int(self.learner.step), extra)
@@ -395,6 +431,9 @@ class OnlineTrainer:
         if self.fused is not None and extra.get("fused") is not None:
             self.fused.load_state_dict(extra["fused"])
             self._stamp.fused_weight = self.fused.weight
+        burn_in = extra.get("burn_in") or {}
+        self.burn_in_until = burn_in.get("until")
+        self.burn_in_events = int(burn_in.get("events", 0))
         self._last_checkpoint_step = int(learner.step)
         log.info("restored step=%d events_applied=%d partitions=%d", learner.step, self.events_applied,
                  len(self.positions))
@@ -427,4 +466,5 @@ class OnlineTrainer:
         out["redelivered_dropped"] = float(self.redelivered_dropped)
         out["step"] = float(self.learner.step)
         out["published_version"] = float(self.publisher.version)
+        out["burn_in_events"] = float(self.burn_in_events)  # warm start: events the model had been trained on
         return out

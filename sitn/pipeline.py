@@ -230,6 +230,7 @@ class Pipeline:
             fused_window=r.fused_window,
             served_max_users=self.serving_settings.max_users,
             audit_log=self.audit_log,
+            warm_start=r.warm_start,
         )
 
     def _gate(self) -> PublishGate | None:
@@ -467,6 +468,10 @@ class Pipeline:
             "dead_letter_max_ratio": self.run_settings.dead_letter_max_ratio,
             "dead_letters_by_reason": by_reason,
             "dead_letter_examples": status.get("dead_letter_examples") or {},  # the first letter of each reason
+            # a warm-started run (sitn run --warm-start): the model file, and the events it had been trained on,
+            # burnt in without a step or a rank; every prequential figure below counts only the events after them
+            "warm_start": str(self.run_settings.warm_start) if self.run_settings.warm_start is not None else None,
+            "burn_in_events": int(status.get("burn_in_events", 0)),
             "restarts": int(self.restarts),  # of the learner, with the consumers
             "consumer_restarts": int(self.consumer_restarts),  # of a consumer alone
             "serving_restarts": int(self.serving_restarts),

@@ -34,6 +34,9 @@ class RunSettings(BaseSettings):
     dead_letter_window_records: int = Field(10_000, ge=1, description="records consumed the live dead-letter rate "
                                             "is measured over")
     exit_after_replay: bool = Field(False, description="stop once every replayed event is trained and published")
+    warm_start: Path | None = Field(
+        None, description="start the learner from this `sitn train` model (its events are burnt in, not trained "
+        "or ranked again; learner.warm_start); the model's config replaces the learner flags")
     run_dir: Path | None = Field(None, description="state directory (log, checkpoints); reused = resumed")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     ray_temp_dir: Path | None = Field(None, description="temp dir of the local Ray cluster (default: a fresh /tmp dir)")

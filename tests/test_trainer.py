@@ -263,3 +263,57 @@ def test_drift_monitor_sees_the_stream_and_survives_a_checkpoint(tmp_path: Path)
     assert mix["alarms"] == len(mix_alarms) == 2
     assert {a["detector"] for a in mix_alarms} == {"psi", "js"}
     assert {a["index"] for a in mix_alarms} == {mix["last_alarm_event"]}
+
+
+def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones(
+    tmp_path: Path, events: list[InteractionEvent]
+) -> None:
+    from learner.warm_start import load_warm_start, save_warm_start, train_warm_start
+
+    torch.set_num_threads(1)
+    cut = events[599].timestamp
+    warm = train_warm_start(events, "movie", "book", small_config(), cut, batch_size=64, max_epochs=2, patience=1,
+                            workdir=tmp_path)
+    early = [e for e in events if e.timestamp <= cut]
+    assert warm.events == len(early) >= 600 and 1 <= warm.epochs <= 2 and warm.trained_until == cut
+    assert len(warm.learner.histories) == 0  # rebuilt by the run, in event order
+    save_warm_start(warm, tmp_path / "warm.pt")
+    loaded = load_warm_start(tmp_path / "warm.pt")
+    assert (loaded.trained_until, loaded.events, loaded.epochs) == (warm.trained_until, warm.events, warm.epochs)
+    step0 = loaded.learner.step
+    assert step0 > 0
+    sent: list[EmbeddingBatch] = []
+    trainer = make_trainer(tmp_path, sent)
+    trainer.warm_start(loaded.learner, loaded.trained_until)
+    for b in batches_from(events, per_batch=200):
+        trainer.process(b)
+    later = [e for e in events if e.timestamp > cut]
+    assert trainer.events_applied == len(events) and trainer.burn_in_events == len(early)
+    # No step on a burnt-in event; every later event trained once (64 per step, chunked per batch of 200).
+    assert step0 < trainer.learner.step <= step0 + len(later) // 64 + 6
+    # Only the later book events are ranked, by the model and by each baseline alike ...
+    later_books = [e for e in later if e.domain == "book"]
+    assert {t.events for t in trainer.quality.tallies.values()} == {len(later_books)}
+    # ... while the baselines learnt every event and the histories hold every user's events in order.
+    assert trainer.shadow.state_dict() != make_trainer(tmp_path / "other", []).shadow.state_dict()
+    reference = UserStateStore(DOMAINS, max_len=10, max_users=10_000)
+    for e in events:
+        reference.observe(e)
+    assert sorted(trainer.learner.histories.user_ids()) == sorted(reference.user_ids())
+    assert all(trainer.learner.histories.get(u) == reference.history(u) for u in reference.user_ids())
+    # Serving got the warm model's vectors for burnt-in users and their items as consumed.
+    consumed = {pair for b in sent for pair in b.consumed}
+    assert {(e.user_id, e.item_id) for e in early if e.domain == "book"} <= consumed
+    # A restart goes on with the same cut-off.
+    trainer.checkpoint()
+    fresh = make_trainer(tmp_path, [])
+    assert fresh.restore()
+    assert (fresh.burn_in_until, fresh.burn_in_events) == (cut, len(early))
+
+
+def test_a_model_that_sitn_train_did_not_write_is_refused(tmp_path: Path) -> None:
+    from learner.warm_start import load_warm_start
+
+    SITNLearner(small_config(), "movie", "book").save(tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="is not a `sitn train` model"):
+        load_warm_start(tmp_path / "plain.pt")

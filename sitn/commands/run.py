@@ -57,6 +57,8 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
                                    "step replays a sample of; 0 = off (default: 20000)", "int"),
     "learner_replay_ratio": ("SITN_RUN_LEARNER_REPLAY_RATIO", "replayed examples per fresh one in each step "
                              "(default: 1.0)", "float"),
+    "warm_start": ("SITN_RUN_WARM_START", "start the learner from a `sitn train` model; its training events are "
+                   "burnt in and the prequential figures count the events after them", "path"),
     "max_lag_events": ("SITN_RUN_MAX_LAG_EVENTS", "replay backpressure: wait while the consumer group lags more "
                        "than N events (default: off)", "int"),
     "dead_letter_max_ratio": ("SITN_RUN_DEAD_LETTER_MAX_RATIO", "dead letters per record consumed above which the "
@@ -122,6 +124,14 @@ def main(args: argparse.Namespace) -> int:
     serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
     config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len,
                         replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio)
+    if run.warm_start is not None:
+        from learner.warm_start import load_warm_start
+
+        warm = load_warm_start(run.warm_start)
+        config = warm.learner.config  # the model's own shape and training settings
+        print(f"sitn run: warm start from {run.warm_start}: trained on {warm.events:,} events up to "
+              f"{datetime.fromtimestamp(warm.trained_until, UTC).isoformat()} ({warm.epochs} epochs); those are "
+              f"burnt in, the prequential figures count the events after them")
     telemetry = TelemetrySettings()  # environment only (SITN_METRICS_*)
     drift = DriftSettings()  # environment only (SITN_DRIFT_*), read here in the driver
     log.info("settings run=%r", run)
