@@ -1,7 +1,7 @@
-"""A real, local Apache Kafka broker: fetch the release, format KRaft storage, start, probe, stop.
+"""A real, local Apache Kafka: fetch the release, format KRaft storage, start, probe, stop; one node or a cluster.
 
-One process is both broker and controller (KRaft "combined" mode), listening on 127.0.0.1 only.
-Everything it owns lives in one data directory::
+Each node is one process, both broker and controller (KRaft "combined" mode), listening on 127.0.0.1
+only. Everything a node owns lives in one data directory::
 
     <data_dir>/server.properties   generated on every start from the constructor arguments
     <data_dir>/kafka-logs/         Kafka's log.dirs: the formatted KRaft metadata and the topic data
@@ -18,6 +18,12 @@ Example (needs java and the network on first use)::
     broker.start()
     ...  # clients use broker.bootstrap_servers
     broker.stop()
+
+:class:`KafkaCluster` runs N such nodes as one cluster: every node is a voter of the KRaft controller
+quorum (a dynamic quorum, formatted with ``--initial-controllers``: the same cluster id and voter set
+on every node), node ``i`` in ``<data_dir>/node-<i>``, internal and new topics replicated to
+min(3, N) nodes with min.insync.replicas min(2, N). With N=1 it is exactly the single node above, in
+``<data_dir>`` itself.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from kafka import KafkaAdminClient
@@ -97,10 +106,54 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def server_properties(port: int, controller_port: int, log_dir: Path, auto_create_topics: bool = True) -> str:
-    """The ``server.properties`` of a single-node combined broker and controller on 127.0.0.1.
+@dataclass(frozen=True)
+class QuorumVoter:
+    """One controller of a multi-node KRaft quorum, as ``kafka-storage format --initial-controllers`` names it.
 
-    Every internal topic has replication factor 1 and min.insync.replicas 1: there is one node.
+    ``directory_id`` is the Kafka ``Uuid`` that the node's metadata directory is formatted with; it
+    matters only when formatting (afterwards the node's ``meta.properties`` holds it).
+
+    >>> str(QuorumVoter(node_id=2, controller_port=9095, directory_id="AAAAAAAAAAAAAAAAAAAAAA"))
+    '2@127.0.0.1:9095:AAAAAAAAAAAAAAAAAAAAAA'
+    """
+
+    node_id: int
+    controller_port: int
+    directory_id: str
+
+    def __str__(self) -> str:
+        return f"{self.node_id}@{HOST}:{self.controller_port}:{self.directory_id}"
+
+
+def replication_for(nodes: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of a cluster of ``nodes``: (min(3, N), min(2, N)).
+
+    With 3 or more nodes a write acknowledged with acks=all is on at least 2 of its 3 replicas, so one
+    node may crash without losing it and the partition stays writable.
+
+    >>> [replication_for(n) for n in (1, 2, 3, 5)]
+    [(1, 1), (2, 2), (3, 2), (3, 2)]
+    """
+    if nodes < 1:
+        raise ValueError(f"a cluster has at least 1 node, got {nodes}")
+    return min(3, nodes), min(2, nodes)
+
+
+def server_properties(
+    port: int,
+    controller_port: int,
+    log_dir: Path,
+    auto_create_topics: bool = True,
+    *,
+    node_id: int = NODE_ID,
+    quorum: Sequence[QuorumVoter] = (),
+) -> str:
+    """The ``server.properties`` of a combined broker and controller on 127.0.0.1.
+
+    With no ``quorum`` the node is alone: every internal topic has replication factor 1 and
+    min.insync.replicas 1. With a ``quorum`` (every voter, this node among them) the controllers are
+    found through all the voters' ports, and internal and new topics get :func:`replication_for` the
+    cluster's size.
 
     >>> text = server_properties(9092, 9093, Path("/data/kafka-logs"))
     >>> print("\\n".join(text.splitlines()[:5]))
@@ -110,27 +163,31 @@ def server_properties(port: int, controller_port: int, log_dir: Path, auto_creat
     advertised.listeners=PLAINTEXT://127.0.0.1:9092
     controller.quorum.bootstrap.servers=127.0.0.1:9093
     """
+    if quorum and not any(v.node_id == node_id and v.controller_port == controller_port for v in quorum):
+        raise ValueError(f"node {node_id} with controller port {controller_port} is not one of the quorum's voters {list(quorum)}")
+    controllers = [v.controller_port for v in quorum] or [controller_port]
+    replication_factor, min_insync = (str(n) for n in replication_for(len(controllers)))
     settings = {
         "process.roles": "broker,controller",
-        "node.id": str(NODE_ID),
+        "node.id": str(node_id),
         "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
         "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
-        "controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}",
+        "controller.quorum.bootstrap.servers": ",".join(f"{HOST}:{p}" for p in controllers),
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
         "log.dirs": str(log_dir),
         "num.partitions": "1",
-        "default.replication.factor": "1",
-        "min.insync.replicas": "1",
-        "offsets.topic.replication.factor": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "default.replication.factor": replication_factor,
+        "min.insync.replicas": min_insync,
+        "offsets.topic.replication.factor": replication_factor,
+        "transaction.state.log.replication.factor": replication_factor,
+        "transaction.state.log.min.isr": min_insync,
+        "share.coordinator.state.topic.replication.factor": replication_factor,
+        "share.coordinator.state.topic.min.isr": min_insync,
         # A development broker: producers may write to a topic before anyone created it.
         "auto.create.topics.enable": "true" if auto_create_topics else "false",
-        # One node, no one to wait for: consumer groups form at once.
+        # A local cluster, nobody else to wait for: consumer groups form at once.
         "group.initial.rebalance.delay.ms": "0",
         "num.network.threads": "2",
         "num.io.threads": "2",
@@ -162,15 +219,22 @@ class BrokerStatus:
     bootstrap_servers: str | None
     data_dir: Path
     log_path: Path
+    node_id: int = NODE_ID
+    port: int | None = None
+    controller_port: int | None = None
 
 
 class KafkaBroker:
-    """One local single-node Kafka (broker and controller) owning ``data_dir``.
+    """One local Kafka node (broker and controller) owning ``data_dir``: alone, or one of a :class:`KafkaCluster`.
 
     ``port`` is the client listener on 127.0.0.1. ``controller_port`` defaults to the one recorded in
     the data directory by an earlier start (the KRaft voter set remembers it), else ``port + 1``.
     ``kafka_home`` points at an unpacked Kafka release (its ``libs/`` are used); without it the
     release is fetched from Maven Central into ``cache_dir``. ``heap`` is the JVM's -Xmx.
+
+    A cluster's node has its ``node_id``, the whole ``quorum`` (this node among the voters) and the
+    ``cluster_id`` its storage is formatted with; a node alone has node id 1, formats itself as a
+    standalone quorum and draws a fresh cluster id.
     """
 
     def __init__(
@@ -181,6 +245,10 @@ class KafkaBroker:
         kafka_home: Path | None = None,
         cache_dir: Path | None = None,
         heap: str = "512m",
+        *,
+        node_id: int = NODE_ID,
+        quorum: Sequence[QuorumVoter] = (),
+        cluster_id: str | None = None,
     ) -> None:
         _check_port("port", port)
         if not _HEAP_SIZE.match(heap):
@@ -200,8 +268,14 @@ class KafkaBroker:
         if controller_port == port:
             raise ValueError(f"controller_port must differ from port, both are {port}")
         self.controller_port = controller_port
+        self.node_id = node_id
+        self.quorum = tuple(quorum)
+        self.cluster_id = cluster_id
+        # Fails here, at construction, when this node is not among the voters.
+        self._properties = server_properties(port, controller_port, self.log_dir, node_id=node_id, quorum=self.quorum)
         self._process: subprocess.Popen[bytes] | None = None
         self._libs_dir: Path | None = None
+        self._launch_log_offset = 0
 
     def __repr__(self) -> str:
         return f"KafkaBroker(data_dir={str(self.data_dir)!r}, bootstrap_servers={self.bootstrap_servers!r})"
@@ -236,7 +310,21 @@ class KafkaBroker:
         if pid is not None and self.config_path.is_file():
             advertised = read_properties(self.config_path.read_text()).get("advertised.listeners", "")
             bootstrap = advertised.removeprefix("PLAINTEXT://") or None
-        return BrokerStatus(pid is not None, pid, bootstrap, self.data_dir, self.log_path)
+        return BrokerStatus(
+            pid is not None, pid, bootstrap, self.data_dir, self.log_path, self.node_id, self.port, self.controller_port
+        )
+
+    def is_formatted(self) -> bool:
+        """True once the KRaft storage of this data directory is formatted (``meta.properties`` written)."""
+        return (self.log_dir / "meta.properties").is_file()
+
+    def formatted_ids(self) -> tuple[str | None, str | None]:
+        """(cluster id, metadata directory id) this data directory is formatted with; (None, None) before."""
+        meta = self.log_dir / "meta.properties"
+        if not meta.is_file():
+            return None, None
+        properties = read_properties(meta.read_text())
+        return properties.get("cluster.id"), properties.get("directory.id")
 
     def libs_dir(self) -> Path:
         """The directory of Kafka's jars: ``kafka_home/libs``, else the fetched release (fetched now if needed)."""
@@ -258,6 +346,23 @@ class KafkaBroker:
         SIGKILL, so a killed test run leaves no broker behind (Linux, util-linux ``setpriv``).
         """
         started = time.monotonic()
+        self.launch(stop_with_parent=stop_with_parent)
+        try:
+            self.wait_ready(max(0.0, timeout_s - (time.monotonic() - started)))
+        except BrokerError:
+            self.kill()
+            raise
+        logger.info(
+            "kafka broker started node_id=%d pid=%s bootstrap_servers=%s data_dir=%s start_s=%.1f",
+            self.node_id, self.pid, self.bootstrap_servers, self.data_dir, time.monotonic() - started,
+        )
+
+    def launch(self, *, stop_with_parent: bool = False) -> None:
+        """Format the data directory if new and start the JVM in the background, without waiting for it.
+
+        :meth:`start` is this and :meth:`wait_ready`; a cluster launches all its nodes first, since
+        none is ready before a majority of the controller quorum runs.
+        """
         running = self.pid
         if running is not None:
             raise BrokerError(f"a broker is already running from {self.data_dir} (pid {running}); stop it first")
@@ -271,11 +376,11 @@ class KafkaBroker:
         java = _java()
         libs = self.libs_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(server_properties(self.port, self.controller_port, self.log_dir))
-        if not (self.log_dir / "meta.properties").is_file():
+        self.config_path.write_text(self._properties)
+        if not self.is_formatted():
             self._format(java, libs)
         with self.log_path.open("ab") as log:
-            log_offset = log.tell()
+            self._launch_log_offset = log.tell()
             log.write(f"==== sitn: starting Kafka broker at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode())
             log.flush()
             cmd = [
@@ -299,18 +404,14 @@ class KafkaBroker:
                 start_new_session=True,  # outlives `sitn kafka start` and ignores the terminal's Ctrl-C
             )
         self.pid_path.write_text(f"{self._process.pid}\n")
-        try:
-            self.wait_ready(max(0.0, timeout_s - (time.monotonic() - started)), log_offset=log_offset)
-        except BrokerError:
-            self.kill()
-            raise
-        logger.info(
-            "kafka broker started pid=%d bootstrap_servers=%s data_dir=%s start_s=%.1f",
-            self._process.pid, self.bootstrap_servers, self.data_dir, time.monotonic() - started,
-        )
 
-    def wait_ready(self, timeout_s: float, log_offset: int = 0) -> None:
-        """Block until the broker answers a metadata request with itself unfenced, or raise BrokerError."""
+    def wait_ready(self, timeout_s: float, log_offset: int | None = None) -> None:
+        """Block until the broker answers a metadata request with itself unfenced, or raise BrokerError.
+
+        A failure quotes the broker's log from ``log_offset``, by default from the last launch.
+        """
+        if log_offset is None:
+            log_offset = self._launch_log_offset
         deadline = time.monotonic() + timeout_s
         while True:
             pid = self.pid
@@ -379,7 +480,9 @@ class KafkaBroker:
         ]
 
     def _format(self, java: str, libs: Path) -> None:
-        cluster_id = new_cluster_id()
+        """A node alone formats a standalone quorum; a cluster's node the whole voter set (the same on every node)."""
+        cluster_id = self.cluster_id or new_cluster_id()
+        voters = ["--initial-controllers", ",".join(map(str, self.quorum))] if self.quorum else ["--standalone"]
         cmd = [
             java,
             "-Xmx256m",
@@ -388,7 +491,7 @@ class KafkaBroker:
             f"{libs}/*",
             _STORAGE_TOOL_CLASS,
             "format",
-            "--standalone",
+            *voters,
             "--cluster-id",
             cluster_id,
             "--config",
@@ -403,7 +506,7 @@ class KafkaBroker:
                 f"formatting Kafka storage in {self.log_dir} failed (exit {done.returncode}); "
                 f"see {self.log_path}: {(done.stderr or done.stdout).strip()[-1500:]}"
             )
-        logger.info("kafka storage formatted log_dir=%s cluster_id=%s", self.log_dir, cluster_id)
+        logger.info("kafka storage formatted log_dir=%s cluster_id=%s voters=%d", self.log_dir, cluster_id, len(self.quorum) or 1)
 
     def _answers(self, timeout_s: float) -> bool:
         """True when the listener takes a connection and the cluster metadata shows this node unfenced."""
@@ -429,11 +532,10 @@ class KafkaBroker:
                 admin.close()
         if cluster["cluster_id"] != self._cluster_id():
             return False  # some other broker answers on this port, not the one formatted here
-        return any(b["broker_id"] == NODE_ID and not b.get("is_fenced", False) for b in cluster["brokers"])
+        return any(b["broker_id"] == self.node_id and not b.get("is_fenced", False) for b in cluster["brokers"])
 
     def _cluster_id(self) -> str | None:
-        meta = self.log_dir / "meta.properties"
-        return read_properties(meta.read_text()).get("cluster.id") if meta.is_file() else None
+        return self.formatted_ids()[0]
 
     def _is_our_broker(self, pid: int) -> bool:
         """Guards against a reused pid: the process must be Kafka started with this data dir's config."""
@@ -452,11 +554,15 @@ class KafkaBroker:
             raise BrokerError(f"the Kafka broker (pid {pid}) survived SIGKILL for 10s; see {self.log_path}")
 
     def _recorded_controller_port(self) -> int | None:
+        """This node's own controller port, from the listeners of the last start's ``server.properties``."""
         if not self.config_path.is_file():
             return None
-        bootstrap = read_properties(self.config_path.read_text()).get("controller.quorum.bootstrap.servers", "")
-        _, _, port = bootstrap.rpartition(":")
-        return int(port) if port.isdigit() else None
+        listeners = read_properties(self.config_path.read_text()).get("listeners", "")
+        for listener in listeners.split(","):
+            if listener.startswith("CONTROLLER://"):
+                _, _, port = listener.rpartition(":")
+                return int(port) if port.isdigit() else None
+        return None
 
     def _log_tail(self, offset: int) -> str:
         try:
@@ -466,6 +572,176 @@ class KafkaBroker:
         except FileNotFoundError:
             return "(no log file)"
         return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What ``sitn kafka status`` reports about a cluster: every node, and where clients connect."""
+
+    nodes: tuple[BrokerStatus, ...]
+    bootstrap_servers: str
+
+    @property
+    def running_nodes(self) -> int:
+        return sum(node.running for node in self.nodes)
+
+
+class KafkaCluster:
+    """``brokers`` local Kafka nodes on 127.0.0.1, each broker and controller, forming one KRaft quorum.
+
+    Node ``i`` (1..N) listens for clients on ``port + 2 * (i - 1)`` and for controllers on the next
+    port (or the one its data directory recorded), unless ``ports`` lists every node's ``(port,
+    controller_port)``. With one node it is exactly ``KafkaBroker(data_dir, port)``; with more, node
+    ``i`` lives in ``data_dir/node-<i>``, every node is a voter (a majority, 2 of 3, must run for the
+    cluster to work), and topics are replicated per :func:`replication_for`.
+
+    The first :meth:`start` formats every node with one fresh cluster id and the same voter set.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        brokers: int = 1,
+        port: int = 9092,
+        *,
+        ports: Sequence[tuple[int, int]] | None = None,
+        kafka_home: Path | None = None,
+        cache_dir: Path | None = None,
+        heap: str = "512m",
+    ) -> None:
+        if not isinstance(brokers, int) or brokers < 1:
+            raise ValueError(f"brokers must be a positive integer, got {brokers!r}")
+        if ports is not None and len(ports) != brokers:
+            raise ValueError(f"ports must list (port, controller_port) for each of the {brokers} brokers, got {list(ports)}")
+        _check_port("port", port)
+        self.data_dir = Path(data_dir).resolve()
+        self.brokers = brokers
+
+        def make(node_dir: Path, node_ports: tuple[int, int | None], **membership: Any) -> KafkaBroker:
+            return KafkaBroker(node_dir, *node_ports, kafka_home=kafka_home, cache_dir=cache_dir, heap=heap, **membership)
+
+        if brokers == 1:
+            self.nodes: tuple[KafkaBroker, ...] = (make(self.data_dir, ports[0] if ports is not None else (port, None)),)
+            return
+        # Probes of each node's own directory: the ports it recorded, the ids it was formatted with.
+        probes = [
+            make(self.data_dir / f"node-{i + 1}", ports[i] if ports is not None else (port + 2 * i, None))
+            for i in range(brokers)
+        ]
+        cluster_ids = {probe.formatted_ids()[0] for probe in probes} - {None}
+        if len(cluster_ids) > 1:
+            raise BrokerError(
+                f"the nodes under {self.data_dir} were formatted for different clusters {sorted(map(str, cluster_ids))}; "
+                "Operator action: stop them and remove the data directory to start afresh"
+            )
+        cluster_id = cluster_ids.pop() if cluster_ids else new_cluster_id()
+        quorum = [
+            QuorumVoter(node_id, probe.controller_port, probe.formatted_ids()[1] or new_cluster_id())
+            for node_id, probe in enumerate(probes, start=1)
+        ]
+        self.nodes = tuple(
+            make(probe.data_dir, (probe.port, probe.controller_port), node_id=node_id, quorum=quorum, cluster_id=cluster_id)
+            for node_id, probe in enumerate(probes, start=1)
+        )
+
+    def __repr__(self) -> str:
+        return f"KafkaCluster(data_dir={str(self.data_dir)!r}, bootstrap_servers={self.bootstrap_servers!r})"
+
+    @staticmethod
+    def recorded_brokers(data_dir: Path) -> int | None:
+        """How many nodes an earlier start in ``data_dir`` ran (None when none did), so stop/status need no flag."""
+        data_dir = Path(data_dir)
+        nodes = [d for d in data_dir.glob("node-*") if (d / "server.properties").is_file()]
+        if nodes:
+            return len(nodes)
+        return 1 if (data_dir / "server.properties").is_file() else None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Every node's client address: clients find the partition leaders through whichever answers."""
+        return ",".join(node.bootstrap_servers for node in self.nodes)
+
+    def node(self, node_id: int) -> KafkaBroker:
+        for candidate in self.nodes:
+            if candidate.node_id == node_id:
+                return candidate
+        raise ValueError(f"node_id must be one of {[n.node_id for n in self.nodes]}, got {node_id!r}")
+
+    def status(self) -> ClusterStatus:
+        return ClusterStatus(tuple(node.status() for node in self.nodes), self.bootstrap_servers)
+
+    def start(self, timeout_s: float = 120, *, stop_with_parent: bool = False) -> list[int]:
+        """Start every node that is not running; wait until each answers unfenced. Returns the node ids started.
+
+        All are launched before any is waited for: no node is ready before a majority of the quorum
+        runs. When one fails, the nodes started here are killed and :class:`BrokerError` names its log.
+        Launches happen in the calling thread (``stop_with_parent`` follows that thread).
+        """
+        started = time.monotonic()
+        self._check_layout()
+        if len(self.nodes) > 1 and len({node.is_formatted() for node in self.nodes}) > 1:
+            unformatted = [node.data_dir for node in self.nodes if not node.is_formatted()]
+            raise BrokerError(
+                f"only some nodes under {self.data_dir} are formatted ({unformatted} are not); a voter formatted "
+                "afresh could elect a leader without the cluster's metadata. Operator action: stop the cluster "
+                "and remove the data directory to start afresh"
+            )
+        launched: list[KafkaBroker] = []
+        try:
+            for node in self.nodes:
+                if not node.is_running():
+                    node.launch(stop_with_parent=stop_with_parent)
+                    launched.append(node)
+            for node in launched:
+                node.wait_ready(max(0.0, timeout_s - (time.monotonic() - started)))
+        except BrokerError:
+            for node in launched:
+                node.kill()
+            raise
+        logger.info(
+            "kafka cluster started nodes=%s bootstrap_servers=%s start_s=%.1f",
+            [node.node_id for node in launched], self.bootstrap_servers, time.monotonic() - started,
+        )
+        return [node.node_id for node in launched]
+
+    def stop(self, timeout_s: float = 30, quorum_lost_grace_s: float = 5) -> None:
+        """Stop every node: SIGTERM to all at once, each SIGKILLed after ``timeout_s`` as in :meth:`KafkaBroker.stop`.
+
+        A node's clean shutdown waits for the active controller to approve it; once a majority of the
+        nodes has exited there is no controller, and the nodes left would wait out ``timeout_s`` (Kafka's
+        own limit is minutes). They are given ``quorum_lost_grace_s``, then killed: their acknowledged
+        writes are in their log files (and on the replicas that did stop), recovered at the next start.
+        """
+        majority = len(self.nodes) // 2 + 1
+        with ThreadPoolExecutor(max_workers=len(self.nodes), thread_name_prefix="kafka-stop") as pool:
+            stopping = {pool.submit(node.stop, timeout_s): node for node in self.nodes}
+            deadline = time.monotonic() + timeout_s
+            pending = set(stopping)
+            while pending and len(pending) >= majority and time.monotonic() < deadline:
+                _, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            if pending and len(pending) < majority:
+                _, pending = wait(pending, timeout=quorum_lost_grace_s)
+                for future in pending:
+                    logger.warning(
+                        "kafka node left without a controller quorum, killing it node_id=%d grace_s=%.0f",
+                        stopping[future].node_id, quorum_lost_grace_s,
+                    )
+                    stopping[future].kill()
+            for future in stopping:
+                future.result()
+
+    def kill(self) -> None:
+        """SIGKILL every node (cleanup after a failed test; :meth:`stop` is the clean way)."""
+        for node in self.nodes:
+            node.kill()
+
+    def _check_layout(self) -> None:
+        recorded = self.recorded_brokers(self.data_dir)
+        if recorded is not None and recorded != len(self.nodes):
+            raise BrokerError(
+                f"{self.data_dir} holds a Kafka of {recorded} node(s), asked for {len(self.nodes)}; "
+                "start it with its own node count, or use another data directory"
+            )
 
 
 def _check_port(name: str, port: int) -> None:

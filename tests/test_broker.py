@@ -19,7 +19,15 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from sitn.commands import kafka as kafka_command
 from sitn.errors import BrokerError
-from stream.broker import KAFKA_INFRA_DIR, KAFKA_VERSION, KafkaBroker, read_properties, server_properties
+from stream.broker import (
+    KAFKA_INFRA_DIR,
+    KAFKA_VERSION,
+    KafkaBroker,
+    KafkaCluster,
+    QuorumVoter,
+    read_properties,
+    server_properties,
+)
 from tests.fixtures.kafka import DEFAULT_CACHE_DIR, free_ports, start_test_broker
 
 IO_TIMEOUT_S = 60.0
@@ -86,6 +94,103 @@ def test_kafka_home_libs_are_used_instead_of_fetching(tmp_path: Path) -> None:
 def test_status_of_a_never_started_data_dir_is_stopped(tmp_path: Path) -> None:
     status = KafkaBroker(tmp_path).status()
     assert (status.running, status.pid, status.bootstrap_servers) == (False, None, None)
+
+
+VOTERS = (
+    QuorumVoter(1, 19093, "AAAAAAAAAAAAAAAAAAAAAA"),
+    QuorumVoter(2, 19095, "BBBBBBBBBBBBBBBBBBBBBB"),
+    QuorumVoter(3, 19097, "CCCCCCCCCCCCCCCCCCCCCC"),
+)
+
+
+def test_server_properties_of_a_three_node_quorum_replicate_three_ways_two_in_sync() -> None:
+    props = read_properties(server_properties(19094, 19095, Path("/d/node-2/kafka-logs"), node_id=2, quorum=VOTERS))
+    assert props["node.id"] == "2"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19094,CONTROLLER://127.0.0.1:19095"
+    assert props["controller.quorum.bootstrap.servers"] == "127.0.0.1:19093,127.0.0.1:19095,127.0.0.1:19097"
+    assert "controller.quorum.voters" not in props  # a dynamic quorum: the voters are in the formatted storage
+    for key in (
+        "default.replication.factor",
+        "offsets.topic.replication.factor",
+        "transaction.state.log.replication.factor",
+        "share.coordinator.state.topic.replication.factor",
+    ):
+        assert props[key] == "3", key
+    for key in ("min.insync.replicas", "transaction.state.log.min.isr", "share.coordinator.state.topic.min.isr"):
+        assert props[key] == "2", key
+
+
+def test_a_node_outside_its_quorum_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^node 4 with controller port 19099 is not one of the quorum's voters"):
+        server_properties(19098, 19099, Path("/d"), node_id=4, quorum=VOTERS)
+    with pytest.raises(ValueError, match=r"^node 2 with controller port 19093 is not one of the quorum's voters"):
+        server_properties(19092, 19093, Path("/d"), node_id=2, quorum=VOTERS)
+
+
+def test_one_node_cluster_is_the_single_broker_in_the_data_dir_itself(tmp_path: Path) -> None:
+    cluster = KafkaCluster(tmp_path, brokers=1, port=19092)
+    (node,) = cluster.nodes
+    single = KafkaBroker(tmp_path, port=19092)
+    assert (node.data_dir, node.port, node.controller_port, node.node_id, node.quorum) == (tmp_path, 19092, 19093, 1, ())
+    assert node.status() == single.status()
+    assert cluster.bootstrap_servers == single.bootstrap_servers == "127.0.0.1:19092"
+
+
+def test_three_node_cluster_layout_ports_dirs_and_one_quorum(tmp_path: Path) -> None:
+    cluster = KafkaCluster(tmp_path, brokers=3, port=19092)
+    assert [(n.node_id, n.data_dir, n.port, n.controller_port) for n in cluster.nodes] == [
+        (1, tmp_path / "node-1", 19092, 19093),
+        (2, tmp_path / "node-2", 19094, 19095),
+        (3, tmp_path / "node-3", 19096, 19097),
+    ]
+    assert cluster.bootstrap_servers == "127.0.0.1:19092,127.0.0.1:19094,127.0.0.1:19096"
+    quorum = cluster.nodes[0].quorum
+    assert [(v.node_id, v.controller_port) for v in quorum] == [(1, 19093), (2, 19095), (3, 19097)]
+    assert len({v.directory_id for v in quorum}) == 3
+    assert all(n.quorum == quorum and n.cluster_id == cluster.nodes[0].cluster_id for n in cluster.nodes)
+    explicit = KafkaCluster(tmp_path / "x", brokers=2, ports=[(20000, 20100), (20001, 20101)])
+    assert [(n.port, n.controller_port) for n in explicit.nodes] == [(20000, 20100), (20001, 20101)]
+    assert cluster.node(3) is cluster.nodes[2]
+    with pytest.raises(ValueError, match=r"^node_id must be one of \[1, 2, 3\], got 4$"):
+        cluster.node(4)
+
+
+def test_cluster_constructor_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^brokers must be a positive integer, got 0$"):
+        KafkaCluster(tmp_path, brokers=0)
+    with pytest.raises(ValueError, match=r"^ports must list \(port, controller_port\) for each of the 3 brokers, got \[\(1, 2\)\]$"):
+        KafkaCluster(tmp_path, brokers=3, ports=[(1, 2)])
+
+
+def test_node_count_is_recorded_and_a_data_dir_is_not_restarted_with_another(tmp_path: Path) -> None:
+    assert KafkaCluster.recorded_brokers(tmp_path) is None
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "server.properties").write_text(server_properties(19092, 19093, single / "kafka-logs"))
+    assert KafkaCluster.recorded_brokers(single) == 1
+    with pytest.raises(BrokerError, match=r"holds a Kafka of 1 node\(s\), asked for 3; start it with its own node count"):
+        KafkaCluster(single, brokers=3, port=19092).start()
+    trio = tmp_path / "trio"
+    for node_id, voter in enumerate(VOTERS, start=1):
+        (trio / f"node-{node_id}").mkdir(parents=True)
+        config = server_properties(19090 + 2 * node_id, voter.controller_port, trio / "kafka-logs", node_id=node_id, quorum=VOTERS)
+        (trio / f"node-{node_id}" / "server.properties").write_text(config)
+    assert KafkaCluster.recorded_brokers(trio) == 3
+    with pytest.raises(BrokerError, match=r"holds a Kafka of 3 node\(s\), asked for 1"):
+        KafkaCluster(trio, brokers=1).start()
+    # The controller ports come back from each node's own recorded listeners, whatever the new --port.
+    assert [n.controller_port for n in KafkaCluster(trio, brokers=3, port=30000).nodes] == [19093, 19095, 19097]
+
+
+def test_a_partly_formatted_cluster_is_an_operator_error(tmp_path: Path) -> None:
+    meta = tmp_path / "node-1" / "kafka-logs" / "meta.properties"
+    meta.parent.mkdir(parents=True)
+    meta.write_text("version=1\ncluster.id=AAAAAAAAAAAAAAAAAAAAAA\nnode.id=1\ndirectory.id=DDDDDDDDDDDDDDDDDDDDDD\n")
+    cluster = KafkaCluster(tmp_path, brokers=3, port=19092)
+    assert cluster.nodes[1].cluster_id == "AAAAAAAAAAAAAAAAAAAAAA"  # taken from the formatted node
+    assert cluster.nodes[0].quorum[0].directory_id == "DDDDDDDDDDDDDDDDDDDDDD"
+    with pytest.raises(BrokerError, match=r"^only some nodes under .* are formatted .*Operator action: stop the cluster"):
+        cluster.start()
 
 
 # --- the real broker -----------------------------------------------------------------------------
