@@ -17,6 +17,7 @@ offset as done.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -25,10 +26,11 @@ from dataclasses import dataclass, field
 from sitn.errors import EventDecodeError
 from stream import telemetry
 from stream.dead_letter import DeadLetter, DeadLetterSink
-from stream.events import InteractionEvent, decode_event
+from stream.events import InteractionEvent, decode_events
 from stream.source import Offsets, Source
 
 log = logging.getLogger(__name__)
+_domain = operator.attrgetter("domain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,10 @@ class StreamConsumer:
         self._lag_exported: set[int] = set()
 
     def poll(self, timeout_s: float) -> EventBatch:
-        """One batched poll: decode each record, dead-letter (and flush) the invalid ones, return the rest."""
+        """One batched poll: decode the records, dead-letter (and flush) the invalid ones, return the rest.
+
+        Dead letters are sent in offset order within each partition, as the records were read.
+        """
         batches = self.source.next_batch(timeout_s)
         events: list[InteractionEvent] = []
         offsets: list[int] = []
@@ -111,15 +116,16 @@ class StreamConsumer:
         domains = self.domains
         for batch in batches:
             start = len(events)
-            for offset, raw in zip(batch.offsets, batch.values, strict=True):
-                try:
-                    event = decode_event(raw, domains)
-                except EventDecodeError as exc:
-                    self._dead_letter(batch.topic, batch.partition, offset, raw, exc)
-                    dead += 1
-                    continue
-                events.append(event)
-                offsets.append(offset)
+            decoded, errors = decode_events(batch.values, domains)
+            events += decoded
+            if not errors:
+                offsets += batch.offsets
+            else:
+                bad = {i for i, _ in errors}
+                offsets += [offset for i, offset in enumerate(batch.offsets) if i not in bad]
+                for i, exc in errors:
+                    self._dead_letter(batch.topic, batch.partition, batch.offsets[i], batch.values[i], exc)
+                dead += len(errors)
             read[batch.partition] = (batch.offsets[0], batch.next_offset)
             if len(events) > start:
                 spans[batch.partition] = (start, len(events))
@@ -129,7 +135,7 @@ class StreamConsumer:
             self.dead_letters.flush()  # stored before the batch (and so its positions) goes anywhere
         self.stats.events_out += len(events)
         if events:
-            for domain, n in Counter(e.domain for e in events).items():
+            for domain, n in Counter(map(_domain, events)).items():
                 telemetry.EVENTS_DECODED.labels(domain).inc(n)
         return EventBatch(events, offsets, spans, read, dead, self.consumer_id)
 

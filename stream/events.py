@@ -23,8 +23,9 @@ sitn.errors.EventDecodeError: missing_field: 'event_id' is required
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass, field
+import operator
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,73 @@ def decode_event(raw: bytes | None, domains: Collection[str]) -> InteractionEven
     if event_type is not None and not isinstance(event_type, str):
         raise EventDecodeError("wrong_type", f"'event_type' must be a string, got {type(event_type).__name__}")
     return InteractionEvent(event_id, user_id, item_id, domain, timestamp, event_type)
+
+
+_REQUIRED_KEYS = frozenset(("event_id", "user_id", "item_id", "domain", "timestamp"))
+_REQUIRED = operator.itemgetter("event_id", "user_id", "item_id", "domain", "timestamp")
+# The setters of InteractionEvent's slots, by field: an event built through them is the one the constructor
+# builds (tests/test_events.py), without the frozen dataclass's object.__setattr__ per field (1.7 us an
+# event against 1.0 us).
+_SET = {f.name: InteractionEvent.__dict__[f.name].__set__ for f in fields(InteractionEvent)}
+assert len(_SET) == 7, "decode_events sets each field of InteractionEvent"
+
+
+def decode_events(
+    raws: Iterable[bytes | None], domains: Collection[str]
+) -> tuple[list[InteractionEvent], list[tuple[int, EventDecodeError]]]:
+    """Decode many wire messages: the valid events in order, and ``(index, error)`` of the invalid ones.
+
+    The same outcome as :func:`decode_event` on each message, in one pass. A message that passes the
+    checks below (each one of :func:`decode_event`'s, none skipped) is built into its event directly;
+    any other goes through :func:`decode_event`, which names the reason.
+
+    >>> good = encode_event(InteractionEvent("e1", "u1", "i9", "book", 1_400_000_000))
+    >>> events, errors = decode_events([good, b"{", None, good], domains=("movie", "book"))
+    >>> [e.event_id for e in events], [(i, e.reason) for i, e in errors]
+    (['e1', 'e1'], [(1, 'bad_json'), (2, 'empty')])
+    """
+    events: list[InteractionEvent] = []
+    errors: list[tuple[int, EventDecodeError]] = []
+    append = events.append
+    loads = orjson.loads
+    new = object.__new__
+    required = _REQUIRED
+    s_event_id, s_user_id, s_item_id, s_domain = _SET["event_id"], _SET["user_id"], _SET["item_id"], _SET["domain"]
+    s_timestamp, s_event_type, s_schema_version = _SET["timestamp"], _SET["event_type"], _SET["schema_version"]
+    for i, raw in enumerate(raws):
+        if raw is not None and len(raw) <= MAX_EVENT_BYTES:
+            try:
+                payload = loads(raw)
+            except orjson.JSONDecodeError:
+                payload = None
+            if type(payload) is dict and payload.keys() >= _REQUIRED_KEYS:
+                event_id, user_id, item_id, domain, timestamp = required(payload)
+                version = payload.get("schema_version", EVENT_SCHEMA_VERSION)
+                event_type = payload.get("event_type")
+                if (
+                    type(version) is int and version == EVENT_SCHEMA_VERSION
+                    and type(event_id) is str and 0 < len(event_id) <= MAX_ID_CHARS
+                    and type(user_id) is str and 0 < len(user_id) <= MAX_ID_CHARS
+                    and type(item_id) is str and 0 < len(item_id) <= MAX_ID_CHARS
+                    and type(domain) is str and 0 < len(domain) <= MAX_ID_CHARS and domain in domains
+                    and type(timestamp) is int and MIN_TIMESTAMP_S <= timestamp < MAX_TIMESTAMP_S
+                    and (event_type is None or type(event_type) is str)
+                ):
+                    event = new(InteractionEvent)
+                    s_event_id(event, event_id)
+                    s_user_id(event, user_id)
+                    s_item_id(event, item_id)
+                    s_domain(event, domain)
+                    s_timestamp(event, timestamp)
+                    s_event_type(event, event_type)
+                    s_schema_version(event, EVENT_SCHEMA_VERSION)
+                    append(event)
+                    continue
+        try:
+            append(decode_event(raw, domains))
+        except EventDecodeError as exc:
+            errors.append((i, exc))
+    return events, errors
 
 
 @dataclass(frozen=True, slots=True)
