@@ -49,7 +49,7 @@ def read_batch(batch: Any) -> tuple[list[RawRecord], Exception | None]:
 
     What kafka-python 3.0.12 reads from the batch (``DefaultRecordBatch._read_msg``), the same checks in
     the same order, without building its record objects; keys, timestamps and headers are checked and
-    skipped. One-byte varints (and two-byte ones for the lengths) are decoded inline. On a corrupt record
+    skipped. One-byte varints (and two-byte ones for lengths and offset deltas) are decoded inline. On a corrupt record
     the records before it come back with the ``CorruptRecordError``, as kafka-python yields them before
     raising. ``batch``: a ``DefaultRecordBatch``, uncompressed (``iter(batch)`` has run).
 
@@ -89,6 +89,10 @@ def read_batch(batch: Any) -> tuple[list[RawRecord], Exception | None]:
             if b < 0x80:
                 offset_delta = (b >> 1) ^ -(b & 1)
                 pos += 1
+            elif buf[pos + 1] < 0x80:
+                z = (b & 0x7F) | (buf[pos + 1] << 7)
+                offset_delta = (z >> 1) ^ -(z & 1)
+                pos += 2
             else:
                 offset_delta, pos = decode_varint(buf, pos)
             # Key => varint length (-1: null), bytes

@@ -194,9 +194,9 @@ def _fetched() -> tuple[bytes, list[tuple[int, bytes | None]]]:
     ]
     zipped = [(b"key", b"z" * (20_000 if n % 4 == 0 else n), []) for n in range(30)]
     legacy = [(None, b"old %d" % n, []) for n in range(5)]
-    tail = [(None, b"tail %d" % n, []) for n in range(20)]
+    tail = [(None, b"tail %d" % n, []) for n in range(90)]  # offset deltas from 64 on: two-byte varints
     data = (_batch(2, 0, 0, plain) + _batch(2, 1, 50, zipped) + _batch(1, 0, 80, legacy) + _batch(2, 0, 85, tail)
-            + _batch(2, 0, 105, tail)[:100])
+            + _batch(2, 0, 175, tail)[:100])
     values = [v for _, v, _ in plain + zipped + legacy + tail]
     return data, list(enumerate(values))
 
@@ -213,7 +213,7 @@ def _take_all(part: Fetcher.PartitionRecords, n: int) -> list[tuple[list[tuple[i
     raise AssertionError("the records never drained")
 
 
-@pytest.mark.parametrize("fetch_offset", [0, 37, 50, 61, 80, 83, 85, 104, 105])
+@pytest.mark.parametrize("fetch_offset", [0, 37, 50, 61, 80, 83, 85, 150, 174, 175])
 @pytest.mark.parametrize("take", [1, 13, 2000])
 def test_raw_records_are_kafka_pythons_records_take_by_take(fetch_offset: int, take: int) -> None:
     data, expected = _fetched()
@@ -222,8 +222,8 @@ def test_raw_records_are_kafka_pythons_records_take_by_take(fetch_offset: int, t
     stock_steps, raw_steps = _take_all(stock, take), _take_all(raw, take)
     assert raw_steps == stock_steps
     assert [r for records, _ in raw_steps for r in records] == expected[fetch_offset:]
-    assert raw_steps[-1][1] == 105  # the position after the last complete batch
-    assert raw.records_read == stock.records_read == 105  # fetch metrics: every record parsed, skipped ones too
+    assert raw_steps[-1][1] == 175  # the position after the last complete batch
+    assert raw.records_read == stock.records_read == 175  # fetch metrics: every record parsed, skipped ones too
 
 
 @pytest.mark.parametrize("check_crcs", [True, False])
