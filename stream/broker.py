@@ -307,12 +307,13 @@ class KafkaBroker:
         """Running or not, and where it listens (as recorded by the start that is running)."""
         pid = self.pid
         bootstrap = None
+        port, controller_port = self.port, self.controller_port
         if pid is not None and self.config_path.is_file():
-            advertised = read_properties(self.config_path.read_text()).get("advertised.listeners", "")
-            bootstrap = advertised.removeprefix("PLAINTEXT://") or None
-        return BrokerStatus(
-            pid is not None, pid, bootstrap, self.data_dir, self.log_path, self.node_id, self.port, self.controller_port
-        )
+            recorded = read_properties(self.config_path.read_text())
+            bootstrap = recorded.get("advertised.listeners", "").removeprefix("PLAINTEXT://") or None
+            port = _listener_port(recorded, "PLAINTEXT") or port
+            controller_port = _listener_port(recorded, "CONTROLLER") or controller_port
+        return BrokerStatus(pid is not None, pid, bootstrap, self.data_dir, self.log_path, self.node_id, port, controller_port)
 
     def is_formatted(self) -> bool:
         """True once the KRaft storage of this data directory is formatted (``meta.properties`` written)."""
@@ -557,12 +558,7 @@ class KafkaBroker:
         """This node's own controller port, from the listeners of the last start's ``server.properties``."""
         if not self.config_path.is_file():
             return None
-        listeners = read_properties(self.config_path.read_text()).get("listeners", "")
-        for listener in listeners.split(","):
-            if listener.startswith("CONTROLLER://"):
-                _, _, port = listener.rpartition(":")
-                return int(port) if port.isdigit() else None
-        return None
+        return _listener_port(read_properties(self.config_path.read_text()), "CONTROLLER")
 
     def _log_tail(self, offset: int) -> str:
         try:
@@ -668,7 +664,9 @@ class KafkaCluster:
         raise ValueError(f"node_id must be one of {[n.node_id for n in self.nodes]}, got {node_id!r}")
 
     def status(self) -> ClusterStatus:
-        return ClusterStatus(tuple(node.status() for node in self.nodes), self.bootstrap_servers)
+        """Every node's status; the bootstrap servers as the running nodes recorded them, else as configured."""
+        nodes = tuple(node.status() for node in self.nodes)
+        return ClusterStatus(nodes, ",".join(n.bootstrap_servers or f"{HOST}:{n.port}" for n in nodes))
 
     def start(self, timeout_s: float = 120, *, stop_with_parent: bool = False) -> list[int]:
         """Start every node that is not running; wait until each answers unfenced. Returns the node ids started.
@@ -742,6 +740,19 @@ class KafkaCluster:
                 f"{self.data_dir} holds a Kafka of {recorded} node(s), asked for {len(self.nodes)}; "
                 "start it with its own node count, or use another data directory"
             )
+
+
+def _listener_port(properties: dict[str, str], name: str) -> int | None:
+    """The port of listener ``name`` in ``server.properties``' ``listeners``.
+
+    >>> _listener_port({"listeners": "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093"}, "CONTROLLER")
+    9093
+    """
+    for listener in properties.get("listeners", "").split(","):
+        if listener.startswith(f"{name}://"):
+            _, _, port = listener.rpartition(":")
+            return int(port) if port.isdigit() else None
+    return None
 
 
 def _check_port(name: str, port: int) -> None:

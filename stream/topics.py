@@ -6,8 +6,18 @@
   the latest vector per ``item:``/``user:`` key and every ``version:``/``consumed:`` record (each its own key) survive,
   which is the full state a serving replica rebuilds (``stream.events.encode_batch``).
 
+**Replication.** A replication factor set explicitly (``SITN_REPLICATION_FACTOR``) is used as given;
+left unset, it follows the cluster: min(3, brokers registered when the topics are created), read from
+the cluster metadata, so one command line serves a single development broker (1) and a 3-node
+cluster (3). Either way the topics get min.insync.replicas min(2, replication factor): with the
+producer's acks=all an acknowledged write is on two replicas, and one broker may crash.
+
 >>> [t.name for t in topic_specs(StreamSettings(partitions=8))]
 ['sitn.interactions', 'sitn.interactions.dead-letters', 'sitn.embedding-updates']
+>>> topic_replication(StreamSettings(), brokers=1), topic_replication(StreamSettings(), brokers=5)
+((1, 1), (3, 2))
+>>> topic_replication(StreamSettings(replication_factor=2), brokers=5)
+(2, 2)
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from stream.broker import replication_for
 from stream.settings import StreamSettings, kafka_client_kwargs
 
 log = logging.getLogger(__name__)
@@ -35,8 +46,17 @@ def topic_specs(settings: StreamSettings) -> list[TopicSpec]:
     ]
 
 
+def topic_replication(settings: StreamSettings, brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of created topics: the configured factor if set, else min(3, brokers)."""
+    if "replication_factor" in settings.model_fields_set:
+        return settings.replication_factor, min(2, settings.replication_factor)
+    return replication_for(brokers)
+
+
 def ensure_topics(settings: StreamSettings, timeout_s: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; return the names created. Waits until they have leaders.
+
+    Replication per :func:`topic_replication`, the broker count read from the cluster's metadata.
 
     An existing interactions topic with a different partition count is an error (changing it would move
     users between partitions and break their order).
@@ -53,12 +73,15 @@ def ensure_topics(settings: StreamSettings, timeout_s: float = 30.0) -> list[str
         missing = [s for s in specs if s.name not in existing]
         created: list[str] = []
         if missing:
+            brokers = len(admin.describe_cluster()["brokers"])
+            replication_factor, min_insync = topic_replication(settings, brokers)
+            replicated = {"min.insync.replicas": str(min_insync)} if replication_factor > 1 else {}
             result = admin.create_topics(
                 {
                     s.name: {
                         "num_partitions": s.partitions,
-                        "replication_factor": settings.replication_factor,
-                        "configs": s.configs,
+                        "replication_factor": replication_factor,
+                        "configs": {**replicated, **s.configs},
                     }
                     for s in missing
                 },
@@ -79,7 +102,10 @@ def ensure_topics(settings: StreamSettings, timeout_s: float = 30.0) -> list[str
                 f"topic {settings.topic_interactions!r} has {have} partitions, configured {settings.partitions}"
             )
         if created:
-            log.info("created topics names=%s partitions=%s", created, settings.partitions)
+            log.info(
+                "created topics names=%s partitions=%s replication_factor=%d min_insync_replicas=%d brokers=%d",
+                created, settings.partitions, replication_factor, min_insync, brokers,
+            )
         return created
     finally:
         admin.close()
