@@ -63,6 +63,7 @@ from stream.user_state import Example
 log = logging.getLogger(__name__)
 
 MODEL = "model"
+MODEL_LIVE = "model_live"  # the live model, queried with the event's own history, as the shadow baselines are
 FUSED = "fused"
 RANKERS = (MODEL, *BASELINES)  # the rankers every target event is scored with (and FUSED when it is on)
 # The baselines serving can compute itself, by the name ``served_by`` gives them, and their shadow ranker.
@@ -135,8 +136,8 @@ class OnlineTrainer:
         if fallback is not None and not set(fallback.baselines) <= set(SERVABLE):
             raise ValueError(f"fallback baselines must be among {sorted(SERVABLE)}, got {list(fallback.baselines)}")
         self.fused = FusedShadow(fused_weights, prequential_k, fused_window) if fused_weights else None
-        learnt = (MODEL, FUSED) if self.fused is not None else (MODEL,)
-        if fallback is not None and not set(fallback.learnt) <= set(learnt):
+        learnt = (MODEL, MODEL_LIVE, FUSED) if self.fused is not None else (MODEL, MODEL_LIVE)
+        if fallback is not None and not set(fallback.learnt) <= set(learnt) - {MODEL_LIVE}:
             raise ValueError(f"fallback learnt rankers must be among {list(learnt)}, got {list(fallback.learnt)}")
         self._stamp = _StampServedBy(transport)
         self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every)
@@ -252,7 +253,7 @@ class OnlineTrainer:
         before = [consumed_items(ex, self.target) for ex in targets]  # excluded from the candidates
         model_scores: dict[int, np.ndarray] = {}  # target position -> served model scores (N,)
         served_ranks = self.prequential.rank_many(consumed, before, model_scores)  # test with what is served ...
-        ranks: dict[str, list[int | None]] = {MODEL: served_ranks}
+        ranks: dict[str, list[int | None]] = {MODEL: served_ranks, MODEL_LIVE: self._live_ranks(targets, before)}
         hook = None
         if self.fused is not None:
             fused_ranks: list[int | None] = []
@@ -289,6 +290,25 @@ class OnlineTrainer:
                               {self.source: len(examples) - n_target, self.target: n_target})
         self.publish_if_due()
         return stats
+
+    def _live_ranks(self, targets: list[Example], before: list[tuple[str, ...]]) -> list[int | None]:
+        """Each target event ranked by the live model (before it trains on the step) from the event's own
+        causal history, among the target items the learner knows: the information the shadow baselines
+        rank with. ``model`` ranks with what serving holds, so the gap between the two is the cost of
+        publishing late (users whose vectors are not served yet fall back to popularity there)."""
+        if not targets:
+            return []
+        idmap = self.learner.idmaps["target"]
+        rows = idmap.rows(ex.item_id for ex in targets) - 1  # embed_items order; -1: never seen, a miss
+        scores = self.learner.score_items(self.learner.embed_histories([ex.history for ex in targets]))  # (B, N)
+        out: list[int | None] = []
+        for j, r in enumerate(rows.tolist()):
+            if r < 0:
+                out.append(None)
+                continue
+            excluded = [e for e in (idmap.rows(before[j]) - 1).tolist() if e >= 0]
+            out.append(rank_with_ties_against(scores[j], int(r), excluded))
+        return out
 
     def _fused_ranker(self, model_scores: dict[int, np.ndarray], out: list[int | None]) -> Any:
         """The shadow hook ranking each target event with the fused ranker (served vectors, the baselines'

@@ -85,7 +85,7 @@ def test_trains_every_example_publishes_and_ranks(tmp_path: Path, events: list[I
     # Prequential: every target event was ranked by the model and by every baseline, before training.
     books = [e.item_id for e in events[:600] if e.domain == "book"]
     assert {name: t.events for name, t in trainer.quality.tallies.items()} == dict.fromkeys(
-        ("model", "popularity", "cooc_target", "cooc_target_source", "fused"), len(books))
+        ("model", "model_live", "popularity", "cooc_target", "cooc_target_source", "fused"), len(books))
     # The fused ranker: every weight of the grid ranked every target event; each batch carries the weight
     # chosen at its publish, the one the learner ranks with from then on.
     assert trainer.fused is not None
@@ -317,3 +317,28 @@ def test_a_model_that_sitn_train_did_not_write_is_refused(tmp_path: Path) -> Non
     SITNLearner(small_config(), "movie", "book").save(tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="is not a `sitn train` model"):
         load_warm_start(tmp_path / "plain.pt")
+
+
+def test_the_live_model_ranks_each_event_from_its_own_history_among_the_known_items(
+    tmp_path: Path, events: list[InteractionEvent]
+) -> None:
+    trainer = make_trainer(tmp_path, [])
+    for b in batches_from(events[:400], per_batch=200):
+        trainer.process(b)
+    store = UserStateStore(DOMAINS, max_len=10)
+    examples = [store.observe(e) for e in events[:600]][400:]
+    targets = [ex for ex in examples if ex.domain == "book"][:40]
+    before = [tuple(ex.history["book"][0]) for ex in targets]
+    ranks = trainer._live_ranks(targets, before)
+    learner = trainer.learner
+    item_ids, _ = learner.embed_items("book")
+    column = {item_id: j for j, item_id in enumerate(item_ids)}
+    scores = learner.score_items(learner.embed_histories([ex.history for ex in targets]))
+    assert any(r is None for r in ranks) and any(r is not None for r in ranks)
+    for j, (ex, rank) in enumerate(zip(targets, ranks, strict=True)):
+        if ex.item_id not in column:
+            assert rank is None  # an item the learner never saw is a miss
+            continue
+        mine = scores[j, column[ex.item_id]]
+        others = [c for i, c in column.items() if i != ex.item_id and i not in before[j]]
+        assert rank == 1 + int((scores[j, others] >= mine).sum())  # ties against, earlier books excluded

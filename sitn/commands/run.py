@@ -260,6 +260,7 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
         ("prototype agreement", _fmt(s.get("proto_agreement"), ".3f")),
         ("prequential HR@10 / NDCG@10 (model, window)", f"{_fmt(s.get('prequential_hr_at_10'), '.4f')} / "
                                                         f"{_fmt(s.get('prequential_ndcg_at_10'), '.4f')}"),
+        ("NDCG@10 live model, own history (window)", _fmt(s.get("model_live_ndcg_at_10_window"), ".4f")),
         ("NDCG@10 popularity / cooc target / +source", f"{_fmt(s.get('popularity_ndcg_at_10_window'), '.4f')} / "
                                                        f"{_fmt(s.get('cooc_target_ndcg_at_10_window'), '.4f')} / "
                                                        f"{_fmt(s.get('cooc_target_source_ndcg_at_10_window'), '.4f')}"),
