@@ -1,13 +1,26 @@
-"""/recommend latency at a fixed open-loop request rate, idle vs while embedding updates stream in.
+"""/recommend capacity and latency of one serving process, idle vs while embedding updates stream in.
 
 The server runs in a child process shaped like production: one RecommendationService (63,937
-items of dim 64, users with V=4 views, seeded and clustered as in bench_index.py), uvicorn in a
-thread, and, in the "streaming" phase, a writer thread that applies item and user updates at a set
-rate (which also triggers delta merges, i.e. off-to-the-side base rebuilds). This process sends
-requests on a fixed schedule (open loop: latency counts from the *scheduled* send time, so a stall
-shows up instead of slowing the sender), warms up, then measures.
+items of dim 64, users with V=4 views and 20 consumed items each, seeded and clustered as in
+bench_index.py), uvicorn in a thread, and, in the "streaming" phase, a writer thread that applies item
+and user updates at a set rate (which also triggers delta merges, i.e. off-to-the-side base rebuilds).
+Each phase measures, in order:
 
-    python bench/bench_serving_http.py [--rate 200 --duration-s 15 --updates-per-s 500]
+- the model path in-process (no HTTP), thread CPU time per request: ``service.recommend`` against the
+  FAISS search alone for the same queries, so what HTTP adds and what the search costs are visible;
+- capacity (closed loop): ``wrk -t1 -c4 --latency`` for ``--capacity-s`` seconds, ``--repeats`` times,
+  over ``--capacity-users`` users (all with vectors by default: every answer from the model path);
+  prints req/s and p50/p99 per run, their medians and ranges, and the model-path share of the answers
+  (the server's own ``sitn_serving_recommendations`` counter). With 4 connections in flight a closed
+  loop's p50 is about 4 requests' service time, so latency is also measured
+- at a fixed open-loop rate (``--rate``): latency counts from the *scheduled* send time, so a stall
+  shows up instead of slowing the sender; warms up, then measures.
+
+The client shares the machine's cores with the server: run on an otherwise idle machine, or compare
+before/after back to back and print ``uptime`` with the figures. ``wrk`` is a separate tool (Debian/
+Ubuntu: ``apt-get install wrk``; macOS: ``brew install wrk``); without it the capacity runs are skipped.
+
+    python bench/bench_serving_http.py [--rate 200 --duration-s 15 --updates-per-s 500 --capacity-s 10]
 """
 
 from __future__ import annotations
@@ -15,9 +28,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import queue
+import re
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -62,6 +80,7 @@ def serve(args: argparse.Namespace) -> None:
     for n in range(args.users):
         service.consumed.add(f"user{n}", [f"item{i}" for i in rng.integers(0, args.items, size=20)])
     service.record_popularity(f"item{i}" for i in rng.zipf(1.5, size=50_000) % args.items)
+    recommend_us, search_us = time_model_path(service, [f"user{n}" for n in range(min(args.users, 500))])
     handle = serve_in_thread(create_app(service, ServingSettings(port=0)))
 
     stop = threading.Event()
@@ -88,13 +107,50 @@ def serve(args: argparse.Namespace) -> None:
     writer = threading.Thread(target=stream_updates, daemon=True)
     if args.updates_per_s > 0:
         writer.start()
-    print(f"PORT {handle.port} BUILD_S {build_s:.2f}", flush=True)
+    print(f"PORT {handle.port} BUILD_S {build_s:.2f} RECOMMEND_US {recommend_us:.1f} SEARCH_US {search_us:.1f}",
+          flush=True)
     sys.stdin.read()  # the parent closes stdin when done
     stop.set()
     if writer.is_alive():
         writer.join(timeout=60)
     print(f"UPDATES_APPLIED {applied[0]} INDEX_VERSION {service.index.version}", flush=True)
     handle.stop()
+
+
+def time_model_path(service: object, user_ids: Sequence[str], passes: int = 5) -> tuple[float, float]:
+    """Thread CPU microseconds per request, median of ``passes`` passes over ``user_ids`` after one warm-up
+    pass: ``service.recommend(user_id, 10)``, and the FAISS base search alone for the same query vectors and
+    the ``fetch`` the index asks for (``k + len(consumed) + min(stale rows, k)``)."""
+    from serving.index import set_faiss_threads
+    from serving.service import RecommendationService
+
+    assert isinstance(service, RecommendationService)
+    snap = service.index.snapshot
+    base = snap.base
+    assert base is not None
+    jobs = []
+    for user_id in user_ids:
+        queries = service.users.get(user_id)
+        assert queries is not None
+        fetch = min(snap.size, 10 + len(service.consumed.get(user_id)) + min(snap.n_stale, 10))
+        jobs.append((user_id, queries, fetch))
+    set_faiss_threads(1)
+
+    def per_request_us(call: object) -> float:
+        assert callable(call)
+        for job in jobs:  # warm-up pass
+            call(job)
+        times = []
+        for _ in range(passes):
+            started = time.thread_time()
+            for job in jobs:
+                call(job)
+            times.append((time.thread_time() - started) / len(jobs) * 1e6)
+        return statistics.median(times)
+
+    recommend_us = per_request_us(lambda job: service.recommend(job[0], 10))
+    search_us = per_request_us(lambda job: base.search(job[1], job[2]))
+    return recommend_us, search_us
 
 
 def drive(
@@ -160,6 +216,87 @@ def drive(
     return {"latencies_s": np.array(latencies_s), "served_by": served_by, "errors": errors}
 
 
+WRK_LATENCY = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+WRK_RATE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
+WRK_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+WRK_SOCKET_ERRORS = re.compile(r"Socket errors: (.*)")
+TO_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def served_by_counts(url: str) -> dict[str, float]:
+    """The server's ``sitn_serving_recommendations_total`` counter, by ``served_by``."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    found = re.findall(r'^sitn_serving_recommendations_total\{served_by="(\w+)"\} ([\d.e+]+)$', text, re.MULTILINE)
+    return {path: float(count) for path, count in found}
+
+
+def capacity(
+    url: str, duration_s: float, repeats: int, user_ids: Sequence[str], known_share: float, seed: int,
+    connections: int = 4,
+) -> dict[str, object] | None:
+    """Closed-loop capacity: ``wrk -t1 -c{connections} --latency`` over a seeded list of paths (a share
+    ``known_share`` of them name a user from ``user_ids``, the rest unknown users), ``repeats`` runs after a
+    2 s warm-up run. None when wrk is not installed."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    rng = np.random.default_rng(seed)
+    paths = []
+    for n in range(max(len(user_ids), 500)):
+        user_id = user_ids[int(rng.integers(0, len(user_ids)))] if rng.random() < known_share else f"stranger{n}"
+        paths.append("/recommend?" + urllib.parse.urlencode({"user_id": user_id, "k": 10}))
+    script = "paths = {" + ",".join(json.dumps(p) for p in paths) + "}\n" + (
+        "i = 0\n"
+        "request = function()\n"
+        "  i = i % #paths + 1\n"
+        "  return wrk.format(\"GET\", paths[i])\n"
+        "end\n"
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    try:
+        def run(seconds: float) -> str:
+            command = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", f.name, url + "/"]
+            return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+        run(2.0)  # warm-up
+        before = served_by_counts(url)
+        runs = []
+        for _ in range(repeats):
+            out = run(duration_s)
+            latency = {q: float(v) * TO_MS[unit] for q, v, unit in WRK_LATENCY.findall(out)}
+            rate = WRK_RATE.search(out)
+            if rate is None or set(latency) != {"50", "99"}:
+                raise RuntimeError(f"unexpected wrk output:\n{out}")
+            non_2xx = WRK_NON_2XX.search(out)
+            socket_errors = WRK_SOCKET_ERRORS.search(out)
+            runs.append({"rps": float(rate.group(1)), "p50_ms": latency["50"], "p99_ms": latency["99"],
+                         "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+                         "socket_errors": socket_errors.group(1).strip() if socket_errors else ""})
+        after = served_by_counts(url)
+    finally:
+        os.unlink(f.name)
+    answered = {path: after.get(path, 0.0) - before.get(path, 0.0) for path in after}
+    total = sum(answered.values())
+    return {"runs": runs, "model_share": answered.get("model", 0.0) / total if total else float("nan"),
+            "answered": {path: int(n) for path, n in answered.items() if n}}
+
+
+def median_and_range(values: Sequence[float], digits: int) -> str:
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}..{max(values):.{digits}f}]"
+
+
+def uptime_load() -> str:
+    try:
+        return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load n/a"
+
+
 def run_phase(args: argparse.Namespace, updates_per_s: int) -> None:
     child_args = [sys.executable, __file__, "--serve", f"--updates-per-s={updates_per_s}"]
     child_args += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
@@ -167,19 +304,41 @@ def run_phase(args: argparse.Namespace, updates_per_s: int) -> None:
     child = subprocess.Popen(child_args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdin is not None and child.stdout is not None
     first = child.stdout.readline().split()
-    port, build_s = int(first[1]), first[3]
-    result = drive(f"http://127.0.0.1:{port}", args.rate, args.warmup_s, args.duration_s,
-                   [f"user{i}" for i in range(args.users)], args.seed)
+    port, build_s, recommend_us, search_us = int(first[1]), first[3], float(first[5]), float(first[7])
+    url = f"http://127.0.0.1:{port}"
+    phase = "idle" if updates_per_s == 0 else f"streaming {updates_per_s}/s"
+    print(f"{phase:<18} model path in-process (thread CPU per request, {args.views} views): "
+          f"service.recommend {recommend_us:.0f} us, of which the FAISS search alone {search_us:.0f} us")
+    if args.capacity_s > 0:
+        users = [f"user{i}" for i in range(min(args.capacity_users, args.users))]
+        found = capacity(url, args.capacity_s, args.repeats, users, args.capacity_known_share, args.seed)
+        if found is None:
+            print(f"{phase:<18} capacity: skipped, wrk is not installed (apt-get install wrk / brew install wrk)")
+        else:
+            runs: list[dict[str, float]] = found["runs"]  # type: ignore[assignment]
+            print(
+                f"{phase:<18} capacity wrk -t1 -c4, {len(users)} users, {args.repeats} x {args.capacity_s:g} s "
+                f"({uptime_load()}): req/s {median_and_range([r['rps'] for r in runs], 0)}  "
+                f"p50_ms {median_and_range([r['p50_ms'] for r in runs], 2)}  "
+                f"p99_ms {median_and_range([r['p99_ms'] for r in runs], 2)}  "
+                f"non_2xx={sum(r['non_2xx'] for r in runs):g}  model-path share {found['model_share']:.3f} "
+                f"answered={found['answered']}"
+                + "".join(f" socket_errors=[{r['socket_errors']}]" for r in runs if r["socket_errors"])
+            )
+    if args.duration_s > 0:
+        result = drive(url, args.rate, args.warmup_s, args.duration_s, [f"user{i}" for i in range(args.users)],
+                       args.seed)
+        lat_ms = result["latencies_s"] * 1e3  # type: ignore[operator]
+        p50, p90, p99, p_max = np.percentile(lat_ms, [50, 90, 99, 100]) if len(lat_ms) else (np.nan,) * 4
+        print(
+            f"{phase:<18} open loop {args.rate:g}/s ({uptime_load()}) n={len(lat_ms):<5} "
+            f"errors={len(result['errors']):<3} served_by={result['served_by']} "  # type: ignore[arg-type]
+            f"p50_ms={p50:.2f} p90_ms={p90:.2f} p99_ms={p99:.2f} max_ms={p_max:.2f} build_s={build_s}"
+        )
     child.stdin.close()
     last = child.stdout.readline().strip()
     child.wait(timeout=120)
-    lat_ms = result["latencies_s"] * 1e3  # type: ignore[operator]
-    p50, p90, p99, p_max = np.percentile(lat_ms, [50, 90, 99, 100]) if len(lat_ms) else (np.nan,) * 4
-    phase = "idle" if updates_per_s == 0 else f"streaming {updates_per_s}/s"
-    print(
-        f"{phase:<18} n={len(lat_ms):<5} errors={len(result['errors']):<3} served_by={result['served_by']} "  # type: ignore[arg-type]
-        f"p50_ms={p50:.2f} p90_ms={p90:.2f} p99_ms={p99:.2f} max_ms={p_max:.2f} build_s={build_s} {last}"
-    )
+    print(f"{phase:<18} {last}")
 
 
 def main() -> None:
@@ -189,7 +348,13 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second (open loop)")
     parser.add_argument("--warmup-s", type=float, default=3.0)
-    parser.add_argument("--duration-s", type=float, default=15.0)
+    parser.add_argument("--duration-s", type=float, default=15.0, help="open-loop measurement; 0 skips it")
+    parser.add_argument("--capacity-s", type=float, default=10.0, help="seconds per wrk run; 0 skips capacity")
+    parser.add_argument("--repeats", type=int, default=3, help="wrk runs per phase")
+    parser.add_argument("--capacity-users", type=int, default=500, help="distinct users in the capacity runs")
+    parser.add_argument("--capacity-known-share", type=float, default=1.0,
+                        help="share of capacity requests naming a user with vectors (the rest: unknown users)")
+    parser.add_argument("--phases", default="idle,streaming", help="idle, streaming or both, comma separated")
     parser.add_argument(
         "--updates-per-s", type=int, default=500, help="item+user updates per second while streaming"
     )
@@ -205,12 +370,17 @@ def main() -> None:
     if args.serve:
         serve(args)
         return
+    phases = args.phases.split(",")
+    if not phases or not set(phases) <= {"idle", "streaming"}:
+        parser.error(f"--phases must name idle and/or streaming, got {args.phases!r}")
     print(
         f"rate={args.rate}/s warmup_s={args.warmup_s} duration_s={args.duration_s} items={args.items} "
         f"users={args.users} views={args.views} dim={args.dim} index={args.factory} {args.knob}={args.knob_value}"
     )
-    run_phase(args, updates_per_s=0)
-    run_phase(args, updates_per_s=args.updates_per_s)
+    if "idle" in phases:
+        run_phase(args, updates_per_s=0)
+    if "streaming" in phases:
+        run_phase(args, updates_per_s=args.updates_per_s)
 
 
 if __name__ == "__main__":

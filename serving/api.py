@@ -4,8 +4,11 @@
 uvicorn in a background thread (tests, Ray actors, benches) and returns a handle with ``.stop()``.
 
 /recommend runs in the event-loop thread: a search is a sub-millisecond, lock-free read of the
-current index snapshot (bench/bench_serving_http.py), cheaper than a hop to the thread pool.
-Admin handlers do file I/O, so they are plain ``def`` and run in the thread pool.
+current index snapshot (bench/bench_serving_http.py), cheaper than a hop to the thread pool. It returns
+its JSON already encoded (orjson), the same document: FastAPI would otherwise validate the dict against
+``RecommendationOut`` and encode it through pydantic (46-57 us for 10 items against orjson's 7-8 us,
+measured on a loaded 2-core machine); ``response_model`` stays, for the OpenAPI docs. Admin handlers do
+file I/O, so they are plain ``def`` and run in the thread pool.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import orjson
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -143,7 +147,7 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
     async def recommend(
         user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS, description=ALLOWED["user_id"])],
         k: Annotated[int, Query(ge=1, le=MAX_K, description=ALLOWED["k"])] = 10,
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Top ``k`` items for ``user_id``; ``served_by`` says which ranker answered: the model, ``fused`` (the
         model's scores fused with item co-occurrence with the user's consumed items, while the learner says it
         ranks best), popularity (users without vectors, or while the learner says popularity beats the learnt
@@ -152,7 +156,7 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
             rec = service.recommend(user_id, k)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        return {
+        body = {
             "user_id": rec.user_id,
             "k": k,
             "served_by": rec.served_by,
@@ -162,7 +166,8 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
                 "age_s": round(rec.index_age_s, 3),
                 "items": rec.index_size,
             },
-        }
+        }  # the shape of RecommendationOut
+        return Response(orjson.dumps(body), media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -34,6 +34,7 @@ larger ``k`` until every view has ``k`` usable rows, so stale and excluded rows 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -67,9 +68,34 @@ def merge_by_max(per_view: Sequence[ScoredItems], k: int) -> ScoredItems:
     best: dict[str, float] = {}
     for results in per_view:
         for item_id, score in results:
-            if score > best.get(item_id, -np.inf):
+            if score > best.get(item_id, -math.inf):
                 best[item_id] = score
-    return sorted(best.items(), key=lambda pair: (-pair[1], pair[0]))[:k]
+    merged = sorted(best.items())  # by item id (unique), then a stable sort by score, best first
+    merged.sort(key=_score, reverse=True)  # reverse keeps equal scores in item-id order
+    return merged[:k]
+
+
+def _score(pair: tuple[str, float]) -> float:
+    return pair[1]
+
+
+def best_view_scores(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Each row's best inner product over the views: ``(vectors @ queries.T).max(axis=1)``, (N,) float32.
+
+    The same values, computed as an elementwise maximum of the V columns: numpy's ``max`` along a short last
+    axis costs 60-95 ns a row (2,000 rows at V = 4: 114-191 us of CPU, more than the product's ~50 us;
+    39,412 rows: 2.4-3.1 ms), the column maxima a few ns a row.
+
+    >>> best_view_scores(np.array([[1.0, 0.0], [0.0, 2.0]], np.float32), np.array([[1, 0], [0, 1]], np.float32))
+    array([1., 2.], dtype=float32)
+    """
+    scores = vectors @ queries.T  # (N, V)
+    if scores.shape[1] == 1:
+        return scores[:, 0]
+    best = scores[:, 0].copy()
+    for view in range(1, scores.shape[1]):
+        np.maximum(best, scores[:, view], out=best)
+    return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +178,9 @@ class ItemIndex:
         return max(0.0, self._clock() - self._snapshot.updated_at_unix_s)
 
     def search(self, queries: np.ndarray, k: int, exclude: Collection[str] = ()) -> ScoredItems:
-        """Top ``k`` items for the union of ``queries`` (V, D), merged by max score, minus ``exclude``."""
+        """Top ``k`` items for the union of ``queries`` (V, D), merged by max score, minus ``exclude``: each
+        view's first ``k`` usable rows of the base (one FAISS call for all views) and the delta's best rows by
+        their best view, merged by :func:`merge_by_max`."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -162,33 +190,40 @@ class ItemIndex:
             set_faiss_threads(self.faiss_threads)
         snap = self._snapshot  # one atomic read; everything below uses this immutable state
         per_view = self._search_base(snap, queries, k, exclude)
-        per_view.extend(self._search_delta(snap, queries, k, exclude))
+        delta = self._search_delta(snap, queries, k, exclude)
+        if delta:
+            per_view.append(delta)
         return merge_by_max(per_view, k)
 
     @staticmethod
     def _search_base(
         snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: Collection[str]
     ) -> list[ScoredItems]:
+        """Each view's first ``k`` usable base rows (not stale, not excluded) in FAISS order, as ``(item_id,
+        score)``; all views in one FAISS call. A view left short re-searches with twice the ``fetch``."""
         if snap.base is None or snap.base.ntotal == 0:
             return []
         n_total = snap.base.ntotal
         fetch = min(n_total, k + len(exclude) + min(snap.n_stale, k))
+        item_ids = snap.base_item_ids
+        stale = snap.base_stale if snap.n_stale else None
         while True:
-            scores, rows = snap.base.search(queries, fetch)  # (V, fetch) each
+            scores, rows = snap.base.search(queries, fetch)  # (V, fetch) each, best first per view
             per_view: list[ScoredItems] = []
             short = False
-            for view_scores, view_rows in zip(scores, rows, strict=True):
+            for view_scores, view_rows in zip(scores.tolist(), rows.tolist(), strict=True):
                 kept: ScoredItems = []
-                for score, row in zip(view_scores.tolist(), view_rows.tolist(), strict=True):
-                    if row < 0 or snap.base_stale[row]:
+                for score, row in zip(view_scores, view_rows, strict=True):
+                    if row < 0 or (stale is not None and stale[row]):
                         continue
-                    item_id = snap.base_item_ids[row]
+                    item_id = item_ids[row]
                     if item_id in exclude:
                         continue
                     kept.append((item_id, score))
                     if len(kept) == k:
                         break
-                short = short or len(kept) < k
+                else:
+                    short = True
                 per_view.append(kept)
             if not short or fetch >= n_total:
                 return per_view
@@ -197,15 +232,17 @@ class ItemIndex:
     @staticmethod
     def _search_delta(
         snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: Collection[str]
-    ) -> list[ScoredItems]:
+    ) -> ScoredItems:
+        """The delta's ``k + len(exclude)`` best rows by their best view, minus ``exclude``."""
         n_delta = len(snap.delta_item_ids)
         if n_delta == 0:
             return []
-        best = (snap.delta_vectors @ queries.T).max(axis=1)  # (N_delta, V) -> (N_delta,)
+        best = best_view_scores(snap.delta_vectors, queries)  # (N_delta,)
         keep = min(n_delta, k + len(exclude))
         rows = np.argpartition(-best, keep - 1)[:keep] if keep < n_delta else np.arange(n_delta)
-        results = [(snap.delta_item_ids[row], float(best[row])) for row in rows.tolist()]
-        return [[(item_id, score) for item_id, score in results if item_id not in exclude]]
+        item_ids = snap.delta_item_ids
+        return [(item_ids[row], score) for row, score in zip(rows.tolist(), best[rows].tolist(), strict=True)
+                if item_ids[row] not in exclude]  # fmt: skip
 
     # --- writes ------------------------------------------------------------------------------
 

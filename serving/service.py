@@ -59,7 +59,7 @@ import numpy as np
 from serving import metrics
 from serving.cooccurrence import CooccurrenceRanker
 from serving.fused import CoocAlignment, fused_scores
-from serving.index import IndexSnapshot, ItemIndex
+from serving.index import IndexSnapshot, ItemIndex, best_view_scores
 from serving.settings import ServingSettings
 from serving.store import ConsumedItems, PopularityCounter, UserVectorStore
 from stream.events import MAX_ID_CHARS, EmbeddingBatch, EmbeddingUpdate
@@ -220,6 +220,7 @@ class RecommendationService:
         self._fused_base: CoocAlignment | None = None  # the index base's items on co-occurrence rows
         self._live_cache: tuple[IndexSnapshot, np.ndarray] | None = None  # a snapshot's live base rows
         self.ranker_switches = 0
+        self._served_counters = {name: metrics.RECOMMENDATIONS.labels(served_by=name) for name in RANKERS}
         self.applied_version = -1  # the newest published version applied (apply); -1: none yet
         self._evictions_exported = {"vectors": 0, "consumed": 0}
         self._export_ranker()
@@ -357,7 +358,7 @@ class RecommendationService:
         else:
             items = tuple(ScoredItem(i, float(c)) for i, c in self.popularity.top(k, exclude))
             served_by = "popularity"
-        metrics.RECOMMENDATIONS.labels(served_by=served_by).inc()
+        self._served_counters[served_by].inc()
         age_s = max(0.0, time.time() - snap.updated_at_unix_s)
         return Recommendation(user_id, items, served_by, snap.version, age_s, snap.size)
 
@@ -381,8 +382,8 @@ class RecommendationService:
         model = None
         if queries is not None:
             model = np.concatenate([
-                (snap.base_vectors @ queries.T).max(axis=1, initial=-np.inf)[live_rows],  # (N_base, V) -> (N_live,)
-                (snap.delta_vectors @ queries.T).max(axis=1, initial=-np.inf),  # (N_delta,)
+                best_view_scores(snap.base_vectors, queries)[live_rows],  # (N_base, V) -> (N_live,)
+                best_view_scores(snap.delta_vectors, queries),  # (N_delta,)
             ])
         return fused_scores(model, cooc, self.fused_weight), live_rows
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.api import create_app, serve_in_thread
+from serving.api import RecommendationOut, create_app, serve_in_thread
 from serving.service import RecommendationService
 from serving.settings import ServingSettings
 from stream.events import EmbeddingUpdate
@@ -49,7 +49,9 @@ def client(
 def test_recommend_known_user_is_served_by_the_model(client: httpx.Client) -> None:
     response = client.get("/recommend", params={"user_id": "u1", "k": 5})
     assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
     body = response.json()
+    assert RecommendationOut.model_validate(body).model_dump() == body  # the documented schema, nothing more
     assert body["served_by"] == "model"
     assert body["items"] == [{"item_id": "b", "score": 0.75}, {"item_id": "c", "score": 0.5}]  # "a" consumed
     assert body["index"]["version"] == 4

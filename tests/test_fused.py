@@ -10,7 +10,7 @@ import pytest
 
 from learner.shadow import FusedShadow
 from serving.actor import ServingCore
-from serving.fused import fused_scores, standardise
+from serving.fused import CoocAlignment, fused_scores, standardise
 from serving.service import RecommendationService
 from serving.settings import ServingSettings
 from stream.cooccurrence import ItemCooccurrence
@@ -102,6 +102,12 @@ def test_serving_fused_top_k_equals_the_learners_fused_ranks() -> None:
         for j, item_id in enumerate(read):
             learner_cooc.learn({"book": tuple(read[:j])}, "book", item_id)
     service.set_ranker("fused", fused_weight=1.5)
+    fused_u, live_rows = service.fused_scores(snap, service.users.get("u"), tuple(histories["u"]))
+    model_u = np.concatenate([(snap.base_vectors @ user_views.T).max(axis=1)[live_rows],
+                              (snap.delta_vectors @ user_views.T).max(axis=1)])  # (N,): each item's best view
+    cooc_u = service.cooccurrence.aligned_scores(tuple(histories["u"]), [
+        CoocAlignment(tuple(snap.base_item_ids[r] for r in live_rows.tolist()) + snap.delta_item_ids)])[0]
+    assert fused_u.tolist() == fused_scores(model_u, cooc_u, 1.5).tolist()  # exact: the same arithmetic
     top = [s.item_id for s in service.recommend("u", k=100).items]
     served_ids = (*items, *extra)  # the learner's served order: another order than the index's
     all_vectors = np.concatenate([vectors, extra_vectors])

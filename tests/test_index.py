@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from serving.index import ItemIndex, merge_by_max
+from serving.index import IndexSnapshot, ItemIndex, best_view_scores, merge_by_max
 
 TOL = 1e-5
 
@@ -29,6 +29,101 @@ def brute_force(
 def assert_same(found: list[tuple[str, float]], expected: list[tuple[str, float]]) -> None:
     assert [i for i, _ in found] == [i for i, _ in expected]
     np.testing.assert_allclose([s for _, s in found], [s for _, s in expected], atol=TOL)
+
+
+def per_view_reference(
+    snap: IndexSnapshot, queries: np.ndarray, k: int, exclude: set[str]
+) -> list[tuple[str, float]]:
+    """The documented search, one view at a time in plain loops: each view searches the base alone and keeps
+    its first k rows that are not stale and not excluded (fetching more until it has k or has seen every row);
+    every delta row not excluded counts with its best view; each item scores its best, best first, equal
+    scores by item id."""
+    per_view = []
+    if snap.base is not None:
+        n_total = snap.base.ntotal
+        for query in queries:
+            fetch = min(n_total, k + len(exclude) + min(snap.n_stale, k))
+            while True:
+                scores, rows = snap.base.search(query[None, :], fetch)
+                kept = [(snap.base_item_ids[row], float(score)) for score, row in zip(scores[0], rows[0], strict=True)
+                        if row >= 0 and not snap.base_stale[row] and snap.base_item_ids[row] not in exclude][:k]
+                if len(kept) == k or fetch >= n_total:
+                    break
+                fetch = min(n_total, fetch * 2)
+            per_view.append(kept)
+    delta = []
+    for item_id, vector in zip(snap.delta_item_ids, snap.delta_vectors, strict=True):
+        if item_id not in exclude:
+            delta.append((item_id, float(max(float(np.dot(query, vector)) for query in queries))))
+    per_view.append(delta)
+    best: dict[str, float] = {}
+    for results in per_view:
+        for item_id, score in results:
+            best[item_id] = max(score, best.get(item_id, -np.inf))
+    return sorted(best.items(), key=lambda pair: (-pair[1], pair[0]))[:k]
+
+
+@pytest.mark.parametrize(("factory", "search_params"), [("Flat", None), ("HNSW8", {"efSearch": 16})])
+def test_search_returns_exactly_the_per_view_reference(factory: str, search_params: dict[str, int] | None) -> None:
+    """Items, order, scores and exclusions as the plain per-view loop, over a base with stale rows and a
+    delta, 1-4 views, k up to past the catalogue, and integer vectors whose many equal scores test the
+    item-id order of ties. HNSW is approximate: the reference searches the same graph one view at a time.
+    Scores agree to float32 rounding (the reference sums the delta's products in another order)."""
+    rng = np.random.default_rng(11)
+    ids = [f"i{n:03d}" for n in range(200)]
+    checks = 0
+    for trial in range(4):
+        integer = trial % 2 == 1
+        index = ItemIndex(dim=4, factory=factory, search_params=search_params, merge_threshold_rows=60)
+        for version in range(1, 8):
+            chosen = [ids[j] for j in rng.choice(len(ids), size=int(rng.integers(5, 80)), replace=False)]
+            shape = (len(chosen), 4)
+            vectors = rng.integers(-2, 3, size=shape) if integer else rng.standard_normal(shape)
+            index.upsert(chosen, vectors.astype(np.float32), version)
+            snap = index.snapshot
+            for _ in range(6):
+                views, k = int(rng.integers(1, 5)), int(rng.integers(1, 60))
+                queries = (rng.integers(-2, 3, size=(views, 4)) if integer else rng.standard_normal((views, 4)))
+                queries = queries.astype(np.float32)
+                exclude = set(rng.choice([*ids, "not-an-item"], size=int(rng.integers(0, 40)), replace=False).tolist())
+                if integer and snap.delta_item_ids:  # ties at the delta's cut-off: its pick among them is free
+                    k = snap.size
+                found = index.search(queries, k, exclude)
+                expected = per_view_reference(snap, queries, k, exclude)
+                assert [i for i, _ in found] == [i for i, _ in expected]
+                if integer:  # integer products are exact in float32, whatever the order of summation
+                    assert found == expected
+                np.testing.assert_allclose([s for _, s in found], [s for _, s in expected], rtol=0, atol=TOL)
+                assert not exclude & {item_id for item_id, _ in found}
+                checks += 1
+    assert checks == 4 * 7 * 6
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8"])
+def test_a_view_whose_first_rows_are_all_stale_fetches_more(factory: str) -> None:
+    """Item j scores 20 - j on e0; the best 8 are re-published with negative scores (their base rows go stale),
+    so k = 2 first fetches k + min(stale, k) = 4 stale rows and must search again."""
+    index = ItemIndex(dim=2, factory=factory, merge_threshold_rows=1000)
+    ids = [f"i{j:02d}" for j in range(20)]
+    vectors = np.array([[20.0 - j, 0.0] for j in range(20)], dtype=np.float32)
+    index.upsert(ids, vectors, version=1)
+    index.replace_all(ids, vectors, np.ones(20, dtype=np.int64))  # the base holds all 20
+    index.upsert(ids[:8], -vectors[:8], version=2)
+    assert (index.snapshot.n_stale, len(index.snapshot.delta_item_ids)) == (8, 8)
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    assert index.search(query, 2) == [("i08", 12.0), ("i09", 11.0)]
+    assert index.search(query, 2, exclude={"i08"}) == [("i09", 11.0), ("i10", 10.0)]
+
+
+def test_best_view_scores_equal_the_row_max() -> None:
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    for views in (1, 2, 5):
+        queries = rng.standard_normal((views, 8)).astype(np.float32)
+        expected = (vectors @ queries.T).max(axis=1)
+        found = best_view_scores(vectors, queries)
+        assert found.dtype == np.float32
+        assert found.tolist() == expected.tolist()  # exact: the same products, the same maxima
 
 
 def test_exact_top_k_on_ten_vectors_matches_brute_force() -> None:
@@ -161,6 +256,8 @@ def test_reader_never_sees_a_half_built_index_while_writer_swaps() -> None:
 def test_merge_by_max_takes_each_items_best_view() -> None:
     merged = merge_by_max([[("a", 0.1), ("b", 0.9)], [("a", 0.95)], []], k=5)
     assert merged == [("a", 0.95), ("b", 0.9)]
+    ties = merge_by_max([[("d", 0.5), ("c", 0.7), ("b", 0.5)], [("a", 0.5), ("c", 0.2)]], k=3)
+    assert ties == [("c", 0.7), ("a", 0.5), ("b", 0.5)]  # equal scores by item id; the k-th tie cut off
 
 
 def test_faiss_threads_are_set_in_the_thread_that_searches() -> None:
