@@ -304,15 +304,16 @@ class KafkaBroker:
         return self.pid is not None
 
     def status(self) -> BrokerStatus:
-        """Running or not, and where it listens (as recorded by the start that is running)."""
+        """Running or not, and the ports recorded by the last start (the bootstrap servers only while it runs)."""
         pid = self.pid
         bootstrap = None
         port, controller_port = self.port, self.controller_port
-        if pid is not None and self.config_path.is_file():
+        if self.config_path.is_file():
             recorded = read_properties(self.config_path.read_text())
-            bootstrap = recorded.get("advertised.listeners", "").removeprefix("PLAINTEXT://") or None
             port = _listener_port(recorded, "PLAINTEXT") or port
             controller_port = _listener_port(recorded, "CONTROLLER") or controller_port
+            if pid is not None:
+                bootstrap = recorded.get("advertised.listeners", "").removeprefix("PLAINTEXT://") or None
         return BrokerStatus(pid is not None, pid, bootstrap, self.data_dir, self.log_path, self.node_id, port, controller_port)
 
     def is_formatted(self) -> bool:

@@ -180,6 +180,10 @@ def test_node_count_is_recorded_and_a_data_dir_is_not_restarted_with_another(tmp
         KafkaCluster(trio, brokers=1).start()
     # The controller ports come back from each node's own recorded listeners, whatever the new --port.
     assert [n.controller_port for n in KafkaCluster(trio, brokers=3, port=30000).nodes] == [19093, 19095, 19097]
+    # A stopped cluster's status shows where each node last listened, whatever the new --port.
+    assert [(n.running, n.port, n.controller_port) for n in KafkaCluster(trio, brokers=3, port=30000).status().nodes] == [
+        (False, 19092, 19093), (False, 19094, 19095), (False, 19096, 19097),
+    ]
 
 
 def test_a_partly_formatted_cluster_is_an_operator_error(tmp_path: Path) -> None:
