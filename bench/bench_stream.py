@@ -128,6 +128,8 @@ def run_backend(
             f"{'/'.join(map(str, sorted(outs))):>7}/{len(events):<8} "
             f"{max(d for _, d in counts):>5} {'OK' if ok else 'COUNT MISMATCH'}"
         )
+    # On a shared machine wall rates follow the load: print it after the runs too, next to the figures.
+    print(f"[{name}] load average after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
 
 
 def with_kafka(fn: Callable[[str], None]) -> None:
