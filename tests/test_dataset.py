@@ -100,5 +100,5 @@ def test_open_events_reads_other_time_units_and_fails_like_load_events(tmp_path:
     assert isinstance(opened, EventFile) and opened.time.unit == "ms"
     assert [e.timestamp for e in opened] == [1700000000, 1700000001]
     broken = write(tmp_path, "1,u1,a,movie,x\n2,u1,b\n")
-    with pytest.raises(DataFormatError, match="events.csv:3: expected 5 fields, got 3"):
+    with pytest.raises(DataFormatError, match=r"events\.csv:3: expected 5 fields, got 3"):
         open_events(broken, "movie", "book")
