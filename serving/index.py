@@ -15,6 +15,17 @@ learner moves the embeddings. ``Flat`` is exact but costs 1.5 ms per view (6 ms 
 slow for 200 requests/s on one core; it stays the class default for small catalogues and tests. The
 price of HNSW is build time (7 s for 64k items on one thread), paid off to the side at each merge.
 
+Re-measured for issue 13 (2026-11-29, a 2-core machine shared with other jobs, load 3-6): on the shipped
+catalogue's size, 39,412 items, an exact ``Flat`` base costs p50 0.65 ms a request of one view and 2.8 ms
+of four (bench_index.py, the over-fetch serving uses), HNSW32/efSearch=128 0.20 ms and 1.0 ms at recall@10
+0.998; through HTTP (bench_serving_http.py, V=1, interleaved runs) ``Flat`` served 580-719 req/s against
+HNSW's 1,264. So HNSW stays the serving default. The search is most of a request's CPU: at V=4 on 63,937
+items the FAISS call takes 605-862 us of service.recommend's 808-1,048 us (thread CPU), and the model path
+serves ~620 req/s where the popularity path, which does not search, serves ~3,900 on the same machine.
+``efSearch`` is the capacity lever, with recall beside it (39,412 items): 64 gives recall@10 0.996 at
+0.08 / 0.36 ms (V=1 / V=4) and 790 req/s at V=4 on 63,937 items; 32 gives 0.993 at 0.06 / 0.21 ms and
+960 req/s.
+
 Search is exact for an exact base (``"Flat"``): the base is over-fetched and re-searched with a
 larger ``k`` until every view has ``k`` usable rows, so stale and excluded rows never starve a result.
 
