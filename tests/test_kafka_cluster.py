@@ -212,6 +212,9 @@ def test_sigkill_of_the_busiest_leader_loses_nothing_duplicates_nothing_and_it_r
     topic = settings.topic_interactions
     created = ensure_topics(settings, timeout_s=60)
     assert sorted(created) == sorted([topic, settings.topic_dead_letters, settings.topic_embedding_updates])
+    # a new topic's partitions reach every node's metadata shortly after creation returns
+    wait_for(lambda: len(describe_partitions(kafka_cluster, topic)) == PARTITIONS, IO_TIMEOUT_S,
+             "the new topic's partitions in the metadata")
     before = describe_partitions(kafka_cluster, topic)
     assert [sorted(p["replica_nodes"]) for p in before] == [[1, 2, 3]] * PARTITIONS
     assert topic_config(kafka_cluster.bootstrap_servers, topic, "min.insync.replicas") == "2"
