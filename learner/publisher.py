@@ -133,6 +133,12 @@ class Publisher:
             step > self._last_step and now_s - self._last_s >= self.every_s
         )
 
+    def pending_due(self, now_s: float | None = None) -> bool:
+        """Users or consumed items wait and ``every_s`` has passed, steps or not (a warm start's burn-in
+        changes histories without a step, and those users must reach serving on time as well)."""
+        now_s = time.monotonic() if now_s is None else now_s
+        return bool(self._touched or self._consumed) and now_s - self._last_s >= self.every_s
+
     def hold(self, step: int) -> None:
         """A publish was due but held back (publish gate): keep what is pending, ask again after the interval."""
         self._last_step = step

@@ -244,7 +244,8 @@ class OnlineTrainer:
         consumed = [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target]
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         self.burn_in_events += len(examples)
-        self.publish_if_due()
+        if self.publisher.due(int(self.learner.step)) or self.publisher.pending_due():
+            self.publish()
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
         start_s = time.perf_counter()

@@ -304,6 +304,14 @@ def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones
     # Serving got the warm model's vectors for burnt-in users and their items as consumed.
     consumed = {pair for b in sent for pair in b.consumed}
     assert {(e.user_id, e.item_id) for e in early if e.domain == "book"} <= consumed
+    # Burnt-in users reach serving on time, with no step: a publish interval of 0 s publishes each chunk.
+    timely = make_trainer(tmp_path / "timely", [])
+    timely.publisher.every_s = 0.0
+    timely.warm_start(load_warm_start(tmp_path / "warm.pt").learner, cut)
+    early_batches = batches_from(early, per_batch=200)
+    for b in early_batches:
+        timely.process(b)
+    assert timely.learner.step == step0 and timely.publisher.version >= len(early_batches)
     # A restart goes on with the same cut-off.
     trainer.checkpoint()
     fresh = make_trainer(tmp_path, [])
