@@ -128,16 +128,12 @@ class Publisher:
             self._item_counts[pair[1]] = self._item_counts.get(pair[1], 0) + 1
 
     def due(self, step: int, now_s: float | None = None) -> bool:
+        """``every_steps`` steps since the last publish, or ``every_s`` seconds with something new: a step,
+        or users and consumed items recorded without one (a warm start's burn-in changes histories with no
+        step, and those users must reach serving on time as well)."""
         now_s = time.monotonic() if now_s is None else now_s
-        return step - self._last_step >= self.every_steps or (
-            step > self._last_step and now_s - self._last_s >= self.every_s
-        )
-
-    def pending_due(self, now_s: float | None = None) -> bool:
-        """Users or consumed items wait and ``every_s`` has passed, steps or not (a warm start's burn-in
-        changes histories without a step, and those users must reach serving on time as well)."""
-        now_s = time.monotonic() if now_s is None else now_s
-        return bool(self._touched or self._consumed) and now_s - self._last_s >= self.every_s
+        pending = step > self._last_step or bool(self._touched or self._consumed)
+        return step - self._last_step >= self.every_steps or (pending and now_s - self._last_s >= self.every_s)
 
     def hold(self, step: int) -> None:
         """A publish was due but held back (publish gate): keep what is pending, ask again after the interval."""

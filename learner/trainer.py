@@ -244,8 +244,7 @@ class OnlineTrainer:
         consumed = [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target]
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         self.burn_in_events += len(examples)
-        if self.publisher.due(int(self.learner.step)) or self.publisher.pending_due():
-            self.publish()
+        self.publish_if_due()
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
         start_s = time.perf_counter()
@@ -254,7 +253,8 @@ class OnlineTrainer:
         before = [consumed_items(ex, self.target) for ex in targets]  # excluded from the candidates
         model_scores: dict[int, np.ndarray] = {}  # target position -> served model scores (N,)
         served_ranks = self.prequential.rank_many(consumed, before, model_scores)  # test with what is served ...
-        ranks: dict[str, list[int | None]] = {MODEL: served_ranks, MODEL_LIVE: self._live_ranks(targets, before)}
+        live_ranks = self._live_ranks(targets, before)  # the live model, from each event's own history
+        ranks: dict[str, list[int | None]] = {MODEL: served_ranks, MODEL_LIVE: live_ranks}
         hook = None
         if self.fused is not None:
             fused_ranks: list[int | None] = []
@@ -269,7 +269,7 @@ class OnlineTrainer:
             self.fallback.record(gains[MODEL], others)
         telemetry.PREQUENTIAL_RANKED.inc(len(targets))
         if self.gate is not None and consumed:
-            self._shadow_rank(consumed, before, served_ranks)  # ... and with what would be published ...
+            self._shadow_rank(consumed, served_ranks, live_ranks)  # ... served vs what would be published ...
         stats = dict(self.learner.learn_many(examples))  # ... then train
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         stats.update(self.prequential.stats())
@@ -328,10 +328,11 @@ class OnlineTrainer:
 
         return rank
 
-    def _shadow_rank(self, consumed: list[tuple[str, str]], before: list[tuple[str, ...]],
-                     served_ranks: list[int | None]) -> None:
-        """Rank a sample of the step's target events with the live model too (before it trains on them),
-        as the served ranks are: ties against the item, the user's earlier target items excluded."""
+    def _shadow_rank(self, consumed: list[tuple[str, str]], served_ranks: list[int | None],
+                     live_ranks: list[int | None]) -> None:
+        """Feed the gate a sample of the step's target events, each with its served rank and its rank by
+        the live model (``_live_ranks``, before it trains on them; ties against the item, the user's earlier
+        target items excluded)."""
         assert self.gate is not None
         # Compare version with version: only events whose user the served version ranks with its model
         # vectors (not the popularity fallback) and whose item it holds.
@@ -342,19 +343,9 @@ class OnlineTrainer:
         picked = np.asarray(candidates)
         if len(candidates) > self.gate_sample_per_step:
             picked = np.sort(self._gate_rng.choice(picked, self.gate_sample_per_step, replace=False))
-        idmap = self.learner.idmaps["target"]
-        rows = idmap.rows(consumed[i][1] for i in picked) - 1  # embed_items order
-        scores = self.learner.score_items(self.learner.embed_users([consumed[i][0] for i in picked]))  # (B, N)
         k = self.quality.k
-        live = []
-        for j, (i, r) in enumerate(zip(picked.tolist(), rows.tolist(), strict=True)):
-            if r < 0:
-                live.append(0.0)
-                continue
-            excluded = [e for e in (idmap.rows(before[i]) - 1).tolist() if e >= 0]
-            live.append(ndcg_gain(rank_with_ties_against(scores[j], int(r), excluded), k))
-        served = [ndcg_gain(served_ranks[i], k) for i in picked.tolist()]
-        self.gate.record(served, live)
+        self.gate.record([ndcg_gain(served_ranks[i], k) for i in picked.tolist()],
+                         [ndcg_gain(live_ranks[i], k) for i in picked.tolist()])
 
     def publish_if_due(self, now_s: float | None = None) -> EmbeddingBatch | None:
         """Publish when steps or time say so. Call it while the stream is idle too: the last steps before

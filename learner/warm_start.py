@@ -119,13 +119,28 @@ def save_warm_start(warm: WarmStart, path: Path) -> None:
     warm.learner.save(path, extra=extra)
 
 
-def load_warm_start(path: Path | str) -> WarmStart:
-    """A model written by ``sitn train``; a checkpoint of another kind is refused with the reason."""
-    from learner.learner import SITNLearner
+def _warm_state(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint's state and its ``sitn train`` record; a checkpoint of another kind is refused."""
+    from learner.checkpoint import load_checkpoint
 
-    learner = SITNLearner.load(path)
-    info = learner.extra.get(EXTRA_KEY)
+    state = load_checkpoint(path)
+    info = state.get("extra", {}).get(EXTRA_KEY)
     if not isinstance(info, dict) or "trained_until" not in info:
         raise ValueError(f"{path} is not a `sitn train` model (no {EXTRA_KEY!r} record of what it was trained on)")
+    return state, info
+
+
+def warm_start_config(path: Path | str) -> tuple[SITNConfig, dict[str, Any]]:
+    """The model's config and what it was trained on, without building the model (for ``sitn run``'s driver)."""
+    state, info = _warm_state(path)
+    return SITNConfig.from_dict(state["config"]), info
+
+
+def load_warm_start(path: Path | str) -> WarmStart:
+    """A model written by ``sitn train``, rebuilt; a checkpoint of another kind is refused with the reason."""
+    from learner.learner import SITNLearner
+
+    state, info = _warm_state(path)
+    learner = SITNLearner.from_state_dict(state)
     return WarmStart(learner, float(info["trained_until"]), int(info["events"]), int(info["epochs"]),
                      info.get("validation_ndcg_at_10"))

@@ -268,7 +268,7 @@ def test_drift_monitor_sees_the_stream_and_survives_a_checkpoint(tmp_path: Path)
 def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones(
     tmp_path: Path, events: list[InteractionEvent]
 ) -> None:
-    from learner.warm_start import load_warm_start, save_warm_start, train_warm_start
+    from learner.warm_start import load_warm_start, save_warm_start, train_warm_start, warm_start_config
 
     torch.set_num_threads(1)
     cut = events[599].timestamp
@@ -280,6 +280,9 @@ def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones
     save_warm_start(warm, tmp_path / "warm.pt")
     loaded = load_warm_start(tmp_path / "warm.pt")
     assert (loaded.trained_until, loaded.events, loaded.epochs) == (warm.trained_until, warm.events, warm.epochs)
+    config, info = warm_start_config(tmp_path / "warm.pt")  # what sitn run's driver reads
+    assert config == loaded.learner.config == small_config() and (info["trained_until"], info["events"]) == (
+        cut, warm.events)
     step0 = loaded.learner.step
     assert step0 > 0
     sent: list[EmbeddingBatch] = []
@@ -320,11 +323,13 @@ def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones
 
 
 def test_a_model_that_sitn_train_did_not_write_is_refused(tmp_path: Path) -> None:
-    from learner.warm_start import load_warm_start
+    from learner.warm_start import load_warm_start, warm_start_config
 
     SITNLearner(small_config(), "movie", "book").save(tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="is not a `sitn train` model"):
         load_warm_start(tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="is not a `sitn train` model"):
+        warm_start_config(tmp_path / "plain.pt")
 
 
 def test_the_live_model_ranks_each_event_from_its_own_history_among_the_known_items(

@@ -125,13 +125,12 @@ def main(args: argparse.Namespace) -> int:
     config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len,
                         replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio)
     if run.warm_start is not None:
-        from learner.warm_start import load_warm_start
+        from learner.warm_start import warm_start_config
 
-        warm = load_warm_start(run.warm_start)
-        config = warm.learner.config  # the model's own shape and training settings
-        print(f"sitn run: warm start from {run.warm_start}: trained on {warm.events:,} events up to "
-              f"{datetime.fromtimestamp(warm.trained_until, UTC).isoformat()} ({warm.epochs} epochs); those are "
-              f"burnt in, the prequential figures count the events after them")
+        config, warm = warm_start_config(run.warm_start)  # the model's own shape and training settings
+        print(f"sitn run: warm start from {run.warm_start}: trained on {warm['events']:,} events up to "
+              f"{datetime.fromtimestamp(warm['trained_until'], UTC).isoformat()} ({warm['epochs']} epochs); those "
+              f"are burnt in, the prequential figures count the events after them")
     telemetry = TelemetrySettings()  # environment only (SITN_METRICS_*)
     drift = DriftSettings()  # environment only (SITN_DRIFT_*), read here in the driver
     log.info("settings run=%r", run)
