@@ -141,10 +141,7 @@ def load_events(path: str | Path, source: str, target: str, limit: int | None = 
     rows: list[CsvRow] = []
     skipped: Counter[str] = Counter()
     stats = TimeColumnStats()
-    for row in read_rows(path, limit):
-        if row.domain not in wanted:
-            skipped[row.domain] += 1
-            continue
+    for row in _kept_rows(path, wanted, limit, skipped):
         rows.append(row)
         stats.add(row.raw_timestamp)
     time = stats.choose(time_unit)
