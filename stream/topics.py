@@ -23,6 +23,7 @@ producer's acks=all an acknowledged write is on two replicas, and one broker may
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from stream.broker import replication_for
@@ -95,8 +96,13 @@ def ensure_topics(settings: StreamSettings, timeout_s: float = 30.0) -> list[str
                 elif code != TopicAlreadyExistsError.errno:  # a concurrent creator won the race: fine
                     raise ConfigError(f"creating topic {topic['name']!r} failed: error_code={code} {topic}")
             admin.wait_for_topics([s.name for s in specs], timeout_ms=int(timeout_s * 1000))
-        interactions = admin.describe_topics([settings.topic_interactions])[0]
-        have = len(interactions["partitions"])
+        # A topic just created can be listed before its partitions reach the metadata (seen on a 3-node
+        # cluster): an empty partition list means "not yet", within the same timeout.
+        deadline = time.monotonic() + timeout_s
+        have = len(admin.describe_topics([settings.topic_interactions])[0]["partitions"])
+        while have == 0 and created and time.monotonic() < deadline:
+            time.sleep(0.2)
+            have = len(admin.describe_topics([settings.topic_interactions])[0]["partitions"])
         if have != settings.partitions:
             raise ConfigError(
                 f"topic {settings.topic_interactions!r} has {have} partitions, configured {settings.partitions}"

@@ -150,8 +150,11 @@ def test_prometheus_scrapes_every_process_of_a_live_pipeline(pipeline: Any, prom
         assert prometheus.scalar("sum(sitn_stream_consumer_lag_records)") == 0  # caught up
         ndcg = prometheus.scalar("sitn_learner_prequential_ndcg_at_10 > 0")
         assert ndcg is not None and ndcg == pytest.approx(status["prequential_ndcg_at_10"], abs=1e-9)
-        p99 = prometheus.scalar('histogram_quantile(0.99, sum by (le) '
-                                '(rate(sitn_serving_http_request_seconds_bucket{route="/recommend"}[30s])))')
+        p99_query = ('histogram_quantile(0.99, sum by (le) '
+                     '(rate(sitn_serving_http_request_seconds_bucket{route="/recommend"}[2m])))')
+        # a rate needs two scrapes of the histogram inside its window, one before the requests
+        wait_for(lambda: (prometheus.scalar(p99_query) or 0) > 0, 20, "two scrapes of the request histogram")
+        p99 = prometheus.scalar(p99_query)
         assert p99 is not None and 0 < p99 <= 2.5  # within the histogram's finite buckets
         freshness = prometheus.scalar("histogram_quantile(0.5, sum by (le) (sitn_serving_freshness_seconds_bucket))")
         assert freshness is not None and freshness > 0
