@@ -158,9 +158,12 @@ class FusedShadow:
     {0.5: 0.0, 2.0: 1.0}
     """
 
-    def __init__(self, weights: Sequence[float] = FUSED_WEIGHTS, k: int = 10, window: int = 10_000) -> None:
+    def __init__(self, weights: Sequence[float] = FUSED_WEIGHTS, k: int = 10, window: int = 10_000,
+                 name: str = "fused") -> None:
+        """``name``: the prefix of its ``stats`` keys."""
         if not weights or len(set(weights)) != len(weights) or not all(0 < w < math.inf for w in weights):
             raise ValueError(f"weights must be distinct finite numbers > 0, got {list(weights)}")
+        self.name = name
         self.weights = tuple(float(w) for w in weights)
         self.tallies = {w: RankTally(k, window) for w in self.weights}
         self.weight = self.weights[len(self.weights) // 2]  # served before any evidence: the grid's middle
@@ -210,9 +213,9 @@ class FusedShadow:
         return self.weight
 
     def stats(self) -> dict[str, float]:
-        out = {"fused_weight": self.weight}
+        out = {f"{self.name}_weight": self.weight}
         for w in self.weights:
-            out[f"fused_w{w:g}_ndcg_at_{self.tallies[w].k}_window"] = self.ndcg(w)
+            out[f"{self.name}_w{w:g}_ndcg_at_{self.tallies[w].k}_window"] = self.ndcg(w)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -51,8 +51,9 @@ PREQUENTIAL_RANKED = Counter(
 )
 RANKER_HR = Gauge(
     "sitn_learner_ranker_hr_at_10",
-    "Prequential HR@10 by ranker (model, fused, popularity, cooc_target, cooc_target_source), over all target events or "
-    "the rankable ones (events), whole stream or last window (span).",
+    "Prequential HR@10 by ranker (model and fused as served at that moment of the replay; model_live and fused_live "
+    "at data time, from the event's own history; popularity, cooc_target, cooc_target_source), over all target "
+    "events or the rankable ones (events), whole stream or last window (span).",
     ["ranker", "events", "span"],
 )
 RANKER_NDCG = Gauge(
@@ -66,7 +67,8 @@ RANKABLE_RATIO = Gauge(
 )
 MODEL_LIFT = Gauge(
     "sitn_learner_model_lift_ratio",
-    "Served model's NDCG@10 divided by the best baseline's, whole stream, all target events (1 = as good).",
+    "The model's NDCG@10 at data time (model_live: the event's own history, as the baselines) divided by the best "
+    "baseline's, whole stream, all target events (1 = as good).",
 )
 SERVED_RANKER = Gauge(
     "sitn_learner_served_ranker",
@@ -83,7 +85,8 @@ FUSED_WEIGHT = Gauge(
 )
 FUSED_LIFT = Gauge(
     "sitn_learner_fused_lift_ratio",
-    "Fused ranker's NDCG@10 divided by the best baseline's, whole stream, all target events (1 = as good).",
+    "Fused ranker's NDCG@10 at data time (fused_live) divided by the best baseline's, whole stream, all target "
+    "events (1 = as good).",
 )
 FALLBACK_Z = Gauge(
     "sitn_learner_fallback_z",
@@ -168,9 +171,9 @@ def record_quality(quality: Any) -> None:
                 RANKER_NDCG.labels(ranker, events, span).set(f["ndcg" + suffix])
             if ranker == quality.model:
                 RANKABLE_RATIO.labels(span).set(f["rankable_ratio"])
-    MODEL_LIFT.set(quality.lift())
-    if "fused" in quality.tallies:
-        FUSED_LIFT.set(quality.lift(ranker="fused"))
+    MODEL_LIFT.set(quality.lift(ranker="model_live" if "model_live" in quality.tallies else None))
+    if "fused_live" in quality.tallies:
+        FUSED_LIFT.set(quality.lift(ranker="fused_live"))
 
 
 def record_served_ranker(served_by: str, switched: bool) -> None:

@@ -12,6 +12,16 @@ for a grid of weights; each publish carries the weight it serves with (``Embeddi
 the ``fused`` tally is its rank at that weight, so the fallback can choose it as serving would answer.
 Tallies, baselines, the fused weights' tallies and the fallback's window are checkpointed with the model.
 
+Replay time and data time. A replay sends days of activity in minutes: a user's next event often arrives
+milliseconds after the previous one (on the shipped data 81% of the later book events directly follow the
+same user's previous event in the file), long before any publish can serve it, while the shadow baselines
+rank every event from its own history. So each learnt ranker is tallied twice: ``model`` and ``fused`` as
+serving held them at that moment of the replay (*replay time*), and ``model_live`` and ``fused_live`` from
+the event's own history with the weights being trained (*data time*: what serving answers once a user's
+vectors are published before the user's next request, as at live traffic rates, where freshness is about a
+second and a publish follows every step). Data time is the comparison with the baselines on equal terms,
+so the fallback and the fused weight are decided on it; the replay-time figures stay beside it.
+
 The learner owns the stream's positions and each user's history (``stream.consumer`` hands it decoded events
 with their offsets, nothing more). Per partition it keeps the position, the next offset to read, of
 everything trained. The one history store is the model's own (``SITNLearner.histories``, which
@@ -65,6 +75,10 @@ log = logging.getLogger(__name__)
 MODEL = "model"
 MODEL_LIVE = "model_live"  # the live model, queried with the event's own history, as the shadow baselines are
 FUSED = "fused"
+FUSED_LIVE = "fused_live"  # the fused ranker over the live model's scores: FUSED at data time
+# What serving answers with each learnt ranker once the event's user is served fresh (data time, see the
+# module docstring), as the shadow baselines are measured: the figures the fallback and the fused weight go by.
+DATA_TIME = {MODEL: MODEL_LIVE, FUSED: FUSED_LIVE}
 RANKERS = (MODEL, *BASELINES)  # the rankers every target event is scored with (and FUSED when it is on)
 # The baselines serving can compute itself, by the name ``served_by`` gives them, and their shadow ranker.
 SERVABLE = {"popularity": "popularity", "cooccurrence": "cooc_target"}
@@ -136,8 +150,10 @@ class OnlineTrainer:
         if fallback is not None and not set(fallback.baselines) <= set(SERVABLE):
             raise ValueError(f"fallback baselines must be among {sorted(SERVABLE)}, got {list(fallback.baselines)}")
         self.fused = FusedShadow(fused_weights, prequential_k, fused_window) if fused_weights else None
-        learnt = (MODEL, MODEL_LIVE, FUSED) if self.fused is not None else (MODEL, MODEL_LIVE)
-        if fallback is not None and not set(fallback.learnt) <= set(learnt) - {MODEL_LIVE}:
+        self.fused_live = (FusedShadow(fused_weights, prequential_k, fused_window, name=FUSED_LIVE)
+                           if fused_weights else None)
+        learnt = (MODEL, MODEL_LIVE, FUSED, FUSED_LIVE) if self.fused is not None else (MODEL, MODEL_LIVE)
+        if fallback is not None and not set(fallback.learnt) <= set(learnt) - {MODEL_LIVE, FUSED_LIVE}:
             raise ValueError(f"fallback learnt rankers must be among {list(learnt)}, got {list(fallback.learnt)}")
         self._stamp = _StampServedBy(transport)
         self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every)
@@ -145,8 +161,8 @@ class OnlineTrainer:
         self.shadow = ShadowBaselines(self.source, self.target, max_history=learner.config.max_len)
         self.quality = StreamQuality((*RANKERS, *learnt[1:]), prequential_k, prequential_window, model=MODEL,
                                      learnt=learnt[1:])
-        if self.fused is not None:
-            self._stamp.fused_weight = self.fused.weight
+        if self.fused_live is not None:
+            self._stamp.fused_weight = self.fused_live.weight
         self.fallback = fallback
         self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
         self.events_applied = 0
@@ -253,20 +269,21 @@ class OnlineTrainer:
         before = [consumed_items(ex, self.target) for ex in targets]  # excluded from the candidates
         model_scores: dict[int, np.ndarray] = {}  # target position -> served model scores (N,)
         served_ranks = self.prequential.rank_many(consumed, before, model_scores)  # test with what is served ...
-        live_ranks = self._live_ranks(targets, before)  # the live model, from each event's own history
+        live_ranks, live_scores = self._live_ranks(targets, before)  # the live model, from each event's own history
         ranks: dict[str, list[int | None]] = {MODEL: served_ranks, MODEL_LIVE: live_ranks}
         hook = None
         if self.fused is not None:
             fused_ranks: list[int | None] = []
-            ranks[FUSED] = fused_ranks
-            hook = self._fused_ranker(model_scores, fused_ranks)
+            fused_live_ranks: list[int | None] = []
+            ranks[FUSED], ranks[FUSED_LIVE] = fused_ranks, fused_live_ranks
+            hook = self._fused_ranker(model_scores, fused_ranks, live_scores, fused_live_ranks)
         # ... the baselines and the fused ranker, each event then learnt ...
         rankable, baseline_ranks = self.shadow.observe(examples, hook)
         gains = self.quality.record(rankable, {**ranks, **baseline_ranks})
-        if self.fallback is not None:
-            others = {name: gains[name] for name in self.fallback.learnt[1:]}
+        if self.fallback is not None:  # judged at data time, as the baselines are
+            others = {name: gains[DATA_TIME.get(name, name)] for name in self.fallback.learnt[1:]}
             others.update({name: gains[SERVABLE[name]] for name in self.fallback.baselines})
-            self.fallback.record(gains[MODEL], others)
+            self.fallback.record(gains[DATA_TIME[MODEL]], others)
         telemetry.PREQUENTIAL_RANKED.inc(len(targets))
         if self.gate is not None and consumed:
             self._shadow_rank(consumed, served_ranks, live_ranks)  # ... served vs what would be published ...
@@ -274,8 +291,9 @@ class OnlineTrainer:
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         stats.update(self.prequential.stats())
         stats.update(self.quality.stats())
-        if self.fused is not None:
+        if self.fused is not None and self.fused_live is not None:
             stats.update(self.fused.stats())
+            stats.update(self.fused_live.stats())
         telemetry.record_quality(self.quality)
         if self.gate is not None:
             stats.update(self.gate.state())
@@ -292,13 +310,14 @@ class OnlineTrainer:
         self.publish_if_due()
         return stats
 
-    def _live_ranks(self, targets: list[Example], before: list[tuple[str, ...]]) -> list[int | None]:
+    def _live_ranks(self, targets: list[Example], before: list[tuple[str, ...]]) -> tuple[list[int | None], np.ndarray]:
         """Each target event ranked by the live model (before it trains on the step) from the event's own
         causal history, among the target items the learner knows: the information the shadow baselines
-        rank with. ``model`` ranks with what serving holds, so the gap between the two is the cost of
-        publishing late (users whose vectors are not served yet fall back to popularity there)."""
+        rank with. Returns the ranks and the (B, N) scores, items in ``embed_items`` order. ``model`` ranks
+        with what serving held at that moment of the replay, so the gap between the two is what serving a
+        user's vectors after the user's next event costs (module docstring: data time)."""
         if not targets:
-            return []
+            return [], np.zeros((0, 0), dtype=np.float32)
         idmap = self.learner.idmaps["target"]
         rows = idmap.rows(ex.item_id for ex in targets) - 1  # embed_items order; -1: never seen, a miss
         scores = self.learner.score_items(self.learner.embed_histories([ex.history for ex in targets]))  # (B, N)
@@ -309,22 +328,31 @@ class OnlineTrainer:
                 continue
             excluded = [e for e in (idmap.rows(before[j]) - 1).tolist() if e >= 0]
             out.append(rank_with_ties_against(scores[j], int(r), excluded))
-        return out
+        return out, scores
 
-    def _fused_ranker(self, model_scores: dict[int, np.ndarray], out: list[int | None]) -> Any:
-        """The shadow hook ranking each target event with the fused ranker (served vectors, the baselines'
-        co-occurrence before the event) into ``out``."""
-        assert self.fused is not None
-        fused, prequential, cooc = self.fused, self.prequential, self.shadow.cooc
+    def _fused_ranker(self, model_scores: dict[int, np.ndarray], out: list[int | None], live_scores: np.ndarray,
+                      out_live: list[int | None]) -> Any:
+        """The shadow hook ranking each target event with the fused ranker into ``out`` (served vectors) and
+        ``out_live`` (the live model's ``live_scores``, one row per target event), each with the baselines'
+        co-occurrence before the event."""
+        assert self.fused is not None and self.fused_live is not None
+        fused, fused_live, prequential, cooc = self.fused, self.fused_live, self.prequential, self.shadow.cooc
         served_ids = prequential.served_item_ids()
+        idmap = self.learner.idmaps["target"]
+        live_ids = idmap.ids()  # the columns of live_scores (embed_items order)
 
         def rank(position: int, ex: Any, rankable: bool, cooc_scores: np.ndarray | None) -> None:
+            consumed = consumed_items(ex, self.target)
             positive = prequential.item_row(ex.item_id)
             excluded: list[int] = []
             if positive is not None:
-                excluded = [r for r in map(prequential.item_row, consumed_items(ex, self.target)) if r is not None]
+                excluded = [r for r in map(prequential.item_row, consumed) if r is not None]
             out.append(fused.rank(ex, served_ids, model_scores.get(position), positive, excluded, cooc,
                                   cooc_scores, rankable))
+            row = idmap.row(ex.item_id) - 1
+            live_excluded = [e for e in (idmap.rows(consumed) - 1).tolist() if e >= 0]
+            out_live.append(fused_live.rank(ex, live_ids, live_scores[position], row if row >= 0 else None,
+                                            live_excluded, cooc, cooc_scores, rankable))
 
         return rank
 
@@ -366,8 +394,9 @@ class OnlineTrainer:
         if self.fallback is not None:
             previous, self._stamp.served_by = self._stamp.served_by, self.fallback.decide()
             telemetry.record_served_ranker(self._stamp.served_by, self._stamp.served_by != previous)
-        if self.fused is not None:  # the weight serving uses from this version on, and the learner ranks with
-            self._stamp.fused_weight = self.fused.choose()
+        if self.fused is not None and self.fused_live is not None:
+            # the weight serving uses from this version on (chosen at data time), and the learner ranks with
+            self._stamp.fused_weight = self.fused.weight = self.fused_live.choose()
             telemetry.FUSED_WEIGHT.set(self._stamp.fused_weight)
         start_s = time.perf_counter()
         batch = self._stamp.stamp(self.publisher.publish(int(self.learner.step), force_full=force_full))
@@ -409,6 +438,7 @@ class OnlineTrainer:
             "shadow": self.shadow.state_dict(),
             "fallback": self.fallback.state_dict() if self.fallback is not None else None,
             "fused": self.fused.state_dict() if self.fused is not None else None,
+            "fused_live": self.fused_live.state_dict() if self.fused_live is not None else None,
             "burn_in": {"until": self.burn_in_until, "events": self.burn_in_events},
         }
         start_s = time.perf_counter()
@@ -442,7 +472,10 @@ class OnlineTrainer:
             self._stamp.served_by = self.fallback.served
         if self.fused is not None and extra.get("fused") is not None:
             self.fused.load_state_dict(extra["fused"])
-            self._stamp.fused_weight = self.fused.weight
+        if self.fused_live is not None and extra.get("fused_live") is not None:
+            self.fused_live.load_state_dict(extra["fused_live"])
+        if self.fused_live is not None:
+            self._stamp.fused_weight = self.fused.weight = self.fused_live.weight  # type: ignore[union-attr]
         burn_in = extra.get("burn_in") or {}
         self.burn_in_until = burn_in.get("until")
         self.burn_in_events = int(burn_in.get("events", 0))
@@ -465,9 +498,10 @@ class OnlineTrainer:
         with the ranker serving was last told to use."""
         out = self.quality.figures()
         out["served_by"] = self.served_by
-        out["fused"] = None if self.fused is None else {
-            "weight": self.fused.weight, "weights": list(self.fused.weights),
-            "ndcg_window_by_weight": {f"{w:g}": self.fused.ndcg(w) for w in self.fused.weights},
+        out["fused"] = None if self.fused is None or self.fused_live is None else {
+            "weight": self.fused_live.weight, "weights": list(self.fused_live.weights),
+            "ndcg_window_by_weight": {f"{w:g}": self.fused_live.ndcg(w) for w in self.fused_live.weights},
+            "ndcg_window_by_weight_replay": {f"{w:g}": self.fused.ndcg(w) for w in self.fused.weights},
         }
         out["fallback"] = self.fallback.state() if self.fallback is not None else None
         return out

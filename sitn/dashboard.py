@@ -26,10 +26,11 @@ How each series is derived (``derive``):
   processes. Only one process sets each of these; an unlabelled gauge exports 0 from every other process
   that imported its module, so the sum is the owner's value.
 - *quality*, the headline: ``ndcg_at_10{ranker}`` and ``hr_at_10{ranker}``, the prequential figures of the
-  served model, of the fused ranker (model and co-occurrence, ``serving.fused``) and of each shadow baseline
-  (popularity, co-occurrence with target history, with target and source history) over the last window of
-  target events, all events (an unseen item is a miss); ``model_lift_ratio`` and ``fused_lift_ratio``
-  (NDCG@10 / best baseline's, whole stream); ``fused_weight`` (the w served); ``rankable_ratio`` (window);
+  model and of the fused ranker (model and co-occurrence, ``serving.fused``), each as served at that moment
+  of the replay (``model``, ``fused``) and at data time (``model_live``, ``fused_live``; ``learner.trainer``),
+  and of each shadow baseline (popularity, co-occurrence with target history, with target and source
+  history) over the last window of target events, all events (an unseen item is a miss);
+  ``model_lift_ratio`` and ``fused_lift_ratio`` (data-time NDCG@10 / best baseline's, whole stream); ``fused_weight`` (the w served); ``rankable_ratio`` (window);
   ``serving_ranker{served_by}`` (1 for the ranker ``/recommend`` answers with, from serving).
 
 Every series with a label (``domain``, ``term``, ``k``) has one buffer per label value; all those labels

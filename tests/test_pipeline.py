@@ -294,9 +294,11 @@ def check_summary(pipeline: Pipeline, events: list[InteractionEvent]) -> None:
     assert (pq["k"], pq["target_events"], pq["rankable_events"]) == (10, len(books), len(books) - len(set(books)))
     assert pq["window_events"] == min(2000, len(books))
     assert pq["rankable_ratio"]["stream"] == pytest.approx(pq["rankable_events"] / len(books), rel=1e-12)
-    assert set(pq["rankers"]) == {"model", "model_live", "fused", "popularity", "cooc_target", "cooc_target_source"}
+    assert set(pq["rankers"]) == {"model", "model_live", "fused", "fused_live", "popularity", "cooc_target",
+                                  "cooc_target_source"}
     assert pq["fused"]["weight"] in pq["fused"]["weights"] == [0.25, 0.5, 1.0, 2.0, 4.0]
-    assert set(pq["lifts"]) == {"model", "model_live", "fused"} and pq["lifts"]["model"]["stream"] == pq["lift"]
+    assert set(pq["lifts"]) == {"model", "model_live", "fused", "fused_live"}
+    assert pq["lifts"]["model"]["stream"] == pq["lift"]
     for name, spans in pq["rankers"].items():
         for span in ("stream", "window"):
             f = spans[span]

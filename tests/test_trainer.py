@@ -85,13 +85,18 @@ def test_trains_every_example_publishes_and_ranks(tmp_path: Path, events: list[I
     # Prequential: every target event was ranked by the model and by every baseline, before training.
     books = [e.item_id for e in events[:600] if e.domain == "book"]
     assert {name: t.events for name, t in trainer.quality.tallies.items()} == dict.fromkeys(
-        ("model", "model_live", "popularity", "cooc_target", "cooc_target_source", "fused"), len(books))
-    # The fused ranker: every weight of the grid ranked every target event; each batch carries the weight
-    # chosen at its publish, the one the learner ranks with from then on.
-    assert trainer.fused is not None
-    assert {w: t.events for w, t in trainer.fused.tallies.items()} == dict.fromkeys(
-        (0.25, 0.5, 1.0, 2.0, 4.0), len(books))
-    assert sent[-1].fused_weight == trainer.fused.weight in trainer.fused.weights
+        ("model", "model_live", "popularity", "cooc_target", "cooc_target_source", "fused", "fused_live"),
+        len(books))
+    # The fused ranker, at replay time and at data time: every weight of the grid ranked every target event;
+    # each batch carries the weight chosen at its publish (on the data-time tallies), the one both rank with
+    # from then on.
+    assert trainer.fused is not None and trainer.fused_live is not None
+    for fused in (trainer.fused, trainer.fused_live):
+        assert {w: t.events for w, t in fused.tallies.items()} == dict.fromkeys((0.25, 0.5, 1.0, 2.0, 4.0), len(books))
+    assert sent[-1].fused_weight == trainer.fused.weight == trainer.fused_live.weight in trainer.fused.weights
+    # At data time every rankable event is ranked (the live model knows every item seen in the stream).
+    live = trainer.quality.tallies["fused_live"].figures()["stream"]
+    assert live["rankable"] == len(books) - len(set(books))
     # An item's first occurrence is the only unrankable one, in whatever order the partitions interleave.
     figures = trainer.quality.figures()["rankers"]
     assert {f["stream"]["rankable"] for f in figures.values()} == {len(books) - len(set(books))}
@@ -342,11 +347,12 @@ def test_the_live_model_ranks_each_event_from_its_own_history_among_the_known_it
     examples = [store.observe(e) for e in events[:600]][400:]
     targets = [ex for ex in examples if ex.domain == "book"][:40]
     before = [tuple(ex.history["book"][0]) for ex in targets]
-    ranks = trainer._live_ranks(targets, before)
+    ranks, live_scores = trainer._live_ranks(targets, before)
     learner = trainer.learner
     item_ids, _ = learner.embed_items("book")
     column = {item_id: j for j, item_id in enumerate(item_ids)}
     scores = learner.score_items(learner.embed_histories([ex.history for ex in targets]))
+    np.testing.assert_allclose(live_scores, scores, rtol=1e-5, atol=1e-6)  # what fused_live fuses
     assert any(r is None for r in ranks) and any(r is not None for r in ranks)
     for j, (ex, rank) in enumerate(zip(targets, ranks, strict=True)):
         if ex.item_id not in column:

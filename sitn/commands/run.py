@@ -259,14 +259,15 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
         ("prototype agreement", _fmt(s.get("proto_agreement"), ".3f")),
         ("prequential HR@10 / NDCG@10 (model, window)", f"{_fmt(s.get('prequential_hr_at_10'), '.4f')} / "
                                                         f"{_fmt(s.get('prequential_ndcg_at_10'), '.4f')}"),
-        ("NDCG@10 live model, own history (window)", _fmt(s.get("model_live_ndcg_at_10_window"), ".4f")),
+        ("NDCG@10 data time: model / fused (window)", f"{_fmt(s.get('model_live_ndcg_at_10_window'), '.4f')} / "
+                                                      f"{_fmt(s.get('fused_live_ndcg_at_10_window'), '.4f')}"),
         ("NDCG@10 popularity / cooc target / +source", f"{_fmt(s.get('popularity_ndcg_at_10_window'), '.4f')} / "
                                                        f"{_fmt(s.get('cooc_target_ndcg_at_10_window'), '.4f')} / "
                                                        f"{_fmt(s.get('cooc_target_source_ndcg_at_10_window'), '.4f')}"),
-        ("NDCG@10 fused (window) / weight w", f"{_fmt(s.get('fused_ndcg_at_10_window'), '.4f')} / "
-                                              f"{_fmt(s.get('fused_weight'), 'g')}"),
-        ("lift over best baseline: model / fused (stream)", f"{_fmt(s.get('prequential_lift'), '.3f')} / "
-                                                            f"{_fmt(s.get('fused_lift'), '.3f')}"),
+        ("NDCG@10 replay time: fused (window) / weight w", f"{_fmt(s.get('fused_ndcg_at_10_window'), '.4f')} / "
+                                                           f"{_fmt(s.get('fused_weight'), 'g')}"),
+        ("lift over best baseline, data time: model / fused", f"{_fmt(s.get('model_live_lift'), '.3f')} / "
+                                                              f"{_fmt(s.get('fused_live_lift'), '.3f')}"),
         ("served by", str(s.get("served_by", "-"))),
         ("served version / items / users", f"{_fmt(s.get('served_version'))} / {_fmt(s.get('index_items'))}"
                                            f" / {_fmt(s.get('users'))}"),
@@ -292,10 +293,12 @@ def render_summary(summary: dict[str, Any], path: Path) -> Any:
 
     pq = summary.get("prequential") or {}
     ratio = (pq.get("rankable_ratio") or {}).get("stream")
-    fused_lift = ((pq.get("lifts") or {}).get("fused") or {}).get("stream")
+    lifts = pq.get("lifts") or {}
+    model_lift = (lifts.get("model_live") or {}).get("stream")
+    fused_lift = (lifts.get("fused_live") or {}).get("stream")
     fused_weight = (pq.get("fused") or {}).get("weight")
-    table = Table(title=f"{path}  (whole stream; rankable share {_fmt(ratio, '.3f')}; "
-                        f"lift model {_fmt(pq.get('lift'), '.3f')}, fused {_fmt(fused_lift, '.3f')} "
+    table = Table(title=f"{path}  (whole stream; rankable share {_fmt(ratio, '.3f')}; lift over the best "
+                        f"baseline at data time: model {_fmt(model_lift, '.3f')}, fused {_fmt(fused_lift, '.3f')} "
                         f"(w {_fmt(fused_weight, 'g')}); served by {summary.get('served_by')})")
     for column in ("ranker", "HR@10", "NDCG@10", "HR@10 rankable", "NDCG@10 rankable"):
         table.add_column(column, justify="left" if column == "ranker" else "right")
