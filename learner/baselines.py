@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 from river import optim, reco
 
-from stream.cooccurrence import MODES, ItemCooccurrence
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, MODES, ItemCooccurrence
 from stream.user_state import Example, Sequence_
 
 History = dict[str, Sequence_]
@@ -227,6 +227,7 @@ the tie-break (``1e-9`` relative) would vanish in float32 next to a co-occurrenc
         *,
         alpha: float = 0.5,
         max_history: int = 50,
+        max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -234,7 +235,8 @@ the tie-break (``1e-9`` relative) would vanish in float32 next to a co-occurrenc
         self.mode = mode
         self.catalogue = list(catalogue)
         self._index = {item_id: i for i, item_id in enumerate(self.catalogue)}
-        self.model = ItemCooccurrence(source, target, alpha=alpha, max_history=max_history)
+        self.model = ItemCooccurrence(source, target, alpha=alpha, max_history=max_history,
+                                      max_neighbours=max_neighbours)
         self._columns = np.zeros(0, dtype=np.int64)  # co-occurrence row -> catalogue column
 
     def learn_many(self, examples: Sequence[Example]) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from learner.prequential import RankTally
 from serving.fused import FUSED_WEIGHTS, CoocAlignment, combine, standardise
-from stream.cooccurrence import ItemCooccurrence, rank_with_ties_against
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, ItemCooccurrence, rank_with_ties_against
 from stream.user_state import Example
 
 BASELINES = ("popularity", "cooc_target", "cooc_target_source")
@@ -54,9 +54,11 @@ TargetHook = Callable[[int, Example, bool, "np.ndarray | None"], None]
 class ShadowBaselines:
     """Popularity and item co-occurrence rankers over the stream, ranked before they learn an event."""
 
-    def __init__(self, source: str, target: str, max_history: int = 50) -> None:
+    def __init__(
+        self, source: str, target: str, max_history: int = 50, max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS
+    ) -> None:
         self.source, self.target = source, target
-        self.cooc = ItemCooccurrence(source, target, max_history=max_history)
+        self.cooc = ItemCooccurrence(source, target, max_history=max_history, max_neighbours=max_neighbours)
 
     def rank(self, examples: Sequence[Example]) -> tuple[list[bool], dict[str, list[int | None]]]:
         """Rank each target-domain example's item with every baseline; returns the rankable flags and the

@@ -9,6 +9,10 @@ It differs from the learner's only in what the history holds (serving's consumed
 publish. A user's recommendations score every item against their consumed items; the items without a
 co-occurrence signal follow in popularity order.
 
+Memory: the counts keep at most ``max_neighbours`` neighbours per item (the same pruning as the learner's,
+``stream.cooccurrence``; default :data:`stream.cooccurrence.DEFAULT_MAX_NEIGHBOURS`), so what serving holds
+grows with its catalogue, not with every pair its users ever consumed together.
+
 Thread safety: learning (the publish path) and scoring (the request path) take one lock; scoring the
 39k books of the shipped catalogue takes well under a millisecond.
 
@@ -26,7 +30,7 @@ from collections.abc import Collection, Iterable, Sequence
 import numpy as np
 
 from serving.fused import CoocAlignment
-from stream.cooccurrence import ItemCooccurrence
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, ItemCooccurrence
 
 # ItemCooccurrence counts events of two named domains; serving only sees the target domain.
 _SOURCE, _TARGET = "source", "target"
@@ -35,9 +39,10 @@ _SOURCE, _TARGET = "source", "target"
 class CooccurrenceRanker:
     """Target-history item co-occurrence, learnt from consumed pairs, ranked for a user's consumed items."""
 
-    def __init__(self, max_history: int = 50) -> None:
+    def __init__(self, max_history: int = 50, max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS) -> None:
         self.max_history = max_history
-        self._cooc = ItemCooccurrence(_SOURCE, _TARGET, max_history=max_history)
+        self.max_neighbours = max_neighbours  # per item; None: every pair (see ``stream.cooccurrence``)
+        self._cooc = ItemCooccurrence(_SOURCE, _TARGET, max_history=max_history, max_neighbours=max_neighbours)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:

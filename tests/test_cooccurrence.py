@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream.cooccurrence import ItemCooccurrence, rank_with_ties_against
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, ItemCooccurrence, rank_with_ties_against
 from stream.events import InteractionEvent
 from stream.user_state import UserStateStore
 
@@ -97,3 +97,90 @@ def test_scores_between_events_match_a_model_that_never_scored() -> None:
         for mode in ("target", "target+source", "source"):
             assert np.allclose(scored.scores(store.history(user), mode), fresh.scores(store.history(user), mode),
                                rtol=1e-12, atol=0.0)
+
+
+# -- the neighbour cap (max_neighbours): exact below it, bounded above it, the strongest neighbours kept --
+
+
+def test_a_cap_no_row_reaches_changes_nothing() -> None:
+    store = UserStateStore(("movie", "book"), max_len=50)
+    examples = store.observe_many(_random_events(3))
+    uncapped, capped = ItemCooccurrence("movie", "book", max_neighbours=None), ItemCooccurrence("movie", "book")
+    uncapped.learn_many(examples)
+    capped.learn_many(examples)
+    assert capped.pruned_rows == 0 and capped.n_pairs() == uncapped.n_pairs()
+    # 15 items per domain: a row holds at most 15 neighbours; a cap of 8 (rows pruned past 16) never prunes
+    at_the_edge = ItemCooccurrence("movie", "book", max_neighbours=8)
+    at_the_edge.learn_many(examples)
+    assert at_the_edge.pruned_rows == 0
+    for user in ("u2", "u11"):
+        for mode in ("target", "target+source", "source"):
+            expected = uncapped.scores(store.history(user), mode)
+            np.testing.assert_array_equal(capped.scores(store.history(user), mode), expected)
+            np.testing.assert_array_equal(at_the_edge.scores(store.history(user), mode), expected)
+
+
+def test_rows_stay_bounded_and_keep_their_largest_counts() -> None:
+    co = ItemCooccurrence("movie", "book", max_neighbours=2)  # a row is pruned back to 2 when it passes 4
+    for _ in range(5):
+        co.learn({"book": ("b1",)}, "book", "b0")
+    for _ in range(3):
+        co.learn({"book": ("b2",)}, "book", "b0")
+    for n in range(20):  # singletons, each pair seen once: b0 gains one neighbour per event
+        co.learn({"book": (f"s{n}",), "movie": ("m1",)}, "book", "b0")
+    b0, b1, b2 = (co._target.index[b] for b in ("b0", "b1", "b2"))
+    row = co._target.neighbours[b0]
+    assert len(row) <= 4 and co.pruned_rows > 0
+    assert row[b1] == 5 and row[b2] == 3  # the two largest counts survive every pruning, exact
+    assert co.counts[b0] == 28  # event counts (popularity) are never pruned
+    # m1's C_st row: one count per b0 event, one neighbour only: exact
+    assert co._source.neighbours[co._source.index["m1"]] == {b0: 20}
+    # every row of a longer random stream stays within 2 x the cap
+    store = UserStateStore(("movie", "book"), max_len=50)
+    small = ItemCooccurrence("movie", "book", max_neighbours=3)
+    small.learn_many(store.observe_many(_random_events(4, n=2000)))
+    assert small.pruned_rows > 0
+    assert max(map(len, small._target.neighbours + small._source.neighbours)) <= 6
+    assert sum(small.n_pairs().values()) <= 6 * (len(small) + len(small._source.ids))
+
+
+def test_prune_keeps_the_top_counts_ties_to_the_first_seen() -> None:
+    co = ItemCooccurrence("movie", "book", max_neighbours=2)
+    rows = co._target
+    row = {9: 2, 4: 1, 3: 7, 6: 2, 1: 1}
+    rows.prune(row)
+    assert row == {3: 7, 6: 2}  # 7, then the tie of 2s goes to the lower (earlier seen) row 6
+
+
+def test_capped_state_round_trips_and_a_cap_applies_to_a_loaded_uncapped_state() -> None:
+    store = UserStateStore(("movie", "book"), max_len=50)
+    examples = store.observe_many(_random_events(5, n=1000))
+    capped = ItemCooccurrence("movie", "book", max_neighbours=3)
+    capped.learn_many(examples)
+    again = ItemCooccurrence.from_state_dict(capped.state_dict())
+    assert again.max_neighbours == 3 and again.n_pairs() == capped.n_pairs()
+    np.testing.assert_array_equal(again.scores(store.history("u4"), "target+source"),
+                                  capped.scores(store.history("u4"), "target+source"))
+    uncapped = ItemCooccurrence("movie", "book", max_neighbours=None)
+    uncapped.learn_many(examples)
+    state = uncapped.state_dict()
+    state["max_neighbours"] = 3
+    loaded = ItemCooccurrence.from_state_dict(state)
+    assert max(map(len, loaded._target.neighbours + loaded._source.neighbours)) <= 6
+    del state["max_neighbours"]  # a state saved before the cap existed: loaded with the default
+    assert ItemCooccurrence.from_state_dict(state).max_neighbours == DEFAULT_MAX_NEIGHBOURS
+
+
+def test_bad_max_neighbours_is_named() -> None:
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_neighbours must be None"):
+            ItemCooccurrence("movie", "book", max_neighbours=bad)  # type: ignore[arg-type]
+
+
+def test_serving_ranker_passes_the_cap_through() -> None:
+    from serving.cooccurrence import CooccurrenceRanker
+
+    ranker = CooccurrenceRanker(max_neighbours=1)  # rows pruned back to 1 when they pass 2
+    ranker.learn([(("a",), "x")] * 3 + [((f"s{n}",), "x") for n in range(10)])
+    assert max(map(len, ranker._cooc._target.neighbours)) <= 2
+    assert ranker.top(("x",), k=1)[0][0] == "a"  # x's strongest neighbour survives
