@@ -1,0 +1,237 @@
+"""Memory per event: what grows as a long synthetic stream is fed into the per-event structures (issue 12).
+
+A seeded synthetic stream from the project's generator (``stream.synthetic``, shaped like issue 12's large
+case: 500,000 items split 400k source / 100k target, target share 0.2, a fixed population, no new users)
+is fed, event by event and in order, into the structures the pipeline grows per event, outside Ray:
+
+- ``shadow_cooc``: the learner's shadow baselines' :class:`stream.cooccurrence.ItemCooccurrence` (both
+  domains, every event, ``learner.shadow``);
+- ``serving_cooc``: serving's :class:`serving.cooccurrence.CooccurrenceRanker`, fed each target event with
+  the user's target items before it (the learner's history stands in for serving's consumed set);
+- ``item_tables``: the learner's item id maps (a real ``learner.idmap.IdMap`` per domain) plus its item
+  tables and their lazy-Adam state (``weight``, ``exp_avg``, ``exp_avg_sq`` of ``dim`` float32 each, and
+  two int64 buffers per row), computed from the table capacity the learner would have grown to
+  (``learner.idmap.next_capacity``), not allocated;
+- ``histories``: the learner's ``RecentHistories`` (``SITNConfig.max_users`` users) and the consumers'
+  ``UserStateStore``, which builds the causal examples;
+- ``replay``: the learner's replay buffer, a ``deque(maxlen=--replay-buffer-size)`` of the examples.
+
+How bytes are counted (no tracemalloc: it slows the feed several times and cannot split one heap by
+structure): for the co-occurrence counts, ``sys.getsizeof`` of every neighbour dict and of the row
+containers, plus 28 B per count above 256 (CPython caches smaller ints) or 24 B per float count, plus
+the item index (its dict, id list, id strings and count array); the column ints are shared with the
+index. Other structures: a deep ``sys.getsizeof`` walk of their containers, each object counted once per
+structure (an item id string held by several structures is counted in each). The process RSS is shown
+next to them as a cross-check. Growth per 100k events is the slope between the last two points.
+
+    python bench/bench_memory.py [--events 300000] [--users 1000] [--max-neighbours 500|none]
+        [--points 6] [--seed 0] [--json PATH]
+
+With 1,000 users (300 events each at the default) histories are full (50 items per domain) after about
+a third of the stream, so the last points show the steady per-event growth; ``--users 5000`` is issue 12's
+population (its histories fill only after ~1.25M events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from learner.config import SITNConfig  # noqa: E402
+from learner.history import RecentHistories  # noqa: E402
+from learner.idmap import IdMap, next_capacity  # noqa: E402
+from serving.cooccurrence import CooccurrenceRanker  # noqa: E402
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, ItemCooccurrence  # noqa: E402
+from stream.synthetic import SyntheticConfig, SyntheticStream  # noqa: E402
+from stream.user_state import Example, UserStateStore  # noqa: E402
+
+STRUCTURES = ("shadow_cooc", "serving_cooc", "item_tables", "histories", "replay")
+_INT_CACHE_MAX = 256  # CPython keeps one object per int in [-5, 256]
+_ATOMS = (str, bytes, int, float, bool, type(None))
+
+
+def deep_size(root: object) -> int:
+    """Bytes of ``root`` and everything its containers (dict, list, tuple, set, deque, objects with
+    ``__dict__`` or ``__slots__``) reach, each object once; cached small ints are free."""
+    seen: set[int] = set()
+    stack = [root]
+    total = 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or (type(obj) is int and -5 <= obj <= _INT_CACHE_MAX) or obj is None:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, _ATOMS):
+            continue
+        if isinstance(obj, np.ndarray):
+            continue  # getsizeof counts the data of an array that owns it
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset | deque):
+            stack.extend(obj)
+        else:
+            if hasattr(obj, "__dict__"):
+                stack.append(vars(obj))
+            for slot in getattr(type(obj), "__slots__", ()):
+                if hasattr(obj, slot):
+                    stack.append(getattr(obj, slot))
+    return total
+
+
+def _count_bytes(values: Iterable[Any]) -> int:
+    out = 0
+    for v in values:
+        if type(v) is float:
+            out += 24
+        elif not -5 <= v <= _INT_CACHE_MAX:
+            out += 28
+    return out
+
+
+def cooc_bytes(cooc: ItemCooccurrence) -> int:
+    """Bytes of one co-occurrence model (module docstring: how they are counted)."""
+    total = sys.getsizeof(cooc)
+    for rows in (cooc._target, cooc._source):
+        total += sys.getsizeof(rows.neighbours) + rows.counts.nbytes
+        total += sys.getsizeof(rows.index) + sys.getsizeof(rows.ids) + sum(map(sys.getsizeof, rows.ids))
+        for row in rows.neighbours:
+            total += sys.getsizeof(row) + _count_bytes(row.values())
+    total += cooc._scale.nbytes + sys.getsizeof(cooc._stale)
+    return total
+
+
+def item_table_bytes(idmaps: dict[str, IdMap], config: SITNConfig) -> int:
+    """The id maps (walked) plus each domain's table, lazy-Adam state and per-row buffers at the capacity
+    the learner would have grown to."""
+    per_row = 3 * config.dim * 4 + 2 * 8  # weight + exp_avg + exp_avg_sq (float32), item_cluster + item_count
+    total = 0
+    for idmap in idmaps.values():
+        total += deep_size(idmap)
+        total += next_capacity(config.initial_item_capacity, idmap.n_rows) * per_row
+    return total
+
+
+def measure(events_seen: int, parts: dict[str, Any], started_s: float, learn_s: dict[str, float]) -> dict[str, Any]:
+    shadow, serving, idmaps, config, histories, store, replay = parts.values()
+    row: dict[str, Any] = {
+        "events": events_seen,
+        "shadow_cooc": cooc_bytes(shadow),
+        "serving_cooc": cooc_bytes(serving._cooc),
+        "item_tables": item_table_bytes(idmaps, config),
+        "histories": deep_size(histories) + deep_size(store),
+        "replay": deep_size(replay),
+        "shadow_pairs": sum(shadow.n_pairs().values()),
+        "serving_pairs": sum(serving._cooc.n_pairs().values()),
+        "pruned_rows": shadow.pruned_rows + serving._cooc.pruned_rows,
+        "rss": psutil.Process().memory_info().rss,
+        "wall_s": time.perf_counter() - started_s,
+    }
+    row.update({f"{name}_learn_s": round(s, 2) for name, s in learn_s.items()})
+    return row
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cap = None if args.max_neighbours == "none" else int(args.max_neighbours)
+    syn = SyntheticConfig(events=args.events, n_users=args.users, new_user_share=0.0, n_source_items=400_000,
+                          n_target_items=100_000, target_share=0.2, seed=args.seed)
+    config = SITNConfig(max_len=args.max_len, replay_buffer_size=args.replay_buffer_size)
+    source, target = syn.source, syn.target
+    shadow = ItemCooccurrence(source, target, max_history=config.max_len, max_neighbours=cap)
+    serving = CooccurrenceRanker(max_history=config.max_len, max_neighbours=cap)
+    idmaps = {source: IdMap(), target: IdMap()}
+    histories = RecentHistories((source, target), config.max_len, config.max_users)
+    store = UserStateStore((source, target), max_len=config.max_len)
+    replay: deque[Example] = deque(maxlen=config.replay_buffer_size)
+    parts = {"shadow": shadow, "serving": serving, "idmaps": idmaps, "config": config, "histories": histories,
+             "store": store, "replay": replay}
+    every = max(1, args.events // args.points)
+    learn_s = {"shadow": 0.0, "serving": 0.0}
+    rows = []
+    started = time.perf_counter()
+    for n, event in enumerate(SyntheticStream(syn).events(), start=1):
+        ex = store.observe(event)
+        t0 = time.perf_counter()
+        shadow.learn_example(ex)
+        t1 = time.perf_counter()
+        if ex.domain == target:
+            serving.learn([(ex.history[target][0], ex.item_id)])
+        t2 = time.perf_counter()
+        learn_s["shadow"] += t1 - t0
+        learn_s["serving"] += t2 - t1
+        idmaps[ex.domain].add((ex.item_id,))
+        histories.record(ex.user_id, ex.domain, ex.item_id, ex.timestamp, ex.history)
+        replay.append(ex)
+        if n % every == 0 or n == args.events:
+            rows.append(measure(n, parts, started, learn_s))
+            print_row(rows[-1], header=len(rows) == 1)
+    return {"max_neighbours": cap, "events": args.events, "users": args.users, "seed": args.seed,
+            "max_len": config.max_len, "replay_buffer_size": config.replay_buffer_size,
+            "counting": "container sizes (sys.getsizeof), not tracemalloc; see the module docstring",
+            "rows": rows, "growth_per_100k_events": growth(rows)}
+
+
+def growth(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Bytes per 100k events of each structure (and RSS) between the last two points."""
+    if len(rows) < 2:
+        return {}
+    a, b = rows[-2], rows[-1]
+    span = (b["events"] - a["events"]) / 100_000
+    return {name: (b[name] - a[name]) / span for name in (*STRUCTURES, "rss")}
+
+
+def _mb(x: float) -> str:
+    return f"{x / 2**20:9.1f}"
+
+
+def print_row(row: dict[str, Any], header: bool) -> None:
+    if header:
+        print(f"{'events':>9} " + " ".join(f"{n:>12}" for n in (*STRUCTURES, "rss")) + f" {'pairs(shadow)':>14}"
+              f" {'pruned':>8} {'learn_s':>8} {'wall_s':>7}   (MiB)")
+    print(f"{row['events']:>9,} " + " ".join(f"{_mb(row[n]):>12}" for n in (*STRUCTURES, "rss"))
+          + f" {row['shadow_pairs']:>14,} {row['pruned_rows']:>8,} {row['shadow_learn_s']:>8.1f} {row['wall_s']:>7.0f}",
+          flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--users", type=int, default=1_000, help="fixed population (issue 12: 5000)")
+    parser.add_argument("--max-neighbours", default=str(DEFAULT_MAX_NEIGHBOURS),
+                        help=f"co-occurrence cap per row, or 'none' (default: {DEFAULT_MAX_NEIGHBOURS})")
+    parser.add_argument("--max-len", type=int, default=50, help="history length per domain")
+    parser.add_argument("--replay-buffer-size", type=int, default=20_000,
+                        help="replay buffer length (the pipeline's default is 0: off)")
+    parser.add_argument("--points", type=int, default=6, help="measurements along the stream")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    if args.max_neighbours != "none" and not (args.max_neighbours.isdigit() and int(args.max_neighbours) >= 1):
+        parser.error(f"--max-neighbours must be an int >= 1 or 'none', got {args.max_neighbours!r}")
+    print(f"synthetic stream: {args.events:,} events, {args.users:,} users, 400k source + 100k target items, "
+          f"seed {args.seed}; max_neighbours={args.max_neighbours}, max_len={args.max_len}, "
+          f"replay buffer {args.replay_buffer_size:,}")
+    result = run(args)
+    print("growth per 100k events (last two points), MiB: "
+          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in result["growth_per_100k_events"].items()))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
