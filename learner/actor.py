@@ -41,8 +41,8 @@ from learner.learner import SITNLearner
 from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
 from learner.trainer import OnlineTrainer
 from learner.warm_start import load_warm_start
-from sitn.telemetry import TelemetrySettings, start_exporter
 from stream.events import EmbeddingBatch
+from stream.exporter import TelemetrySettings, start_exporter
 from stream.group_offsets import GroupCommitter
 from stream.settings import StreamSettings
 
@@ -71,7 +71,7 @@ class LearnerWorker:
     ) -> None:
         """``kafka_updates``: also publish every version to that settings' compacted updates topic.
         ``group_offsets``: after each checkpoint, commit its positions to that settings' consumer group.
-        ``metrics``/``targets_dir``: expose this process's metrics and register them (``sitn.telemetry``).
+        ``metrics``/``targets_dir``: expose this process's metrics and register them (``stream.exporter``).
         ``audit_log``: append what this incarnation trains there (see the module docstring).
         ``warm_start``: with no checkpoint yet, start from this offline-trained model (``sitn train``), whose
         training events are burnt in (``OnlineTrainer.warm_start``); a checkpoint, once written, wins."""

@@ -1,7 +1,7 @@
 """Checkpoint files: atomic write (temp file + fsync + os.replace) with a sha256 of the payload.
 
 Layout: 8-byte magic ``SITNCKP1``, 32-byte sha256 of the payload, then the payload (``torch.save`` of
-a dict). A torn or edited file fails the checksum and raises :class:`sitn.errors.CheckpointError`
+a dict). A torn or edited file fails the checksum and raises :class:`stream.errors.CheckpointError`
 instead of loading garbage. Checkpoints are trusted files written by this project (they are unpickled).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sitn.errors import CheckpointError
+from stream.errors import CheckpointError
 
 MAGIC = b"SITNCKP1"
 

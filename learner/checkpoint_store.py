@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sitn.errors import CheckpointError
+from stream.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

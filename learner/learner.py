@@ -39,7 +39,7 @@ from learner.loss import info_nce_i2i, sampled_softmax_loss, swapped_proto_nce
 from learner.model import Interests, SITNModel
 from learner.optim import LazyAdam
 from learner.prototypes import ItemClusters, StreamingPrototypes
-from sitn.errors import CheckpointError
+from stream.errors import CheckpointError
 from stream.user_state import Example
 
 log = logging.getLogger(__name__)

@@ -64,9 +64,9 @@ from learner.prequential import PrequentialEvaluator, StreamQuality
 from learner.publisher import Publisher, Transport
 from learner.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
 from serving.fused import FUSED_WEIGHTS
-from sitn.errors import SitnError
 from stream.consumer import EventBatch
 from stream.cooccurrence import rank_with_ties_against
+from stream.errors import SitnError
 from stream.events import EmbeddingBatch, InteractionEvent
 from stream.user_state import Example
 

@@ -41,7 +41,7 @@ class ServingCore:
     """Plain-Python body of the serving actor (testable without Ray)."""
 
     def __init__(self, settings: ServingSettings, start_http: bool = True, targets_dir: Path | None = None) -> None:
-        """``targets_dir``: register the API's ``/metrics`` there for Prometheus (file_sd, see ``sitn.telemetry``)."""
+        """``targets_dir``: register the API's ``/metrics`` there for Prometheus (file_sd, see ``stream.exporter``)."""
         self.settings = settings
         self.service = RecommendationService.from_settings(settings)
         self.http: ServerHandle | None = None
@@ -49,7 +49,7 @@ class ServingCore:
         if start_http:
             self.http = serve_in_thread(create_app(self.service, settings), settings.host, settings.port)
             if targets_dir is not None:
-                from sitn.telemetry import write_target
+                from stream.exporter import write_target
 
                 self._target_file = write_target(targets_dir, "serving", self._advertised_address())
         self.batches_applied = 0

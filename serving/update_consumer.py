@@ -34,7 +34,7 @@ import numpy as np
 
 from serving import metrics
 from serving.service import RecommendationService, validate_batch, validate_update
-from sitn.errors import BrokerError, EventDecodeError
+from stream.errors import BrokerError, EventDecodeError
 from stream.events import (
     ConsumedRecord,
     EmbeddingBatch,

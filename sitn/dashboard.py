@@ -1,7 +1,7 @@
 """The driver's ops server: a local dashboard of the live system, and the driver's own ``/metrics``.
 
 No Grafana is needed to watch a run. A :class:`MetricsCollector` thread scrapes every process registered
-in the targets directory (``sitn.telemetry``: learner, consumers, serving) every ``interval_s``, parses
+in the targets directory (``stream.exporter``: learner, consumers, serving) every ``interval_s``, parses
 the text exposition, sums each metric across processes and appends *derived* points (rates, quantiles,
 gauges) to bounded ring buffers. ``create_dashboard_app`` serves them:
 
@@ -34,7 +34,7 @@ How each series is derived (``derive``):
   ``serving_ranker{served_by}`` (1 for the ranker ``/recommend`` answers with, from serving).
 
 Every series with a label (``domain``, ``term``, ``k``) has one buffer per label value; all those labels
-are bounded (docs: ``sitn.telemetry``), so the number of buffers is too.
+are bounded (docs: ``stream.exporter``), so the number of buffers is too.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from sitn.telemetry import TelemetrySettings, read_targets
+from stream.exporter import TelemetrySettings, read_targets
 
 log = logging.getLogger(__name__)
 
@@ -478,8 +478,8 @@ def start_dashboard(settings: TelemetrySettings, targets_dir: Path, interval_s: 
     """Serve the dashboard on ``settings.dashboard_host:dashboard_port`` (0: any free port), start the
     collector, and register the driver's ``/metrics`` in ``targets_dir`` so Prometheus scrapes it too."""
     from serving.api import serve_in_thread
-    from sitn.errors import ConfigError
-    from sitn.telemetry import _advertised, register_existing
+    from stream.errors import ConfigError
+    from stream.exporter import _advertised, register_existing
 
     directory = Path(settings.targets_dir or targets_dir)
     collector = MetricsCollector(directory, interval_s=interval_s, capacity=capacity)

@@ -57,10 +57,10 @@ from serving.settings import ServingSettings
 from sitn.dead_letter_watch import judge_run
 from sitn.resources import PeakMemory
 from sitn.settings import RunSettings
-from sitn.telemetry import TelemetrySettings
 from stream.actors import ConsumerFleet
 from stream.dataset import EventFile, EventLog, open_events
 from stream.events import InteractionEvent
+from stream.exporter import TelemetrySettings
 from stream.group_offsets import GroupLag
 from stream.producer import (
     KafkaRecordProducer,

@@ -23,10 +23,10 @@ from typing import Any
 import ray
 from ray.util.queue import Empty, Full, Queue
 
-from sitn.telemetry import Exporter, TelemetrySettings, start_exporter
 from stream import telemetry
 from stream.consumer import ConsumerStats, EventBatch, StreamConsumer
 from stream.dead_letter import open_dead_letters
+from stream.exporter import Exporter, TelemetrySettings, start_exporter
 from stream.settings import StreamSettings
 from stream.source import open_source
 
@@ -50,7 +50,7 @@ class ConsumerWorker:
     ) -> None:
         """``partitions``: what it reads (default all); ``start_offsets``: next offset to read per partition
         (a partition without one from its beginning).
-        ``metrics``/``targets_dir``: expose this process's metrics and register them (``sitn.telemetry``)."""
+        ``metrics``/``targets_dir``: expose this process's metrics and register them (``stream.exporter``)."""
         self.settings = settings
         self.consumer_id = consumer_id
         self.out = out
@@ -150,7 +150,7 @@ class ConsumerFleet:
     ) -> None:
         """``start_offsets``: next offset to read per partition (the learner's checkpointed positions;
         a partition without one is read from its beginning).
-        ``metrics``/``targets_dir``: each actor exposes its metrics (``sitn.telemetry``)."""
+        ``metrics``/``targets_dir``: each actor exposes its metrics (``stream.exporter``)."""
         if queue_maxsize < 1:
             raise ValueError(f"queue_maxsize must be >= 1 (bounded), got {queue_maxsize}")
         self.settings = settings

@@ -48,7 +48,7 @@ import psutil
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
-from sitn.errors import BrokerError
+from stream.errors import BrokerError
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sitn.errors import EventDecodeError
 from stream import telemetry
 from stream.dead_letter import DeadLetter, DeadLetterSink
+from stream.errors import EventDecodeError
 from stream.events import InteractionEvent, decode_events
 from stream.source import Offsets, Source
 

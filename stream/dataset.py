@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from sitn.errors import DataFormatError
+from stream.errors import DataFormatError
 from stream.events import InteractionEvent
 from stream.time_unit import TimeColumnStats, TimeUnitChoice
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from sitn.errors import EventDecodeError
+from stream.errors import EventDecodeError
 
 if TYPE_CHECKING:
     from stream.embedded_log import EmbeddedLog

@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 import orjson
 
-from sitn.errors import ConfigError, DataFormatError
+from stream.errors import ConfigError, DataFormatError
 from stream.source import Offsets, RecordBatch
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ True
 >>> decode_event(b'{"schema_version": 1}', domains=("movie", "book"))
 Traceback (most recent call last):
 ...
-sitn.errors.EventDecodeError: missing_field: 'event_id' is required
+stream.errors.EventDecodeError: missing_field: 'event_id' is required
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from sitn.errors import EventDecodeError
+from stream.errors import EventDecodeError
 
 EVENT_SCHEMA_VERSION = 1
 # 2: a version record closes each published version (consumed pairs, ranker); 1 carried vectors only.
@@ -289,7 +289,7 @@ def decode_update_record(raw: bytes) -> UpdateRecord:
     >>> decode_update_record(b'{"schema_version": 1, "kind": "item"}')
     Traceback (most recent call last):
     ...
-    sitn.errors.EventDecodeError: bad_schema_version: got 1, supported: 2
+    stream.errors.EventDecodeError: bad_schema_version: got 1, supported: 2
     """
     try:
         payload = orjson.loads(raw)

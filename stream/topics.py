@@ -65,7 +65,7 @@ def ensure_topics(settings: StreamSettings, timeout_s: float = 30.0) -> list[str
     from kafka import KafkaAdminClient
     from kafka.errors import TopicAlreadyExistsError
 
-    from sitn.errors import ConfigError
+    from stream.errors import ConfigError
 
     admin = KafkaAdminClient(**kafka_client_kwargs(settings), client_id="sitn-admin")
     try:

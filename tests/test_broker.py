@@ -18,7 +18,6 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from sitn.commands import kafka as kafka_command
-from sitn.errors import BrokerError
 from stream.broker import (
     KAFKA_INFRA_DIR,
     KAFKA_VERSION,
@@ -28,6 +27,7 @@ from stream.broker import (
     read_properties,
     server_properties,
 )
+from stream.errors import BrokerError
 from tests.fixtures.kafka import DEFAULT_CACHE_DIR, free_ports, start_test_broker
 
 IO_TIMEOUT_S = 60.0

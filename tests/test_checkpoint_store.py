@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from learner.checkpoint_store import CheckpointStore
-from sitn.errors import CheckpointError
+from stream.errors import CheckpointError
 
 
 class Toy:

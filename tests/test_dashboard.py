@@ -29,7 +29,7 @@ from sitn.dashboard import (
     increase,
     parse_exposition,
 )
-from sitn.telemetry import TelemetrySettings, write_target
+from stream.exporter import TelemetrySettings, write_target
 from tests.conftest import skip_or_fail
 from tests.test_pipeline import wait_for
 

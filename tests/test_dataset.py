@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sitn.errors import DataFormatError
 from stream.dataset import EventFile, EventLog, load_events, open_events
+from stream.errors import DataFormatError
 
 HEADER = "timestamp,user_id,item_id,domain,extra\n"
 

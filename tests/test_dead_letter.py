@@ -10,10 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sitn.errors import EventDecodeError
 from stream.consumer import EventBatch, StreamConsumer
 from stream.dead_letter import DeadLetter, decode_dead_letter, encode_dead_letter, open_dead_letters
 from stream.embedded_log import EmbeddedLog, EmbeddedSource
+from stream.errors import EventDecodeError
 from stream.events import MAX_EVENT_BYTES, InteractionEvent, encode_event
 from stream.producer import open_producer
 from stream.settings import StreamSettings

@@ -163,7 +163,7 @@ def settings_classes() -> dict[str, type]:
     """env prefix -> settings class, for every class whose module imports."""
     from serving.settings import ServingSettings
     from sitn.settings import RunSettings
-    from sitn.telemetry import TelemetrySettings
+    from stream.exporter import TelemetrySettings
     from stream.settings import StreamSettings
 
     classes: list[type] = [StreamSettings, ServingSettings, RunSettings, TelemetrySettings]
@@ -240,7 +240,7 @@ def test_dockerfile_installs_the_lock_and_never_copies_data() -> None:
 def test_published_ports_match_the_application_defaults(services: dict[str, Any]) -> None:
     from serving.settings import ServingSettings
     from sitn.commands.kafka import DEFAULT_PORT as KAFKA_PORT
-    from sitn.telemetry import TelemetrySettings
+    from stream.exporter import TelemetrySettings
 
     default_bootstrap_port = int(ServingSettings().kafka_bootstrap_servers.rsplit(":", 1)[1])
     assert default_bootstrap_port == KAFKA_PORT
@@ -262,7 +262,7 @@ def test_published_ports_match_the_application_defaults(services: dict[str, Any]
 def test_processes_behind_published_ports_listen_where_they_are_published(services: dict[str, Any]) -> None:
     """The container port of a mapping is the one the process binds, on all interfaces of the container."""
     from serving.settings import ServingSettings
-    from sitn.telemetry import TelemetrySettings
+    from stream.exporter import TelemetrySettings
 
     (serve_argv,) = sitn_invocations(services["serving"])
     serve_env = environment(services["serving"])
@@ -438,7 +438,7 @@ def test_file_sd_reads_the_targets_volume_every_process_writes(services: dict[st
     globs = [f for job in prometheus["scrape_configs"] for sd in job.get("file_sd_configs", []) for f in sd["files"]]
     assert globs, "no file_sd_configs in prometheus.yml"
     assert {str(PurePosixPath(g).parent) for g in globs} == {prom_path[0]}
-    assert all(g.endswith(".json") for g in globs), "sitn.telemetry writes <component>-<node>-<pid>.json"
+    assert all(g.endswith(".json") for g in globs), "stream.exporter writes <component>-<node>-<pid>.json"
 
 
 def test_prometheus_settings_and_static_targets(services: dict[str, Any], prometheus: dict[str, Any]) -> None:

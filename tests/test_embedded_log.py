@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from sitn.errors import ConfigError
 from stream.consumer import StreamConsumer
 from stream.dead_letter import EmbeddedDeadLetters
 from stream.embedded_log import (
@@ -22,6 +21,7 @@ from stream.embedded_log import (
     encode_record,
     partition_for,
 )
+from stream.errors import ConfigError
 from stream.events import InteractionEvent, encode_event
 from stream.source import RecordBatch
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sitn.errors import EventDecodeError
+from stream.errors import EventDecodeError
 from stream.events import (
     MAX_EVENT_BYTES,
     MAX_ID_CHARS,

@@ -27,7 +27,7 @@ import orjson
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sitn.errors import EventDecodeError
+from stream.errors import EventDecodeError
 from stream.events import (
     EVENT_SCHEMA_VERSION,
     MAX_EVENT_BYTES,

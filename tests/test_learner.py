@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from learner import SITNConfig, SITNLearner
-from sitn.errors import CheckpointError
 from stream.dataset import load_events
+from stream.errors import CheckpointError
 from stream.user_state import Example, UserStateStore
 
 torch.set_num_threads(1)

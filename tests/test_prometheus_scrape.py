@@ -1,5 +1,5 @@
 """A real Prometheus server (the Debian binary) scrapes a small live pipeline through file-based service
-discovery (``sitn.telemetry``): every process is found and up, and the queries an operator would run
+discovery (``stream.exporter``): every process is found and up, and the queries an operator would run
 return the numbers the pipeline itself reports."""
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def test_kafka_consumers_get_the_security_settings() -> None:
 
 
 def test_network_services_bind_loopback_by_default() -> None:
-    from sitn.telemetry import TelemetrySettings
+    from stream.exporter import TelemetrySettings
 
     assert ServingSettings().host == "127.0.0.1"
     telemetry = TelemetrySettings(**{})

@@ -9,7 +9,14 @@ from pathlib import Path
 import httpx
 import orjson
 
-from sitn.telemetry import TelemetrySettings, _node, prune_targets, read_targets, start_exporter, write_target
+from stream.exporter import (
+    TelemetrySettings,
+    _node,
+    prune_targets,
+    read_targets,
+    start_exporter,
+    write_target,
+)
 
 
 def dead_pid() -> int:

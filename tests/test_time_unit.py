@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sitn.errors import DataFormatError
 from stream.dataset import load_events
+from stream.errors import DataFormatError
 from stream.events import decode_event, encode_event
 from stream.time_unit import ORDINAL_EPOCH_S, TimeColumnStats
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sitn.errors import DataFormatError, EventDecodeError
+from stream.errors import DataFormatError, EventDecodeError
 from stream.time_unit import TIME_UNITS, TimeColumnStats
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sitn.errors import BrokerError, ConfigError
 from stream.broker import DEFAULT_CACHE_DIR, KAFKA_VERSION, KafkaCluster
+from stream.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     from learner.drift import DriftSettings
     from serving.settings import ServingSettings
     from sitn.settings import RunSettings
-    from sitn.telemetry import TelemetrySettings
+    from stream.exporter import TelemetrySettings
     from stream.settings import StreamSettings
 
     run_kwargs = _given(args, [*RUN_FLAGS, "exit_after_replay", "time_unit"])

@@ -16,6 +16,10 @@ Addresses: exporters bind ``host`` (127.0.0.1 by default: nothing is exposed bey
 configured). With ``host = 0.0.0.0`` (containers, multi-node Ray) the registered address is
 ``advertise_host`` or, when that is unset, the node's IP as Ray sees it.
 
+This module lives in ``stream/``, the bottom layer, because the processes of every layer use it (the
+consumer actors, the learner actor, the serving actor and the driver's dashboard); the metrics themselves are
+defined in each package (``stream.telemetry``, ``learner.telemetry``, ``serving.metrics``).
+
 Metric names, units and labels are documented in one place: ``docs/metrics.md``.
 """
 

@@ -1,4 +1,8 @@
-"""The project's exception hierarchy: one base class, one-line subclasses per failure."""
+"""The project's exception hierarchy: one base class, one-line subclasses per failure.
+
+It lives in ``stream/``, the bottom layer, so that every layer (``stream``, ``learner``, ``serving`` and the
+``sitn`` composition root) can raise and catch these without importing a layer above it.
+"""
 
 
 class SitnError(Exception):
