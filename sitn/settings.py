@@ -52,8 +52,10 @@ class RunSettings(BaseSettings):
     learner_views: int = Field(1, ge=1, description="interest views V (1: chosen on validation, see learner.config)")
     learner_max_len: int = Field(50, ge=1, description="history length L per domain")
     learner_replay_buffer_size: int = Field(
-        0, ge=0, description="last N trained examples each step also replays a sample of (0 = no replay; off by "
-        "default: 20,000 at ratio 1.0 gave stream NDCG@10 0.0054 against 0.0052 without, at 8 percent less throughput)")
+        20_000, ge=0, description="last N trained examples each step also replays a sample of (0 = no replay). "
+        "Chosen on the first half of the shipped stream (74,000 events): the live model's data-time NDCG@10 "
+        "0.0064 with 20,000 at ratio 1 against 0.0047 without (fused 0.0152 against 0.0150); 50,000 gave the same "
+        "as 20,000, ratio 3 0.0075 at about 40 percent more learner time")
     learner_replay_ratio: float = Field(
         1.0, ge=0, description="replayed examples per fresh example in each step (each event trains ~1 + this often)")
     status_every_s: float = Field(1.0, gt=0, description="progress display refresh period")

@@ -31,7 +31,7 @@ def test_defaults_reach_the_learner_config(monkeypatch: pytest.MonkeyPatch, tmp_
     started = started_config(monkeypatch, ["--run-dir", str(tmp_path)])
     config = started["config"]
     assert (config.dim, config.n_views, config.max_len) == (64, 1, 50)
-    assert (config.replay_buffer_size, config.replay_ratio) == (0, 1.0)  # replay off by default
+    assert (config.replay_buffer_size, config.replay_ratio) == (20_000, 1.0)  # each event trains about twice
     assert started["run"].fused_weights == (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
