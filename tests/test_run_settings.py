@@ -32,17 +32,20 @@ def test_defaults_reach_the_learner_config(monkeypatch: pytest.MonkeyPatch, tmp_
     config = started["config"]
     assert (config.dim, config.n_views, config.max_len) == (64, 1, 50)
     assert (config.replay_buffer_size, config.replay_ratio) == (20_000, 1.0)  # each event trains about twice
+    assert config.lr == 8e-3  # the stream's own learning rate, not SITNConfig's offline 2e-3
     assert started["run"].fused_weights == (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def test_flags_and_environment_reach_the_learner_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SITN_RUN_LEARNER_REPLAY_RATIO", "0.5")
+    monkeypatch.setenv("SITN_RUN_LEARNER_LR", "0.001")
     monkeypatch.setenv("SITN_RUN_LEARNER_VIEWS", "2")
     monkeypatch.setenv("SITN_RUN_FUSED_WEIGHTS", "[1, 3]")
     started = started_config(monkeypatch, ["--run-dir", str(tmp_path), "--learner-replay-buffer-size", "0",
                                            "--learner-max-len", "20"])
     config = started["config"]
     assert (config.n_views, config.max_len, config.replay_buffer_size, config.replay_ratio) == (2, 20, 0, 0.5)
+    assert config.lr == 0.001
     assert started["run"].fused_weights == (1.0, 3.0)
 
 

@@ -55,6 +55,8 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
     "learner_max_len": ("SITN_RUN_LEARNER_MAX_LEN", "SITN history length L per domain (default: 50)", "int"),
     "learner_replay_buffer_size": ("SITN_RUN_LEARNER_REPLAY_BUFFER_SIZE", "last N trained examples each learner "
                                    "step replays a sample of; 0 = off (default: 20000)", "int"),
+    "learner_lr": ("SITN_RUN_LEARNER_LR", "learning rate of the stream learner (default: 0.008; a warm start "
+                   "keeps its model's)", "float"),
     "learner_replay_ratio": ("SITN_RUN_LEARNER_REPLAY_RATIO", "replayed examples per fresh one in each step "
                              "(default: 1.0)", "float"),
     "warm_start": ("SITN_RUN_WARM_START", "start the learner from a `sitn train` model; its training events are "
@@ -123,7 +125,8 @@ def main(args: argparse.Namespace) -> int:
     )
     serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
     config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len,
-                        replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio)
+                        replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio,
+                        lr=run.learner_lr)
     if run.warm_start is not None:
         from learner.warm_start import warm_start_config
 
