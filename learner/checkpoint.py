@@ -25,9 +25,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    payload = buffer.getvalue()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as fh:
+    # A view of the buffer, not getvalue()'s copy: the payload is held once (tens to hundreds of MB).
+    with buffer.getbuffer() as payload, tmp.open("wb") as fh:
         fh.write(MAGIC)
         fh.write(hashlib.sha256(payload).digest())
         fh.write(payload)
@@ -41,10 +41,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    data = path.read_bytes()
-    if data[: len(MAGIC)] != MAGIC:
-        raise CheckpointError(f"{path}: not a SITN checkpoint (magic {data[:8]!r}, expected {MAGIC!r})")
-    digest, payload = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
+    with path.open("rb") as fh:  # header and payload read apart: slicing one read would copy the payload
+        header = fh.read(len(MAGIC) + 32)
+        payload = fh.read()
+    if header[: len(MAGIC)] != MAGIC:
+        raise CheckpointError(f"{path}: not a SITN checkpoint (magic {header[:8]!r}, expected {MAGIC!r})")
+    digest = header[len(MAGIC) :]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch (torn write or corrupted file)")
     state = torch.load(io.BytesIO(payload), weights_only=False)
