@@ -27,6 +27,32 @@ next to them as a cross-check. Growth per 100k events is the slope between the l
     python bench/bench_memory.py [--events 300000] [--users 1000] [--max-neighbours 500|none]
         [--points 6] [--seed 0] [--json PATH]
 
+``--trainer`` measures the learner process itself instead: an in-process ``learner.trainer.OnlineTrainer``
+built as ``sitn run`` builds it (``RunSettings`` defaults: batch 256, replay buffer 20,000 at ratio 1, fused
+ranker, publish gate, fallback, drift monitor, a checkpoint every 200 steps into a temporary directory;
+no Ray, no Kafka, a publish goes nowhere) is fed the same stream in polls of ``--poll-events``, and the
+process RSS is printed at ``--points`` with the item tables' and lazy-Adam state's bytes, the last
+checkpoint's size and the target items known. ``--malloc dynamic`` leaves glibc's mmap threshold dynamic
+(as before issue 12), ``pinned`` (the default) pins it as the learner actor does (``learner.allocator``):
+
+    python bench/bench_memory.py --trainer [--events 100000] [--users 5000] [--malloc pinned|dynamic]
+
+Measured (issue 12's shape: 5,000 users, 400k + 100k items, target share 0.2, seed 0, polls of 500; the
+2-core machine shared with other work, so wall times are rough), RSS in MiB; about 900 MiB of it is there
+before the first event (torch, the generator):
+
+    events              10k    20k    30k    40k    50k    60k   wall_s
+    --malloc dynamic   1048   1116   1188   1298   1421   1591     56
+    --malloc pinned    1010   1036   1060   1097   1141   1154     81
+
+With the dynamic threshold RSS grew about 11 MiB per 1,000 events (1,989 MiB at 100k in a longer run,
+1,196 MiB after a ``malloc_trim``: the difference was free memory kept by malloc); pinned, about 2.9 MiB
+per 1,000 events, which the live structures account for (co-occurrence, histories filling, item tables
+doubling: 30.6 MiB with their Adam state at 60k). The checkpoint payload (43 MiB at 50k events) is no
+longer copied whole in memory when it is written (``learner.checkpoint``). The pinned run took 81 s
+against 56 s; on a shared machine one pair of runs does not settle it, but a pinned threshold does cost an
+``mmap`` and fresh zeroed pages for each buffer of 128 KiB or more.
+
 With 1,000 users (300 events each at the default) histories are full (50 items per domain) after about
 a third of the stream, so the last points show the steady per-event growth; ``--users 5000`` is issue 12's
 population (its histories fill only after ~1.25M events).
@@ -37,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -184,13 +211,103 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rows": rows, "growth_per_100k_events": growth(rows)}
 
 
-def growth(rows: list[dict[str, Any]]) -> dict[str, float]:
+def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
+    """Feed an in-process OnlineTrainer with ``sitn run``'s defaults; RSS and tensor bytes at ``--points``."""
+    import torch
+
+    from learner.allocator import pin_mmap_threshold
+    from learner.checkpoint_store import CheckpointStore
+    from learner.drift import DriftMonitor, DriftSettings
+    from learner.gate import PublishGate, RankerFallback
+    from learner.learner import SITNLearner
+    from learner.publisher import CallableTransport
+    from learner.trainer import OnlineTrainer
+    from serving.settings import ServingSettings
+    from sitn.settings import RunSettings
+    from stream.consumer import EventBatch
+
+    pinned = args.malloc == "pinned" and pin_mmap_threshold()
+    r = RunSettings.model_construct()  # the documented defaults, not this shell's SITN_RUN_* variables
+    torch.set_num_threads(r.torch_threads)
+    syn = SyntheticConfig(events=args.events, n_users=args.users, new_user_share=0.0, n_source_items=400_000,
+                          n_target_items=100_000, target_share=0.2, seed=args.seed)
+    config = SITNConfig(dim=r.learner_dim, n_views=r.learner_views, max_len=r.learner_max_len, lr=r.learner_lr,
+                        replay_buffer_size=r.learner_replay_buffer_size, replay_ratio=r.learner_replay_ratio)
+    every = max(1, args.events // args.points)
+    rows: list[dict[str, Any]] = []
+    process = psutil.Process()
+    rss_start = process.memory_info().rss
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        store = CheckpointStore(Path(tmp), keep=3)
+        trainer = OnlineTrainer(
+            SITNLearner(config, syn.source, syn.target), CallableTransport(lambda _batch: None), store,
+            batch_size=r.batch_size, checkpoint_every_steps=r.checkpoint_every_steps,
+            publish_every_steps=r.publish_every_steps, publish_every_s=r.publish_every_s,
+            full_publish_every=r.full_publish_every, served_max_users=ServingSettings.model_construct().max_users,
+            gate=PublishGate(r.gate_max_drop, r.gate_window, r.gate_min_events, z_critical=r.gate_z_critical),
+            gate_sample_per_step=r.gate_sample_per_step, drift=DriftMonitor(DriftSettings.model_construct()),
+            fallback=RankerFallback(("popularity", "cooccurrence"), r.fallback_window, r.fallback_min_events,
+                                    r.fallback_z_critical, r.fallback_recover_z,
+                                    learnt=("fused",) if r.fused_weights else ()),
+            fused_weights=tuple(r.fused_weights), fused_window=r.fused_window,
+        )
+        started = time.perf_counter()
+        poll: list[Any] = []
+        offset = 0
+        for n, event in enumerate(SyntheticStream(syn).events(), start=1):
+            poll.append(event)
+            if len(poll) == args.poll_events or n == args.events:
+                trainer.process(EventBatch.of(poll, 0, offset, "c0"))
+                offset += len(poll)
+                poll = []
+                if trainer.checkpoint_due():
+                    trainer.checkpoint()
+            if n % every == 0 or n == args.events:
+                rows.append(trainer_row(n, trainer, store, started))
+                print_trainer_row(rows[-1], header=len(rows) == 1)
+    return {"mode": "trainer", "malloc": args.malloc, "mmap_threshold_pinned": pinned, "events": args.events,
+            "users": args.users, "seed": args.seed, "poll_events": args.poll_events, "rss_start": rss_start,
+            "rows": rows, "growth_per_100k_events": growth(rows, ("rss",))}
+
+
+def trainer_row(events_seen: int, trainer: Any, store: Any, started_s: float) -> dict[str, Any]:
+    learner = trainer.learner
+    tables = 0
+    for role in learner.domains:
+        encoder = learner.model.encoder(role)
+        tables += sum(t.numel() * t.element_size() for t in (encoder.item_weight, encoder.item_cluster,
+                                                             encoder.item_count))
+    state = learner._sparse_opt.state.values()
+    tables += sum(t.numel() * t.element_size() for s in state for t in s.values() if hasattr(t, "numel"))
+    checkpoints = store.manifests()
+    return {
+        "events": events_seen,
+        "rss": psutil.Process().memory_info().rss,
+        "item_tables": tables,
+        "checkpoint": json.loads(checkpoints[0].read_text())["size_bytes"] if checkpoints else 0,
+        "target_items": len(learner.idmaps["target"]),
+        "step": int(learner.step),
+        "published_version": trainer.publisher.version,
+        "wall_s": time.perf_counter() - started_s,
+    }
+
+
+def print_trainer_row(row: dict[str, Any], header: bool) -> None:
+    if header:
+        print(f"{'events':>9} {'rss':>9} {'item_tables':>12} {'checkpoint':>11} {'target_items':>13} {'step':>6}"
+              f" {'version':>8} {'wall_s':>7}   (MiB)")
+    print(f"{row['events']:>9,} {_mb(row['rss'])} {_mb(row['item_tables']):>12} {_mb(row['checkpoint']):>11}"
+          f" {row['target_items']:>13,} {row['step']:>6} {row['published_version']:>8} {row['wall_s']:>7.0f}",
+          flush=True)
+
+
+def growth(rows: list[dict[str, Any]], names: tuple[str, ...] = (*STRUCTURES, "rss")) -> dict[str, float]:
     """Bytes per 100k events of each structure (and RSS) between the last two points."""
     if len(rows) < 2:
         return {}
     a, b = rows[-2], rows[-1]
     span = (b["events"] - a["events"]) / 100_000
-    return {name: (b[name] - a[name]) / span for name in (*STRUCTURES, "rss")}
+    return {name: (b[name] - a[name]) / span for name in names}
 
 
 def _mb(x: float) -> str:
@@ -208,8 +325,13 @@ def print_row(row: dict[str, Any], header: bool) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=300_000)
-    parser.add_argument("--users", type=int, default=1_000, help="fixed population (issue 12: 5000)")
+    parser.add_argument("--trainer", action="store_true", help="measure an in-process OnlineTrainer instead")
+    parser.add_argument("--malloc", choices=("pinned", "dynamic"), default="pinned",
+                        help="--trainer: glibc mmap threshold pinned as the learner actor does, or left dynamic")
+    parser.add_argument("--poll-events", type=int, default=500, help="--trainer: events per delivered batch")
+    parser.add_argument("--events", type=int, default=None, help="default 300,000 (--trainer: 100,000)")
+    parser.add_argument("--users", type=int, default=None, help="fixed population (default 1,000; --trainer and "
+                        "issue 12: 5,000)")
     parser.add_argument("--max-neighbours", default=str(DEFAULT_MAX_NEIGHBOURS),
                         help=f"co-occurrence cap per row, or 'none' (default: {DEFAULT_MAX_NEIGHBOURS})")
     parser.add_argument("--max-len", type=int, default=50, help="history length per domain")
@@ -219,6 +341,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    args.events = args.events or (100_000 if args.trainer else 300_000)
+    args.users = args.users or (5_000 if args.trainer else 1_000)
+    if args.trainer:
+        print(f"in-process OnlineTrainer, sitn run defaults: {args.events:,} events, {args.users:,} users, "
+              f"400k source + 100k target items, seed {args.seed}; malloc mmap threshold {args.malloc}")
+        result = run_trainer(args)
+        print("RSS growth per 100k events (last two points), MiB: "
+              + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in result["growth_per_100k_events"].items()))
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0
     if args.max_neighbours != "none" and not (args.max_neighbours.isdigit() and int(args.max_neighbours) >= 1):
         parser.error(f"--max-neighbours must be an int >= 1 or 'none', got {args.max_neighbours!r}")
     print(f"synthetic stream: {args.events:,} events, {args.users:,} users, 400k source + 100k target items, "

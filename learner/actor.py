@@ -35,6 +35,7 @@ from typing import Any
 import ray
 import torch
 
+from learner.allocator import pin_mmap_threshold
 from learner.checkpoint_store import CheckpointStore, same_config
 from learner.config import SITNConfig
 from learner.learner import SITNLearner
@@ -76,6 +77,7 @@ class LearnerWorker:
         ``warm_start``: with no checkpoint yet, start from this offline-trained model (``sitn train``), whose
         training events are burnt in (``OnlineTrainer.warm_start``); a checkpoint, once written, wins."""
         torch.set_num_threads(torch_threads)
+        pin_mmap_threshold()  # freed step/publish buffers go back to the OS (learner.allocator, issue 12)
         self.exporter = start_exporter(metrics, "learner", targets_dir)
         self._serving = serving
         self._in_flight: Any = None
