@@ -30,28 +30,29 @@ next to them as a cross-check. Growth per 100k events is the slope between the l
 ``--trainer`` measures the learner process itself instead: an in-process ``learner.trainer.OnlineTrainer``
 built as ``sitn run`` builds it (``RunSettings`` defaults: batch 256, replay buffer 20,000 at ratio 1, fused
 ranker, publish gate, fallback, drift monitor, a checkpoint every 200 steps into a temporary directory;
-no Ray, no Kafka, a publish goes nowhere) is fed the same stream in polls of ``--poll-events``, and the
+no Ray, no Kafka, a publish goes nowhere) is fed the same stream in batches of ``--poll-events``, and the
 process RSS is printed at ``--points`` with the item tables' and lazy-Adam state's bytes, the last
-checkpoint's size and the target items known. ``--malloc dynamic`` leaves glibc's mmap threshold dynamic
-(as before issue 12), ``pinned`` (the default) pins it as the learner actor does (``learner.allocator``):
+checkpoint's size, the target items known, wall and CPU seconds. ``--malloc trimmed`` (the default) calls
+``malloc_trim`` after each batch as the learner actor does (``learner.allocator``), ``dynamic`` does
+nothing (as before issue 12), ``pinned`` fixes glibc's mmap threshold at 128 KiB instead:
 
-    python bench/bench_memory.py --trainer [--events 100000] [--users 5000] [--malloc pinned|dynamic]
+    python bench/bench_memory.py --trainer [--events 100000] [--users 5000] [--malloc trimmed|dynamic|pinned]
 
-Measured (issue 12's shape: 5,000 users, 400k + 100k items, target share 0.2, seed 0, polls of 500; the
-2-core machine shared with other work, so wall times are rough), RSS in MiB; about 900 MiB of it is there
-before the first event (torch, the generator):
+Measured (issue 12's shape: 5,000 users, 400k + 100k items, target share 0.2, seed 0, batches of 2,000;
+the 2-core machine shared with other work), RSS in MiB; about 900 MiB of it is there before the first event
+(torch, the generator):
 
-    events              10k    20k    30k    40k    50k    60k   wall_s
-    --malloc dynamic   1048   1116   1188   1298   1421   1591     56
-    --malloc pinned    1010   1036   1060   1097   1141   1154     81
+    events              10k    20k    30k    40k    50k    60k   cpu_s
+    --malloc dynamic   1048   1113   1195   1295   1444   1553     47
+    --malloc trimmed    992   1018   1034   1063   1098   1106     47
 
-With the dynamic threshold RSS grew about 11 MiB per 1,000 events (1,989 MiB at 100k in a longer run,
-1,196 MiB after a ``malloc_trim``: the difference was free memory kept by malloc); pinned, about 2.9 MiB
-per 1,000 events, which the live structures account for (co-occurrence, histories filling, item tables
-doubling: 30.6 MiB with their Adam state at 60k). The checkpoint payload (43 MiB at 50k events) is no
-longer copied whole in memory when it is written (``learner.checkpoint``). The pinned run took 81 s
-against 56 s; on a shared machine one pair of runs does not settle it, but a pinned threshold does cost an
-``mmap`` and fresh zeroed pages for each buffer of 128 KiB or more.
+Dynamic, RSS grew about 10 MiB per 1,000 events (1,989 MiB at 100k in a longer run, of which a
+``malloc_trim`` gave back 793 MiB: free memory malloc kept, not live objects; tracemalloc saw about
+140 MiB of Python and numpy allocations at 40k). Trimmed, about 2.3 MiB per 1,000 events, what the live
+structures grow by (co-occurrence, histories filling, item tables doubling: 30.6 MiB with their Adam state
+at 60k, 61.2 MiB at 100k, where RSS was 1,189 MiB); the trims took 0.68 s over 60k events. ``pinned`` reached 1,154 MiB at 60k but took about 30 % more CPU (63-65 s against 48-50 s in
+batches of 500). The checkpoint payload (43 MiB at 50k events, 83 MiB at 100k) is no longer copied whole
+in memory when it is written (``learner.checkpoint``).
 
 With 1,000 users (300 events each at the default) histories are full (50 items per domain) after about
 a third of the stream, so the last points show the steady per-event growth; ``--users 5000`` is issue 12's
@@ -215,7 +216,7 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
     """Feed an in-process OnlineTrainer with ``sitn run``'s defaults; RSS and tensor bytes at ``--points``."""
     import torch
 
-    from learner.allocator import pin_mmap_threshold
+    from learner.allocator import pin_mmap_threshold, trim_free_memory
     from learner.checkpoint_store import CheckpointStore
     from learner.drift import DriftMonitor, DriftSettings
     from learner.gate import PublishGate, RankerFallback
@@ -254,6 +255,7 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         poll: list[Any] = []
         offset = 0
+        trim_s = 0.0
         for n, event in enumerate(SyntheticStream(syn).events(), start=1):
             poll.append(event)
             if len(poll) == args.poll_events or n == args.events:
@@ -262,8 +264,12 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
                 poll = []
                 if trainer.checkpoint_due():
                     trainer.checkpoint()
+                if args.malloc == "trimmed":  # where learner.actor does it
+                    t0 = time.perf_counter()
+                    trim_free_memory()
+                    trim_s += time.perf_counter() - t0
             if n % every == 0 or n == args.events:
-                rows.append(trainer_row(n, trainer, store, started))
+                rows.append({**trainer_row(n, trainer, store, started), "trim_s": trim_s})
                 print_trainer_row(rows[-1], header=len(rows) == 1)
     return {"mode": "trainer", "malloc": args.malloc, "mmap_threshold_pinned": pinned, "events": args.events,
             "users": args.users, "seed": args.seed, "poll_events": args.poll_events, "rss_start": rss_start,
@@ -289,15 +295,17 @@ def trainer_row(events_seen: int, trainer: Any, store: Any, started_s: float) ->
         "step": int(learner.step),
         "published_version": trainer.publisher.version,
         "wall_s": time.perf_counter() - started_s,
+        "cpu_s": sum(psutil.Process().cpu_times()[:2]),  # user + system, less disturbed by a busy machine
     }
 
 
 def print_trainer_row(row: dict[str, Any], header: bool) -> None:
     if header:
         print(f"{'events':>9} {'rss':>9} {'item_tables':>12} {'checkpoint':>11} {'target_items':>13} {'step':>6}"
-              f" {'version':>8} {'wall_s':>7}   (MiB)")
+              f" {'version':>8} {'wall_s':>7} {'cpu_s':>6} {'trim_s':>6}   (MiB)")
     print(f"{row['events']:>9,} {_mb(row['rss'])} {_mb(row['item_tables']):>12} {_mb(row['checkpoint']):>11}"
-          f" {row['target_items']:>13,} {row['step']:>6} {row['published_version']:>8} {row['wall_s']:>7.0f}",
+          f" {row['target_items']:>13,} {row['step']:>6} {row['published_version']:>8} {row['wall_s']:>7.0f}"
+          f" {row['cpu_s']:>6.0f} {row['trim_s']:>6.2f}",
           flush=True)
 
 
@@ -326,9 +334,11 @@ def print_row(row: dict[str, Any], header: bool) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trainer", action="store_true", help="measure an in-process OnlineTrainer instead")
-    parser.add_argument("--malloc", choices=("pinned", "dynamic"), default="pinned",
-                        help="--trainer: glibc mmap threshold pinned as the learner actor does, or left dynamic")
-    parser.add_argument("--poll-events", type=int, default=500, help="--trainer: events per delivered batch")
+    parser.add_argument("--malloc", choices=("trimmed", "dynamic", "pinned"), default="trimmed",
+                        help="--trainer: malloc_trim after each batch as the learner actor does (trimmed), "
+                        "nothing (dynamic), or glibc's mmap threshold pinned at 128 KiB (pinned)")
+    parser.add_argument("--poll-events", type=int, default=2000,
+                        help="--trainer: events per delivered batch (the consumers' batch_size default)")
     parser.add_argument("--events", type=int, default=None, help="default 300,000 (--trainer: 100,000)")
     parser.add_argument("--users", type=int, default=None, help="fixed population (default 1,000; --trainer and "
                         "issue 12: 5,000)")

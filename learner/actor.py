@@ -35,7 +35,7 @@ from typing import Any
 import ray
 import torch
 
-from learner.allocator import pin_mmap_threshold
+from learner.allocator import trim_free_memory
 from learner.checkpoint_store import CheckpointStore, same_config
 from learner.config import SITNConfig
 from learner.learner import SITNLearner
@@ -77,7 +77,6 @@ class LearnerWorker:
         ``warm_start``: with no checkpoint yet, start from this offline-trained model (``sitn train``), whose
         training events are burnt in (``OnlineTrainer.warm_start``); a checkpoint, once written, wins."""
         torch.set_num_threads(torch_threads)
-        pin_mmap_threshold()  # freed step/publish buffers go back to the OS (learner.allocator, issue 12)
         self.exporter = start_exporter(metrics, "learner", targets_dir)
         self._serving = serving
         self._in_flight: Any = None
@@ -210,6 +209,7 @@ class LearnerWorker:
                     self._audit_write({"kind": "batch", "event_ids": trained})
                 if self.trainer.checkpoint_due():
                     self._checkpoint_and_commit()
+                trim_free_memory()  # the batch's freed buffers back to the OS (learner.allocator, issue 12)
             self._adopt_serving()
             self.trainer.publish(force_full=True)
             self._checkpoint_and_commit()
