@@ -183,7 +183,8 @@ class Pipeline:
         self._start_training()
 
     def _start_serving(self, settings: ServingSettings) -> tuple[Any, str]:
-        actor = ServingActor.remote(settings, targets_dir=self.targets_dir)
+        actor = ServingActor.options(**_placement(self.run_settings.learner_resource)).remote(
+            settings, targets_dir=self.targets_dir)
         try:
             url: str = ray.get(actor.url.remote(), timeout=60)
         except Exception:
@@ -200,13 +201,13 @@ class Pipeline:
         r = self.run_settings
         self.fleet = ConsumerFleet(
             self.stream, consumers=r.consumers, queue_maxsize=r.queue_maxsize, start_offsets=positions,
-            metrics=self.metrics, targets_dir=self.targets_dir,
+            metrics=self.metrics, targets_dir=self.targets_dir, actor_options=_placement(r.consumer_resource),
         )
         self._learner_run = self.learner.run.remote(self.fleet.queue)
 
     def _new_learner(self) -> Any:
         r = self.run_settings
-        return LearnerActor.remote(
+        return LearnerActor.options(**_placement(r.learner_resource)).remote(
             self.config,
             r.source,
             r.target,
@@ -429,6 +430,20 @@ class Pipeline:
                 out["consumer_error"] = type(exc).__name__
         return out
 
+    def placement(self, timeout_s: float = 30.0) -> dict[str, str]:
+        """The Ray node id each live actor runs on: ``serving``, ``learner`` and each consumer's id."""
+        actors: dict[str, Any] = {"serving": self.serving, "learner": self.learner}
+        if self.fleet is not None:
+            actors.update(self.fleet.actors)
+        refs = {name: a.__ray_call__.remote(_node_id) for name, a in actors.items() if a is not None}
+        out: dict[str, str] = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref, timeout=timeout_s)
+            except Exception as exc:  # a dead actor has no node
+                log.warning("no node for actor=%s error=%s", name, type(exc).__name__)
+        return out
+
     def caught_up(self, status: dict[str, Any] | None = None) -> bool:
         """Every replayed event has been trained on (or dead-lettered); ``status``: a fresh ``status()``."""
         if not self.replay_progress.done:
@@ -490,6 +505,7 @@ class Pipeline:
             "serving_ranker_switches": int(status.get("ranker_switches", 0)),
             "learner_served_by": quality.get("served_by"),  # what the learner last told serving
             "prequential": _prequential_summary(quality) if quality else None,
+            "ray_nodes": self.placement(),  # actor -> id of the Ray node it ran on at the end (serving, learner, consumers)
         }
         return out
 
@@ -527,6 +543,17 @@ class Pipeline:
             except Exception:
                 log.exception("stopping serving")
             self.serving = None
+
+
+def _placement(resource: str | None) -> dict[str, Any]:
+    """Ray actor options that place an actor on the nodes offering custom ``resource`` (none: anywhere).
+    A hundredth of a unit each, so one unit on a node holds up to a hundred such actors."""
+    return {"resources": {resource: 0.01}} if resource else {}
+
+
+def _node_id(_actor: object) -> str:
+    """Run inside an actor (``__ray_call__``): the id of the Ray node it lives on."""
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def _prequential_summary(quality: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,13 @@ class RunSettings(BaseSettings):
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     ray_temp_dir: Path | None = Field(None, description="temp dir of the local Ray cluster (default: a fresh /tmp dir)")
     consumers: int = Field(2, ge=1, le=64, description="consumer actors")
+    consumer_resource: str | None = Field(
+        None, min_length=1, description="Ray custom resource the consumer actors need (a hundredth of a unit "
+        "each): they run only on nodes started with it (`ray start --resources '{\"<name>\": 1}'`); unset = "
+        "wherever Ray places them")
+    learner_resource: str | None = Field(
+        None, min_length=1, description="Ray custom resource the learner and serving actors need (a hundredth "
+        "of a unit each), like consumer_resource")
     queue_maxsize: int = Field(8, ge=1, description="bounded queue between consumers and the learner (batches)")
     batch_size: int = Field(256, ge=1, le=65536, description="examples per learner step")
     checkpoint_every_steps: int = Field(200, ge=1, description="learner steps between checkpoints (and commits)")

@@ -147,16 +147,19 @@ class ConsumerFleet:
         start_offsets: Mapping[int, int] | None = None,
         metrics: TelemetrySettings | None = None,
         targets_dir: Path | None = None,
+        actor_options: Mapping[str, Any] | None = None,
     ) -> None:
         """``start_offsets``: next offset to read per partition (the learner's checkpointed positions;
         a partition without one is read from its beginning).
-        ``metrics``/``targets_dir``: each actor exposes its metrics (``stream.exporter``)."""
+        ``metrics``/``targets_dir``: each actor exposes its metrics (``stream.exporter``).
+        ``actor_options``: Ray options of every consumer actor (e.g. ``resources``, which places them)."""
         if queue_maxsize < 1:
             raise ValueError(f"queue_maxsize must be >= 1 (bounded), got {queue_maxsize}")
         self.settings = settings
         self.put_wait_s = put_wait_s
         self.metrics = metrics
         self.targets_dir = targets_dir
+        self.actor_options = dict(actor_options or {})
         self.partitions = {f"consumer-{i}": ps for i, ps in enumerate(partition_sets(settings.partitions, consumers))}
         self.queue = Queue(maxsize=queue_maxsize, actor_options={"num_cpus": 0})
         self.actors: dict[str, Any] = {}
@@ -167,7 +170,7 @@ class ConsumerFleet:
     def _start(self, consumer_id: str, start_offsets: Mapping[int, int]) -> None:
         partitions = self.partitions[consumer_id]
         mine = {int(p): int(o) for p, o in start_offsets.items() if int(p) in partitions}
-        actor = ConsumerActor.remote(self.settings, consumer_id, self.queue, partitions, mine, self.put_wait_s,
+        actor = ConsumerActor.options(**self.actor_options).remote(self.settings, consumer_id, self.queue, partitions, mine, self.put_wait_s,
                                      self.metrics, self.targets_dir)
         self.actors[consumer_id] = actor
         self._runs[consumer_id] = actor.run.remote()

@@ -46,6 +46,10 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
     "run_dir": ("SITN_RUN_RUN_DIR", "state directory; an existing one is resumed (default: var/run-<time>)", "path"),
     "ray_address": ("SITN_RUN_RAY_ADDRESS", "join this Ray cluster instead of starting a local one", "str"),
     "consumers": ("SITN_RUN_CONSUMERS", "consumer actors (default: 2)", "int"),
+    "consumer_resource": ("SITN_RUN_CONSUMER_RESOURCE", "Ray custom resource the consumer actors need: they run "
+                          "only on nodes started with it (ray start --resources '{\"NAME\": 1}')", "str"),
+    "learner_resource": ("SITN_RUN_LEARNER_RESOURCE", "Ray custom resource the learner and serving actors need, "
+                         "like --consumer-resource", "str"),
     "batch_size": ("SITN_RUN_BATCH_SIZE", "examples per learner step (default: 256)", "int"),
     "checkpoint_every_steps": ("SITN_RUN_CHECKPOINT_EVERY_STEPS", "steps between checkpoints (default: 200)", "int"),
     "publish_every_steps": ("SITN_RUN_PUBLISH_EVERY_STEPS", "steps between publishes (default: 20)", "int"),
