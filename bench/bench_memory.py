@@ -356,25 +356,24 @@ def main() -> int:
     if args.trainer:
         print(f"in-process OnlineTrainer, sitn run defaults: {args.events:,} events, {args.users:,} users, "
               f"400k source + 100k target items, seed {args.seed}; malloc mmap threshold {args.malloc}")
-        result = run_trainer(args)
-        print("RSS growth per 100k events (last two points), MiB: "
-              + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in result["growth_per_100k_events"].items()))
-        if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"wrote {args.json}")
+        _report(run_trainer(args), "RSS growth", args.json)
         return 0
     if args.max_neighbours != "none" and not (args.max_neighbours.isdigit() and int(args.max_neighbours) >= 1):
         parser.error(f"--max-neighbours must be an int >= 1 or 'none', got {args.max_neighbours!r}")
     print(f"synthetic stream: {args.events:,} events, {args.users:,} users, 400k source + 100k target items, "
           f"seed {args.seed}; max_neighbours={args.max_neighbours}, max_len={args.max_len}, "
           f"replay buffer {args.replay_buffer_size:,}")
-    result = run(args)
-    print("growth per 100k events (last two points), MiB: "
-          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in result["growth_per_100k_events"].items()))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _report(run(args), "growth", args.json)
     return 0
+
+
+def _report(result: dict[str, Any], what: str, json_path: Path | None) -> None:
+    """Print the growth per 100k events of each structure and write ``result`` to ``json_path``."""
+    print(f"{what} per 100k events (last two points), MiB: "
+          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in result["growth_per_100k_events"].items()))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":

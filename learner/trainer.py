@@ -51,7 +51,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -87,6 +87,15 @@ SERVABLE = {"popularity": "popularity", "cooccurrence": "cooc_target"}
 class StreamGapError(SitnError):
     """A batch starts above the learner's position in a partition: records would be skipped. A bug in
     whoever started the consumer there; the learner stops and is restarted from its checkpoint."""
+
+
+class _LiveRanking(NamedTuple):
+    """The live model on a step's target events (``OnlineTrainer._live_ranks``), one entry per event."""
+
+    ranks: list[int | None]  # 1-based, ties against the item; None: an item the learner never saw (a miss)
+    scores: np.ndarray  # (B, N) over the learner's target items, in ``embed_items`` order
+    positives: list[int | None]  # the item's column in ``scores``; None: never seen
+    excluded: list[list[int]]  # the columns of the user's earlier target items
 
 
 class _StampServedBy:
@@ -269,14 +278,15 @@ class OnlineTrainer:
         before = [consumed_items(ex, self.target) for ex in targets]  # excluded from the candidates
         model_scores: dict[int, np.ndarray] = {}  # target position -> served model scores (N,)
         served_ranks = self.prequential.rank_many(consumed, before, model_scores)  # test with what is served ...
-        live_ranks, live_scores = self._live_ranks(targets, before)  # the live model, from each event's own history
+        live = self._live_ranks(targets, before)  # the live model, from each event's own history
+        live_ranks = live.ranks
         ranks: dict[str, list[int | None]] = {MODEL: served_ranks, MODEL_LIVE: live_ranks}
         hook = None
         if self.fused is not None:
             fused_ranks: list[int | None] = []
             fused_live_ranks: list[int | None] = []
             ranks[FUSED], ranks[FUSED_LIVE] = fused_ranks, fused_live_ranks
-            hook = self._fused_ranker(model_scores, fused_ranks, live_scores, fused_live_ranks)
+            hook = self._fused_ranker(model_scores, fused_ranks, live, fused_live_ranks)
         # ... the baselines and the fused ranker, each event then learnt ...
         rankable, baseline_ranks = self.shadow.observe(examples, hook)
         gains = self.quality.record(rankable, {**ranks, **baseline_ranks})
@@ -310,49 +320,45 @@ class OnlineTrainer:
         self.publish_if_due()
         return stats
 
-    def _live_ranks(self, targets: list[Example], before: list[tuple[str, ...]]) -> tuple[list[int | None], np.ndarray]:
+    def _live_ranks(self, targets: list[Example], before: list[tuple[str, ...]]) -> _LiveRanking:
         """Each target event ranked by the live model (before it trains on the step) from the event's own
         causal history, among the target items the learner knows: the information the shadow baselines
-        rank with. Returns the ranks and the (B, N) scores, items in ``embed_items`` order. ``model`` ranks
-        with what serving held at that moment of the replay, so the gap between the two is what serving a
-        user's vectors after the user's next event costs (module docstring: data time)."""
+        rank with (the scores, columns and exclusions are kept for ``fused_live``). ``model`` ranks with what
+        serving held at that moment of the replay, so the gap between the two is what serving a user's
+        vectors after the user's next event costs (module docstring: data time)."""
         if not targets:
-            return [], np.zeros((0, 0), dtype=np.float32)
+            return _LiveRanking([], np.zeros((0, 0), dtype=np.float32), [], [])
         idmap = self.learner.idmaps["target"]
         rows = idmap.rows(ex.item_id for ex in targets) - 1  # embed_items order; -1: never seen, a miss
         scores = self.learner.score_items(self.learner.embed_histories([ex.history for ex in targets]))  # (B, N)
         out: list[int | None] = []
+        positives: list[int | None] = []
+        excluded: list[list[int]] = []
         for j, r in enumerate(rows.tolist()):
-            if r < 0:
-                out.append(None)
-                continue
-            excluded = [e for e in (idmap.rows(before[j]) - 1).tolist() if e >= 0]
-            out.append(rank_with_ties_against(scores[j], int(r), excluded))
-        return out, scores
+            excluded.append([e for e in (idmap.rows(before[j]) - 1).tolist() if e >= 0])
+            positives.append(r if r >= 0 else None)
+            out.append(None if r < 0 else rank_with_ties_against(scores[j], int(r), excluded[j]))
+        return _LiveRanking(out, scores, positives, excluded)
 
-    def _fused_ranker(self, model_scores: dict[int, np.ndarray], out: list[int | None], live_scores: np.ndarray,
+    def _fused_ranker(self, model_scores: dict[int, np.ndarray], out: list[int | None], live: _LiveRanking,
                       out_live: list[int | None]) -> Any:
         """The shadow hook ranking each target event with the fused ranker into ``out`` (served vectors) and
-        ``out_live`` (the live model's ``live_scores``, one row per target event), each with the baselines'
-        co-occurrence before the event."""
+        ``out_live`` (the live model's scores of ``live``), each with the baselines' co-occurrence before
+        the event."""
         assert self.fused is not None and self.fused_live is not None
         fused, fused_live, prequential, cooc = self.fused, self.fused_live, self.prequential, self.shadow.cooc
         served_ids = prequential.served_item_ids()
-        idmap = self.learner.idmaps["target"]
-        live_ids = idmap.ids()  # the columns of live_scores (embed_items order)
+        live_ids = self.learner.idmaps["target"].ids()  # the columns of live.scores (embed_items order)
 
         def rank(position: int, ex: Any, rankable: bool, cooc_scores: np.ndarray | None) -> None:
-            consumed = consumed_items(ex, self.target)
             positive = prequential.item_row(ex.item_id)
             excluded: list[int] = []
             if positive is not None:
-                excluded = [r for r in map(prequential.item_row, consumed) if r is not None]
+                excluded = [r for r in map(prequential.item_row, consumed_items(ex, self.target)) if r is not None]
             out.append(fused.rank(ex, served_ids, model_scores.get(position), positive, excluded, cooc,
                                   cooc_scores, rankable))
-            row = idmap.row(ex.item_id) - 1
-            live_excluded = [e for e in (idmap.rows(consumed) - 1).tolist() if e >= 0]
-            out_live.append(fused_live.rank(ex, live_ids, live_scores[position], row if row >= 0 else None,
-                                            live_excluded, cooc, cooc_scores, rankable))
+            out_live.append(fused_live.rank(ex, live_ids, live.scores[position], live.positives[position],
+                                            live.excluded[position], cooc, cooc_scores, rankable))
 
         return rank
 
@@ -474,8 +480,8 @@ class OnlineTrainer:
             self.fused.load_state_dict(extra["fused"])
         if self.fused_live is not None and extra.get("fused_live") is not None:
             self.fused_live.load_state_dict(extra["fused_live"])
-        if self.fused_live is not None:
-            self._stamp.fused_weight = self.fused.weight = self.fused_live.weight  # type: ignore[union-attr]
+        if self.fused is not None and self.fused_live is not None:  # both or neither (__init__)
+            self._stamp.fused_weight = self.fused.weight = self.fused_live.weight
         burn_in = extra.get("burn_in") or {}
         self.burn_in_until = burn_in.get("until")
         self.burn_in_events = int(burn_in.get("events", 0))

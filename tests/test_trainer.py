@@ -347,7 +347,8 @@ def test_the_live_model_ranks_each_event_from_its_own_history_among_the_known_it
     examples = [store.observe(e) for e in events[:600]][400:]
     targets = [ex for ex in examples if ex.domain == "book"][:40]
     before = [tuple(ex.history["book"][0]) for ex in targets]
-    ranks, live_scores = trainer._live_ranks(targets, before)
+    live = trainer._live_ranks(targets, before)
+    ranks, live_scores = live.ranks, live.scores
     learner = trainer.learner
     item_ids, _ = learner.embed_items("book")
     column = {item_id: j for j, item_id in enumerate(item_ids)}
@@ -355,6 +356,8 @@ def test_the_live_model_ranks_each_event_from_its_own_history_among_the_known_it
     np.testing.assert_allclose(live_scores, scores, rtol=1e-5, atol=1e-6)  # what fused_live fuses
     assert any(r is None for r in ranks) and any(r is not None for r in ranks)
     for j, (ex, rank) in enumerate(zip(targets, ranks, strict=True)):
+        assert live.positives[j] == column.get(ex.item_id)  # the columns fused_live ranks with
+        assert live.excluded[j] == [column[i] for i in before[j] if i in column]
         if ex.item_id not in column:
             assert rank is None  # an item the learner never saw is a miss
             continue
