@@ -9,16 +9,24 @@ V views at once and ``k + 20`` rows fetched (the index over-fetches by the user'
 bench_serving_http.py), for each V of ``--views``; plus build time, which bounds how often a base can be
 rebuilt.
 
-    python bench/bench_index.py [--items 63937 --dim 64 --queries 2000 --views 1,4 --seed 0]
+    python bench/bench_index.py [--items 63937 --dim 64 --queries 2000 --views 1,4 --seed 0] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.report import BenchRecord, add_json_option  # noqa: E402
 
 
 def make_vectors(
@@ -59,6 +67,31 @@ def time_requests(
     return labels.reshape(-1, fetch), latencies_s
 
 
+def measure_config(
+    index: faiss.Index, queries: np.ndarray, truth: np.ndarray, views: list[int], fetch: int
+) -> dict[str, Any]:
+    """Recall@k of the first k rows and request latency p50/p99 (ms) per V, at the index's current knob."""
+    k = truth.shape[1]
+    latency_ms: dict[str, dict[str, float]] = {}
+    recall = None
+    for v in views:
+        labels, latencies_s = time_requests(index, queries, v, fetch)
+        if v == 1:  # per-query recall of the first k rows; the same for every V (queries are independent)
+            recall = recall_at_k(labels[:, :k], truth)
+        p50_ms, p99_ms = np.percentile(latencies_s, [50, 99]) * 1e3
+        latency_ms[str(v)] = {"p50": float(p50_ms), "p99": float(p99_ms), "requests": len(latencies_s)}
+    if recall is None:
+        labels, _ = time_requests(index, queries, 1, fetch, warmup=0)
+        recall = recall_at_k(labels[:, :k], truth)
+    return {"recall_at_k": recall, "latency_ms_by_views": latency_ms}
+
+
+def print_row(row: dict[str, Any]) -> None:
+    latencies = "".join(f"{lat['p50']:>13.3f}{lat['p99']:>13.3f}" for lat in row["latency_ms_by_views"].values())
+    setting = f"{row['knob']}={row['value']}" if row["knob"] else "exact"
+    print(f"{row['index']:<14}{setting:>14}{row['recall_at_k']:>11.4f}{latencies}{row['build_s']:>9.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,7 +105,9 @@ def main() -> None:
     parser.add_argument("--consumed", type=int, default=20, help="rows over-fetched per view (excluded items)")
     parser.add_argument("--views", default="1,4", help="query vectors per request (V), comma separated")
     parser.add_argument("--seed", type=int, default=0)
+    add_json_option(parser)
     args = parser.parse_args()
+    record = BenchRecord("bench_index", args)
     views = [int(v) for v in args.views.split(",")]
     fetch = args.k + args.consumed
     faiss.omp_set_num_threads(1)
@@ -95,7 +130,8 @@ def main() -> None:
         "latency per request of V views"
     )
     latency_columns = "".join(f"{f'p50_ms V={v}':>13}{f'p99_ms V={v}':>13}" for v in views)
-    print(f"{'index':<14}{'knob':>14}{'recall@10':>11}{latency_columns}{'build_s':>9}")
+    print(f"{'index':<14}{'knob':>14}{f'recall@{args.k}':>11}{latency_columns}{'build_s':>9}")
+    rows: list[dict[str, Any]] = []
     for factory, knob, values in configs:
         started = time.perf_counter()
         index = faiss.index_factory(args.dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -107,19 +143,13 @@ def main() -> None:
         for value in values:
             if knob:
                 params.set_index_parameter(index, knob, value)
-            latencies = ""
-            recall = np.nan
-            for v in views:
-                labels, latencies_s = time_requests(index, queries, v, fetch)
-                if v == 1:  # per-query recall of the first k rows; the same for every V (queries are independent)
-                    recall = recall_at_k(labels[:, : args.k], truth)
-                p50_ms, p99_ms = np.percentile(latencies_s, [50, 99]) * 1e3
-                latencies += f"{p50_ms:>13.3f}{p99_ms:>13.3f}"
-            if np.isnan(recall):
-                labels, _ = time_requests(index, queries, 1, fetch, warmup=0)
-                recall = recall_at_k(labels[:, : args.k], truth)
-            setting = f"{knob}={value}" if knob else "exact"
-            print(f"{factory:<14}{setting:>14}{recall:>11.4f}{latencies}{build_s:>9.2f}")
+            row = {"index": factory, "knob": knob or None, "value": value if knob else None,
+                   **measure_config(index, queries, truth, views, fetch), "build_s": build_s}
+            rows.append(row)
+            print_row(row)
+    if args.json is not None:
+        record.write(args.json, {"k": args.k, "fetch": fetch, "faiss_threads": 1, "rows": rows})
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""Benchmarks' ``--json PATH`` records: real bench scripts run as subprocesses at tiny sizes.
+
+Each record must parse, carry the run's configuration, commit, load average and machine facts, and hold
+the figures the bench prints as finite numbers, quality next to speed.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import bench.report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *options: str, tmp_path: Path, timeout_s: float = 120.0) -> tuple[str, dict[str, Any]]:
+    """Run ``bench/<script>`` with ``options`` and ``--json``; its stdout and the parsed record."""
+    path = tmp_path / f"{script}.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *options, "--json", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done.stdout, json.loads(path.read_text())
+
+
+def assert_envelope(record: dict[str, Any], bench: str, argv: list[str]) -> None:
+    """The parts every record has, whatever the bench."""
+    assert record["bench"] == bench
+    assert record["argv"] == argv
+    assert len(record["commit"]["hash"]) >= 7 and isinstance(record["commit"]["dirty"], bool)
+    machine = record["machine"]
+    assert machine["cpu_count"] >= 1
+    for key in ("load_avg_start", "load_avg_end"):
+        assert len(machine[key]) == 3 and all(x >= 0 and math.isfinite(x) for x in machine[key])
+    assert machine["packages"]["numpy"]
+    assert record["wall_s"] > 0
+    assert record["finished_at_utc"] >= record["started_at_utc"]
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_report_examples_run() -> None:
+    """bench/ is outside pytest's doctest collection (scripts); the record module's examples run here."""
+    result = doctest.testmod(bench.report, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted >= 5
+    assert result.failed == 0
+
+
+def test_bench_index_json(tmp_path: Path) -> None:
+    options = ["--items", "2000", "--queries", "200", "--clusters", "16", "--views", "1,4", "--seed", "3"]
+    stdout, record = run_bench("bench_index.py", *options, tmp_path=tmp_path)
+    assert_envelope(record, "bench_index", [*options, "--json", str(tmp_path / "bench_index.py.json")])
+    assert record["config"]["items"] == 2000 and record["config"]["views"] == "1,4"
+    assert record["config"]["json"] == str(tmp_path / "bench_index.py.json")
+    figures = record["figures"]
+    assert (figures["k"], figures["fetch"]) == (10, 30)
+    rows = figures["rows"]
+    # 1 exact + 4 + 4 efSearch + 5 + 5 nprobe settings, each a printed row
+    assert [(r["index"], r["value"]) for r in rows][:3] == [("Flat", None), ("HNSW16", 16), ("HNSW16", 32)]
+    assert len(rows) == 19 == sum(line.startswith(("Flat", "HNSW", "IVF")) for line in stdout.splitlines())
+    for row in rows:
+        assert 0.0 <= row["recall_at_k"] <= 1.0
+        assert finite(row["build_s"])
+        assert set(row["latency_ms_by_views"]) == {"1", "4"}
+        for v, lat in row["latency_ms_by_views"].items():
+            assert finite(lat["p50"]) and finite(lat["p99"]) and 0 < lat["p50"] <= lat["p99"]
+            assert lat["requests"] == 200 // int(v)
+    assert rows[0]["recall_at_k"] == 1.0  # exact search finds the exact top-k
+    # the printed table is the record's figures (recall to 4 decimals)
+    flat = next(line for line in stdout.splitlines() if line.startswith("Flat"))
+    assert flat.split()[2] == "1.0000"
