@@ -77,6 +77,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import BenchRecord, add_json_option  # noqa: E402
 from learner.config import SITNConfig  # noqa: E402
 from learner.history import RecentHistories  # noqa: E402
 from learner.idmap import IdMap, next_capacity  # noqa: E402
@@ -349,30 +350,32 @@ def main() -> int:
                         help="replay buffer length (the pipeline's default is 0: off)")
     parser.add_argument("--points", type=int, default=6, help="measurements along the stream")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    add_json_option(parser)
     args = parser.parse_args()
+    record = BenchRecord("bench_memory", args)
     args.events = args.events or (100_000 if args.trainer else 300_000)
     args.users = args.users or (5_000 if args.trainer else 1_000)
     if args.trainer:
         print(f"in-process OnlineTrainer, sitn run defaults: {args.events:,} events, {args.users:,} users, "
               f"400k source + 100k target items, seed {args.seed}; malloc mmap threshold {args.malloc}")
-        _report(run_trainer(args), "RSS growth", args.json)
+        _report(run_trainer(args), "RSS growth", record, args.json)
         return 0
     if args.max_neighbours != "none" and not (args.max_neighbours.isdigit() and int(args.max_neighbours) >= 1):
         parser.error(f"--max-neighbours must be an int >= 1 or 'none', got {args.max_neighbours!r}")
     print(f"synthetic stream: {args.events:,} events, {args.users:,} users, 400k source + 100k target items, "
           f"seed {args.seed}; max_neighbours={args.max_neighbours}, max_len={args.max_len}, "
           f"replay buffer {args.replay_buffer_size:,}")
-    _report(run(args), "growth", args.json)
+    _report(run(args), "growth", record, args.json)
     return 0
 
 
-def _report(result: dict[str, Any], what: str, json_path: Path | None) -> None:
-    """Print the growth per 100k events of each structure and write ``result`` to ``json_path``."""
+def _report(result: dict[str, Any], what: str, record: BenchRecord, json_path: Path | None) -> None:
+    """Print the growth per 100k events of each structure and write ``result`` (the printed rows and
+    growth) as the figures of ``record`` to ``json_path``."""
     print(f"{what} per 100k events (last two points), MiB: "
           + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in result["growth_per_100k_events"].items()))
     if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        record.write(json_path, result)
         print(f"wrote {json_path}")
 
 
