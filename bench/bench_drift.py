@@ -18,6 +18,7 @@ Medians and [min, max] over seeds; "found k/n" counts the seeds where the signal
     python bench/bench_drift.py --quick        # ~3 minutes on one shared core
     python bench/bench_drift.py                # input: 5 seeds x 1M events; model: 3 seeds x 800 steps
     python bench/bench_drift.py --part model --model-kinds interest_swap popularity none
+    python bench/bench_drift.py --quick --json drift.json   # also the figures, configuration and load as JSON
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import BenchRecord, add_json_option  # noqa: E402
 from learner.drift import DriftAlarm, DriftMonitor, DriftSettings  # noqa: E402
 from stream.synthetic import SyntheticConfig, SyntheticStream  # noqa: E402
 
@@ -140,27 +143,44 @@ def model_run(kind: str, seed: int, args: argparse.Namespace, settings: DriftSet
 # -- report ------------------------------------------------------------------------------------------
 
 
-def spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{np.median(values):9.0f} [{min(values):.0f}, {max(values):.0f}]"
-
-
-def report(part: str, kind: str, results: list[RunResult], unit: str, per: float) -> None:
-    signals = sorted({s for r in results for s in (*r.first_after, *r.false_alarms)})
+def summarize(kind: str, results: list[RunResult], unit: str, per: float) -> dict[str, Any]:
+    """The figures of one drift kind over seeds: false alarms, monitor cost, and per signal the delays
+    (median, min, max, each seed's), the seeds that found the drift, first detectors, false alarms."""
     cost = np.concatenate([r.cost_us for r in results]) if results else np.zeros(1)
     stationary = sum(r.stationary for r in results)
     total_false = sum(sum(r.false_alarms.values()) for r in results)
-    print(f"[{part}] drift={kind:13s} seeds={len(results)} stationary_{unit}={stationary:,} "
-          f"false_alarms={total_false} ({total_false / stationary * per:.2f} per {per:,.0f} {unit}) | "
-          f"monitor cost per call: median {np.median(cost):.0f} us, p90 {np.percentile(cost, 90):.0f} us")
-    for signal in signals:
+    signals: dict[str, dict[str, Any]] = {}
+    for signal in sorted({s for r in results for s in (*r.first_after, *r.false_alarms)}):
         delays = [float(r.first_after[signal]) for r in results if signal in r.first_after]
-        detectors = sorted({r.first_detector[signal] for r in results if signal in r.first_detector})
-        false = [r.false_alarms.get(signal, 0) for r in results]
-        found = f"found {len(delays)}/{len(results)}" if kind != "none" else "no drift"
-        print(f"    {signal:24s} delay_{unit} median {spread(delays)}  {found:11s} first by {','.join(detectors) or '-':18s}"
-              f" false alarms per seed {false}")
+        signals[signal] = {
+            "delay_median": float(np.median(delays)) if delays else None,
+            "delay_min": min(delays) if delays else None,
+            "delay_max": max(delays) if delays else None,
+            "delays": delays,
+            "found": len(delays),
+            "first_detectors": sorted({r.first_detector[signal] for r in results if signal in r.first_detector}),
+            "false_alarms_per_seed": [r.false_alarms.get(signal, 0) for r in results],
+        }
+    return {
+        "kind": kind, "seeds": len(results), "unit": unit, "stationary": stationary, "false_alarms": total_false,
+        "false_alarms_per": per, "false_alarm_rate": total_false / stationary * per,
+        "monitor_cost_us": {"median": float(np.median(cost)), "p90": float(np.percentile(cost, 90))},
+        "signals": signals,
+    }
+
+
+def print_summary(part: str, summary: dict[str, Any]) -> None:
+    unit, per = summary["unit"], summary["false_alarms_per"]
+    print(f"[{part}] drift={summary['kind']:13s} seeds={summary['seeds']} stationary_{unit}={summary['stationary']:,} "
+          f"false_alarms={summary['false_alarms']} ({summary['false_alarm_rate']:.2f} per {per:,.0f} {unit}) | "
+          f"monitor cost per call: median {summary['monitor_cost_us']['median']:.0f} us, "
+          f"p90 {summary['monitor_cost_us']['p90']:.0f} us")
+    for signal, fig in summary["signals"].items():
+        delay = "-" if fig["delay_median"] is None else (
+            f"{fig['delay_median']:9.0f} [{fig['delay_min']:.0f}, {fig['delay_max']:.0f}]")
+        found = f"found {fig['found']}/{summary['seeds']}" if summary["kind"] != "none" else "no drift"
+        print(f"    {signal:24s} delay_{unit} median {delay}  {found:11s} first by "
+              f"{','.join(fig['first_detectors']) or '-':18s} false alarms per seed {fig['false_alarms_per_seed']}")
 
 
 def main() -> int:
@@ -177,30 +197,41 @@ def main() -> int:
     parser.add_argument("--min-observations", type=int, default=None, help="override DriftSettings.min_observations")
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    add_json_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.model_seeds, args.events = 2, 2, 200_000
         args.model_kinds, args.steps, args.burn_in_steps = ["interest_swap"], 300, 50
         args.min_observations = args.min_observations or 50
+    record = BenchRecord("bench_drift", args)  # the configuration as run: --quick's sizes, not the defaults
     logging.basicConfig(level=logging.ERROR)  # alarms are logged at WARNING: keep the report readable
     settings = DriftSettings()
     # The model part runs its own unmonitored burn-in (--burn-in-steps), so the monitor's is off.
     model_settings = DriftSettings(burn_in_steps=0, **(
         {} if args.min_observations is None else {"min_observations": args.min_observations}))
-    print(f"settings: {settings.model_dump(exclude={'log_path'})}")
+    figures: dict[str, Any] = {"settings": settings.model_dump(exclude={"log_path"}), "input": [], "model": []}
+    print(f"settings: {figures['settings']}")
     print(f"cpus={os.cpu_count()} load_avg_1m={os.getloadavg()[0]:.1f}")
     if args.part in ("input", "both"):
         for kind in args.kinds:
             results = [input_run(kind, seed, args.events, settings) for seed in range(args.seeds)]
-            report("input", kind, results, "events", 1e6)
+            figures["input"].append(summarize(kind, results, "events", 1e6))
+            print_summary("input", figures["input"][-1])
     if args.part in ("model", "both"):
+        figures["model_settings"] = model_settings.model_dump(exclude={"log_path"})
         print(f"model: dim={args.dim} steps={args.steps} burn_in={args.burn_in_steps} drift_at_step={args.steps * 2 // 3} "
               f"min_observations={model_settings.min_observations} threads={args.threads}")
         for kind in args.model_kinds:
             started = time.perf_counter()
             results = [model_run(kind, seed, args, model_settings) for seed in range(args.model_seeds)]
-            report("model", kind, results, "steps", 1e3)
-            print(f"    ({time.perf_counter() - started:.0f} s, load_avg_1m={os.getloadavg()[0]:.1f})")
+            summary = summarize(kind, results, "steps", 1e3)
+            print_summary("model", summary)
+            summary["wall_s"], summary["load_avg_1m"] = time.perf_counter() - started, os.getloadavg()[0]
+            figures["model"].append(summary)
+            print(f"    ({summary['wall_s']:.0f} s, load_avg_1m={summary['load_avg_1m']:.1f})")
+    if args.json is not None:
+        record.write(args.json, figures)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -76,3 +76,26 @@ def test_bench_index_json(tmp_path: Path) -> None:
     # the printed table is the record's figures (recall to 4 decimals)
     flat = next(line for line in stdout.splitlines() if line.startswith("Flat"))
     assert flat.split()[2] == "1.0000"
+
+
+def test_bench_drift_input_json(tmp_path: Path) -> None:
+    options = ["--part", "input", "--seeds", "1", "--events", "80000", "--kinds", "none", "domain_mix"]
+    stdout, record = run_bench("bench_drift.py", *options, tmp_path=tmp_path)
+    assert_envelope(record, "bench_drift", [*options, "--json", str(tmp_path / "bench_drift.py.json")])
+    assert (record["config"]["events"], record["config"]["kinds"]) == (80000, ["none", "domain_mix"])
+    figures = record["figures"]
+    assert figures["settings"]["reference_window_events"] == 20000
+    assert figures["model"] == []
+    none, mix = figures["input"]
+    assert (none["kind"], none["stationary"], none["unit"]) == ("none", 80000, "events")
+    assert (mix["kind"], mix["stationary"]) == ("domain_mix", 40000)  # injected at the middle
+    for summary in (none, mix):
+        assert summary["seeds"] == 1
+        assert finite(summary["false_alarm_rate"])
+        assert summary["false_alarm_rate"] == summary["false_alarms"] / summary["stationary"] * 1e6
+        assert finite(summary["monitor_cost_us"]["median"]) and finite(summary["monitor_cost_us"]["p90"])
+    found = mix["signals"]["input_domain_mix"]  # the quality: the shift is caught, and how late
+    assert found["found"] == 1 and len(found["delays"]) == 1
+    assert finite(found["delay_median"]) and 0 <= found["delay_median"] <= 40000
+    assert found["delay_min"] == found["delay_max"] == found["delay_median"]
+    assert f"delay_events median {found['delay_median']:9.0f}" in stdout
