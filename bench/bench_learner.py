@@ -14,6 +14,7 @@ speed, and the machine's load average (the machine may be shared).
 
     python bench/bench_learner.py                     # both workloads, L = 20 and 50
     python bench/bench_learner.py --workload real --lengths 20 --threads 2
+    python bench/bench_learner.py --json learner.json   # also the figures, configuration and load as JSON
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import BenchRecord, add_json_option  # noqa: E402
 from learner import SITNConfig, SITNLearner  # noqa: E402
 from stream.dataset import load_events  # noqa: E402
 from stream.user_state import Example, UserStateStore  # noqa: E402
@@ -68,7 +71,9 @@ def synthetic_examples(max_len: int, n: int, seed: int, n_users: int = 15_000, n
     return out
 
 
-def run(workload: str, max_len: int, args: argparse.Namespace) -> None:
+def run(workload: str, max_len: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One workload at one L: examples/s per timed step (p10/median/p90, mean over the run) and the losses
+    of the last 10 steps next to the speed."""
     config = SITNConfig(max_len=max_len, i2c_warmup_steps=0, seed=args.seed)
     warmup_steps = config.recluster_every_steps + 5  # past the first clustering: prototypes and I2C on
     n_steps = warmup_steps + args.steps
@@ -91,14 +96,29 @@ def run(workload: str, max_len: int, args: argparse.Namespace) -> None:
     elapsed_s = time.perf_counter() - started_s
     q = np.percentile(rates, [10, 50, 90])
     tail = stats[-10:]
+    return {
+        "workload": workload, "max_len": max_len, "batch": args.batch, "history_items_per_example": float(tokens),
+        "steps": len(rates), "warmup_steps": warmup_steps,
+        "examples_per_s": {"median": float(q[1]), "p10": float(q[0]), "p90": float(q[2]),
+                           "mean": len(rates) * args.batch / elapsed_s, "per_step": rates},
+        "after_step": int(learner.step),
+        "quality_last_10_steps": {name: float(np.mean([t[name] for t in tail]))
+                                  for name in ("loss", "loss_main", "loss_i2i", "loss_i2c")}
+        | {"proto_agreement": float(np.nanmean([t["proto_agreement"] for t in tail]))},
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
+def print_run(r: dict[str, Any]) -> None:
+    rate, quality = r["examples_per_s"], r["quality_last_10_steps"]
     print(
-        f"workload={workload:9s} L={max_len:2d} batch={args.batch} history_items_per_example={tokens:5.1f} "
-        f"steps={len(rates)} median_ex_per_s={q[1]:8.0f} p10={q[0]:8.0f} p90={q[2]:8.0f} "
-        f"mean_ex_per_s={len(rates) * args.batch / elapsed_s:8.0f} | "
-        f"after_step={learner.step} loss={np.mean([t['loss'] for t in tail]):.3f} "
-        f"loss_main={np.mean([t['loss_main'] for t in tail]):.3f} "
-        f"loss_i2i={np.mean([t['loss_i2i'] for t in tail]):.3f} loss_i2c={np.mean([t['loss_i2c'] for t in tail]):.3f} "
-        f"proto_agreement={np.nanmean([t['proto_agreement'] for t in tail]):.3f} | load_avg_1m={os.getloadavg()[0]:.1f}",
+        f"workload={r['workload']:9s} L={r['max_len']:2d} batch={r['batch']} "
+        f"history_items_per_example={r['history_items_per_example']:5.1f} "
+        f"steps={r['steps']} median_ex_per_s={rate['median']:8.0f} p10={rate['p10']:8.0f} p90={rate['p90']:8.0f} "
+        f"mean_ex_per_s={rate['mean']:8.0f} | "
+        f"after_step={r['after_step']} loss={quality['loss']:.3f} loss_main={quality['loss_main']:.3f} "
+        f"loss_i2i={quality['loss_i2i']:.3f} loss_i2c={quality['loss_i2c']:.3f} "
+        f"proto_agreement={quality['proto_agreement']:.3f} | load_avg_1m={r['load_avg_1m']:.1f}",
         flush=True,
     )
 
@@ -113,17 +133,24 @@ def main() -> int:
                         help="torch and faiss threads (default 1: the ops are small; 2 threads lose under load)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--events", type=Path, default=EVENTS_CSV)
+    add_json_option(parser)
     args = parser.parse_args()
+    record = BenchRecord("bench_learner", args)
     torch.set_num_threads(args.threads)
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    print(f"config: {SITNConfig().to_dict()}")
+    figures: dict[str, Any] = {"model_config": SITNConfig().to_dict(), "threads": args.threads, "runs": []}
+    print(f"config: {figures['model_config']}")
     print(f"threads={args.threads} torch={torch.__version__} cpus={os.cpu_count()}")
     workloads = ["real", "synthetic"] if args.workload == "both" else [args.workload]
     for workload in workloads:
         for max_len in args.lengths:
-            run(workload, max_len, args)
+            figures["runs"].append(run(workload, max_len, args))
+            print_run(figures["runs"][-1])
+    if args.json is not None:
+        record.write(args.json, figures)
+        print(f"wrote {args.json}")
     return 0
 
 
