@@ -8,7 +8,7 @@ until every event came out decoded (histories are built by the learner, not here
 speed. Medians and the spread (min..max) over the repeats are printed.
 
     python bench/bench_stream.py [--events PATH] [--limit N] [--repeats R] [--batch-sizes 500,2000,5000]
-                                 [--backends embedded,kafka]
+                                 [--backends embedded,kafka] [--json PATH]
 
 Kafka: ``SITN_KAFKA_BOOTSTRAP_SERVERS`` if set, else a local broker is started in a temporary directory.
 The workload is the shipped events.csv (offline); without it, a seeded synthetic one of the same shape.
@@ -27,10 +27,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import BenchRecord, add_json_option  # noqa: E402
 from stream.consumer import StreamConsumer  # noqa: E402
 from stream.dataset import load_events  # noqa: E402
 from stream.dead_letter import open_dead_letters  # noqa: E402
@@ -95,16 +97,26 @@ def consume_once(
         consumer.close()
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and every run's value."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
 def run_backend(
     name: str, base: StreamSettings, events: list[InteractionEvent], batch_sizes: list[int], repeats: int
-) -> None:
+) -> dict[str, Any]:
+    """Replay once, then per batch size a warm-up and ``repeats`` timed consumers; the figures, printed."""
     producer = open_producer(base)
     stats = replay(events, producer)
     producer.close()
+    out: dict[str, Any] = {
+        "replay": {"events": stats.events, "wall_s": stats.wall_s, "events_per_s": stats.events_per_s},
+        "load_avg_1m_before": os.getloadavg()[0], "batches": [],
+    }
     print(
         f"\n[{name}] replay: {stats.events:,} events in {stats.wall_s:.2f} s = {stats.events_per_s:,.0f} events/s"
     )
-    print(f"[{name}] load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    print(f"[{name}] load average before: {out['load_avg_1m_before']:.1f} on {os.cpu_count()} cpus")
     print(
         f"[{name}] {'batch':>6} {'wall ev/s median':>17} {'min..max':>19} {'cpu ev/s median':>16} {'min..max':>19} "
         f"{'out/in':>16} {'dead':>5}"
@@ -116,20 +128,28 @@ def run_backend(
         cpu_rates: list[float] = []
         counts: list[tuple[int, int]] = []
         for _ in range(repeats):
-            rate, cpu_rate, out, dead = consume_once(settings, len(events))
+            rate, cpu_rate, events_out, dead = consume_once(settings, len(events))
             rates.append(rate)
             cpu_rates.append(cpu_rate)
-            counts.append((out, dead))
-        ok = all(out == len(events) and dead == 0 for out, dead in counts)
-        outs = {out for out, _ in counts}
+            counts.append((events_out, dead))
+        row = {
+            "batch_size": batch_size, "wall_events_per_s": spread(rates), "cpu_events_per_s": spread(cpu_rates),
+            "events_in": len(events), "events_out": sorted({n for n, _ in counts}),
+            "dead_letters_max": max(d for _, d in counts),
+            "ok": all(n == len(events) and dead == 0 for n, dead in counts),
+        }
+        out["batches"].append(row)
+        wall, cpu = row["wall_events_per_s"], row["cpu_events_per_s"]
         print(
-            f"[{name}] {batch_size:>6} {statistics.median(rates):>17,.0f} {min(rates):>9,.0f}..{max(rates):<9,.0f} "
-            f"{statistics.median(cpu_rates):>16,.0f} {min(cpu_rates):>9,.0f}..{max(cpu_rates):<9,.0f} "
-            f"{'/'.join(map(str, sorted(outs))):>7}/{len(events):<8} "
-            f"{max(d for _, d in counts):>5} {'OK' if ok else 'COUNT MISMATCH'}"
+            f"[{name}] {batch_size:>6} {wall['median']:>17,.0f} {wall['min']:>9,.0f}..{wall['max']:<9,.0f} "
+            f"{cpu['median']:>16,.0f} {cpu['min']:>9,.0f}..{cpu['max']:<9,.0f} "
+            f"{'/'.join(map(str, row['events_out'])):>7}/{len(events):<8} "
+            f"{row['dead_letters_max']:>5} {'OK' if row['ok'] else 'COUNT MISMATCH'}"
         )
     # On a shared machine wall rates follow the load: print it after the runs too, next to the figures.
-    print(f"[{name}] load average after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    out["load_avg_1m_after"] = os.getloadavg()[0]
+    print(f"[{name}] load average after: {out['load_avg_1m_after']:.1f} on {os.cpu_count()} cpus")
+    return out
 
 
 def with_kafka(fn: Callable[[str], None]) -> None:
@@ -163,13 +183,19 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="500,2000,5000")
     parser.add_argument("--backends", default="embedded,kafka")
     parser.add_argument("--partitions", type=int, default=4)
+    add_json_option(parser)
     args = parser.parse_args()
+    record = BenchRecord("bench_stream", args)
+    figures: dict[str, Any] = {}
     if args.events.is_file():
         events = load_events(args.events, "movie", "book", limit=args.limit).events
+        figures["workload"] = str(args.events)
         print(f"workload: {args.events} ({len(events):,} events)")
     else:
         events = synthetic_events(args.limit or 148_205)
+        figures["workload"] = "synthetic, seed 0"
         print(f"workload: synthetic, seed 0 ({len(events):,} events); {args.events} not found")
+    figures["events"] = len(events)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     backends = args.backends.split(",")
     print(
@@ -179,7 +205,7 @@ def main() -> int:
     if "embedded" in backends:
         with tempfile.TemporaryDirectory(prefix="bench-log-") as tmp:
             base = StreamSettings(embedded_log_dir=Path(tmp), partitions=args.partitions)
-            run_backend("embedded", base, events, batch_sizes, args.repeats)
+            figures["embedded"] = run_backend("embedded", base, events, batch_sizes, args.repeats)
     if "kafka" in backends:
 
         def kafka(servers: str) -> None:
@@ -193,9 +219,12 @@ def main() -> int:
                 topic_embedding_updates=f"bench-up-{run}",
             )
             ensure_topics(base)
-            run_backend("kafka", base, events, batch_sizes, args.repeats)
+            figures["kafka"] = run_backend("kafka", base, events, batch_sizes, args.repeats)
 
         with_kafka(kafka)
+    if args.json is not None:
+        record.write(args.json, figures)
+        print(f"wrote {args.json}")
     return 0
 
 

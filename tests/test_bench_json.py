@@ -99,3 +99,27 @@ def test_bench_drift_input_json(tmp_path: Path) -> None:
     assert finite(found["delay_median"]) and 0 <= found["delay_median"] <= 40000
     assert found["delay_min"] == found["delay_max"] == found["delay_median"]
     assert f"delay_events median {found['delay_median']:9.0f}" in stdout
+
+
+def test_bench_stream_embedded_json(tmp_path: Path) -> None:
+    missing = tmp_path / "no-events.csv"  # the seeded synthetic workload: no shared data needed
+    options = ["--events", str(missing), "--limit", "4000", "--repeats", "2", "--batch-sizes", "500,2000",
+               "--backends", "embedded"]
+    stdout, record = run_bench("bench_stream.py", *options, tmp_path=tmp_path)
+    assert_envelope(record, "bench_stream", [*options, "--json", str(tmp_path / "bench_stream.py.json")])
+    assert record["config"]["events"] == str(missing) and record["config"]["repeats"] == 2
+    figures = record["figures"]
+    assert (figures["workload"], figures["events"]) == ("synthetic, seed 0", 4000)
+    assert "kafka" not in figures
+    embedded = figures["embedded"]
+    assert embedded["replay"]["events"] == 4000 and finite(embedded["replay"]["events_per_s"])
+    assert finite(embedded["load_avg_1m_before"]) and finite(embedded["load_avg_1m_after"])
+    assert [row["batch_size"] for row in embedded["batches"]] == [500, 2000]
+    for row in embedded["batches"]:
+        # the count check next to the speed: every event out decoded, none dead-lettered
+        assert (row["events_in"], row["events_out"], row["dead_letters_max"], row["ok"]) == (4000, [4000], 0, True)
+        for rate in (row["wall_events_per_s"], row["cpu_events_per_s"]):
+            assert len(rate["runs"]) == 2 and all(finite(x) and x > 0 for x in rate["runs"])
+            assert rate["min"] <= rate["median"] <= rate["max"]
+            assert (rate["min"], rate["max"]) == (min(rate["runs"]), max(rate["runs"]))
+        assert f"{row['wall_events_per_s']['median']:>17,.0f}" in stdout
