@@ -17,6 +17,7 @@ mean ± sample std over seeds, next to the training time per run.
 
     python bench/bench_transfer.py                                  # strengths 0, 0.5, 1; 3 seeds
     python bench/bench_transfer.py --strengths 0,1 --seeds 3 --users 1500 --max-epochs 6 --patience 2  # the test's size
+    python bench/bench_transfer.py --json transfer.json   # also the figures, configuration and load as JSON
 
 ``tests/test_transfer_synthetic.py`` runs the same code (``run_strength``) at a small size.
 
@@ -51,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.report import BenchRecord, add_json_option  # noqa: E402
 from learner.baselines import ItemKNN, Popularity, Ranker  # noqa: E402
 from learner.eval_split import chronological_split  # noqa: E402
 from learner.evaluate import RunResult, train_and_test  # noqa: E402
@@ -127,44 +129,82 @@ def run_strength(
     return out
 
 
-def _stat(values: list[float]) -> str:
-    """``median (mean ± std)`` of per-seed values; std is the sample std (ddof=1).
+def seed_stats(values: list[float]) -> dict[str, Any]:
+    """Median, mean and sample std (ddof=1; None for one seed) of per-seed values, and the values.
 
-    >>> _stat([0.1, 0.2, 0.6])
-    '0.2000 (0.3000 ± 0.2646)'
-    >>> _stat([0.25])
-    '0.2500'
+    >>> {k: round(v, 4) if isinstance(v, float) else v for k, v in seed_stats([0.1, 0.2, 0.6]).items()}
+    {'median': 0.2, 'mean': 0.3, 'std': 0.2646, 'per_seed': [0.1, 0.2, 0.6]}
     """
     a = np.asarray(values, dtype=np.float64)
-    if len(a) == 1:
-        return f"{a[0]:.4f}"
-    return f"{np.median(a):.4f} ({a.mean():.4f} ± {a.std(ddof=1):.4f})"
+    return {"median": float(np.median(a)), "mean": float(a.mean()),
+            "std": float(a.std(ddof=1)) if len(a) > 1 else None, "per_seed": [float(x) for x in a]}
 
 
-def table(results: dict[float, list[dict[str, RunResult]]]) -> str:
+def _stat(stats: dict[str, Any]) -> str:
+    """``median (mean ± std)`` of ``seed_stats``; the median alone for one seed.
+
+    >>> _stat(seed_stats([0.1, 0.2, 0.6]))
+    '0.2000 (0.3000 ± 0.2646)'
+    >>> _stat(seed_stats([0.25]))
+    '0.2500'
+    """
+    if stats["std"] is None:
+        return f"{stats['median']:.4f}"
+    return f"{stats['median']:.4f} ({stats['mean']:.4f} ± {stats['std']:.4f})"
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN when b is 0 (a tiny run can score 0), printed ``nan`` and recorded as null."""
+    return a / b if b else float("nan")
+
+
+def summarize(results: dict[float, list[dict[str, RunResult]]]) -> dict[str, Any]:
+    """The figures the tables print, per strength: per model NDCG@10 and HR@10 per setting over seeds,
+    the chosen epochs and training time; and the per-seed ratios SITN / single-domain (overlap) and SITN
+    cold-start / popularity (NDCG@10)."""
+    out: dict[str, Any] = {}
+    for strength, runs in results.items():
+        models = {
+            name: {
+                "test": {s: {m: seed_stats([r[name].test[s][m] for r in runs]) for m in REPORTED} for s in SETTINGS},
+                "epochs": [r[name].epoch for r in runs],
+                "train_s": seed_stats([r[name].train_s for r in runs]),
+            }
+            for name in runs[0]
+        }
+        ratios = {
+            "sitn_over_single_domain_overlap_ndcg@10": [
+                _ratio(r["sitn"].test["full/overlap"]["ndcg@10"], r["single_domain"].test["full/overlap"]["ndcg@10"])
+                for r in runs],
+            "sitn_cold_start_over_popularity_ndcg@10": [
+                _ratio(r["sitn"].test["full/cold_start"]["ndcg@10"], r["popularity"].test["full/cold_start"]["ndcg@10"])
+                for r in runs],
+        }
+        out[f"{strength:g}"] = {"shared_interest": strength, "models": models, "ratios": ratios}
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
     """Markdown: strength x model rows, NDCG@10 and HR@10 per setting, then epochs and training time."""
     head = [f"{s} {m.upper()}" for s in SETTINGS for m in REPORTED]
     lines = ["| strength | model | " + " | ".join(head) + " | epochs | train s |",
              "| --- | --- |" + " --- |" * (len(head) + 2)]
-    for strength, runs in results.items():
-        for name in runs[0]:
-            cells = [_stat([r[name].test[s][m] for r in runs]) for s in SETTINGS for m in REPORTED]
-            epochs = ",".join(str(r[name].epoch) for r in runs)
-            train_s = _stat([r[name].train_s for r in runs]).split(" ")[0]
-            lines.append(f"| {strength:g} | {name} | " + " | ".join(cells) + f" | {epochs} | {train_s} |")
+    for strength, figures in summary.items():
+        for name, model in figures["models"].items():
+            cells = [_stat(model["test"][s][m]) for s in SETTINGS for m in REPORTED]
+            epochs = ",".join(str(e) for e in model["epochs"])
+            lines.append(f"| {strength} | {name} | " + " | ".join(cells)
+                         + f" | {epochs} | {model['train_s']['median']:.4f} |")
     return "\n".join(lines)
 
 
-def ratios(results: dict[float, list[dict[str, RunResult]]]) -> str:
+def ratios(summary: dict[str, Any]) -> str:
     """Per strength, per seed: SITN / single-domain (overlap) and SITN cold-start / popularity, NDCG@10."""
     lines = ["| strength | SITN / single-domain, overlap NDCG@10 | SITN cold-start / popularity NDCG@10 |",
              "| --- | --- | --- |"]
-    for strength, runs in results.items():
-        over = [r["sitn"].test["full/overlap"]["ndcg@10"] / r["single_domain"].test["full/overlap"]["ndcg@10"]
-                for r in runs]
-        cold = [r["sitn"].test["full/cold_start"]["ndcg@10"] / r["popularity"].test["full/cold_start"]["ndcg@10"]
-                for r in runs]
-        lines.append(f"| {strength:g} | {', '.join(f'{x:.2f}' for x in over)} | "
+    for strength, figures in summary.items():
+        over, cold = figures["ratios"].values()
+        lines.append(f"| {strength} | {', '.join(f'{x:.2f}' for x in over)} | "
                      f"{', '.join(f'{x:.2f}' for x in cold)} |")
     return "\n".join(lines)
 
@@ -178,7 +218,9 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=Workload.max_epochs)
     parser.add_argument("--patience", type=int, default=Workload.patience)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    add_json_option(parser)
     args = parser.parse_args()
+    record = BenchRecord("bench_transfer", args)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -203,11 +245,16 @@ def main() -> None:
                 print(f"strength {strength:g} seed {seed}: " + ", ".join(
                     f"{n} {run[n].test['full/overlap']['ndcg@10']:.4f}/{run[n].test['full/cold_start']['ndcg@10']:.4f}"
                     for n in run) + f"  (overlap/cold NDCG@10; {time.perf_counter() - t0:.0f} s)", flush=True)
+    summary = summarize(results)
     print("\ncells: median (mean ± sample std) over seeds\n")
-    print(table(results))
+    print(table(summary))
     print()
-    print(ratios(results))
-    print(f"\nwall {time.perf_counter() - t0:.0f} s")
+    print(ratios(summary))
+    wall_s = time.perf_counter() - t0
+    print(f"\nwall {wall_s:.0f} s")
+    if args.json is not None:
+        record.write(args.json, {"workload": workload, "strengths": summary, "wall_s": wall_s})
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
