@@ -26,6 +26,9 @@ RANKER_SWITCHES = Counter("sitn_serving_ranker_switches", "Switches of the ranke
 INDEX_VERSION = Gauge("sitn_serving_index_version", "Highest item-embedding version in the live index.")
 INDEX_SIZE = Gauge("sitn_serving_index_items", "Items in the live index.")
 INDEX_AGE_SECONDS = Gauge("sitn_serving_index_age_seconds", "Seconds since the live index was last swapped.")
+INDEX_MERGING = Gauge("sitn_serving_index_merging", "1 while a new index base is being built in the background.")
+INDEX_MERGES = Counter("sitn_serving_index_merges", "Index bases built and swapped in (delta folded into the base).")
+INDEX_BUILD_SECONDS = Gauge("sitn_serving_index_build_seconds", "Seconds the last index base took to build.")
 USERS = Gauge("sitn_serving_users", "Users with query vectors.")
 USERS_EVICTED = Counter(
     "sitn_serving_users_evicted",

@@ -187,7 +187,8 @@ class RecommendationService:
 
     Args:
         dim: embedding dimension D shared by items and user views.
-        index_factory, search_params, merge_threshold_rows: see :class:`serving.index.ItemIndex`.
+        index_factory, search_params, merge_threshold_rows, background_merge: see
+            :class:`serving.index.ItemIndex`.
         max_consumed_per_user: how many consumed items are remembered (and excluded) per user.
         max_users: users kept in the vector store and in the consumed sets, each; beyond it the least
             recently updated user is evicted and served by popularity (see :mod:`serving.store`).
@@ -203,6 +204,7 @@ class RecommendationService:
         index_factory: str = "Flat",
         search_params: Mapping[str, int] | None = None,
         merge_threshold_rows: int = 4096,
+        background_merge: bool = False,
         max_consumed_per_user: int = 500,
         max_users: int = 1_000_000,
         popularity_refresh_s: float = 1.0,
@@ -210,7 +212,8 @@ class RecommendationService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.dim = dim
-        self.index = ItemIndex(dim, index_factory, search_params, merge_threshold_rows, faiss_threads, clock)
+        self.index = ItemIndex(dim, index_factory, search_params, merge_threshold_rows, faiss_threads, clock,
+                               background_merge=background_merge)
         self.users = UserVectorStore(dim, max_users)
         self.consumed = ConsumedItems(max_consumed_per_user, max_users)
         self.popularity = PopularityCounter(popularity_refresh_s)
@@ -223,6 +226,7 @@ class RecommendationService:
         self._served_counters = {name: metrics.RECOMMENDATIONS.labels(served_by=name) for name in RANKERS}
         self.applied_version = -1  # the newest published version applied (apply); -1: none yet
         self._evictions_exported = {"vectors": 0, "consumed": 0}
+        self._merges_exported = 0
         self._export_ranker()
 
     # --- updates -----------------------------------------------------------------------------
@@ -428,6 +432,8 @@ class RecommendationService:
             "applied_version": self.applied_version,
             "index_items": snap.size,
             "index_age_s": round(self.index.age_s(), 3),
+            "index_merging": self.index.merging,
+            "index_merges": self.index.merges,
             "users": len(self.users),
             "users_evicted": self.users.evicted_users,
             "ready": snap.size > 0,
@@ -437,6 +443,11 @@ class RecommendationService:
         metrics.INDEX_VERSION.set(self.index.version)
         metrics.INDEX_SIZE.set(self.index.size)
         metrics.INDEX_AGE_SECONDS.set(self.index.age_s())
+        metrics.INDEX_MERGING.set(1.0 if self.index.merging else 0.0)
+        if self.index.merges != self._merges_exported:
+            metrics.INDEX_MERGES.inc(self.index.merges - self._merges_exported)
+            metrics.INDEX_BUILD_SECONDS.set(self.index.last_merge_build_s)
+            self._merges_exported = self.index.merges
         metrics.USERS.set(len(self.users))
         self._export_evictions()
 
@@ -539,6 +550,7 @@ class RecommendationService:
             index_factory=settings.index_factory,
             search_params=settings.index_search_params,
             merge_threshold_rows=settings.merge_threshold_rows,
+            background_merge=settings.index_background_merge,
             max_consumed_per_user=settings.max_consumed_per_user,
             max_users=settings.max_users,
             popularity_refresh_s=settings.popularity_refresh_s,

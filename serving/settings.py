@@ -43,6 +43,9 @@ class ServingSettings(BaseSettings):
     # 16384: the delta is searched exactly (about 0.3 ms per view at 16k rows), and each HNSW rebuild of a
     # 64k catalogue costs ~8 s of a core; on a 2-core machine a 4096-row delta rebuilt every few seconds.
     merge_threshold_rows: int = Field(16384, ge=1, description="delta rows that trigger a base rebuild")
+    index_background_merge: bool = Field(
+        True, description="build a new index base in a background thread; writes never wait for it"
+    )
     max_consumed_per_user: int = Field(500, ge=1, description="consumed items remembered per user")
     # Bounds memory under an endless stream of new users: ~1 KiB of vectors (V=4, D=64) plus up to
     # max_consumed_per_user ids per user. The least recently updated user is evicted and served by

@@ -138,10 +138,12 @@ def test_exact_top_k_on_ten_vectors_matches_brute_force() -> None:
     assert len(index.search(queries, 10, {"i1"})) == 9  # fewer items than k: all that remain
 
 
+@pytest.mark.parametrize("background_merge", [False, True])
 @pytest.mark.parametrize("merge_threshold_rows", [1, 5, 1000])
-def test_upserts_through_delta_and_rebuilds_stay_exact(merge_threshold_rows: int) -> None:
+def test_upserts_through_delta_and_rebuilds_stay_exact(merge_threshold_rows: int, background_merge: bool) -> None:
+    """Exact after every write, whether or not a background build has been swapped in yet."""
     rng = np.random.default_rng(3)
-    index = ItemIndex(dim=3, merge_threshold_rows=merge_threshold_rows)
+    index = ItemIndex(dim=3, merge_threshold_rows=merge_threshold_rows, background_merge=background_merge)
     reference: dict[str, np.ndarray] = {}
     for version in range(1, 30):
         item_ids = [f"i{n}" for n in rng.choice(40, size=4, replace=False)]
@@ -153,6 +155,70 @@ def test_upserts_through_delta_and_rebuilds_stay_exact(merge_threshold_rows: int
         assert_same(index.search(queries, 5, exclude), brute_force(reference, queries, 5, exclude))
         assert index.size == len(reference)
         assert index.version == version
+    assert index.wait_for_merge(timeout_s=30)
+    queries = rng.standard_normal((2, 3)).astype(np.float32)
+    assert_same(index.search(queries, 5), brute_force(reference, queries, 5, set()))
+    assert index.size == len(reference)
+    if merge_threshold_rows < 1000:
+        assert index.merges >= 1 and index.snapshot.base is not None
+
+
+def _gated_build(index: ItemIndex, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make ``index``'s base builds wait for ``release``; ``started`` is set when a build begins."""
+    started, release = threading.Event(), threading.Event()
+    build = index._build_base
+
+    def gated(base_vectors: np.ndarray) -> object:
+        started.set()
+        assert release.wait(timeout=30)
+        return build(base_vectors)
+
+    monkeypatch.setattr(index, "_build_base", gated)
+    return started, release
+
+
+def test_background_merge_never_blocks_writes_and_keeps_what_was_written_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a base builds, writes land in the delta; the swap keeps those rows' newest vectors in the delta
+    and marks their base rows stale, so no write made during the build is lost or rolled back."""
+    index = ItemIndex(dim=2, merge_threshold_rows=4, background_merge=True)
+    started, release = _gated_build(index, monkeypatch)
+    reference = {f"i{n}": np.array([float(n), 1.0], np.float32) for n in range(6)}
+    index.upsert(list(reference), np.stack(list(reference.values())), version=1)  # crosses the threshold
+    assert started.wait(timeout=30) and index.merging
+    # The build is stuck: writes must still land at once, re-publishing base items and adding new ones.
+    for version, (item_id, vector) in enumerate([("i0", [100.0, 0.0]), ("i9", [50.0, 0.0]), ("i0", [-5.0, 0.0])],
+                                                 start=2):
+        assert index.upsert([item_id], np.array([vector], np.float32), version) == 1
+        reference[item_id] = np.array(vector, np.float32)
+    assert index.merges == 0 and index.snapshot.base is None  # nothing swapped yet: all of it is delta
+    query = np.array([[1.0, 0.0]], np.float32)
+    assert_same(index.search(query, 7), brute_force(reference, query, 7, set()))
+    release.set()
+    assert index.wait_for_merge(timeout_s=30) and not index.merging
+    snap = index.snapshot
+    assert index.merges == 1 and snap.base is not None and snap.base.ntotal == 6  # the rows as of the start
+    assert set(snap.delta_item_ids) == {"i0", "i9"}  # written during the build
+    assert snap.n_stale == 1 and snap.base_stale[snap.base_item_ids.index("i0")]
+    assert (index.version, index.size) == (4, 7)
+    assert_same(index.search(query, 7), brute_force(reference, query, 7, set()))
+    assert index.search(query, 1) == [("i9", 50.0)]  # i0's newest vector (-5) wins over its base row (100)
+
+
+def test_replace_all_during_a_background_merge_throws_the_build_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    index = ItemIndex(dim=2, merge_threshold_rows=2, background_merge=True)
+    started, release = _gated_build(index, monkeypatch)
+    index.upsert(["a", "b", "c"], np.eye(3, 2, dtype=np.float32), version=1)
+    assert started.wait(timeout=30)
+    stale_build = index._merge_thread
+    assert stale_build is not None
+    monkeypatch.setattr(index, "_build_base", ItemIndex._build_base.__get__(index))  # the restore builds at once
+    index.replace_all(["z"], np.array([[1.0, 0.0]], np.float32), np.array([7]))
+    release.set()
+    stale_build.join(timeout=30)  # the discarded build finished and tried to swap
+    assert not stale_build.is_alive()
+    assert index.snapshot.base_item_ids == ("z",) and index.size == 1 and index.version == 7
 
 
 def test_older_version_is_ignored_and_duplicate_keeps_newest() -> None:
@@ -200,11 +266,13 @@ def test_ivf_factory_trains_and_small_catalogue_falls_back_to_flat() -> None:
     assert_same(large.search(queries, 5), brute_force(reference, queries, 5, set()))  # nprobe = nlist: exact
 
 
-def test_reader_never_sees_a_half_built_index_while_writer_swaps() -> None:
+@pytest.mark.parametrize("background_merge", [False, True])
+def test_reader_never_sees_a_half_built_index_while_writer_swaps(background_merge: bool) -> None:
     """Every item of version v has vector v * e0, so a consistent snapshot scores all items alike."""
     n_items, k, dim = 50, 10, 4
     item_ids = [f"i{n}" for n in range(n_items)]
-    index = ItemIndex(dim=dim, merge_threshold_rows=20)  # batches of 25 force rebuilds and deltas
+    # batches of 25 force rebuilds and deltas
+    index = ItemIndex(dim=dim, merge_threshold_rows=20, background_merge=background_merge)
 
     def vectors_for(version: int, count: int) -> np.ndarray:
         out = np.zeros((count, dim), dtype=np.float32)
@@ -250,6 +318,8 @@ def test_reader_never_sees_a_half_built_index_while_writer_swaps() -> None:
     expected = [(i, float(version)) for i in sorted(newest)] + [
         (i, float(version - 1)) for i in sorted(older)
     ]
+    assert index.search(query, n_items) == expected
+    assert index.wait_for_merge(timeout_s=30)
     assert index.search(query, n_items) == expected
 
 
