@@ -22,6 +22,7 @@ Exit status: 1 if any error occurred; 2 if the total memory slope after warm-up 
 ``--max-slope-mb-per-10min`` (judged only when the second half lasts at least 5 minutes); else 0.
 
     python bench/bench_soak.py [--minutes 30] [--rate X | --sustainable-rate Y] [--kafka] [--max-users 20000]
+                               [--json PATH]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import BenchRecord, add_json_option  # noqa: E402
 from sitn.resources import COMPONENTS, rss_by_component  # noqa: E402
 
 MIN_JUDGED_S = 300.0  # the post-warm-up window needed before a slope is judged
@@ -118,7 +120,9 @@ def main() -> int:
     parser.add_argument("--max-slope-mb-per-10min", type=float, default=25.0, help="total RSS slope allowed after warm-up")
     parser.add_argument("--output", type=Path, default=REPO / "var" / "artifacts" / "soak")
     parser.add_argument("--seed", type=int, default=0)
+    add_json_option(parser)
     args = parser.parse_args()
+    record = BenchRecord("bench_soak", args)
 
     from learner.config import SITNConfig
     from serving.settings import ServingSettings
@@ -264,19 +268,23 @@ def main() -> int:
             broker.stop()
     if "soak" not in phase_marks or not any(r["phase"] == 1.0 for r in rows):
         print("FAIL: the soak did not run: " + "; ".join(errors))
+        if args.json is not None:
+            record.write(args.json, {"soak_ran": False, "errors": errors, "samples": rows})
         return 1
-    return report(args, rows, errors, phase_marks, sustainable, rate, max_lag, produced_at_soak, throttled_at_soak)
+    figures = {"soak_ran": True, **soak_figures(args, rows, errors, phase_marks, sustainable, rate, max_lag,
+                                                 produced_at_soak, throttled_at_soak)}
+    status = report(args, rows, phase_marks, max_lag, figures)
+    if args.json is not None:
+        record.write(args.json, {**figures, "exit_status": status})
+        print(f"wrote {args.json}")
+    return status
 
 
-def report(args: argparse.Namespace, rows: list[dict[str, float]], errors: list[str], marks: dict[str, float],
-           sustainable: float | None, rate: float, max_lag: int, produced_at_soak: float,
-           throttled_at_soak: float) -> int:
-    args.output.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = args.output / "soak.csv", args.output / "soak.png"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def soak_figures(args: argparse.Namespace, rows: list[dict[str, float]], errors: list[str], marks: dict[str, float],
+                 sustainable: float | None, rate: float, max_lag: int, produced_at_soak: float,
+                 throttled_at_soak: float) -> dict[str, Any]:
+    """What the soak prints: rates, memory per component over the second half (median, p5, p95, max,
+    slope), lag, users and HR@10 at the end, the errors, the verdict on memory flatness, and every sample."""
     soak = [r for r in rows if r["phase"] == 1.0]
     col = defaultdict(list)
     for r in soak:
@@ -286,39 +294,73 @@ def report(args: argparse.Namespace, rows: list[dict[str, float]], errors: list[
     t_start, t_end = marks["soak"], t[-1]
     late = t >= t_start + (t_end - t_start) / 2  # the second half: after warm-up
     span_s = t_end - t_start
-    print(f"\nsoak {span_s / 60:.1f} min, offered {rate:,.0f} events/s "
-          f"(sustainable {sustainable if sustainable is not None else float('nan'):,.0f}): "
-          f"produced {col['produced'][-1] - produced_at_soak:,.0f} "
-          f"= {(col['produced'][-1] - produced_at_soak) / span_s:,.0f} events/s achieved, "
-          f"throttled {col['throttled_s'][-1] - throttled_at_soak:,.0f} s, trained {col['trained'][-1]:,.0f} in all")
-    print(f"{'component':<12}{'median MB':>10}{'p5-p95 MB':>16}{'max MB':>9}{'slope MB/10min':>16}  (second half)")
-    slopes: dict[str, float] = {}
+    produced = col["produced"][-1] - produced_at_soak
+    rss_mb: dict[str, dict[str, float]] = {}
     for c in (*COMPONENTS, "total"):
         mb = np.array(col[f"rss_{c}_mb"])[late]
         if not mb.size or mb.max() == 0:
             continue
-        slopes[c] = slope_mb_per_10min(t[late], mb)
         p5, p50, p95 = np.percentile(mb, [5, 50, 95])
-        print(f"{c:<12}{p50:>10.0f}{f'{p5:.0f}-{p95:.0f}':>16}{mb.max():>9.0f}{slopes[c]:>16.1f}")
+        rss_mb[c] = {"median": float(p50), "p5": float(p5), "p95": float(p95), "max": float(mb.max()),
+                     "slope_per_10min": slope_mb_per_10min(t[late], mb)}
     lag = np.array(col["lag_events"])
-    p50, p95 = np.percentile(lag[late], [50, 95])
-    print(f"lag events: median {np.median(lag):,.0f}, p95 {np.percentile(lag, 95):,.0f}, max {lag.max():,.0f} "
-          f"(second half: median {p50:,.0f}, p95 {p95:,.0f}, max {lag[late].max():,.0f}); bound {max_lag:,}")
-    print(f"serving users at the end: {col['serving_users'][-1]:,.0f} (cap {args.max_users:,}); "
-          f"prequential HR@10 at the end: {col['hr_at_10'][-1]:.4f}")
+    judged = bool(t_end - (t_start + span_s / 2) >= MIN_JUDGED_S)
+    return {
+        "soak_s": float(span_s), "offered_events_per_s": rate, "sustainable_events_per_s": sustainable,
+        "produced": produced, "achieved_events_per_s": produced / span_s,
+        "throttled_s": col["throttled_s"][-1] - throttled_at_soak, "trained_in_all": col["trained"][-1],
+        "rss_mb_second_half": rss_mb,
+        "lag_events": {"median": float(np.median(lag)), "p95": float(np.percentile(lag, 95)), "max": float(lag.max()),
+                       "second_half": {"median": float(np.percentile(lag[late], 50)),
+                                       "p95": float(np.percentile(lag[late], 95)), "max": float(lag[late].max())},
+                       "bound": max_lag},
+        "serving_users_end": col["serving_users"][-1], "max_users": args.max_users,
+        "prequential_hr_at_10_end": col["hr_at_10"][-1],
+        "errors": errors, "memory_judged": judged,
+        # judged and not growing faster than allowed (a slope that cannot be fitted, NaN, does not fail)
+        "memory_flat": not rss_mb["total"]["slope_per_10min"] > args.max_slope_mb_per_10min if judged else None,
+        "samples": rows,  # every printed sample line (soak.csv holds the same rows)
+    }
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, float]], marks: dict[str, float], max_lag: int,
+           figures: dict[str, Any]) -> int:
+    """Print ``figures`` (``soak_figures``), write soak.csv and soak.png; the exit status."""
+    args.output.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = args.output / "soak.csv", args.output / "soak.png"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    f = figures
+    sustainable = f["sustainable_events_per_s"]
+    print(f"\nsoak {f['soak_s'] / 60:.1f} min, offered {f['offered_events_per_s']:,.0f} events/s "
+          f"(sustainable {sustainable if sustainable is not None else float('nan'):,.0f}): "
+          f"produced {f['produced']:,.0f} = {f['achieved_events_per_s']:,.0f} events/s achieved, "
+          f"throttled {f['throttled_s']:,.0f} s, trained {f['trained_in_all']:,.0f} in all")
+    print(f"{'component':<12}{'median MB':>10}{'p5-p95 MB':>16}{'max MB':>9}{'slope MB/10min':>16}  (second half)")
+    for c, mb in f["rss_mb_second_half"].items():
+        p5_p95 = f"{mb['p5']:.0f}-{mb['p95']:.0f}"
+        print(f"{c:<12}{mb['median']:>10.0f}{p5_p95:>16}{mb['max']:>9.0f}{mb['slope_per_10min']:>16.1f}")
+    lag = f["lag_events"]
+    print(f"lag events: median {lag['median']:,.0f}, p95 {lag['p95']:,.0f}, max {lag['max']:,.0f} "
+          f"(second half: median {lag['second_half']['median']:,.0f}, p95 {lag['second_half']['p95']:,.0f}, "
+          f"max {lag['second_half']['max']:,.0f}); bound {lag['bound']:,}")
+    print(f"serving users at the end: {f['serving_users_end']:,.0f} (cap {f['max_users']:,}); "
+          f"prequential HR@10 at the end: {f['prequential_hr_at_10_end']:.4f}")
     plot(png_path, rows, marks, max_lag)
     print(f"wrote {csv_path} and {png_path}")
+    errors = f["errors"]
     if errors:
         print(f"FAIL: {len(errors)} error(s): " + "; ".join(errors[:10]))
         return 1
-    judged = t_end - (t_start + span_s / 2) >= MIN_JUDGED_S
-    if not judged:
-        print(f"memory flatness not judged: the second half lasted {span_s / 2:.0f} s < {MIN_JUDGED_S:.0f} s")
-    elif slopes["total"] > args.max_slope_mb_per_10min:
-        print(f"FAIL: total RSS grows {slopes['total']:.1f} MB per 10 min after warm-up "
-              f"(allowed {args.max_slope_mb_per_10min})")
+    if not f["memory_judged"]:
+        print(f"memory flatness not judged: the second half lasted {f['soak_s'] / 2:.0f} s < {MIN_JUDGED_S:.0f} s")
+    elif not f["memory_flat"]:
+        print(f"FAIL: total RSS grows {f['rss_mb_second_half']['total']['slope_per_10min']:.1f} MB per 10 min "
+              f"after warm-up (allowed {args.max_slope_mb_per_10min})")
         return 2
-    print("OK: no errors" + (", memory flat after warm-up" if judged else ""))
+    print("OK: no errors" + (", memory flat after warm-up" if f["memory_judged"] else ""))
     return 0
 
 
