@@ -9,11 +9,17 @@ answers with from then on (``fused_weight``: the fused ranker's weight). Freshne
 time from an event's arrival at the learner to its effect being visible here, is recorded per user.
 The HTTP server runs in a thread of this actor, so ``/recommend`` reads the same in-memory state
 without a hop.
+
+Several replicas may listen on one port (``reuse_port``, see :func:`serving.api.serve_in_thread`), each
+fed every version by the learner. A replica that replaces a dead one beside live ones is started with
+``listen_after_full``: it joins the port only once it has applied its first full version, so the kernel
+never hands it a connection while it would answer from an empty index.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -40,22 +46,39 @@ FRESHNESS_SECONDS = Histogram(
 class ServingCore:
     """Plain-Python body of the serving actor (testable without Ray)."""
 
-    def __init__(self, settings: ServingSettings, start_http: bool = True, targets_dir: Path | None = None) -> None:
-        """``targets_dir``: register the API's ``/metrics`` there for Prometheus (file_sd, see ``stream.exporter``)."""
+    def __init__(
+        self,
+        settings: ServingSettings,
+        start_http: bool = True,
+        targets_dir: Path | None = None,
+        reuse_port: bool = False,
+        listen_after_full: bool = False,
+    ) -> None:
+        """``targets_dir``: register the API's ``/metrics`` there for Prometheus (file_sd, see ``stream.exporter``).
+        ``reuse_port``: share ``settings.port`` with other replicas (``SO_REUSEPORT``).
+        ``listen_after_full``: start HTTP only after the first full version is applied (see the module docstring)."""
         self.settings = settings
         self.service = RecommendationService.from_settings(settings)
         self.http: ServerHandle | None = None
         self._target_file: Path | None = None
-        if start_http:
-            self.http = serve_in_thread(create_app(self.service, settings), settings.host, settings.port)
-            if targets_dir is not None:
-                from stream.exporter import write_target
-
-                self._target_file = write_target(targets_dir, "serving", self._advertised_address())
+        self._targets_dir = targets_dir
+        self._reuse_port = reuse_port
+        self._http_wanted = start_http
+        self.http_error: str | None = None  # a deferred start that failed: check_health says so
         self.batches_applied = 0
         self.version = 0
         self._freshness_s: deque[float] = deque(maxlen=100_000)
         self._applied_at: dict[int, float] = {}
+        if start_http and not listen_after_full:
+            self._start_http()
+
+    def _start_http(self) -> None:
+        self.http = serve_in_thread(create_app(self.service, self.settings), self.settings.host, self.settings.port,
+                                    reuse_port=self._reuse_port)
+        if self._targets_dir is not None:
+            from stream.exporter import write_target
+
+            self._target_file = write_target(self._targets_dir, "serving", self._advertised_address())
 
     def _advertised_address(self) -> str:
         """host:port others can scrape: the bound address, or this node's IP when bound to all interfaces."""
@@ -68,7 +91,11 @@ class ServingCore:
         return f"{host}:{port}"
 
     def url(self) -> str | None:
+        """The URL this replica listens on; None while it waits for its first full version."""
         return self.http.url if self.http is not None else None
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def apply_batch(self, batch: EmbeddingBatch) -> dict[str, int]:
         """Apply one published version through the service's one write path (validated there, as on a
@@ -82,6 +109,12 @@ class ServingCore:
         self.batches_applied += 1
         self.version = max(self.version, batch.version)
         self._applied_at[batch.version] = now_s
+        if batch.full and self._http_wanted and self.http is None and self.http_error is None:
+            try:
+                self._start_http()  # deferred (listen_after_full): the replica holds the whole state now
+            except (OSError, RuntimeError, TimeoutError) as exc:  # the port is taken: the supervisor replaces us
+                self.http_error = f"{type(exc).__name__}: {exc}"
+                log.error("deferred http start failed port=%s error=%s", self.settings.port, self.http_error)
         return {"items": stats.items_applied, "users": stats.users_applied, "consumed": stats.consumed_applied}
 
     def recommend(self, user_id: str, k: int = 10) -> dict[str, Any]:
@@ -97,6 +130,8 @@ class ServingCore:
         fresh = np.array(self._freshness_s)
         health = self.service.health()
         return {
+            "pid": os.getpid(),
+            "listening": self.http is not None,
             "served_by": self.service.ranker,
             "fused_weight": self.service.fused_weight,
             "ranker_switches": float(self.service.ranker_switches),
@@ -109,6 +144,9 @@ class ServingCore:
         }
 
     def check_health(self) -> bool:
+        """False once the HTTP server stopped or a deferred start failed; true while a deferred start waits."""
+        if self.http_error is not None:
+            return False
         return self.http is None or self.http.thread.is_alive()
 
     def stop(self) -> None:

@@ -2,6 +2,10 @@
 
 ``create_app(service, settings)`` builds the app; ``serve_in_thread(app, host, port)`` runs it under
 uvicorn in a background thread (tests, Ray actors, benches) and returns a handle with ``.stop()``.
+``reuse_port=True`` binds with ``SO_REUSEPORT`` (Linux): several processes, each with its own service
+fed the same versions, listen on one port and the kernel spreads the connections over them (by a hash
+of the connection's addresses, so one keep-alive connection stays with one process). Every answer names
+the process that gave it: ``/healthz`` has ``pid``, and every response carries an ``X-Sitn-Pid`` header.
 
 /recommend runs in the event-loop thread: a search is a sub-millisecond, lock-free read of the
 current index snapshot (bench/bench_serving_http.py), cheaper than a hop to the thread pool. It returns
@@ -14,7 +18,10 @@ file I/O, so they are plain ``def`` and run in the thread pool.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +47,7 @@ logger = logging.getLogger(__name__)
 ALLOWED = {"k": f"an integer in 1..{MAX_K}", "user_id": f"a string of 1..{MAX_ID_CHARS} characters"}
 BEARER = HTTPBearer(auto_error=False)  # module level: FastAPI resolves handler annotations in globals
 KNOWN_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+PID_HEADER = "x-sitn-pid"  # on every response: which replica (process) answered
 
 
 class ScoredItemOut(BaseModel):
@@ -69,10 +77,12 @@ class SnapshotOut(BaseModel):
 
 
 class LatencyMiddleware:
-    """Observe every HTTP request in the latency histogram, labelled by route *template* (bounded)."""
+    """Observe every HTTP request in the latency histogram, labelled by route *template* (bounded), and name
+    the answering process in the ``X-Sitn-Pid`` header."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._pid_header = (PID_HEADER.encode(), str(os.getpid()).encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,6 +95,7 @@ class LatencyMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), self._pid_header]}
             await send(message)
 
         try:
@@ -171,9 +182,10 @@ def create_app(service: RecommendationService, settings: ServingSettings) -> Fas
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        """Liveness plus index state, the ranker ``/recommend`` answers with and the fused ranker's weight;
-        ``ready`` is false while the index is empty."""
-        return {"status": "ok", **service.health()}
+        """Liveness plus index state, the version applied last (``applied_version``), the ranker ``/recommend``
+        answers with and the fused ranker's weight, and ``pid``: the process that answered (one of several
+        replicas on one port); ``ready`` is false while the index is empty."""
+        return {"status": "ok", "pid": os.getpid(), **service.health()}
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
@@ -222,12 +234,38 @@ class ServerHandle:
             raise TimeoutError(f"HTTP server on {self.url} did not stop within {timeout_s} s")
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (not listening yet): every process that binds
+    the same port this way joins one group, and the kernel spreads new connections over those that listen.
+
+    Raises ``OSError`` when the port is held by a socket bound without ``SO_REUSEPORT`` (or by another user),
+    and ``RuntimeError`` on a system without ``SO_REUSEPORT`` load balancing (only Linux spreads connections).
+    """
+    if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
+        raise RuntimeError(f"reuse_port needs Linux's SO_REUSEPORT load balancing; this is {sys.platform!r}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def serve_in_thread(
-    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10.0
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10.0, reuse_port: bool = False
 ) -> ServerHandle:
-    """Start uvicorn on ``host:port`` (0 picks a free port) in a daemon thread; return once it listens."""
+    """Start uvicorn on ``host:port`` (0 picks a free port) in a daemon thread; return once it listens.
+
+    ``reuse_port``: bind with ``SO_REUSEPORT`` (:func:`reuse_port_socket`), so that other processes can listen
+    on the same port; pass the port the first one got to the others.
+    """
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="sitn-serving-http", daemon=True)
+    sockets = [reuse_port_socket(host, port)] if reuse_port else None
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, name="sitn-serving-http", daemon=True)
     thread.start()
     deadline_s = time.monotonic() + start_timeout_s
     while not server.started:
@@ -238,5 +276,5 @@ def serve_in_thread(
             raise TimeoutError(f"HTTP server on {host}:{port} did not start within {start_timeout_s} s")
         time.sleep(0.005)
     bound_port = server.servers[0].sockets[0].getsockname()[1]
-    logger.info("http server started host=%s port=%d", host, bound_port)
+    logger.info("http server started host=%s port=%d reuse_port=%s", host, bound_port, reuse_port)
     return ServerHandle(server, thread, host, bound_port)
