@@ -11,9 +11,12 @@ the next checkpoint commits newer positions. Nothing reads the group's offsets b
 from the checkpoint, whose positions the supervisor hands to the consumers (``positions()``).
 ``finish()`` ends the loop after the batch in hand with a last checkpoint, commit and full publish.
 
-Serving may die on its own: ``_send`` then drops the version (it never crashes the learner), and when the
-supervisor hands over a new replica (``set_serving``) the loop, and only the loop (it owns the trainer),
-sends it a full version before any delta.
+Serving may be several replicas (``serving``: one handle per replica index), and every version goes to
+every replica, each with its own state: at most one version in flight, and whether it awaits a full
+version. A replica may die on its own: ``_send`` then drops that replica's versions only (it never crashes
+the learner, and the others are unaffected), and when the supervisor hands over a new replica for that
+index (``set_serving``) the loop, and only the loop (it owns the trainer), sends a full version, which that
+replica takes before any delta.
 
 ``audit_log``: a JSON-lines record of what each incarnation of the learner trained: one ``start`` line
 (pid, the restored checkpoint's ``events_applied``, positions, id-map sizes and users with a history), then
@@ -29,6 +32,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +55,21 @@ from stream.settings import StreamSettings
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class ServingReplica:
+    """What the learner knows of one serving replica: its handle (None once dead), the apply in flight, and
+    whether it must get a full version before any delta (a new replica has no base to apply a delta to)."""
+
+    handle: Any
+    in_flight: Any = None
+    awaiting_full: bool = False
+    versions_sent: int = 0
+    versions_dropped: int = 0
+
+
 class LearnerWorker:
-    """The actor's body, plain Python. ``serving`` is a handle with ``apply_batch.remote`` (or None)."""
+    """The actor's body, plain Python. ``serving``: the serving replicas, handles with ``apply_batch.remote``
+    (a single handle is one replica; None or an empty list: none)."""
 
     def __init__(
         self,
@@ -78,12 +96,11 @@ class LearnerWorker:
         training events are burnt in (``OnlineTrainer.warm_start``); a checkpoint, once written, wins."""
         torch.set_num_threads(torch_threads)
         self.exporter = start_exporter(metrics, "learner", targets_dir)
-        self._serving = serving
-        self._in_flight: Any = None
+        handles: Sequence[Any] = [] if serving is None else serving if isinstance(serving, list | tuple) else [serving]
+        self._replicas = [ServingReplica(handle) for handle in handles]
         self._serving_lock = threading.Lock()
-        self._new_serving: list[Any] = []  # a replica handed over by set_serving, adopted by the run loop
-        self._awaiting_full = False  # a new replica must get a full version before any delta
-        self.versions_dropped = 0
+        self._new_serving: list[tuple[int, Any]] = []  # (replica, handle) handed over by set_serving, for the loop
+        self.versions_dropped_no_serving = 0
         self.commit_failures = 0
         self._group = GroupCommitter(group_offsets) if group_offsets is not None else None
         transports: list[Transport] = [CallableTransport(self._send)]
@@ -131,51 +148,72 @@ class LearnerWorker:
         self._audit.flush()  # in the OS's hands now: survives a SIGKILL of this process
 
     def _send(self, batch: EmbeddingBatch) -> None:
-        """Hand a version to serving without waiting for it to be applied.
+        """Hand a version to every serving replica without waiting for it to be applied.
 
-        At most one version is in flight: before sending the next, wait for the previous apply. That
-        keeps versions in order (the serving actor is threaded) and bounds memory, while training goes
-        on during an apply (e.g. an index rebuild). A dead serving actor drops the version (logged): the
-        supervisor starts a new replica, and ``set_serving`` makes the loop send it a full version.
+        Per replica, at most one version is in flight: before sending it the next, wait for its previous
+        apply. That keeps versions in order (the serving actor is threaded) and bounds memory, while training
+        goes on during an apply (e.g. an index rebuild). A dead replica drops its versions (logged), the
+        others go on: the supervisor starts a new replica, and ``set_serving`` makes the loop send a full
+        version, the first one that replica takes.
         """
-        if self._serving is None:
-            self.versions_dropped += 1
+        if not self._replicas:
+            self.versions_dropped_no_serving += 1
             return
-        if self._awaiting_full and not batch.full:
-            self.versions_dropped += 1  # a delta means nothing to a replica without the base
-            return
-        if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            try:
-                ray.get(in_flight)
-            except ray.exceptions.ActorDiedError as exc:
-                log.error("serving actor died; versions are dropped until a new replica is handed over "
-                          "error=%s", str(exc).splitlines()[0])
-                self._serving = None
-                self.versions_dropped += 1
-                return
-            except ray.exceptions.RayActorError as exc:  # unavailable for now (e.g. its node is restarting)
-                log.warning("serving did not apply version error=%s", str(exc).splitlines()[0])
-        self._in_flight = self._serving.apply_batch.remote(batch)
-        if batch.full:
-            self._awaiting_full = False
+        for index, replica in enumerate(self._replicas):
+            if replica.handle is None or (replica.awaiting_full and not batch.full):
+                replica.versions_dropped += 1  # dead, or a delta that means nothing without the base
+                continue
+            if replica.in_flight is not None:
+                in_flight, replica.in_flight = replica.in_flight, None
+                try:
+                    ray.get(in_flight)
+                except ray.exceptions.ActorDiedError as exc:
+                    log.error("serving replica died; its versions are dropped until a new one is handed over "
+                              "replica=%d error=%s", index, str(exc).splitlines()[0])
+                    replica.handle = None
+                    replica.versions_dropped += 1
+                    continue
+                except ray.exceptions.RayActorError as exc:  # unavailable for now (e.g. its node is restarting)
+                    log.warning("serving did not apply version replica=%d error=%s", index, str(exc).splitlines()[0])
+            replica.in_flight = replica.handle.apply_batch.remote(batch)
+            replica.versions_sent += 1
+            if batch.full:
+                replica.awaiting_full = False
 
-    def set_serving(self, serving: Any) -> None:
-        """Hand over a new serving replica (from any thread); the run loop adopts it and sends a full version."""
+    @property
+    def versions_dropped(self) -> int:
+        """Versions not sent, summed over the replicas (dead, or awaiting a full version), plus those published
+        with no replica at all."""
+        return self.versions_dropped_no_serving + sum(r.versions_dropped for r in self._replicas)
+
+    def set_serving(self, serving: Any, replica: int = 0) -> None:
+        """Hand over a new serving replica for index ``replica`` (from any thread); the run loop adopts it and
+        sends a full version."""
+        if not 0 <= replica < max(1, len(self._replicas)):
+            raise ValueError(f"replica must be in 0..{max(1, len(self._replicas)) - 1}, got {replica}")
         with self._serving_lock:
-            self._new_serving.append(serving)
+            self._new_serving.append((replica, serving))
 
     def _adopt_serving(self) -> None:
-        """In the run loop: switch to a replica handed over by ``set_serving`` and send it the full state."""
+        """In the run loop: switch to the replicas handed over by ``set_serving`` and publish a full version,
+        until every replica awaiting one has got it."""
         with self._serving_lock:
             handed_over, self._new_serving = self._new_serving, []
-        if handed_over:
-            self._serving = handed_over[-1]
-            self._in_flight = None  # its apply belonged to the replica that died
-            self._awaiting_full = True
-            log.info("serving replica handed over; sending a full version")
-        if self._awaiting_full and self._serving is not None:
+        for index, handle in handed_over:
+            if not self._replicas:
+                self._replicas.append(ServingReplica(None))
+            # Its in-flight apply, if any, belonged to the replica that died.
+            self._replicas[index] = ServingReplica(handle, awaiting_full=True)
+            log.info("serving replica handed over replica=%d; sending a full version", index)
+        if any(r.awaiting_full and r.handle is not None for r in self._replicas):
             self.trainer.publish(force_full=True)  # None while the publish gate holds: retried next iteration
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Per serving replica: whether the learner holds a live handle, awaits a full version, and the versions
+        sent and dropped."""
+        return [{"replica": i, "handle": r.handle is not None, "awaiting_full": r.awaiting_full,
+                 "versions_sent": r.versions_sent, "versions_dropped": r.versions_dropped}
+                for i, r in enumerate(self._replicas)]
 
     def positions(self) -> dict[int, int]:
         """Per partition, the next offset after everything trained: where a (re)started consumer begins."""

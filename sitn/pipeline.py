@@ -21,6 +21,12 @@ If the serving actor dies, ``supervise()`` starts a new one, on the same port wh
 stays), and hands it to the learner, whose loop sends it a full version first. Only that restart
 interrupts answers.
 
+With ``serving_replicas`` > 1, that many serving actors listen on one host:port (``SO_REUSEPORT``: the
+kernel spreads connections over them) and the learner sends every version to each. A dead replica is
+replaced alone, on that port, and joins it only once its first full version is applied
+(``listen_after_full``): the others answer meanwhile, and no connection reaches a replica with an empty
+index. ``status()`` has each replica's served version and whether it is alive (``serving_replicas``).
+
 ``write_summary`` puts the run's figures in one JSON file (``sitn run`` writes ``<run dir>/summary.json``
 when it ends): what was replayed, trained and dead-lettered (by reason, with the first record of each), the
 verdict (``ok``, ``problems``: trained nothing, or dead-lettered more than ``dead_letter_max_ratio``; see
@@ -149,7 +155,7 @@ class Pipeline:
         self.serving_settings = serving
         self.config = config
         self.run_dir = run_dir
-        self.serving: Any = None
+        self.servings: list[Any] = []  # serving actors by replica index; None while one is being replaced
         self.learner: Any = None
         self.fleet: ConsumerFleet | None = None
         self._learner_run: Any = None
@@ -178,19 +184,33 @@ class Pipeline:
             from stream.topics import ensure_topics
 
             ensure_topics(self.stream)
-        self.serving, self.serving_url = self._start_serving(self.serving_settings)
-        log.info("serving url=%s", self.serving_url)
+        replicas = self.run_settings.serving_replicas
+        first, self.serving_url = self._start_serving(self.serving_settings, reuse_port=replicas > 1)
+        self.servings = [first]
+        # The others on the port the first one got (it may have been 0: any free one).
+        shared = self.serving_settings.model_copy(update={"port": _port_of(self.serving_url)})
+        for _ in range(1, replicas):
+            self.servings.append(self._start_serving(shared, reuse_port=True)[0])
+        log.info("serving url=%s replicas=%d", self.serving_url, replicas)
         self._start_training()
 
-    def _start_serving(self, settings: ServingSettings) -> tuple[Any, str]:
+    @property
+    def serving(self) -> Any:
+        """A live serving actor (the lowest replica index), or None."""
+        return next((actor for actor in self.servings if actor is not None), None)
+
+    def _start_serving(self, settings: ServingSettings, reuse_port: bool = False,
+                       listen_after_full: bool = False) -> tuple[Any, str]:
+        """A serving actor listening on ``settings``' port (sharing it when ``reuse_port``), and its URL; with
+        ``listen_after_full`` it listens only after its first full version, and the URL is the one it will have."""
         actor = ServingActor.options(**_placement(self.run_settings.learner_resource)).remote(
-            settings, targets_dir=self.targets_dir)
+            settings, targets_dir=self.targets_dir, reuse_port=reuse_port, listen_after_full=listen_after_full)
         try:
-            url: str = ray.get(actor.url.remote(), timeout=60)
+            url: str | None = ray.get(actor.url.remote(), timeout=60)
         except Exception:
             ray.kill(actor, no_restart=True)
             raise
-        return actor, url
+        return actor, url or f"http://{settings.host}:{settings.port}"
 
     def _start_training(self) -> None:
         """A learner restored from the newest checkpoint (kept from a failed attempt if there is one), the
@@ -212,7 +232,7 @@ class Pipeline:
             r.source,
             r.target,
             self.run_dir / "checkpoints",
-            self.serving,
+            list(self.servings),  # a replica being replaced (None) is handed over when it is up
             torch_threads=r.torch_threads,
             batch_size=r.batch_size,
             checkpoint_every_steps=r.checkpoint_every_steps,
@@ -340,40 +360,74 @@ class Pipeline:
             log.info("consumer replaced consumer=%s", consumer_id)
 
     def _supervise_serving(self) -> None:
-        """Start a new serving actor if this one died (or its HTTP server stopped), and hand it to the learner."""
-        try:
-            healthy = ray.get(self.serving.check_health.remote(), timeout=SERVING_HEALTH_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            log.warning("serving did not answer its health check within timeout_s=%s", SERVING_HEALTH_TIMEOUT_S)
-            return
-        except ray.exceptions.RayActorError as exc:
-            healthy = False
-            log.error("serving actor died error=%s", str(exc).splitlines()[0])
-        if healthy:
-            return
-        ray.kill(self.serving, no_restart=True)
-        self.serving = None
-        # The same port first, so clients keep their URL (with port 0 configured, the port it had).
+        """Start a new serving actor for each replica that died (or whose HTTP server stopped), and hand it to
+        the learner. Replicas are checked together and replaced one by one; the others go on answering."""
+        checks = {i: actor.check_health.remote() for i, actor in enumerate(self.servings) if actor is not None}
+        for index in range(len(self.servings)):
+            if index in checks:
+                try:
+                    if ray.get(checks[index], timeout=SERVING_HEALTH_TIMEOUT_S):
+                        continue
+                except ray.exceptions.GetTimeoutError:
+                    log.warning("serving did not answer its health check within timeout_s=%s replica=%d",
+                                SERVING_HEALTH_TIMEOUT_S, index)
+                    continue
+                except ray.exceptions.RayActorError as exc:
+                    log.error("serving actor died replica=%d error=%s", index, str(exc).splitlines()[0])
+                ray.kill(self.servings[index], no_restart=True)
+                self.servings[index] = None
+            self._replace_serving(index)
+
+    def _replace_serving(self, index: int) -> None:
+        """A new serving actor for replica ``index`` on the port serving had (so the URL stays), handed to the
+        learner. One replica alone may fall back to the configured port; a replica among several only shares
+        the port, joining it once it holds a full version."""
         assert self.serving_url is not None
-        last_port = int(self.serving_url.rsplit(":", 1)[1])
+        last_port = _port_of(self.serving_url)
+        shared = len(self.servings) > 1
         candidates = [self.serving_settings.model_copy(update={"port": last_port})]
-        if last_port != self.serving_settings.port:
+        if last_port != self.serving_settings.port and not shared:
             candidates.append(self.serving_settings)
         for settings in candidates:
             try:
-                self.serving, self.serving_url = self._start_serving(settings)
+                actor, url = self._start_serving(settings, reuse_port=shared, listen_after_full=shared)
                 break
             except Exception as exc:
-                log.warning("serving did not start port=%s error=%s", settings.port, type(exc).__name__)
-        if self.serving is None:
+                log.warning("serving did not start replica=%d port=%s error=%s", index, settings.port,
+                            type(exc).__name__)
+        else:
+            if shared:  # the others still answer: retried at the next supervise()
+                return
             raise RuntimeError(f"serving could not be restarted on port {last_port} nor {self.serving_settings.port}")
+        self.servings[index] = actor
+        if not shared:
+            self.serving_url = url
         self.serving_restarts += 1
-        log.info("serving restarted url=%s", self.serving_url)
+        log.info("serving restarted replica=%d url=%s", index, url)
         if self.learner is not None:
             try:
-                ray.get(self.learner.set_serving.remote(self.serving), timeout=30)
+                ray.get(self.learner.set_serving.remote(actor, index), timeout=30)
             except Exception as exc:  # a learner that died meanwhile gets the new replica when it is restarted
-                log.warning("new serving replica not handed to the learner error=%s", type(exc).__name__)
+                log.warning("new serving replica not handed to the learner replica=%d error=%s", index,
+                            type(exc).__name__)
+
+    def learner_replicas(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """What the learner knows of each serving replica (``LearnerWorker.replicas``)."""
+        replicas: list[dict[str, Any]] = ray.get(self.learner.replicas.remote(), timeout=timeout_s)
+        return replicas
+
+    def recommend(self, user_id: str, k: int = 10, timeout_s: float = 10.0) -> dict[str, Any]:
+        """``/recommend``'s answer through Ray, from the first serving replica that answers."""
+        error: Exception | None = None
+        for actor in self.servings:
+            if actor is None:
+                continue
+            try:
+                answer: dict[str, Any] = ray.get(actor.recommend.remote(user_id, k), timeout=timeout_s)
+                return answer
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                error = exc
+        raise RuntimeError(f"no serving replica answered (of {len(self.servings)}): {error!r}")
 
     def _stop_fleet(self) -> None:
         if self.fleet is not None:
@@ -409,10 +463,7 @@ class Pipeline:
             out.update(ray.get(self.learner.stats.remote(), timeout=10))
         except Exception as exc:  # a dead learner shows as such until supervise() replaces it
             out["learner_error"] = type(exc).__name__
-        try:
-            out.update(ray.get(self.serving.stats.remote(), timeout=10))
-        except Exception as exc:
-            out["serving_error"] = type(exc).__name__
+        out.update(self._serving_status())
         if self.fleet is not None:
             try:
                 stats = self.fleet.stats(timeout_s=10)
@@ -430,9 +481,40 @@ class Pipeline:
                 out["consumer_error"] = type(exc).__name__
         return out
 
+    def _serving_status(self) -> dict[str, Any]:
+        """The first live replica's figures (served version, ranker, freshness ...), and ``serving_replicas``:
+        per replica its index, whether it is alive, its pid, whether it listens yet and its served version."""
+        refs = {i: actor.stats.remote() for i, actor in enumerate(self.servings) if actor is not None}
+        out: dict[str, Any] = {}
+        replicas: list[dict[str, Any]] = []
+        for index in range(len(self.servings)):
+            row: dict[str, Any] = {"replica": index, "alive": False, "pid": None, "listening": False,
+                                   "served_version": None}
+            try:
+                if index not in refs:
+                    raise RuntimeError("being replaced")
+                stats = dict(ray.get(refs[index], timeout=10))
+            except Exception as exc:
+                out.setdefault("serving_error", type(exc).__name__)
+            else:
+                row.update(alive=True, pid=stats.pop("pid"), listening=stats.pop("listening"),
+                           served_version=stats["served_version"])
+                if "served_version" not in out:
+                    out.update(stats)
+            replicas.append(row)
+        if "served_version" in out:
+            out.pop("serving_error", None)  # one replica answered; the rows say which did not
+        out["serving_replicas"] = replicas
+        return out
+
     def placement(self, timeout_s: float = 30.0) -> dict[str, str]:
-        """The Ray node id each live actor runs on: ``serving``, ``learner`` and each consumer's id."""
-        actors: dict[str, Any] = {"serving": self.serving, "learner": self.learner}
+        """The Ray node id each live actor runs on: ``serving`` (``serving-<replica>`` with several replicas),
+        ``learner`` and each consumer's id."""
+        actors: dict[str, Any] = {"learner": self.learner}
+        if len(self.servings) == 1:
+            actors["serving"] = self.servings[0]
+        else:
+            actors.update({f"serving-{i}": actor for i, actor in enumerate(self.servings)})
         if self.fleet is not None:
             actors.update(self.fleet.actors)
         refs = {name: a.__ray_call__.remote(_node_id) for name, a in actors.items() if a is not None}
@@ -489,7 +571,9 @@ class Pipeline:
             "burn_in_events": int(status.get("burn_in_events", 0)),
             "restarts": int(self.restarts),  # of the learner, with the consumers
             "consumer_restarts": int(self.consumer_restarts),  # of a consumer alone
-            "serving_restarts": int(self.serving_restarts),
+            "serving_restarts": int(self.serving_restarts),  # of any replica
+            # per serving replica at the end: index, alive, pid, listening, served version
+            "serving_replicas": status.get("serving_replicas", []),
             "caught_up": self.caught_up_s is not None,
             "wall_time_s": wall_time_s,
             # resident MiB per component (driver, serving, learner, consumers, queue, Ray's own processes,
@@ -537,12 +621,18 @@ class Pipeline:
             except Exception:
                 log.exception("finishing the learner")
         self._stop_training(graceful=True)
-        if self.serving is not None:
+        stops = [actor.stop.remote() for actor in self.servings if actor is not None]
+        for ref in stops:
             try:
-                ray.get(self.serving.stop.remote(), timeout=30)
+                ray.get(ref, timeout=30)
             except Exception:
                 log.exception("stopping serving")
-            self.serving = None
+        self.servings = []
+
+
+def _port_of(url: str) -> int:
+    """The port of ``http://host:port``."""
+    return int(url.rsplit(":", 1)[1])
 
 
 def _placement(resource: str | None) -> dict[str, Any]:

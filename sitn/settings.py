@@ -48,6 +48,9 @@ class RunSettings(BaseSettings):
     learner_resource: str | None = Field(
         None, min_length=1, description="Ray custom resource the learner and serving actors need (a hundredth "
         "of a unit each), like consumer_resource")
+    serving_replicas: int = Field(
+        1, ge=1, le=64, description="serving actors listening on one host:port (SO_REUSEPORT, Linux; the kernel "
+        "spreads connections over them), each fed every version by the learner")
     queue_maxsize: int = Field(8, ge=1, description="bounded queue between consumers and the learner (batches)")
     batch_size: int = Field(256, ge=1, le=65536, description="examples per learner step")
     checkpoint_every_steps: int = Field(200, ge=1, description="learner steps between checkpoints (and commits)")

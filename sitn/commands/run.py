@@ -50,6 +50,8 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
                           "only on nodes started with it (ray start --resources '{\"NAME\": 1}')", "str"),
     "learner_resource": ("SITN_RUN_LEARNER_RESOURCE", "Ray custom resource the learner and serving actors need, "
                          "like --consumer-resource", "str"),
+    "serving_replicas": ("SITN_RUN_SERVING_REPLICAS", "serving actors on one host:port, SO_REUSEPORT, Linux; each "
+                         "gets every version (default: 1)", "int"),
     "batch_size": ("SITN_RUN_BATCH_SIZE", "examples per learner step (default: 256)", "int"),
     "checkpoint_every_steps": ("SITN_RUN_CHECKPOINT_EVERY_STEPS", "steps between checkpoints (default: 200)", "int"),
     "publish_every_steps": ("SITN_RUN_PUBLISH_EVERY_STEPS", "steps between publishes (default: 20)", "int"),
@@ -278,6 +280,7 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
         ("served by", str(s.get("served_by", "-"))),
         ("served version / items / users", f"{_fmt(s.get('served_version'))} / {_fmt(s.get('index_items'))}"
                                            f" / {_fmt(s.get('users'))}"),
+        *_replica_rows(s.get("serving_replicas")),
         ("freshness p50 / p99 (s)", f"{_fmt(s.get('freshness_p50_s'), '.2f')} / "
                                     f"{_fmt(s.get('freshness_p99_s'), '.2f')}"),
         ("restarts", _fmt(s.get("restarts"))),
@@ -286,6 +289,14 @@ def render_status(s: dict[str, Any], url: str | None) -> Any:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _replica_rows(replicas: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
+    """With several serving replicas: one row, each replica's served version (``down`` for a dead one)."""
+    if not replicas or len(replicas) < 2:
+        return []
+    versions = [_fmt(r["served_version"]) if r["alive"] else "down" for r in replicas]
+    return [("served version per replica", " / ".join(versions))]
 
 
 def _memory_row(rss: dict[str, float] | None) -> str:
