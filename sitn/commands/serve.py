@@ -1,14 +1,45 @@
-"""``sitn serve``: a standalone serving replica fed by the compacted Kafka topic of embedding updates."""
+"""``sitn serve``: standalone serving replicas fed by the compacted Kafka topic of embedding updates.
+
+One replica (the default) is this process: it reads the topic from the beginning and keeps applying it,
+and serves HTTP from the start (``/healthz`` says ``ready`` once the index has items).
+
+``--workers N`` (N > 1) starts N worker processes that listen on one port with ``SO_REUSEPORT`` (Linux):
+the kernel spreads connections over them. Each worker has its own ``RecommendationService`` and
+``UpdateConsumer`` and applies the same versions independently, so every worker answers like the others
+once at the same version (``/healthz``: ``pid``, ``applied_version``). A worker joins the port only once
+it has caught up with the topic (its end offsets when it started), so a worker started next to others
+never answers from a partial state. The parent holds the port (a bound socket that never listens, so it
+is handed no connection), starts the workers and forwards SIGTERM/SIGINT to them.
+
+Worker failure policy: a worker that dies after it joined the port (SIGKILL, out of memory, a crash) is
+restarted; the others answer meanwhile, and the new one joins once caught up. A worker that dies before it
+ever joined (a bad setting, an unreachable broker), or one restarted more than ``MAX_RESTARTS`` times
+within ``RESTART_WINDOW_S``, stops the whole group: the parent stops the others and exits 1, since
+restarting it would only fail again.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
-from typing import Any
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
+    from multiprocessing.synchronize import Event as EventType
+
+    from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3  # of one worker slot within RESTART_WINDOW_S before the parent gives up
+RESTART_WINDOW_S = 300.0
+STOP_TIMEOUT_S = 30.0  # a worker that has not exited this long after SIGTERM is killed
 
 
 def register(subparsers: Any) -> None:
@@ -30,20 +61,35 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dim", type=int, default=None, help="embedding dimension D (default 64) [env SITN_SERVING_DIM]")
     p.add_argument("--index-factory", dest="index_factory", default=None,
                    help="FAISS index_factory string (default HNSW32) [env SITN_SERVING_INDEX_FACTORY]")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes on one port (SO_REUSEPORT, Linux), each applying the topic itself; a "
+                        "worker that dies is restarted (default 1) [env SITN_SERVING_WORKERS]")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from serving.api import create_app, serve_in_thread
-    from serving.service import RecommendationService
     from serving.settings import ServingSettings
-    from serving.update_consumer import UpdateConsumer
-    from stream.settings import StreamSettings, kafka_client_kwargs
 
     given = {k: getattr(args, k) for k in ("host", "port", "kafka_bootstrap_servers", "updates_topic", "dim",
                                            "index_factory") if getattr(args, k) is not None}
     settings = ServingSettings(**given)
-    log.info("settings serving=%r", settings)
+    workers = args.workers if args.workers is not None else int(os.environ.get("SITN_SERVING_WORKERS", "1"))
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    log.info("settings serving=%r workers=%d", settings, workers)
+    if workers == 1:
+        return run_replica(settings)
+    return run_workers(settings, workers, logging.getLevelName(logging.getLogger().level))
+
+
+def run_replica(settings: ServingSettings, reuse_port: bool = False, joined: EventType | None = None) -> int:
+    """One replica in this process until SIGTERM/SIGINT. With ``reuse_port`` (a worker among several) it
+    listens only once caught up with the topic, then sets ``joined``."""
+    from serving.api import create_app, serve_in_thread
+    from serving.service import RecommendationService
+    from serving.update_consumer import UpdateConsumer
+    from stream.settings import StreamSettings, kafka_client_kwargs
+
     service = RecommendationService.from_settings(settings)
     # Kafka security (SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_*) comes from the stream settings.
     security = kafka_client_kwargs(StreamSettings(kafka_bootstrap_servers=settings.kafka_bootstrap_servers))
@@ -53,11 +99,97 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    http = serve_in_thread(create_app(service, settings), settings.host, settings.port)
-    log.info("serving url=%s topic=%s", http.url, settings.updates_topic)
+    http = None
     try:
+        if reuse_port:
+            while not updates.caught_up.is_set() and not stop.is_set():
+                updates.poll_once()
+            if stop.is_set():
+                return 0
+        http = serve_in_thread(create_app(service, settings), settings.host, settings.port, reuse_port=reuse_port)
+        log.info("serving url=%s topic=%s pid=%d applied_version=%d", http.url, settings.updates_topic, os.getpid(),
+                 updates.max_version)
+        if joined is not None:
+            joined.set()
         updates.run(stop)
     finally:
-        http.stop()
+        if http is not None:
+            http.stop()
         updates.close()
+    return 0
+
+
+def _worker(settings: ServingSettings, log_level: str, joined: EventType) -> None:
+    """A worker process's body (spawned: it imports everything afresh)."""
+    from sitn.cli import configure_logging
+
+    configure_logging(log_level)
+    raise SystemExit(run_replica(settings, reuse_port=True, joined=joined))
+
+
+def run_workers(settings: ServingSettings, workers: int, log_level: str = "INFO") -> int:
+    """Start ``workers`` replicas on one port, restart those that die after joining (see the module docstring),
+    forward SIGTERM/SIGINT; returns 0 after a requested stop, 1 when the group gave up."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from serving.api import reuse_port_socket
+
+    # Held, never listening: the port stays ours (port 0 resolved once) while workers come and go.
+    reserved = reuse_port_socket(settings.host, settings.port)
+    settings = settings.model_copy(update={"port": reserved.getsockname()[1]})
+    context = multiprocessing.get_context("spawn")  # no fork of a process with threads and FAISS state
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal=%s: stopping the workers", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def start(slot: int) -> tuple[SpawnProcess, EventType]:
+        joined = context.Event()
+        process = context.Process(target=_worker, args=(settings, log_level, joined), name=f"sitn-serve-{slot}")
+        process.start()
+        log.info("worker started slot=%d pid=%s port=%d", slot, process.pid, settings.port)
+        return process, joined
+
+    slots = [start(slot) for slot in range(workers)]
+    restarts: list[deque[float]] = [deque() for _ in range(workers)]
+    failure: str | None = None
+    try:
+        while not stopping.is_set() and failure is None:
+            wait([process.sentinel for process, _ in slots], timeout=0.5)
+            for slot, (process, joined) in enumerate(slots):
+                if process.is_alive() or stopping.is_set():
+                    continue
+                now_s = time.monotonic()
+                while restarts[slot] and now_s - restarts[slot][0] > RESTART_WINDOW_S:
+                    restarts[slot].popleft()
+                if not joined.is_set():
+                    failure = f"worker slot={slot} pid={process.pid} exited {process.exitcode} before joining the port"
+                elif len(restarts[slot]) >= MAX_RESTARTS:
+                    failure = (f"worker slot={slot} died {MAX_RESTARTS + 1} times within {RESTART_WINDOW_S:g} s "
+                               f"(last pid={process.pid} exit {process.exitcode})")
+                if failure is not None:
+                    break
+                log.error("worker died slot=%d pid=%s exit=%s; restarting it", slot, process.pid, process.exitcode)
+                restarts[slot].append(now_s)
+                slots[slot] = start(slot)
+    finally:
+        for process, _ in slots:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker stops its server and its consumer
+        deadline_s = time.monotonic() + STOP_TIMEOUT_S
+        for process, _ in slots:
+            process.join(max(0.0, deadline_s - time.monotonic()))
+            if process.is_alive():
+                log.error("worker did not stop within timeout_s=%s pid=%s; killing it", STOP_TIMEOUT_S, process.pid)
+                process.kill()
+                process.join()
+        reserved.close()
+    if failure is not None:
+        log.error("serving workers stopped: %s", failure)
+        return 1
     return 0
