@@ -1,9 +1,13 @@
-"""/recommend capacity and latency of one serving process, idle vs while embedding updates stream in.
+"""/recommend capacity and latency of the serving processes, idle vs while embedding updates stream in.
 
 The server runs in a child process shaped like production: one RecommendationService (63,937
 items of dim 64, users with V=4 views and 20 consumed items each, seeded and clustered as in
 bench_index.py), uvicorn in a thread, and, in the "streaming" phase, a writer thread that applies item
 and user updates at a set rate (which also triggers delta merges, i.e. off-to-the-side base rebuilds).
+``--workers N`` starts N such children on one port (SO_REUSEPORT, as ``sitn serve --workers N``): each
+builds the same seeded state and, streaming, runs its own writer thread at the full rate (every replica
+applies every version); the kernel spreads the client's connections over them, and each child reports
+how many requests it answered.
 Each phase measures, in order:
 
 - the model path in-process (no HTTP), thread CPU time per request: ``service.recommend`` against the
@@ -11,16 +15,20 @@ Each phase measures, in order:
 - capacity (closed loop): ``wrk -t1 -c4 --latency`` for ``--capacity-s`` seconds, ``--repeats`` times,
   over ``--capacity-users`` users (all with vectors by default: every answer from the model path);
   prints req/s and p50/p99 per run, their medians and ranges, and the model-path share of the answers
-  (the server's own ``sitn_serving_recommendations`` counter). With 4 connections in flight a closed
-  loop's p50 is about 4 requests' service time, so latency is also measured
+  (the server's own ``sitn_serving_recommendations`` counter; with several workers, of the one that
+  answered ``/metrics``). With 4 connections in flight a closed loop's p50 is about 4 requests' service
+  time, so latency is also measured
 - at a fixed open-loop rate (``--rate``): latency counts from the *scheduled* send time, so a stall
   shows up instead of slowing the sender; warms up, then measures.
 
 The client shares the machine's cores with the server: run on an otherwise idle machine, or compare
 before/after back to back and print ``uptime`` with the figures. ``wrk`` is a separate tool (Debian/
 Ubuntu: ``apt-get install wrk``; macOS: ``brew install wrk``); without it the capacity runs are skipped.
+``--json PATH`` writes every printed figure, the configuration and the load average at start and end
+(``bench/report.py``).
 
     python bench/bench_serving_http.py [--rate 200 --duration-s 15 --updates-per-s 500 --capacity-s 10]
+    python bench/bench_serving_http.py --workers 2 --connections 16 --duration-s 0 --json serving-2w.json
 """
 
 from __future__ import annotations
@@ -41,11 +49,14 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.report import BenchRecord, add_json_option  # noqa: E402
 
 
 def make_vectors(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -> np.ndarray:
@@ -81,7 +92,7 @@ def serve(args: argparse.Namespace) -> None:
         service.consumed.add(f"user{n}", [f"item{i}" for i in rng.integers(0, args.items, size=20)])
     service.record_popularity(f"item{i}" for i in rng.zipf(1.5, size=50_000) % args.items)
     recommend_us, search_us = time_model_path(service, [f"user{n}" for n in range(min(args.users, 500))])
-    handle = serve_in_thread(create_app(service, ServingSettings(port=0)))
+    handle = serve_in_thread(create_app(service, ServingSettings(port=0)), port=args.port, reuse_port=args.reuse_port)
 
     stop = threading.Event()
     applied = [0]
@@ -113,7 +124,12 @@ def serve(args: argparse.Namespace) -> None:
     stop.set()
     if writer.is_alive():
         writer.join(timeout=60)
-    print(f"UPDATES_APPLIED {applied[0]} INDEX_VERSION {service.index.version}", flush=True)
+    from serving.metrics import RECOMMENDATIONS
+
+    answered = sum(sample.value for family in RECOMMENDATIONS.collect() for sample in family.samples
+                   if sample.name.endswith("_total"))
+    print(f"UPDATES_APPLIED {applied[0]} INDEX_VERSION {service.index.version} ANSWERED {answered:.0f} "
+          f"PID {os.getpid()}", flush=True)
     handle.stop()
 
 
@@ -237,7 +253,7 @@ def served_by_counts(url: str) -> dict[str, float]:
 def capacity(
     url: str, duration_s: float, repeats: int, user_ids: Sequence[str], known_share: float, seed: int,
     connections: int = 4,
-) -> dict[str, object] | None:
+) -> dict[str, Any] | None:
     """Closed-loop capacity: ``wrk -t1 -c{connections} --latency`` over a seeded list of paths (a share
     ``known_share`` of them name a user from ``user_ids``, the rest unknown users), ``repeats`` runs after a
     2 s warm-up run. None when wrk is not installed."""
@@ -286,6 +302,11 @@ def capacity(
             "answered": {path: int(n) for path, n in answered.items() if n}}
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of ``values``."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def median_and_range(values: Sequence[float], digits: int) -> str:
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}..{max(values):.{digits}f}]"
 
@@ -297,28 +318,60 @@ def uptime_load() -> str:
         return "load n/a"
 
 
-def run_phase(args: argparse.Namespace, updates_per_s: int) -> None:
+def start_servers(args: argparse.Namespace, updates_per_s: int) -> list[tuple[subprocess.Popen[str], list[str]]]:
+    """``args.workers`` server children on one port (the first picks it); each with its first output line."""
     child_args = [sys.executable, __file__, "--serve", f"--updates-per-s={updates_per_s}"]
     child_args += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("items", "users", "views", "dim", "factory", "knob", "knob_value", "seed")]  # fmt: skip
-    child = subprocess.Popen(child_args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert child.stdin is not None and child.stdout is not None
-    first = child.stdout.readline().split()
-    port, build_s, recommend_us, search_us = int(first[1]), first[3], float(first[5]), float(first[7])
+    if args.workers > 1:
+        child_args.append("--reuse-port")
+    servers: list[tuple[subprocess.Popen[str], list[str]]] = []
+    port = 0
+    for _ in range(args.workers):
+        child = subprocess.Popen([*child_args, f"--port={port}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        assert child.stdout is not None
+        first = child.stdout.readline().split()
+        if not first:
+            raise RuntimeError(f"server child exited {child.wait()} before listening")
+        port = int(first[1])
+        servers.append((child, first))
+    return servers
+
+
+def run_phase(args: argparse.Namespace, updates_per_s: int) -> dict[str, Any]:
+    """One phase (idle or streaming) on fresh server children; prints its lines and returns their figures."""
+    servers = start_servers(args, updates_per_s)
+    port = int(servers[0][1][1])
     url = f"http://127.0.0.1:{port}"
     phase = "idle" if updates_per_s == 0 else f"streaming {updates_per_s}/s"
-    print(f"{phase:<18} model path in-process (thread CPU per request, {args.views} views): "
-          f"service.recommend {recommend_us:.0f} us, of which the FAISS search alone {search_us:.0f} us")
+    figures: dict[str, Any] = {"updates_per_s": updates_per_s, "workers": args.workers, "port": port}
+    recommend_us = [float(first[5]) for _, first in servers]
+    search_us = [float(first[7]) for _, first in servers]
+    figures["model_path_us"] = {"recommend": recommend_us, "search": search_us,
+                                "build_s": [float(first[3]) for _, first in servers]}
+    print(f"{phase:<18} model path in-process (thread CPU per request, {args.views} views, per worker): "
+          f"service.recommend {' '.join(f'{us:.0f}' for us in recommend_us)} us, of which the FAISS search alone "
+          f"{' '.join(f'{us:.0f}' for us in search_us)} us")
     if args.capacity_s > 0:
         users = [f"user{i}" for i in range(min(args.capacity_users, args.users))]
-        found = capacity(url, args.capacity_s, args.repeats, users, args.capacity_known_share, args.seed)
+        load_before = os.getloadavg()
+        found = capacity(url, args.capacity_s, args.repeats, users, args.capacity_known_share, args.seed,
+                         args.connections)
+        load_after = os.getloadavg()
         if found is None:
+            figures["capacity"] = None
             print(f"{phase:<18} capacity: skipped, wrk is not installed (apt-get install wrk / brew install wrk)")
         else:
-            runs: list[dict[str, float]] = found["runs"]  # type: ignore[assignment]
+            runs: list[dict[str, Any]] = found["runs"]
+            figures["capacity"] = {
+                **found, "connections": args.connections, "load_avg_before": load_before, "load_avg_after": load_after,
+                **{key: spread([r[key] for r in runs]) for key in ("rps", "p50_ms", "p99_ms")},
+            }
             print(
-                f"{phase:<18} capacity wrk -t1 -c4, {len(users)} users, {args.repeats} x {args.capacity_s:g} s "
-                f"({uptime_load()}): req/s {median_and_range([r['rps'] for r in runs], 0)}  "
+                f"{phase:<18} capacity wrk -t1 -c{args.connections}, {args.workers} worker(s), {len(users)} users, "
+                f"{args.repeats} x {args.capacity_s:g} s ({uptime_load()}): "
+                f"req/s {median_and_range([r['rps'] for r in runs], 0)}  "
                 f"p50_ms {median_and_range([r['p50_ms'] for r in runs], 2)}  "
                 f"p99_ms {median_and_range([r['p99_ms'] for r in runs], 2)}  "
                 f"non_2xx={sum(r['non_2xx'] for r in runs):g}  model-path share {found['model_share']:.3f} "
@@ -330,15 +383,29 @@ def run_phase(args: argparse.Namespace, updates_per_s: int) -> None:
                        args.seed)
         lat_ms = result["latencies_s"] * 1e3  # type: ignore[operator]
         p50, p90, p99, p_max = np.percentile(lat_ms, [50, 90, 99, 100]) if len(lat_ms) else (np.nan,) * 4
+        figures["open_loop"] = {"rate": args.rate, "n": len(lat_ms), "errors": len(result["errors"]),  # type: ignore[arg-type]
+                                "served_by": result["served_by"], "p50_ms": p50, "p90_ms": p90, "p99_ms": p99,
+                                "max_ms": p_max, "load_avg": os.getloadavg()}
         print(
             f"{phase:<18} open loop {args.rate:g}/s ({uptime_load()}) n={len(lat_ms):<5} "
             f"errors={len(result['errors']):<3} served_by={result['served_by']} "  # type: ignore[arg-type]
-            f"p50_ms={p50:.2f} p90_ms={p90:.2f} p99_ms={p99:.2f} max_ms={p_max:.2f} build_s={build_s}"
+            f"p50_ms={p50:.2f} p90_ms={p90:.2f} p99_ms={p99:.2f} max_ms={p_max:.2f} "
+            f"build_s={' '.join(first[3] for _, first in servers)}"
         )
-    child.stdin.close()
-    last = child.stdout.readline().strip()
-    child.wait(timeout=120)
-    print(f"{phase:<18} {last}")
+    ends = []
+    for child, _ in servers:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.close()
+    for child, _ in servers:
+        assert child.stdout is not None
+        last = child.stdout.readline().split()
+        child.wait(timeout=120)
+        ends.append({"updates_applied": int(last[1]), "index_version": int(last[3]), "answered": int(last[5]),
+                     "pid": int(last[7])})
+        print(f"{phase:<18} worker pid {last[7]}: updates applied {last[1]}, index version {last[3]}, "
+              f"requests answered {last[5]}")
+    figures["workers_at_end"] = ends
+    return figures
 
 
 def main() -> None:
@@ -346,6 +413,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)  # a server child's port
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a server child's binding
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes on one port (SO_REUSEPORT, Linux), each with its own writer")
+    parser.add_argument("--connections", type=int, default=4, help="wrk connections in the capacity runs")
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second (open loop)")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--duration-s", type=float, default=15.0, help="open-loop measurement; 0 skips it")
@@ -366,6 +438,7 @@ def main() -> None:
     parser.add_argument("--knob", default="efSearch")
     parser.add_argument("--knob-value", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    add_json_option(parser)
     args = parser.parse_args()
     if args.serve:
         serve(args)
@@ -373,14 +446,24 @@ def main() -> None:
     phases = args.phases.split(",")
     if not phases or not set(phases) <= {"idle", "streaming"}:
         parser.error(f"--phases must name idle and/or streaming, got {args.phases!r}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.connections < 1:
+        parser.error(f"--connections must be >= 1, got {args.connections}")
+    record = BenchRecord("bench_serving_http", args)
     print(
         f"rate={args.rate}/s warmup_s={args.warmup_s} duration_s={args.duration_s} items={args.items} "
-        f"users={args.users} views={args.views} dim={args.dim} index={args.factory} {args.knob}={args.knob_value}"
+        f"users={args.users} views={args.views} dim={args.dim} index={args.factory} {args.knob}={args.knob_value} "
+        f"workers={args.workers} connections={args.connections} cpus={os.cpu_count()} ({uptime_load()})"
     )
+    figures: dict[str, Any] = {}
     if "idle" in phases:
-        run_phase(args, updates_per_s=0)
+        figures["idle"] = run_phase(args, updates_per_s=0)
     if "streaming" in phases:
-        run_phase(args, updates_per_s=args.updates_per_s)
+        figures["streaming"] = run_phase(args, updates_per_s=args.updates_per_s)
+    if args.json is not None:
+        record.write(args.json, figures)
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":
