@@ -132,7 +132,7 @@ def run_backend(
             rates.append(rate)
             cpu_rates.append(cpu_rate)
             counts.append((events_out, dead))
-        row = {
+        row: dict[str, Any] = {
             "batch_size": batch_size, "wall_events_per_s": spread(rates), "cpu_events_per_s": spread(cpu_rates),
             "events_in": len(events), "events_out": sorted({n for n, _ in counts}),
             "dead_letters_max": max(d for _, d in counts),

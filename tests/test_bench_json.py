@@ -9,10 +9,13 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import bench.report
 
@@ -123,3 +126,31 @@ def test_bench_stream_embedded_json(tmp_path: Path) -> None:
             assert rate["min"] <= rate["median"] <= rate["max"]
             assert (rate["min"], rate["max"]) == (min(rate["runs"]), max(rate["runs"]))
         assert f"{row['wall_events_per_s']['median']:>17,.0f}" in stdout
+
+
+def test_pipeline_request_users_share_and_growth() -> None:
+    """bench_pipeline's load: the share of entries naming served users is the one asked for, and an entry
+    never changes as the served users grow (the load reads the list while it grows)."""
+    from bench.bench_pipeline import RequestUsers
+
+    runner = doctest.DocTestRunner()  # the class's own examples (bench/ is outside doctest collection)
+    for test in doctest.DocTestFinder().find(RequestUsers, "RequestUsers"):
+        runner.run(test)
+    assert runner.summarize(verbose=False) == (0, 3)
+
+    known = [f"u{n}" for n in range(1000)]
+    for fraction in (1.0, 0.8 / 0.9, 0.5, 0.25):
+        users = RequestUsers(known, fraction)
+        entries = list(users)
+        named = [u for u in entries if not u.startswith("new-user-")]
+        assert named == known  # every served user once, in order
+        assert abs(len(named) / len(entries) - fraction) <= 1 / len(entries)
+    growing: list[str] = ["a", "b"]
+    users = RequestUsers(growing, 0.5)
+    before = list(users)
+    growing.extend(["c", "d"])
+    assert list(users)[: len(before)] == before == ["new-user-0", "a", "new-user-2", "b"]
+    assert list(users) == ["new-user-0", "a", "new-user-2", "b", "new-user-4", "c", "new-user-6", "d"]
+    assert list(RequestUsers(growing, 0.0)) == ["new-user-0"]
+    with pytest.raises(ValueError, match=re.escape("known_fraction must be in [0, 1], got 1.5")):
+        RequestUsers(growing, 1.5)
