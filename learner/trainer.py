@@ -126,7 +126,8 @@ class OnlineTrainer:
         checkpoint_every_steps: int = 200,
         publish_every_steps: int = 20,
         publish_every_s: float = 1.0,
-        full_publish_every: int = 50,
+        full_publish_every: int = 0,
+        refresh_users_per_publish: int = 256,
         prequential_k: int = 10,
         prequential_window: int = 2000,
         served_max_users: int = 1_000_000,
@@ -139,6 +140,8 @@ class OnlineTrainer:
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
+        ``full_publish_every``/``refresh_users_per_publish``: ``learner.publisher.Publisher``'s ``full_every``
+        and ``refresh_users``.
         ``served_max_users``: users in the mirror of what serving holds (``ServingSettings.max_users``).
         ``drift``: watches each step's losses and prequential metrics, the input events and, after each
         publish, the prototype assignments (``learner.drift``); its detectors are checkpointed.
@@ -165,7 +168,8 @@ class OnlineTrainer:
         if fallback is not None and not set(fallback.learnt) <= set(learnt) - {MODEL_LIVE, FUSED_LIVE}:
             raise ValueError(f"fallback learnt rankers must be among {list(learnt)}, got {list(fallback.learnt)}")
         self._stamp = _StampServedBy(transport)
-        self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every)
+        self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every,
+                                   refresh_users=refresh_users_per_publish)
         self.prequential = PrequentialEvaluator(max_users=served_max_users)
         self.shadow = ShadowBaselines(self.source, self.target, max_history=learner.config.max_len)
         self.quality = StreamQuality((*RANKERS, *learnt[1:]), prequential_k, prequential_window, model=MODEL,

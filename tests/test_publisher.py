@@ -1,0 +1,83 @@
+"""The publisher's choice of what each version carries: forced and scheduled full versions, and the rolling
+refresh of users nobody touched (pure logic, a stand-in learner)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from learner.publisher import CallableTransport, Publisher
+from stream.events import EmbeddingBatch
+
+
+class _Learner:
+    """Known users in least-recently-learned order; each user's vector is its number, so a batch shows whose
+    vectors it carries."""
+
+    class config:  # mimics SITNLearner.config
+        n_views, dim = 1, 2
+
+    def __init__(self, n_users: int) -> None:
+        self.users = [f"u{n}" for n in range(n_users)]
+
+    def embed_items(self) -> tuple[list[str], np.ndarray]:
+        return ["i0"], np.zeros((1, 2), np.float32)
+
+    def known_users(self) -> list[str]:
+        return list(self.users)
+
+    def embed_users(self, user_ids: list[str]) -> np.ndarray:
+        return np.array([[[float(u[1:]), 0.0]] for u in user_ids], np.float32).reshape(len(user_ids), 1, 2)
+
+    def learn(self, user_id: str) -> None:  # the user moves to the most recently learned end
+        self.users.remove(user_id)
+        self.users.append(user_id)
+
+
+def _publisher(learner: _Learner, **kwargs: int) -> tuple[Publisher, list[EmbeddingBatch]]:
+    sent: list[EmbeddingBatch] = []
+    return Publisher(learner, CallableTransport(sent.append), **kwargs), sent
+
+
+def test_rolling_refresh_renews_every_user_in_turn_beside_the_touched_ones() -> None:
+    learner = _Learner(10)
+    publisher, _ = _publisher(learner, refresh_users=4)
+    assert publisher.publish(step=0).full  # the first version is full: everyone
+    seen: set[str] = set()
+    for step in range(1, 4):  # ceil(10 / 4) publishes renew all 10
+        learner.learn("u7")
+        publisher.touch(["u7"], [("u7", "i0")], ingest_wall_s=100.0 + step)
+        batch = publisher.publish(step=step)
+        assert not batch.full
+        assert batch.user_ids[0] == "u7" and batch.user_ids.count("u7") == 1  # touched first, never twice
+        assert batch.ingest_wall_s == {"u7": 100.0 + step}  # freshness is measured on touched users only
+        assert len(batch.user_ids) <= 1 + 4
+        assert batch.user_vectors[:, 0, 0].tolist() == [float(u[1:]) for u in batch.user_ids]
+        seen.update(batch.user_ids)
+    assert seen == set(learner.users)
+
+
+def test_without_refresh_only_touched_users_are_published() -> None:
+    publisher, _ = _publisher(_Learner(10))
+    publisher.publish(step=0)
+    publisher.touch(["u3"], [], ingest_wall_s=1.0)
+    assert publisher.publish(step=1).user_ids == ["u3"]
+    assert publisher.publish(step=2).user_ids == []
+
+
+@pytest.mark.parametrize(("full_every", "expected"), [(0, [True, False, False, False, False, False]),
+                                                      (3, [True, False, True, False, False, True])])
+def test_full_versions_are_forced_or_every_full_every(full_every: int, expected: list[bool]) -> None:
+    publisher, sent = _publisher(_Learner(3), full_every=full_every)
+    for step in range(6):
+        publisher.publish(step=step)
+    assert [batch.full for batch in sent] == expected
+    assert [len(batch.user_ids) for batch in sent if batch.full] == [3] * expected.count(True)
+    assert publisher.publish(step=6, force_full=True).full
+
+
+def test_bad_settings_name_what_was_received() -> None:
+    with pytest.raises(ValueError, match="full_every must be >= 0, got -1"):
+        Publisher(_Learner(1), None, full_every=-1)
+    with pytest.raises(ValueError, match="refresh_users must be >= 0, got -2"):
+        Publisher(_Learner(1), None, refresh_users=-2)
