@@ -55,8 +55,13 @@ class RunSettings(BaseSettings):
     batch_size: int = Field(256, ge=1, le=65536, description="examples per learner step")
     checkpoint_every_steps: int = Field(200, ge=1, description="learner steps between checkpoints (and commits)")
     publish_every_steps: int = Field(20, ge=1, description="learner steps between publishes")
-    publish_every_s: float = Field(1.0, gt=0, description="seconds between publishes (whichever comes first)")
-    full_publish_every: int = Field(50, ge=1, description="every Nth publish is a full snapshot")
+    publish_every_s: float = Field(0.25, gt=0, description="seconds between publishes (whichever comes first)")
+    full_publish_every: int = Field(
+        0, ge=0, description="every Nth publish is a full snapshot (0: only forced ones: the first, a new serving "
+        "replica, the last)")
+    refresh_users_per_publish: int = Field(
+        128, ge=0, description="users not touched since the last publish re-encoded and re-published with each "
+        "publish, in turn, so every served vector follows the encoder")
     torch_threads: int = Field(1, ge=1, le=64, description="torch threads in the learner actor (1 leaves a core to serving on 2-core machines)")
     learner_dim: int = Field(64, ge=8, description="embedding width d of the SITN model")
     learner_views: int = Field(1, ge=1, description="interest views V (1: chosen on validation, see learner.config)")

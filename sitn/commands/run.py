@@ -55,7 +55,9 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
     "batch_size": ("SITN_RUN_BATCH_SIZE", "examples per learner step (default: 256)", "int"),
     "checkpoint_every_steps": ("SITN_RUN_CHECKPOINT_EVERY_STEPS", "steps between checkpoints (default: 200)", "int"),
     "publish_every_steps": ("SITN_RUN_PUBLISH_EVERY_STEPS", "steps between publishes (default: 20)", "int"),
-    "publish_every_s": ("SITN_RUN_PUBLISH_EVERY_S", "seconds between publishes (default: 1.0)", "float"),
+    "publish_every_s": ("SITN_RUN_PUBLISH_EVERY_S", "seconds between publishes (default: 0.25)", "float"),
+    "refresh_users_per_publish": ("SITN_RUN_REFRESH_USERS_PER_PUBLISH", "untouched users re-published with "
+                                  "each publish, in turn (default: 128)", "int"),
     "learner_dim": ("SITN_RUN_LEARNER_DIM", "SITN embedding width d (default: 64)", "int"),
     "learner_views": ("SITN_RUN_LEARNER_VIEWS", "SITN interest views V (default: 1)", "int"),
     "learner_max_len": ("SITN_RUN_LEARNER_MAX_LEN", "SITN history length L per domain (default: 50)", "int"),
