@@ -121,7 +121,8 @@ class Publisher:
         self.max_counted_items = max_counted_items
         self.items_pruned = 0
         self.version = 0
-        self._touched: dict[str, float] = {}
+        self._touched: dict[str, None] = {}  # users touched since the last publish, in order
+        self._arrivals: list[float] = []  # per event touched since the last publish: when it arrived
         self._consumed: list[tuple[str, str]] = []
         self._item_counts: dict[str, int] = {}
         self._published_ids: list[str] = []  # embed_items order at the last publish
@@ -132,10 +133,12 @@ class Publisher:
     def touch(self, user_ids: Iterable[str], consumed: Iterable[tuple[str, str]], ingest_wall_s: float) -> None:
         """Note users whose vectors changed, and (user, target item) pairs consumed since the last publish.
 
-        A user's ingest time is the *oldest* of its unpublished events, so freshness is not flattered.
+        ``user_ids`` has one entry per event, which all arrived at ``ingest_wall_s``: the next version carries
+        each event's arrival (``EmbeddingBatch.event_ingest_wall_s``), so freshness is measured per event.
         """
         for user_id in user_ids:
-            self._touched.setdefault(user_id, ingest_wall_s)
+            self._touched[user_id] = None
+            self._arrivals.append(ingest_wall_s)
         for pair in consumed:
             self._consumed.append(pair)
             self._item_counts[pair[1]] = self._item_counts.get(pair[1], 0) + 1
@@ -190,7 +193,7 @@ class Publisher:
             user_vectors=user_vectors,
             popularity=popularity,
             created_at_s=time.time(),
-            ingest_wall_s={u: self._touched[u] for u in user_ids if u in self._touched},
+            event_ingest_wall_s=self._arrivals,
             consumed=self._consumed,
         )
         self.transport.send(batch)
@@ -199,6 +202,7 @@ class Publisher:
             self.version, full, len(changed), len(user_ids), step,
         )
         self._touched = {}
+        self._arrivals = []
         self._consumed = []
         self._last_step = step
         self._last_s = time.monotonic()

@@ -422,7 +422,7 @@ class OnlineTrainer:
         telemetry.PUBLISH_SECONDS.observe(time.perf_counter() - start_s)
         telemetry.PUBLISHES.labels("full" if batch.full else "delta").inc()
         telemetry.PUBLISHED_VERSION.set(batch.version)
-        for ingest_s in batch.ingest_wall_s.values():
+        for ingest_s in batch.event_ingest_wall_s:  # per event
             telemetry.PUBLISH_LAG_SECONDS.observe(max(0.0, batch.created_at_s - ingest_s))
         telemetry.record_prototypes(self.learner)
         if self.drift is not None and getattr(self.learner, "prototypes", None) is not None:

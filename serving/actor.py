@@ -103,7 +103,7 @@ class ServingCore:
         it, so it is a bug, not data."""
         stats = self.service.apply(batch)
         now_s = time.time()
-        for ingest_s in batch.ingest_wall_s.values():
+        for ingest_s in batch.event_ingest_wall_s:  # per event this version is the first to reflect
             self._freshness_s.append(now_s - ingest_s)
             FRESHNESS_SECONDS.observe(now_s - ingest_s)
         self.batches_applied += 1

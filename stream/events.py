@@ -356,7 +356,9 @@ class EmbeddingBatch:
     user_vectors: np.ndarray
     popularity: list[str]  # target item ids, most popular first (the fallback path)
     created_at_s: float  # wall clock when the batch was built
-    ingest_wall_s: dict[str, float] = field(default_factory=dict)  # user_id -> when its oldest unpublished event arrived
+    # When each event this version is the first to reflect arrived at the learner (one entry per event): the
+    # freshness histograms observe now minus each. In-cluster only: the updates topic does not carry it.
+    event_ingest_wall_s: list[float] = field(default_factory=list)
     consumed: list[tuple[str, str]] = field(default_factory=list)  # (user_id, target item_id) since the last batch
     # The ranker /recommend must use from this version on (learner.gate.RankerFallback): "model", "fused" (the
     # model's scores fused with item co-occurrence, serving.fused), or a baseline serving computes itself

@@ -50,7 +50,7 @@ def test_rolling_refresh_renews_every_user_in_turn_beside_the_touched_ones() -> 
         batch = publisher.publish(step=step)
         assert not batch.full
         assert batch.user_ids[0] == "u7" and batch.user_ids.count("u7") == 1  # touched first, never twice
-        assert batch.ingest_wall_s == {"u7": 100.0 + step}  # freshness is measured on touched users only
+        assert batch.event_ingest_wall_s == [100.0 + step]  # freshness is measured on events, not refreshes
         assert len(batch.user_ids) <= 1 + 4
         assert batch.user_vectors[:, 0, 0].tolist() == [float(u[1:]) for u in batch.user_ids]
         seen.update(batch.user_ids)
@@ -81,3 +81,17 @@ def test_bad_settings_name_what_was_received() -> None:
         Publisher(_Learner(1), None, full_every=-1)
     with pytest.raises(ValueError, match="refresh_users must be >= 0, got -2"):
         Publisher(_Learner(1), None, refresh_users=-2)
+
+
+def test_each_event_carries_its_own_arrival_into_the_version_that_reflects_it() -> None:
+    publisher, _ = _publisher(_Learner(3))
+    publisher.publish(step=0)  # the first version is full
+    publisher.touch(["u0", "u1", "u0"], [], ingest_wall_s=10.0)  # three events, two users
+    publisher.touch(["u0"], [], ingest_wall_s=12.0)
+    first = publisher.publish(step=1)
+    assert first.event_ingest_wall_s == [10.0, 10.0, 10.0, 12.0]  # per event, not per user
+    assert first.user_ids == ["u0", "u1"]
+    publisher.hold(step=2)  # a held publish keeps what is pending
+    publisher.touch(["u2"], [], ingest_wall_s=13.0)
+    assert publisher.publish(step=3).event_ingest_wall_s == [13.0]
+    assert publisher.publish(step=4).event_ingest_wall_s == []
