@@ -65,7 +65,7 @@ from learner.publisher import Publisher, Transport
 from learner.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
 from serving.fused import FUSED_WEIGHTS
 from stream.consumer import EventBatch
-from stream.cooccurrence import rank_with_ties_against
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, rank_with_ties_against
 from stream.errors import SitnError
 from stream.events import EmbeddingBatch, InteractionEvent
 from stream.user_state import Example
@@ -137,6 +137,7 @@ class OnlineTrainer:
         fallback: RankerFallback | None = None,
         fused_weights: tuple[float, ...] = FUSED_WEIGHTS,
         fused_window: int = 10_000,
+        cooc_max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS,
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
@@ -149,7 +150,9 @@ class OnlineTrainer:
         must be named as in ``SERVABLE``, its learnt rankers among ``model`` and ``fused``. Without it serving
         always uses the model.
         ``fused_weights``: the fused ranker's weight grid (``learner.shadow.FusedShadow``, whose weights are
-        tallied over the last ``fused_window`` target events); empty: no fused ranker."""
+        tallied over the last ``fused_window`` target events); empty: no fused ranker.
+        ``cooc_max_neighbours``: the shadow co-occurrence's neighbours per item (``stream.cooccurrence``; None:
+        every pair), as serving's ``ServingSettings.cooc_max_neighbours``; a checkpoint restores its own."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if checkpoint_every_steps < 1:
@@ -171,7 +174,8 @@ class OnlineTrainer:
         self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every,
                                    refresh_users=refresh_users_per_publish)
         self.prequential = PrequentialEvaluator(max_users=served_max_users)
-        self.shadow = ShadowBaselines(self.source, self.target, max_history=learner.config.max_len)
+        self.shadow = ShadowBaselines(self.source, self.target, max_history=learner.config.max_len,
+                                      max_neighbours=cooc_max_neighbours)
         self.quality = StreamQuality((*RANKERS, *learnt[1:]), prequential_k, prequential_window, model=MODEL,
                                      learnt=learnt[1:])
         if self.fused_live is not None:

@@ -62,6 +62,7 @@ from serving.fused import CoocAlignment, fused_scores
 from serving.index import IndexSnapshot, ItemIndex, best_view_scores
 from serving.settings import ServingSettings
 from serving.store import ConsumedItems, PopularityCounter, UserVectorStore
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS
 from stream.events import MAX_ID_CHARS, EmbeddingBatch, EmbeddingUpdate
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ class RecommendationService:
         background_merge: bool = False,
         max_consumed_per_user: int = 500,
         max_users: int = 1_000_000,
+        cooc_max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS,
         popularity_refresh_s: float = 1.0,
         faiss_threads: int | None = 1,
         clock: Callable[[], float] = time.time,
@@ -217,7 +219,8 @@ class RecommendationService:
         self.users = UserVectorStore(dim, max_users)
         self.consumed = ConsumedItems(max_consumed_per_user, max_users)
         self.popularity = PopularityCounter(popularity_refresh_s)
-        self.cooccurrence = CooccurrenceRanker()
+        self.cooc_max_neighbours = cooc_max_neighbours
+        self.cooccurrence = CooccurrenceRanker(max_neighbours=cooc_max_neighbours)
         self.ranker = "model"
         self.fused_weight = 1.0  # w of the fused ranker (set with the ranker, from each published batch)
         self._fused_base: CoocAlignment | None = None  # the index base's items on co-occurrence rows
@@ -526,7 +529,7 @@ class RecommendationService:
             )
             consumed = list(zip(data["consumed_user_ids"].tolist(), data["consumed_item_ids"].tolist(), strict=True))
             self.consumed.replace_all(consumed)
-            self.cooccurrence = _cooccurrence_of(consumed)
+            self.cooccurrence = _cooccurrence_of(consumed, self.cooc_max_neighbours)
             self.popularity.replace_all(
                 zip(data["popular_item_ids"].tolist(), data["popular_counts"].tolist(), strict=True)
             )
@@ -553,6 +556,7 @@ class RecommendationService:
             background_merge=settings.index_background_merge,
             max_consumed_per_user=settings.max_consumed_per_user,
             max_users=settings.max_users,
+            cooc_max_neighbours=settings.cooc_max_neighbours or None,
             popularity_refresh_s=settings.popularity_refresh_s,
         )
 
@@ -566,10 +570,10 @@ class RecommendationService:
         return service
 
 
-def _cooccurrence_of(consumed: Iterable[tuple[str, str]]) -> CooccurrenceRanker:
+def _cooccurrence_of(consumed: Iterable[tuple[str, str]], max_neighbours: int | None) -> CooccurrenceRanker:
     """Co-occurrence rebuilt from consumed ``(user, item)`` pairs (a snapshot's, each user's oldest first):
     the pairs within each user's remembered items, not the full history the original counted."""
-    ranker = CooccurrenceRanker()
+    ranker = CooccurrenceRanker(max_neighbours=max_neighbours)
     before: dict[str, tuple[str, ...]] = {}
     events = []
     for user_id, item_id in consumed:

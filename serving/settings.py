@@ -15,6 +15,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS
+
 MIN_TOKEN_CHARS = 16
 
 
@@ -47,6 +49,9 @@ class ServingSettings(BaseSettings):
         True, description="build a new index base in a background thread; writes never wait for it"
     )
     max_consumed_per_user: int = Field(500, ge=1, description="consumed items remembered per user")
+    cooc_max_neighbours: int = Field(
+        DEFAULT_MAX_NEIGHBOURS, ge=0, description="co-occurrence neighbours kept per item (the fused and "
+        "co-occurrence rankers; stream.cooccurrence); 0 keeps every pair, unbounded memory")
     # Bounds memory under an endless stream of new users: ~1 KiB of vectors (V=4, D=64) plus up to
     # max_consumed_per_user ids per user. The least recently updated user is evicted and served by
     # popularity until published again; keep it >= the learner's max_users, or each full publish churns.

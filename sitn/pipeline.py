@@ -240,6 +240,7 @@ class Pipeline:
             publish_every_s=r.publish_every_s,
             full_publish_every=r.full_publish_every,
             refresh_users_per_publish=r.refresh_users_per_publish,
+            cooc_max_neighbours=r.cooc_max_neighbours or None,
             kafka_updates=self.stream if self.stream.uses_kafka else None,
             group_offsets=self.stream,
             metrics=self.metrics,

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS
+
 
 class RunSettings(BaseSettings):
     """The live pipeline: what to replay, how fast, where state goes, how the cluster is reached."""
@@ -59,6 +61,10 @@ class RunSettings(BaseSettings):
     full_publish_every: int = Field(
         0, ge=0, description="every Nth publish is a full snapshot (0: only forced ones: the first, a new serving "
         "replica, the last)")
+    cooc_max_neighbours: int = Field(
+        DEFAULT_MAX_NEIGHBOURS, ge=0, description="item co-occurrence neighbours kept per item, in the learner's "
+        "shadow baselines and in serving (the fused and co-occurrence rankers); 0 keeps every pair (memory grows "
+        "with every distinct pair)")
     refresh_users_per_publish: int = Field(
         128, ge=0, description="users not touched since the last publish re-encoded and re-published with each "
         "publish, in turn, so every served vector follows the encoder")

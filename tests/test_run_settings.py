@@ -18,7 +18,7 @@ def started_config(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> Any:
 
     def pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None,
                  drift: Any = None) -> int:
-        started.update(run=run, config=config)
+        started.update(run=run, config=config, serving=serving)
         return 0
 
     monkeypatch.setattr(run_command, "run_pipeline", pipeline)
@@ -54,3 +54,25 @@ def test_bad_values_are_refused_naming_what_was_received() -> None:
         RunSettings(fused_weights=(1.0, 1.0))
     with pytest.raises(ValueError, match=r"learner_replay_ratio\n  Input should be greater than or equal to 0"):
         RunSettings(learner_replay_ratio=-1.0)
+
+
+def test_cooccurrence_cap_reaches_the_learners_shadow_and_serving(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """One setting for both ends: the fused ranker serving answers with must count co-occurrence as the
+    learner's shadow that chose its weight did."""
+    from learner.config import SITNConfig
+    from learner.learner import SITNLearner
+    from learner.publisher import CallableTransport
+    from learner.trainer import OnlineTrainer
+    from serving.service import RecommendationService
+
+    default = started_config(monkeypatch, ["--run-dir", str(tmp_path)])
+    assert default["run"].cooc_max_neighbours == default["serving"].cooc_max_neighbours == 50
+    started = started_config(monkeypatch, ["--run-dir", str(tmp_path), "--cooc-max-neighbours", "7"])
+    assert started["run"].cooc_max_neighbours == started["serving"].cooc_max_neighbours == 7
+    assert RecommendationService.from_settings(started["serving"]).cooccurrence.max_neighbours == 7
+    uncapped = started["serving"].model_copy(update={"cooc_max_neighbours": 0})
+    assert RecommendationService.from_settings(uncapped).cooccurrence.max_neighbours is None  # 0: every pair
+    learner = SITNLearner(SITNConfig(dim=8, max_len=5), "movie", "book")
+    trainer = OnlineTrainer(learner, CallableTransport(lambda batch: None), None, cooc_max_neighbours=7)
+    assert trainer.shadow.cooc.max_neighbours == 7

@@ -56,6 +56,8 @@ RUN_FLAGS: dict[str, tuple[str, str, str]] = {
     "checkpoint_every_steps": ("SITN_RUN_CHECKPOINT_EVERY_STEPS", "steps between checkpoints (default: 200)", "int"),
     "publish_every_steps": ("SITN_RUN_PUBLISH_EVERY_STEPS", "steps between publishes (default: 20)", "int"),
     "publish_every_s": ("SITN_RUN_PUBLISH_EVERY_S", "seconds between publishes (default: 0.25)", "float"),
+    "cooc_max_neighbours": ("SITN_RUN_COOC_MAX_NEIGHBOURS", "co-occurrence neighbours kept per item, learner and "
+                            "serving; 0: every pair (default: 50)", "int"),
     "refresh_users_per_publish": ("SITN_RUN_REFRESH_USERS_PER_PUBLISH", "untouched users re-published with "
                                   "each publish, in turn (default: 128)", "int"),
     "learner_dim": ("SITN_RUN_LEARNER_DIM", "SITN embedding width d (default: 64)", "int"),
@@ -131,7 +133,8 @@ def main(args: argparse.Namespace) -> int:
         embedded_log_dir=(run_dir / "log").resolve(),
         **stream_kwargs,
     )
-    serving = ServingSettings(dim=run.learner_dim, **_given(args, ["host", "port"]))
+    serving = ServingSettings(dim=run.learner_dim, cooc_max_neighbours=run.cooc_max_neighbours,
+                              **_given(args, ["host", "port"]))
     config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len,
                         replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio,
                         lr=run.learner_lr)
