@@ -13,7 +13,9 @@ without a hop.
 Several replicas may listen on one port (``reuse_port``, see :func:`serving.api.serve_in_thread`), each
 fed every version by the learner. A replica that replaces a dead one beside live ones is started with
 ``listen_after_full``: it joins the port only once it has applied its first full version, so the kernel
-never hands it a connection while it would answer from an empty index.
+never hands it a connection while it would answer from an empty index. A scrape of the shared port
+would reach any one replica, so a replica on a shared port registers a metrics endpoint of its own
+(``stream.exporter.start_exporter``, on a port of its own) instead of the API's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -33,6 +35,9 @@ from serving.api import ServerHandle, create_app, serve_in_thread
 from serving.service import RecommendationService
 from serving.settings import ServingSettings
 from stream.events import EmbeddingBatch
+
+if TYPE_CHECKING:
+    from stream.exporter import Exporter, TelemetrySettings
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +58,11 @@ class ServingCore:
         targets_dir: Path | None = None,
         reuse_port: bool = False,
         listen_after_full: bool = False,
+        metrics: TelemetrySettings | None = None,
     ) -> None:
         """``targets_dir``: register the API's ``/metrics`` there for Prometheus (file_sd, see ``stream.exporter``).
-        ``reuse_port``: share ``settings.port`` with other replicas (``SO_REUSEPORT``).
+        ``reuse_port``: share ``settings.port`` with other replicas (``SO_REUSEPORT``); with ``targets_dir``,
+        this process's metrics are then served and registered by an exporter of its own (``metrics``' settings).
         ``listen_after_full``: start HTTP only after the first full version is applied (see the module docstring)."""
         self.settings = settings
         self.service = RecommendationService.from_settings(settings)
@@ -63,6 +70,8 @@ class ServingCore:
         self._target_file: Path | None = None
         self._targets_dir = targets_dir
         self._reuse_port = reuse_port
+        self._metrics = metrics
+        self._exporter: Exporter | None = None
         self._http_wanted = start_http
         self.http_error: str | None = None  # a deferred start that failed: check_health says so
         self.batches_applied = 0
@@ -75,7 +84,13 @@ class ServingCore:
     def _start_http(self) -> None:
         self.http = serve_in_thread(create_app(self.service, self.settings), self.settings.host, self.settings.port,
                                     reuse_port=self._reuse_port)
-        if self._targets_dir is not None:
+        if self._targets_dir is None:
+            return
+        if self._reuse_port and self._metrics is not None:  # the API's port is shared: a scrape reaches any replica
+            from stream.exporter import start_exporter
+
+            self._exporter = start_exporter(self._metrics, "serving", self._targets_dir)
+        else:
             from stream.exporter import write_target
 
             self._target_file = write_target(self._targets_dir, "serving", self._advertised_address())
@@ -127,6 +142,7 @@ class ServingCore:
         }
 
     def stats(self) -> dict[str, Any]:
+        self.service.refresh_gauges()  # the index age, for an exporter of its own (the API's /metrics refreshes)
         fresh = np.array(self._freshness_s)
         health = self.service.health()
         return {
@@ -152,6 +168,8 @@ class ServingCore:
     def stop(self) -> None:
         if self._target_file is not None:
             self._target_file.unlink(missing_ok=True)
+        if self._exporter is not None:
+            self._exporter.unregister()  # the process's one exporter (stream.exporter) stays for a later actor
         if self.http is not None:
             self.http.stop()
             self.http = None

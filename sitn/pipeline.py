@@ -204,7 +204,8 @@ class Pipeline:
         """A serving actor listening on ``settings``' port (sharing it when ``reuse_port``), and its URL; with
         ``listen_after_full`` it listens only after its first full version, and the URL is the one it will have."""
         actor = ServingActor.options(**_placement(self.run_settings.learner_resource)).remote(
-            settings, targets_dir=self.targets_dir, reuse_port=reuse_port, listen_after_full=listen_after_full)
+            settings, targets_dir=self.targets_dir, reuse_port=reuse_port, listen_after_full=listen_after_full,
+            metrics=self.metrics)
         try:
             url: str | None = ray.get(actor.url.remote(), timeout=60)
         except Exception:

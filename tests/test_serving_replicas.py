@@ -368,3 +368,26 @@ def test_sitn_serve_workers_exit_1_when_a_worker_fails_before_joining(tmp_path: 
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "before joining the port" in done.stderr
+
+
+def test_a_replica_on_a_shared_port_registers_a_metrics_endpoint_of_its_own(tmp_path: Path) -> None:
+    """A scrape of the shared API port would reach any replica: the target written is this process's own
+    exporter, which serves the serving metrics, and it is withdrawn when the replica stops."""
+    import json
+
+    from serving.actor import ServingCore
+    from stream.exporter import TelemetrySettings
+
+    targets = tmp_path / "targets"
+    core = ServingCore(ServingSettings(port=0, dim=2, index_factory="Flat", index_search_params={}),
+                       targets_dir=targets, reuse_port=True, metrics=TelemetrySettings(enabled=True, actor_port=0))
+    try:
+        core.apply_batch(batch(1))
+        (target_file,) = targets.glob("serving-*.json")
+        (address,) = json.loads(target_file.read_text())[0]["targets"]
+        assert core.http is not None and int(address.rsplit(":", 1)[1]) != core.http.port
+        exposition = httpx.get(f"http://{address}/metrics", timeout=10).text
+        assert "sitn_serving_index_items 3.0" in exposition
+    finally:
+        core.stop()
+    assert list(targets.glob("serving-*.json")) == []
