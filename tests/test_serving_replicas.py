@@ -391,3 +391,16 @@ def test_a_replica_on_a_shared_port_registers_a_metrics_endpoint_of_its_own(tmp_
     finally:
         core.stop()
     assert list(targets.glob("serving-*.json")) == []
+
+
+def test_serving_replicas_is_validated_and_reaches_the_flag() -> None:
+    from pydantic import ValidationError
+
+    from sitn.cli import build_parser
+    from sitn.settings import RunSettings
+
+    assert RunSettings().serving_replicas == 1
+    with pytest.raises(ValidationError, match="serving_replicas\n  Input should be greater than or equal to 1"):
+        RunSettings(serving_replicas=0)
+    args = build_parser().parse_args(["run", "--serving-replicas", "3"])
+    assert args.serving_replicas == 3
