@@ -49,6 +49,9 @@ class ServingSettings(BaseSettings):
         True, description="build a new index base in a background thread; writes never wait for it"
     )
     max_consumed_per_user: int = Field(500, ge=1, description="consumed items remembered per user")
+    workers: int = Field(
+        1, ge=1, le=64, description="sitn serve: worker processes on one port (SO_REUSEPORT, Linux), each applying "
+        "the updates topic itself")
     cooc_max_neighbours: int = Field(
         DEFAULT_MAX_NEIGHBOURS, ge=0, description="co-occurrence neighbours kept per item (the fused and "
         "co-occurrence rankers; stream.cooccurrence); 0 keeps every pair, unbounded memory")

@@ -71,11 +71,9 @@ def main(args: argparse.Namespace) -> int:
     from serving.settings import ServingSettings
 
     given = {k: getattr(args, k) for k in ("host", "port", "kafka_bootstrap_servers", "updates_topic", "dim",
-                                           "index_factory") if getattr(args, k) is not None}
-    settings = ServingSettings(**given)
-    workers = args.workers if args.workers is not None else int(os.environ.get("SITN_SERVING_WORKERS", "1"))
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+                                           "index_factory", "workers") if getattr(args, k) is not None}
+    settings = ServingSettings(**given)  # validated there, the environment included (SITN_SERVING_WORKERS)
+    workers = settings.workers
     log.info("settings serving=%r workers=%d", settings, workers)
     if workers == 1:
         return run_replica(settings)
