@@ -123,17 +123,19 @@ def build_training_batch(
     a single-domain model). An example whose domain is not among ``domains`` is a ``ValueError``.
     """
     role_of = {name: role for role, name in domains.items()}
-    event_role = np.empty(len(examples), dtype=np.int64)
-    label_rows = np.empty(len(examples), dtype=np.int64)
-    user_keys: dict[str, int] = {}
-    keys = np.empty(len(examples), dtype=np.int64)
-    for i, ex in enumerate(examples):
-        role = role_of.get(ex.domain)
-        if role is None:
+    for ex in examples:
+        if ex.domain not in role_of:
             raise ValueError(f"example {ex.event_id!r} has domain {ex.domain!r}; allowed: {sorted(role_of)}")
-        event_role[i] = 0 if role == "source" else 1
-        label_rows[i] = idmaps[role].add((ex.item_id,))[0]
-        keys[i] = user_keys.setdefault(ex.user_id, len(user_keys))
+    event_role = np.fromiter((role_of[ex.domain] == "target" for ex in examples), dtype=np.int64,
+                             count=len(examples))  # 0 = source, 1 = target
+    label_rows = np.empty(len(examples), dtype=np.int64)
+    for role, idx in (("source", 0), ("target", 1)):
+        if role in domains:
+            mine = np.flatnonzero(event_role == idx)  # in example order: new ids get rows as they come
+            label_rows[mine] = idmaps[role].add([examples[int(i)].item_id for i in mine])
+    user_keys: dict[str, int] = {}
+    keys = np.fromiter((user_keys.setdefault(ex.user_id, len(user_keys)) for ex in examples), dtype=np.int64,
+                       count=len(examples))
     reference = np.fromiter((ex.timestamp for ex in examples), dtype=np.int64, count=len(examples))
     empty: History = ((), ())
     sequences = {

@@ -18,6 +18,9 @@ trained item scores with.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,12 +29,77 @@ from learner.config import SITNConfig
 from learner.idmap import grow_buffer, grow_parameter
 
 
+@dataclass(frozen=True)
+class LengthGroups:
+    """Where each row's tokens go for attention: the non-empty rows of a (B, W) history batch in groups of
+    similar length, each group padded only to its own longest history.
+
+    A history attends only within itself, so padding every row to the batch's longest one (W) costs
+    ``B * W^2`` scores where the rows need ``sum_b len_b^2``. Real histories are short and ragged (the
+    Amazon streams: a few items, W about 10), so most of that is padding; empty rows (no history, or
+    blanked by source dropout) need no attention at all. Rows with ``2^(g-1) < len <= 2^g`` form group g
+    (at most ``log2(max_len) + 1`` groups); a batch of full histories is one group of width W.
+
+    ``groups``: per group ``(rows, width, tokens, key_padding)``: ``rows`` (b,) long, batch rows;
+    ``tokens`` (b * width,) long, the packed token at each slot (a padding slot repeats the row's first
+    token: its key is masked and its query's output is not read); ``key_padding`` (1, b, 1, width) bool,
+    True = padding. ``gather`` (N,) long: each packed token's slot in the concatenation of the groups'
+    ``b * width`` slots.
+
+    >>> groups = LengthGroups.of(torch.tensor([[True, True, True], [False, False, False], [True, False, False]]))
+    >>> [(rows.tolist(), width, tokens.tolist()) for rows, width, tokens, _ in groups.groups]
+    [([2], 1, [3]), ([0], 3, [0, 1, 2])]
+    >>> groups.gather.tolist()  # packed tokens 0-2 (row 0) sit in slots 1-3, token 3 (row 2) in slot 0
+    [1, 2, 3, 0]
+    """
+
+    batch: int  # B
+    width: int  # W
+    groups: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]
+    gather: torch.Tensor
+
+    @classmethod
+    def of(cls, valid: torch.Tensor) -> LengthGroups:
+        """Groups of ``valid`` (B, W) bool, whose rows are left-aligned (a row's tokens come first)."""
+        valid_np = valid.numpy()
+        b, width = valid_np.shape
+        lengths = valid_np.sum(axis=1)  # (B,)
+        if not np.array_equal(valid_np, np.arange(width)[None, :] < lengths[:, None]):
+            raise ValueError("valid must be left-aligned: each row's True entries must come first")
+        starts = np.cumsum(lengths) - lengths  # (B,) first packed token of each row
+        bucket = np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)  # (B,) group of each row
+        order = np.argsort(bucket, kind="stable")
+        order = order[lengths[order] > 0]  # non-empty rows, by group
+        cuts = np.flatnonzero(np.diff(bucket[order])) + 1
+        gather = np.empty(int(lengths.sum()), dtype=np.int64)
+        groups = []
+        offset = 0
+        for rows in np.split(order, cuts) if order.size else []:
+            n_rows, group_len = rows.size, lengths[rows]  # (b,)
+            w = int(group_len.max())
+            col = np.arange(w)[None, :]  # (1, w)
+            real = col < group_len[:, None]  # (b, w)
+            tokens = starts[rows, None] + np.where(real, col, 0)  # (b, w)
+            gather[tokens[real]] = offset + np.flatnonzero(real.reshape(-1))
+            groups.append((
+                torch.from_numpy(rows), w, torch.from_numpy(tokens.reshape(-1)),
+                torch.from_numpy(~real).view(1, n_rows, 1, w),
+            ))
+            offset += n_rows * w
+        return cls(b, width, groups, torch.from_numpy(gather))
+
+
 class SelfAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block over *packed* tokens: self-attention then a feed-forward layer.
 
-    Token-wise layers (LayerNorm, projections, feed-forward) run on the N real tokens only; only the
-    attention itself scatters them into the padded (B, L) layout. Real histories are short (a few
-    items), so this removes most of the work a padded layout would spend on padding.
+    Token-wise layers (LayerNorm, projections, feed-forward) run on the N real tokens only; the attention
+    runs per :class:`LengthGroups` group, on that group's rows padded to its own width. Real histories are
+    short, so this removes most of the work a padded (B, W) layout would spend on padding.
+
+    Attention dropout draws its mask for the whole padded (B, H, W, W) score tensor, exactly as
+    ``nn.Dropout`` on the padded probabilities would (``bernoulli_(1 - p) / (1 - p)``), and each group
+    reads its part: the same random stream, the same masks, as a padded implementation (the equivalence is
+    tested in ``tests/test_learner_vectorised.py``).
     """
 
     def __init__(self, dim: int, n_heads: int, ffn_mult: int, dropout: float) -> None:
@@ -43,24 +111,37 @@ class SelfAttentionBlock(nn.Module):
         self.ln_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
         self.drop: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.attn_drop: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.attn_dropout = dropout
 
-    def forward(self, x: torch.Tensor, flat_index: torch.Tensor, shape: tuple[int, int],
-                attn_mask: torch.Tensor) -> torch.Tensor:
-        """``x`` (N, D) packed tokens; ``flat_index`` (N,) their slots in the flattened (B * L) layout;
-        ``shape`` = (B, L); ``attn_mask`` bool, True = may attend, broadcastable to (B, H, L, L)."""
-        b, length = shape
-        dim = x.shape[1]
-        qkv = self.qkv(self.ln_attn(x))  # (N, 3D)
-        padded = qkv.new_zeros(b * length, 3 * dim).index_copy(0, flat_index, qkv)  # (B*L, 3D)
-        padded = padded.view(b, length, 3, self.n_heads, dim // self.n_heads)  # (B, L, 3, H, Dh)
-        q, k, v = padded.permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
-        # Plain matmul attention: for L <= 50 it is several times faster on CPU than the fused
-        # scaled_dot_product_attention kernel (whose backward dominated the step).
-        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, H, L, L)
-        probs = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
-        att = self.attn_drop(probs) @ v  # (B, H, L, Dh)
-        att = att.transpose(1, 2).reshape(b * length, dim).index_select(0, flat_index)  # (N, D)
+    def forward(self, x: torch.Tensor, groups: LengthGroups, causal: bool) -> torch.Tensor:
+        """``x`` (N, D) packed tokens (row-major over the valid slots of ``groups``' batch) -> (N, D)."""
+        n, dim = x.shape
+        heads, head_dim = self.n_heads, dim // self.n_heads
+        keep = None
+        if self.training and self.attn_dropout > 0:  # drawn before the block's other dropouts, as nn.Dropout was
+            p = self.attn_dropout
+            keep = torch.empty(groups.batch, heads, groups.width, groups.width).bernoulli_(1 - p).div_(1 - p)
+        qkv = self.qkv(self.ln_attn(x)).view(n, 3, heads, head_dim).permute(1, 2, 0, 3).contiguous()  # (3, H, N, Dh)
+        outputs = []
+        for rows, w, tokens, key_padding in groups.groups:
+            b = rows.shape[0]
+            q, k, v = qkv.index_select(2, tokens).view(3, heads * b, w, head_dim)  # each (H*b, w, Dh)
+            # Plain matmul attention: for L <= 50 it is several times faster on CPU than the fused
+            # scaled_dot_product_attention kernel (whose backward dominated the step).
+            scores = (q @ k.transpose(1, 2)) * (head_dim**-0.5)  # (H*b, w, w)
+            masked = key_padding
+            if causal:
+                masked = masked | torch.ones(w, w, dtype=torch.bool).triu(1)  # (1, b, w, w)
+            scores = scores.view(heads, b, w, w).masked_fill(masked, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).view(heads * b, w, w)
+            if keep is not None:
+                probs = probs * keep.index_select(0, rows)[:, :, :w, :w].transpose(0, 1).reshape(heads * b, w, w)
+            outputs.append((probs @ v).view(heads, b * w, head_dim))
+        if outputs:
+            att = torch.cat(outputs, dim=1).index_select(1, groups.gather)  # (H, N, Dh)
+        else:
+            att = x.new_zeros(heads, 0, head_dim)
+        att = att.transpose(0, 1).reshape(n, dim)  # (N, D), heads concatenated
         x = x + self.drop(self.out(att))
         return x + self.drop(self.ffn(self.ln_ffn(x)))
 
@@ -75,17 +156,21 @@ class MultiViewExtractor(nn.Module):
 
     def forward(self, h: torch.Tensor, flat_index: torch.Tensor, shape: tuple[int, int],
                 attend: torch.Tensor) -> torch.Tensor:
-        """``h`` (N, D) packed tokens (see :class:`SelfAttentionBlock`); ``attend`` (B, L) bool with at
-        least one True per row (slots that take part; a padding slot holds a zero vector) -> (B, V, D)."""
+        """``h`` (N, D) packed tokens (see :class:`SelfAttentionBlock`) at slots ``flat_index`` (N,) of the
+        flattened ``shape`` = (B, L) layout; ``attend`` (B, L) bool with at least one True per row (slots
+        that take part; a slot without a token counts as a zero vector) -> (B, V, D).
+
+        Only the (tiny) attention scores are padded, for the softmax; the weighted sum runs over the
+        packed tokens (a padded ``weights @ h`` spends most of its work, and its backward, on padding).
+        """
         b, length = shape
-        dim = h.shape[1]
         scores = self.w2(torch.tanh(self.w1(h)))  # (N, V)
         n_views = scores.shape[1]
         scores = scores.new_zeros(b * length, n_views).index_copy(0, flat_index, scores)  # (B*L, V)
         scores = scores.view(b, length, n_views).masked_fill(~attend.unsqueeze(-1), float("-inf"))  # (B, L, V)
-        weights = torch.softmax(scores, dim=1).transpose(1, 2)  # (B, V, L)
-        h_padded = h.new_zeros(b * length, dim).index_copy(0, flat_index, h).view(b, length, dim)  # (B, L, D)
-        return weights @ h_padded  # (B, V, D)
+        weights = torch.softmax(scores, dim=1).view(b * length, n_views).index_select(0, flat_index)  # (N, V)
+        weighted = weights.unsqueeze(-1) * h.unsqueeze(1)  # (N, V, D)
+        return h.new_zeros(b, n_views, h.shape[1]).index_add(0, flat_index // length, weighted)  # (B, V, D)
 
 
 class DomainEncoder(nn.Module):
@@ -159,12 +244,9 @@ class DomainEncoder(nn.Module):
         # Empty rows attend to their first slot (a zero vector) so softmax stays finite; zeroed below.
         attend = valid.clone()
         attend[:, 0] |= ~has_history
-        attn_mask = attend[:, None, None, :]  # (B, 1, 1, L): keys that may be attended
-        if self.config.causal:
-            causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L)
-            attn_mask = attn_mask & causal  # (B, 1, L, L)
+        groups = LengthGroups.of(valid)
         for block in self.blocks:
-            x = block(x, flat_index, (b, length), attn_mask)
+            x = block(x, groups, self.config.causal)
         h = self.ln_out(x)  # (N, D)
         views = self.views(h, flat_index, (b, length), attend)  # (B, V, D)
         return views * has_history[:, None, None].to(views.dtype), has_history

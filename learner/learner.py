@@ -228,23 +228,33 @@ class SITNLearner:
 
     def _init_new_rows(self, tb: TrainingBatch, known_rows: Mapping[str, int]) -> None:
         """Start each item row first seen as a label in this batch at the mean of the rows of the
-        same-domain items in its example's history that existed before the batch (random if none)."""
+        same-domain items in its example's history that existed before the batch (random if none).
+
+        A row that is the label of several such examples takes the mean of the last one's history (as
+        if the examples were applied in order). New rows are never read here (only rows < first are), so
+        one batched gather gives each example's mean.
+        """
         for role, idx in (("source", 0), ("target", 1)):
             if role not in self.domains:
                 continue
             first = known_rows[role] + 1  # rows >= first were added by this batch
-            labels = tb.label_rows  # (B,)
-            new = (labels >= first) & (tb.event_role == idx)  # (B,)
-            if not bool(new.any()):
-                continue
             seq = tb.sequences[role]
             old = seq.valid & (seq.items < first)  # (B, L) history items with trained rows
+            take = (tb.label_rows >= first) & (tb.event_role == idx) & old.any(dim=1)  # (B,)
+            if not bool(take.any()):
+                continue
+            examples = take.nonzero().squeeze(1)  # (n,)
+            labels = tb.label_rows[examples].numpy()  # (n,)
+            _, last_from_end = np.unique(labels[::-1], return_index=True)
+            examples = examples[torch.from_numpy(np.sort(len(labels) - 1 - last_from_end))]  # last per label
             weight = self.model.encoder(role).item_weight
             with torch.no_grad():
-                for b in new.nonzero().squeeze(1).tolist():
-                    rows = seq.items[b][old[b]]
-                    if rows.numel():
-                        weight[labels[b]] = weight.index_select(0, rows).mean(dim=0)
+                mask = old[examples]  # (n, L)
+                rows = seq.items[examples]  # (n, L)
+                history = weight.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # (n, L, D)
+                history = history * mask.unsqueeze(-1).to(history.dtype)
+                means = history.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(history.dtype)  # (n, D)
+                weight.index_copy_(0, tb.label_rows[examples], means)
 
     def _drop_other_history(self, tb: TrainingBatch) -> None:
         """Blank the other domain's history of a random ``source_dropout`` share of the examples and the
@@ -273,15 +283,14 @@ class SITNLearner:
             pos_rows = tb.label_rows[mask]  # (n,)
             sampled = torch.randint(1, n_items + 1, (n_neg,))  # (S,) uniform over known items
             cand_rows = torch.cat([pos_rows, sampled])  # (n + S,)
-            counts = enc.item_count[: n_items + 1].to(torch.float64)
-            freq = counts / counts.sum()
             # expected copies of each item in the candidate set: n in-batch draws from the label
-            # distribution plus S uniform draws
-            log_q = torch.log(n * freq + n_neg / n_items).to(torch.float32)  # (n_items + 1,)
+            # distribution plus S uniform draws (computed for the candidates only, not the whole table)
+            total = float(enc.item_count[: n_items + 1].sum())
+            freq = enc.item_count[cand_rows].to(torch.float64) / total  # (n + S,)
+            log_q = torch.log(n * freq + n_neg / n_items).to(torch.float32)  # (n + S,); the first n: positives
             vectors = enc.item_vectors(cand_rows)  # (n + S, D); the first n are the positives
             loss = sampled_softmax_loss(
-                interests.queries[role][mask], vectors[:n], pos_rows, log_q[pos_rows],
-                vectors, cand_rows, log_q[cand_rows],
+                interests.queries[role][mask], vectors[:n], pos_rows, log_q[:n], vectors, cand_rows, log_q,
             )
             parts.append(loss * (n / tb.label_rows.shape[0]))
         return torch.stack(parts).sum()
