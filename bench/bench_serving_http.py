@@ -2,8 +2,10 @@
 
 The server runs in a child process shaped like production: one RecommendationService (63,937
 items of dim 64, users with V=4 views and 20 consumed items each, seeded and clustered as in
-bench_index.py), uvicorn in a thread, and, in the "streaming" phase, a writer thread that applies item
-and user updates at a set rate (which also triggers delta merges, i.e. off-to-the-side base rebuilds).
+bench_index.py; merge threshold and background merges as serving's settings), uvicorn in a thread, and,
+in the "streaming" phase, a writer thread that applies published versions through
+``RecommendationService.apply`` (item and user vectors, consumed pairs) at a set rate, ten a second, which
+also triggers delta merges (base rebuilds in a background thread).
 ``--workers N`` starts N such children on one port (SO_REUSEPORT, as ``sitn serve --workers N``): each
 builds the same seeded state and, streaming, runs its own writer thread at the full rate (every replica
 applies every version); the kernel spreads the client's connections over them, and each child reports
@@ -71,17 +73,22 @@ def serve(args: argparse.Namespace) -> None:
     from serving.api import create_app, serve_in_thread
     from serving.service import RecommendationService
     from serving.settings import ServingSettings
+    from stream.events import EmbeddingBatch
 
     rng = np.random.default_rng(args.seed)
     centers = rng.standard_normal((512, args.dim))
-    service = RecommendationService(
+    defaults = ServingSettings()
+    service = RecommendationService(  # shaped like serving's settings: merge threshold, background merges
         args.dim,
         index_factory=args.factory,
         search_params={args.knob: args.knob_value} if args.knob else None,
+        merge_threshold_rows=defaults.merge_threshold_rows,
+        background_merge=defaults.index_background_merge,
     )
     item_ids = [f"item{n}" for n in range(args.items)]
     started = time.perf_counter()
     service.index.upsert(item_ids, make_vectors(rng, args.items, args.dim, centers), version=1)
+    service.index.wait_for_merge()  # the first base (built in the background) before any measurement
     build_s = time.perf_counter() - started
     user_vectors = make_vectors(rng, args.users * args.views, args.dim, centers).reshape(
         args.users, args.views, -1
@@ -105,12 +112,17 @@ def serve(args: argparse.Namespace) -> None:
         while not stop.is_set():
             version += 1
             items = writer_rng.integers(0, args.items, size=batch // 2)
-            service.index.upsert(
-                [item_ids[i] for i in items], make_vectors(writer_rng, len(items), args.dim, centers), version
-            )
-            vectors = make_vectors(writer_rng, (batch - batch // 2) * args.views, args.dim, centers)
-            for row, n in enumerate(writer_rng.integers(0, args.users, size=batch - batch // 2)):
-                service.users.upsert(f"user{n}", vectors[row * args.views : (row + 1) * args.views], version)
+            users = writer_rng.integers(0, args.users, size=batch - batch // 2)
+            service.apply(EmbeddingBatch(  # the one write path, as a published version reaches serving
+                version=version, full=False,
+                item_ids=[item_ids[i] for i in items],
+                item_vectors=make_vectors(writer_rng, len(items), args.dim, centers),
+                user_ids=[f"user{n}" for n in users],
+                user_vectors=make_vectors(writer_rng, len(users) * args.views, args.dim, centers).reshape(
+                    len(users), args.views, args.dim),  # (U, V, D)
+                popularity=[], created_at_s=time.time(),
+                consumed=[(f"user{n}", item_ids[i]) for n, i in zip(users, items, strict=False)],
+            ))
             applied[0] += batch
             next_s += 0.1
             stop.wait(max(0.0, next_s - time.perf_counter()))
@@ -325,11 +337,13 @@ def start_servers(args: argparse.Namespace, updates_per_s: int) -> list[tuple[su
                    if k in ("items", "users", "views", "dim", "factory", "knob", "knob_value", "seed")]  # fmt: skip
     if args.workers > 1:
         child_args.append("--reuse-port")
+    from serving.threads import single_thread_blas_env
+
     servers: list[tuple[subprocess.Popen[str], list[str]]] = []
     port = 0
     for _ in range(args.workers):
         child = subprocess.Popen([*child_args, f"--port={port}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True)
+                                 text=True, env={**os.environ, **single_thread_blas_env()})  # as sitn serve
         assert child.stdout is not None
         first = child.stdout.readline().split()
         if not first:

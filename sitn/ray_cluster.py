@@ -53,7 +53,9 @@ def init_ray(address: str | None = None, temp_dir: Path | None = None, num_cpus:
 
         ray_constants.ENABLE_RAY_CLUSTER = False  # this process may have imported ray before the variable was set
 
-    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    from serving.threads import single_thread_blas_env
+
+    env = {"RAY_USAGE_STATS_ENABLED": "0", **single_thread_blas_env()}  # every actor: one BLAS thread
     if address:
         context: Any = ray.init(address=address, runtime_env={"env_vars": env})
         log.info("ray joined address=%s", address)

@@ -68,6 +68,9 @@ def register(subparsers: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from serving.threads import single_thread_blas_env
+
+    os.environ.update(single_thread_blas_env())  # before numpy loads, here and in the workers (inherited)
     from serving.settings import ServingSettings
 
     given = {k: getattr(args, k) for k in ("host", "port", "kafka_bootstrap_servers", "updates_topic", "dim",
