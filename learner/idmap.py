@@ -52,15 +52,19 @@ class IdMap:
     def add(self, item_ids: Iterable[str]) -> np.ndarray:
         """Rows of ``item_ids``, adding the unknown ones (int64 array)."""
         row = self._row
-        ids = self._ids
-        out = []
-        for item_id in item_ids:
-            r = row.get(item_id)
-            if r is None:
-                r = len(ids)
-                row[item_id] = r
-                ids.append(item_id)
-            out.append(r)
+        item_ids = list(item_ids)
+        out = list(map(row.get, item_ids))  # one C-level pass; None for the ids not known yet
+        if None in out:
+            ids = self._ids
+            for k, r in enumerate(out):
+                if r is None:  # new ids get rows in order of first occurrence
+                    item_id = item_ids[k]
+                    r = row.get(item_id)
+                    if r is None:
+                        r = len(ids)
+                        row[item_id] = r
+                        ids.append(item_id)
+                    out[k] = r
         return np.asarray(out, dtype=np.int64)
 
     def rows(self, item_ids: Iterable[str]) -> np.ndarray:

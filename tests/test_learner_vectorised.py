@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from learner import SITNConfig, SITNLearner
 from learner.batch import build_training_batch
-from learner.encoder import LengthGroups, SelfAttentionBlock
+from learner.encoder import Dropout, LengthGroups, SelfAttentionBlock, dropout_scale
 from learner.idmap import IdMap
 from learner.model import Interests
 from stream.user_state import Example
@@ -47,8 +47,24 @@ def padded_attention_block(block: SelfAttentionBlock, x: torch.Tensor, valid: to
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     probs = F.dropout(probs, block.attn_dropout, block.training)
     att = (probs @ v).transpose(1, 2).reshape(b * width, dim).index_select(0, flat_index)
-    x = x + block.drop(block.out(att))
-    return x + block.drop(block.ffn(block.ln_ffn(x)))
+    x = x + F.dropout(block.out(att), block.attn_dropout, block.training)
+    return x + F.dropout(block.ffn(block.ln_ffn(x)), block.attn_dropout, block.training)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.1, 0.37, 0.5, 0.9])
+def test_dropout_draws_the_masks_of_torch_dropout_from_the_same_random_stream(p: float) -> None:
+    x = torch.randn(37, 64)
+    torch.manual_seed(5)
+    expected = F.dropout(x, p, training=True)
+    expected_rng = torch.get_rng_state()
+    torch.manual_seed(5)
+    assert torch.equal(Dropout(p)(x), expected)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    torch.manual_seed(5)
+    assert torch.equal(x * dropout_scale((37, 64), p), expected)
+    assert torch.equal(Dropout(p).eval()(x), x)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
+        Dropout(1.0)
 
 
 def random_valid(rng: np.random.Generator, b: int, width: int) -> torch.Tensor:
