@@ -72,8 +72,10 @@ class LengthGroups:
     A history attends only within itself, so padding every row to the batch's longest one (W) costs
     ``B * W^2`` scores where the rows need ``sum_b len_b^2``. Real histories are short and ragged (the
     Amazon streams: a few items, W about 10), so most of that is padding; empty rows (no history, or
-    blanked by source dropout) need no attention at all. Rows with ``2^(g-1) < len <= 2^g`` form group g
-    (at most ``log2(max_len) + 1`` groups); a batch of full histories is one group of width W.
+    blanked by source dropout) need no attention at all. Rows with ``4^(g-1) < len <= 4^g`` form group g
+    (widths 1, 2-4, 5-16, 17-64: at most four groups for max_len=50); a batch of full histories is one group
+    of width W. Powers of 4 rather than 2: on the real stream (L=20) fewer, slightly wider groups cost less
+    than the per-group operations they save (8,250-8,680 -> 8,790-9,100 examples/s, CPU time, 3 runs each).
 
     ``groups``: per group ``(rows, width, tokens, key_padding)``: ``rows`` (b,) long, batch rows;
     ``tokens`` (b * width,) long, the packed token at each slot (a padding slot repeats the row's first
@@ -102,7 +104,7 @@ class LengthGroups:
         if not np.array_equal(valid_np, np.arange(width)[None, :] < lengths[:, None]):
             raise ValueError("valid must be left-aligned: each row's True entries must come first")
         starts = np.cumsum(lengths) - lengths  # (B,) first packed token of each row
-        bucket = np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)  # (B,) group of each row
+        bucket = np.ceil(np.log2(np.maximum(lengths, 1)) / 2).astype(np.int64)  # (B,) group: ceil(log4(len))
         order = np.argsort(bucket, kind="stable")
         order = order[lengths[order] > 0]  # non-empty rows, by group
         cuts = np.flatnonzero(np.diff(bucket[order])) + 1

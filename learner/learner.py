@@ -199,7 +199,8 @@ class SITNLearner:
             if role in self.domains:
                 rows = tb.label_rows[:n_fresh][tb.event_role[:n_fresh] == idx]
                 self.model.encoder(role).item_count.index_add_(0, rows, torch.ones_like(rows))
-        self.model.train()
+        if not self.model.training:  # train() walks every module: only after an eval (embed_histories)
+            self.model.train()
         interests = self.model(tb.sequences)
         loss_main = self._main_loss(tb, interests)
         total = loss_main
