@@ -39,8 +39,13 @@ from typing import Any
 import numpy as np
 
 from learner.prequential import RankTally
-from serving.fused import FUSED_WEIGHTS, CoocAlignment, combine, standardise
-from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, ItemCooccurrence, rank_with_ties_against
+from serving.fused import FUSED_WEIGHTS, CoocAlignment, standardise
+from stream.cooccurrence import (
+    DEFAULT_MAX_NEIGHBOURS,
+    ItemCooccurrence,
+    rank_with_ties_against,
+    ranks_with_ties_against,
+)
 from stream.user_state import Example
 
 BASELINES = ("popularity", "cooc_target", "cooc_target_source")
@@ -170,6 +175,7 @@ class FusedShadow:
         self.tallies = {w: RankTally(k, window) for w in self.weights}
         self.weight = self.weights[len(self.weights) // 2]  # served before any evidence: the grid's middle
         self._align: CoocAlignment | None = None
+        self._weights_column = np.array(self.weights, dtype=np.float64)[:, None]  # (W, 1), tallies' order
 
     def rank(
         self,
@@ -187,15 +193,21 @@ class FusedShadow:
             for tally in self.tallies.values():
                 tally.record(None, rankable)
             return None
-        if self._align is None or self._align.item_ids is not served_ids:
+        if self._align is None:
             self._align = CoocAlignment(served_ids)
+        elif self._align.item_ids is not served_ids:  # served items grew (or changed): catch up, not redo
+            self._align = self._align.extended(served_ids)
         if cooc_scores is None:
             cooc_scores = cooc.scores(ex.history, "target")
         z_cooc = standardise(self._align.gather(cooc, cooc_scores))  # (N,)
         z_model = None if model_scores is None else standardise(model_scores)  # (N,)
+        # Every weight at once: row w of (W, N) is combine(z_model, z_cooc, w), element for element the same
+        # arithmetic (serving's), ranked in one pass (a loop per weight cost twice as much).
+        weights = self._weights_column  # (W, 1)
+        fused = weights * z_cooc[None, :] if z_model is None else z_model[None, :] + weights * z_cooc[None, :]
+        ranks = ranks_with_ties_against(fused, positive, excluded).tolist()
         served_rank = None
-        for w, tally in self.tallies.items():
-            r = rank_with_ties_against(combine(z_model, z_cooc, w), positive, excluded)
+        for (w, tally), r in zip(self.tallies.items(), ranks, strict=True):
             tally.record(r, rankable)
             if w == self.weight:
                 served_rank = r

@@ -64,8 +64,11 @@ def combine(z_model: np.ndarray | None, z_cooc: np.ndarray, weight: float) -> np
 
 class CoocAlignment:
     """Maps a sequence of item ids onto the rows of an :class:`ItemCooccurrence`, to read its scores in
-    that order. Rows never move once assigned, so only ids without a row yet are looked up again, and
-    only when the co-occurrence has grown since.
+    that order. Rows never move once assigned and new items only append rows, so once the ids are looked
+    up, a grown co-occurrence is caught up by reading its new rows alone: O(new items) per call, not
+    O(ids still without a row) (the learner ranks every target event this way; looking the unresolved ids
+    up again on every call cost 4.3 of 25.8 s of the learner's step in a profile of the shipped data).
+    Another co-occurrence object is looked up afresh.
 
     >>> co = ItemCooccurrence("s", "t")
     >>> co.learn({"t": ()}, "t", "a"); co.learn({"t": ("a",)}, "t", "b")
@@ -74,24 +77,70 @@ class CoocAlignment:
     [1.0, 0.0, 0.0]
     >>> align.rows(co).tolist()
     [1, -1, 0]
+    >>> co.learn({"t": ()}, "t", "zz"); align.rows(co).tolist()  # zz gets a row: caught up from the new rows
+    [1, 2, 0]
     """
 
     def __init__(self, item_ids: Sequence[str]) -> None:
         self.item_ids = item_ids
         self._rows = np.full(len(item_ids), -1, dtype=np.int64)
-        self._unresolved = np.arange(len(item_ids))
-        self._cooc_size = -1
+        self._cooc: ItemCooccurrence | None = None  # the co-occurrence the rows belong to
+        self._cooc_size = 0  # its rows read so far
+        self._pending: dict[str, list[int]] = {}  # item id without a row -> its positions in item_ids
 
     def rows(self, cooc: ItemCooccurrence) -> np.ndarray:
         """(N,) row of each item in ``cooc``, -1 where it has none."""
-        if self._unresolved.size and len(cooc) != self._cooc_size:
+        n = len(cooc)
+        if cooc is not self._cooc:  # first call, or another co-occurrence: look every id up
             index = cooc.row
-            found = np.fromiter((-1 if (r := index(self.item_ids[i])) is None else r for i in self._unresolved.tolist()),
-                                dtype=np.int64, count=self._unresolved.size)
-            self._rows[self._unresolved] = found
-            self._unresolved = self._unresolved[found < 0]
-            self._cooc_size = len(cooc)
+            rows = np.full(len(self.item_ids), -1, dtype=np.int64)
+            pending: dict[str, list[int]] = {}
+            for position, item_id in enumerate(self.item_ids):
+                row = index(item_id)
+                if row is None:
+                    pending.setdefault(item_id, []).append(position)
+                else:
+                    rows[position] = row
+            # complete before it is shared: a concurrent reader sees the old state or this one
+            self._rows, self._pending, self._cooc_size, self._cooc = rows, pending, n, cooc
+        elif n > self._cooc_size:
+            if self._pending:
+                new_ids = cooc.item_ids
+                for row in range(self._cooc_size, n):
+                    positions = self._pending.pop(new_ids[row], None)
+                    if positions is not None:
+                        self._rows[positions] = row
+            self._cooc_size = n
         return self._rows
+
+    def extended(self, item_ids: Sequence[str]) -> CoocAlignment:
+        """The alignment of ``item_ids``: when they are this one's ids with more appended (served items only
+        grow), built from this one's rows plus a look-up of the new ids alone; otherwise a fresh one.
+
+        >>> co = ItemCooccurrence("s", "t")
+        >>> co.learn({"t": ()}, "t", "a"); co.learn({"t": ()}, "t", "b")
+        >>> align = CoocAlignment(("b",)); _ = align.rows(co)
+        >>> grown = align.extended(("b", "a", "c")); grown.rows(co).tolist()
+        [1, 0, -1]
+        """
+        n_old = len(self.item_ids)
+        if self._cooc is None or len(item_ids) < n_old or tuple(item_ids[:n_old]) != tuple(self.item_ids):
+            return CoocAlignment(item_ids)
+        out = CoocAlignment(item_ids)
+        index = self._cooc.row
+        rows = np.full(len(item_ids), -1, dtype=np.int64)
+        rows[:n_old] = self._rows
+        pending = {item_id: list(positions) for item_id, positions in self._pending.items()}
+        for position in range(n_old, len(item_ids)):
+            row = index(item_ids[position])
+            if row is None:
+                pending.setdefault(item_ids[position], []).append(position)
+            else:
+                rows[position] = row
+        # Caught up as far as this one was: rows added since are read at the next ``rows`` call, for the old
+        # ids still pending (the new ids were looked up in the co-occurrence as it is now).
+        out._rows, out._pending, out._cooc_size, out._cooc = rows, pending, self._cooc_size, self._cooc
+        return out
 
     def gather(self, cooc: ItemCooccurrence, scores: np.ndarray) -> np.ndarray:
         """``scores`` (one per row of ``cooc``) in this item order, 0 for items ``cooc`` has not seen."""

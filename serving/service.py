@@ -224,6 +224,7 @@ class RecommendationService:
         self.ranker = "model"
         self.fused_weight = 1.0  # w of the fused ranker (set with the ranker, from each published batch)
         self._fused_base: CoocAlignment | None = None  # the index base's items on co-occurrence rows
+        self._fused_delta: CoocAlignment | None = None  # the same for the current snapshot's delta
         self._live_cache: tuple[IndexSnapshot, np.ndarray] | None = None  # a snapshot's live base rows
         self.ranker_switches = 0
         self._served_counters = {name: metrics.RECOMMENDATIONS.labels(served_by=name) for name in RANKERS}
@@ -384,7 +385,10 @@ class RecommendationService:
         if base_align is None or base_align.item_ids is not base_ids:
             base_align = self._fused_base = CoocAlignment(base_ids)
         live_rows = self._live_rows(snap)
-        base_cooc, delta_cooc = self.cooccurrence.aligned_scores(history, (base_align, CoocAlignment(delta_ids)))
+        delta_align = self._fused_delta
+        if delta_align is None or delta_align.item_ids is not delta_ids:  # one per snapshot, not per request
+            delta_align = self._fused_delta = CoocAlignment(delta_ids)
+        base_cooc, delta_cooc = self.cooccurrence.aligned_scores(history, (base_align, delta_align))
         cooc = np.concatenate([base_cooc[live_rows], delta_cooc])  # (N,)
         model = None
         if queries is not None:

@@ -84,6 +84,21 @@ def rank_with_ties_against(scores: np.ndarray, positive_row: int, excluded_rows:
     return int(at_least.sum()) - int(at_least[excluded].sum())
 
 
+def ranks_with_ties_against(scores: np.ndarray, positive_row: int, excluded_rows: Iterable[int] = ()) -> np.ndarray:
+    """:func:`rank_with_ties_against` of each row of ``scores`` (R, N) at once: (R,) int64.
+
+    >>> ranks_with_ties_against(np.array([[0.5, 0.5, 0.9, 0.1], [0.5, 0.1, 0.2, 0.3]]), 0, [2, 0]).tolist()
+    [2, 1]
+    """
+    at_least = scores >= scores[:, positive_row : positive_row + 1]  # (R, N) includes the positive itself
+    excluded = np.unique(np.fromiter(excluded_rows, dtype=np.int64))
+    excluded = excluded[excluded != positive_row]
+    counts = at_least.sum(axis=1)
+    if excluded.size:
+        counts -= at_least[:, excluded].sum(axis=1)
+    return counts
+
+
 def _items(history: HistoryItems, domain: str, max_history: int) -> Sequence[str]:
     value = history.get(domain, ())
     if len(value) == 2 and isinstance(value[0], tuple):  # (item ids, timestamps)
@@ -241,21 +256,21 @@ class ItemCooccurrence:
             self._stale.add(j)
             self._max_count = max(self._max_count, float(target.counts[j]))
             nj = target.neighbours[j]
-            for other in set(_items(history, self.target, self.max_history)):
+            for other in dict.fromkeys(_items(history, self.target, self.max_history)):
                 i = target.add(other)
                 if i == j:
                     continue
                 target.bump(target.neighbours[i], j)
                 target.bump(nj, i)
             source = self._source
-            for other in set(_items(history, self.source, self.max_history)):
+            for other in dict.fromkeys(_items(history, self.source, self.max_history)):
                 source.bump(source.neighbours[source.add(other)], j)
         elif domain == self.source:
             source = self._source
             s = source.add(item_id)
             source.counts[s] += 1.0
             row = source.neighbours[s]
-            for other in set(_items(history, self.target, self.max_history)):
+            for other in dict.fromkeys(_items(history, self.target, self.max_history)):
                 source.bump(row, self._target.add(other))
         else:
             raise ValueError(f"domain must be {self.source!r} or {self.target!r}, got {domain!r}")
@@ -281,7 +296,7 @@ class ItemCooccurrence:
         if mode in ("source", "target+source"):
             parts.append((self._source, self.source_weight if mode == "target+source" else 1.0, self.source))
         for rows, weight, domain in parts:
-            for item_id in set(_items(history, domain, self.max_history)):
+            for item_id in dict.fromkeys(_items(history, domain, self.max_history)):
                 i = rows.index.get(item_id)
                 if i is None or not rows.neighbours[i]:
                     continue

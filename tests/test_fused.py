@@ -148,3 +148,52 @@ def test_published_batches_carry_the_fused_ranker_and_its_weight() -> None:
     assert rec["items"][0][1] == pytest.approx(-math.sqrt(1.5) + 3 * math.sqrt(2), abs=1e-6)
     with pytest.raises(ValueError, match=r"fused_weight must be a finite number >= 0, got -1.0"):
         core.service.set_ranker("fused", -1.0)
+
+
+def test_alignment_follows_a_growing_cooccurrence_as_a_fresh_lookup_would() -> None:
+    """Caught up from new rows only, the alignment must equal looking every id up again, at every step, with
+    ids that arrive late, never, twice in the sequence, and for another co-occurrence object."""
+    rng = np.random.default_rng(7)
+    universe = [f"i{n}" for n in range(60)]
+    item_ids = tuple(rng.choice(universe, size=40, replace=True).tolist())  # repeats on purpose
+    cooc = ItemCooccurrence("s", "t")
+    align = CoocAlignment(item_ids)
+
+    def fresh(co: ItemCooccurrence) -> list[int]:
+        return [-1 if (row := co.row(i)) is None else row for i in align.item_ids]
+
+    for _ in range(80):
+        for item_id in rng.choice(universe, size=int(rng.integers(0, 3))).tolist():
+            cooc.learn({"t": ()}, "t", item_id)
+        assert align.rows(cooc).tolist() == fresh(cooc)
+        if rng.random() < 0.2:  # served items grow: the alignment is extended, not rebuilt
+            item_ids = item_ids + tuple(rng.choice(universe, size=3).tolist())
+            align = align.extended(item_ids)
+            for item_id in rng.choice(universe, size=int(rng.integers(0, 3))).tolist():  # grown since
+                cooc.learn({"t": ()}, "t", item_id)
+            assert align.rows(cooc).tolist() == fresh(cooc)
+    assert align.extended(item_ids[1:]).rows(cooc).tolist() == fresh(cooc)[1:]  # not an extension: afresh
+    other = ItemCooccurrence("s", "t")
+    for item_id in reversed(universe[:30]):
+        other.learn({"t": ()}, "t", item_id)
+    assert align.rows(other).tolist() == fresh(other)
+
+
+def test_all_weights_ranked_at_once_equal_one_weight_at_a_time() -> None:
+    """FusedShadow ranks its whole grid in one (W, N) pass; each rank must be the one ``combine`` and
+    ``rank_with_ties_against`` give for that weight alone, ties and exclusions included."""
+    from serving.fused import combine
+    from stream.cooccurrence import rank_with_ties_against, ranks_with_ties_against
+
+    rng = np.random.default_rng(11)
+    weights = np.array([0.25, 0.5, 1.0, 2.0, 4.0])
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        z_model = None if rng.random() < 0.3 else standardise(rng.integers(0, 4, n).astype(float))  # ties
+        z_cooc = standardise(rng.integers(0, 3, n).astype(float))
+        positive = int(rng.integers(0, n))
+        excluded = rng.integers(0, n, size=int(rng.integers(0, 5))).tolist()
+        stacked = weights[:, None] * z_cooc[None, :] if z_model is None else \
+            z_model[None, :] + weights[:, None] * z_cooc[None, :]
+        expected = [rank_with_ties_against(combine(z_model, z_cooc, float(w)), positive, excluded) for w in weights]
+        assert ranks_with_ties_against(stacked, positive, excluded).tolist() == expected
