@@ -40,12 +40,7 @@ import numpy as np
 
 from learner.prequential import RankTally
 from serving.fused import FUSED_WEIGHTS, CoocAlignment, standardise
-from stream.cooccurrence import (
-    DEFAULT_MAX_NEIGHBOURS,
-    ItemCooccurrence,
-    rank_with_ties_against,
-    ranks_with_ties_against,
-)
+from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, ItemCooccurrence, ranks_with_ties_against
 from stream.user_state import Example
 
 BASELINES = ("popularity", "cooc_target", "cooc_target_source")
@@ -87,11 +82,10 @@ class ShadowBaselines:
                 ranks[name].append(None)
             return False, None
         excluded = [r for r in map(cooc.row, consumed_items(ex, self.target)) if r is not None]
-        ranks["popularity"].append(rank_with_ties_against(cooc.counts, positive, excluded))
-        target_scores = cooc.scores(ex.history, "target")
-        ranks["cooc_target"].append(rank_with_ties_against(target_scores, positive, excluded))
-        ranks["cooc_target_source"].append(
-            rank_with_ties_against(cooc.scores(ex.history, "target+source"), positive, excluded))
+        target_scores, both_scores = cooc.scores_target_and_both(ex.history)
+        by_baseline = ranks_with_ties_against(np.stack([cooc.counts, target_scores, both_scores]), positive, excluded)
+        for name, rank in zip(("popularity", "cooc_target", "cooc_target_source"), by_baseline.tolist(), strict=True):
+            ranks[name].append(rank)
         return True, target_scores
 
     def observe(

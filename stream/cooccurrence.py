@@ -288,22 +288,37 @@ class ItemCooccurrence:
         """(n_target_items,) score of every target item seen so far for ``history`` (module docstring)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        n = len(self._target.ids)
-        acc = np.zeros(n, dtype=np.float64)
-        parts: list[tuple[_Rows, float, str]] = []
+        acc = np.zeros(len(self._target.ids), dtype=np.float64)
         if mode in ("target", "target+source"):
-            parts.append((self._target, 1.0, self.target))
+            self._accumulate(acc, self._target, 1.0, self.target, history)
         if mode in ("source", "target+source"):
-            parts.append((self._source, self.source_weight if mode == "target+source" else 1.0, self.source))
-        for rows, weight, domain in parts:
-            for item_id in dict.fromkeys(_items(history, domain, self.max_history)):
-                i = rows.index.get(item_id)
-                if i is None or not rows.neighbours[i]:
-                    continue
-                neighbours = rows.neighbours[i]
-                cols = np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours))
-                values = np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours))
-                acc[cols] += values * (weight / max(rows.counts[i], 1.0) ** self.alpha)
+            weight = self.source_weight if mode == "target+source" else 1.0
+            self._accumulate(acc, self._source, weight, self.source, history)
+        return self._finish(acc)
+
+    def scores_target_and_both(self, history: HistoryItems) -> tuple[np.ndarray, np.ndarray]:
+        """``scores(history, "target")`` and ``scores(history, "target+source")``, the target part summed
+        once (the same arithmetic, so the same values)."""
+        target = np.zeros(len(self._target.ids), dtype=np.float64)
+        self._accumulate(target, self._target, 1.0, self.target, history)
+        both = target.copy()
+        self._accumulate(both, self._source, self.source_weight, self.source, history)
+        return self._finish(target), self._finish(both)
+
+    def _accumulate(self, acc: np.ndarray, rows: _Rows, weight: float, domain: str, history: HistoryItems) -> None:
+        """Add the neighbours of ``history``'s ``domain`` items (in history order), each row normalised, to ``acc``."""
+        for item_id in dict.fromkeys(_items(history, domain, self.max_history)):
+            i = rows.index.get(item_id)
+            if i is None or not rows.neighbours[i]:
+                continue
+            neighbours = rows.neighbours[i]
+            cols = np.fromiter(neighbours.keys(), dtype=np.int64, count=len(neighbours))
+            values = np.fromiter(neighbours.values(), dtype=np.float64, count=len(neighbours))
+            acc[cols] += values * (weight / max(rows.counts[i], 1.0) ** self.alpha)
+
+    def _finish(self, acc: np.ndarray) -> np.ndarray:
+        """The column normaliser and the popularity tie-break on accumulated scores (in place)."""
+        n = len(acc)
         if n:
             acc *= self._column_scale(n)
             acc += self.counts * (TIE_BREAK / max(self._max_count, 1.0))

@@ -184,3 +184,22 @@ def test_serving_ranker_passes_the_cap_through() -> None:
     ranker.learn([(("a",), "x")] * 3 + [((f"s{n}",), "x") for n in range(10)])
     assert max(map(len, ranker._cooc._target.neighbours)) <= 2
     assert ranker.top(("x",), k=1)[0][0] == "a"  # x's strongest neighbour survives
+
+
+def test_target_and_both_scores_in_one_pass_equal_the_two_modes() -> None:
+    """The shadow baselines score both modes per event with the target part summed once: bit for bit the
+    values ``scores`` gives each mode."""
+    rng = np.random.default_rng(5)
+    co = ItemCooccurrence("movie", "book", max_neighbours=4)  # small cap: pruned rows too
+    books, movies = [f"b{n}" for n in range(30)], [f"m{n}" for n in range(20)]
+    history: dict[str, tuple[str, ...]] = {"book": (), "movie": ()}
+    for _ in range(400):
+        domain = "book" if rng.random() < 0.6 else "movie"
+        item_id = str(rng.choice(books if domain == "book" else movies))
+        co.learn(history, domain, item_id)
+        history = {**history, domain: (*history[domain], item_id)[-6:]}
+        if rng.random() < 0.1:
+            history = {"book": (), "movie": ()}  # another user
+        target, both = co.scores_target_and_both(history)
+        assert np.array_equal(target, co.scores(history, "target"))
+        assert np.array_equal(both, co.scores(history, "target+source"))
