@@ -1,8 +1,13 @@
 """Checkpoint files: atomic write (temp file + fsync + os.replace) with a sha256 of the payload.
 
-Layout: 8-byte magic ``SITNCKP1``, 32-byte sha256 of the payload, then the payload (``torch.save`` of
-a dict). A torn or edited file fails the checksum and raises :class:`stream.errors.CheckpointError`
-instead of loading garbage. Checkpoints are trusted files written by this project (they are unpickled).
+Layout: 8-byte magic, 32-byte sha256 of the payload, then the payload. ``SITNCKP2`` (written now): the
+payload is a pickle (protocol 5) of the state dict; tensors pickle through torch's own reducers.
+``SITNCKP1`` (still read): a ``torch.save`` of the dict. Plain pickle is the faster of the two for this
+state, which holds many small Python objects (histories, the replay buffer) beside ~200 tensors:
+``torch.save`` calls a Python ``persistent_id`` hook for every object it pickles (measured on the learner
+after 60k shipped events: 0.73-0.94 s against 0.34 s, load 0.84 s against 0.54 s). A torn or edited file
+fails the checksum and raises :class:`stream.errors.CheckpointError` instead of loading garbage.
+Checkpoints are trusted files written by this project (they are unpickled).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +23,16 @@ import torch
 
 from stream.errors import CheckpointError
 
-MAGIC = b"SITNCKP1"
+MAGIC = b"SITNCKP2"  # pickle payload
+MAGIC_TORCH = b"SITNCKP1"  # torch.save payload, written before SITNCKP2
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: readers see the old file or the complete new one."""
     path = Path(path)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
+    payload = pickle.dumps(state, protocol=5)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # A view of the buffer, not getvalue()'s copy: the payload is held once (tens to hundreds of MB).
-    with buffer.getbuffer() as payload, tmp.open("wb") as fh:
+    with tmp.open("wb") as fh:
         fh.write(MAGIC)
         fh.write(hashlib.sha256(payload).digest())
         fh.write(payload)
@@ -44,12 +49,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     with path.open("rb") as fh:  # header and payload read apart: slicing one read would copy the payload
         header = fh.read(len(MAGIC) + 32)
         payload = fh.read()
-    if header[: len(MAGIC)] != MAGIC:
+    magic = header[: len(MAGIC)]
+    if magic not in (MAGIC, MAGIC_TORCH):
         raise CheckpointError(f"{path}: not a SITN checkpoint (magic {header[:8]!r}, expected {MAGIC!r})")
     digest = header[len(MAGIC) :]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch (torn write or corrupted file)")
-    state = torch.load(io.BytesIO(payload), weights_only=False)
+    state = pickle.loads(payload) if magic == MAGIC else torch.load(io.BytesIO(payload), weights_only=False)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: payload is {type(state).__name__}, expected dict")
     return state

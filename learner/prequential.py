@@ -122,15 +122,16 @@ class RankTally:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        recent = np.array(self._recent, dtype=np.int64).reshape(-1, 2)  # (n, 2): rankable, rank bin
         return {"k": self.k, "window": self.window, "stream": [list(row) for row in self._counts["stream"]],
-                "recent": [list(e) for e in self._recent]}
+                "recent": recent}  # one array, not a pair object per event of the window
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], window: int | None = None) -> RankTally:
         """The tally of ``state``; ``window``: a new window length (its newest events are kept)."""
         out = cls(int(state["k"]), int(state["window"]) if window is None else window)
         out._counts["stream"] = [[int(c) for c in row] for row in state["stream"]]
-        for rankable, rank_bin in state["recent"][-out.window :]:
+        for rankable, rank_bin in np.asarray(state["recent"], dtype=np.int64).reshape(-1, 2)[-out.window :].tolist():
             entry = (bool(rankable), int(rank_bin))
             out._recent.append(entry)
             out._add(out._counts["window"], entry, 1)

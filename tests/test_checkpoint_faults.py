@@ -18,6 +18,7 @@ file). This module adds what only a real process and the real file format show:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -281,3 +282,20 @@ def test_a_bad_newest_checkpoint_is_refused_by_name_and_the_previous_one_loads(t
     assert manifest.name == "ckpt-000000000002.json"
     assert message.startswith(str(tmp_path)), message  # names the file by its full path
     assert re.search(reason, message), message
+
+
+def test_a_checkpoint_written_by_torch_save_still_loads(tmp_path: Path) -> None:
+    """Files written before the pickle payload (magic SITNCKP1, a ``torch.save`` payload) load alike."""
+    from learner import checkpoint
+
+    state = {"blob": torch.arange(5.0), "extra": {"offsets": {"0": 3}}}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    path = tmp_path / "old.pt"
+    path.write_bytes(checkpoint.MAGIC_TORCH + hashlib.sha256(payload).digest() + payload)
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["blob"], state["blob"]) and loaded["extra"] == state["extra"]
+    save_checkpoint(tmp_path / "new.pt", state)
+    assert (tmp_path / "new.pt").read_bytes()[:8] == checkpoint.MAGIC == b"SITNCKP2"
+    assert torch.equal(load_checkpoint(tmp_path / "new.pt")["blob"], state["blob"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -203,3 +205,23 @@ def test_target_and_both_scores_in_one_pass_equal_the_two_modes() -> None:
         target, both = co.scores_target_and_both(history)
         assert np.array_equal(target, co.scores(history, "target"))
         assert np.array_equal(both, co.scores(history, "target+source"))
+
+
+def test_a_state_saved_as_pairs_per_row_loads_as_the_flat_arrays_do() -> None:
+    """Checkpoints written before the neighbours became flat arrays held a list of (col, count) pairs per
+    row; both load to the same counts, in the same insertion order (pruning ties depend on it)."""
+    store = UserStateStore(("movie", "book"), max_len=50)
+    co = ItemCooccurrence("movie", "book", max_neighbours=4)
+    co.learn_many(store.observe_many(_random_events(3)))
+    state = co.state_dict()
+    old = dict(state)
+    for side in ("target_rows", "source_rows"):
+        flat = state[side]
+        ptr, cols, counts = flat["neighbour_ptr"], flat["neighbour_cols"], flat["neighbour_counts"]
+        pairs = [list(zip(cols[a:b].tolist(), counts[a:b].tolist(), strict=True)) for a, b in pairwise(ptr.tolist())]
+        old[side] = {k: v for k, v in flat.items() if not k.startswith("neighbour_")} | {"neighbours": pairs}
+    assert sum(map(len, pairs)) > 0
+    for loaded in (ItemCooccurrence.from_state_dict(state), ItemCooccurrence.from_state_dict(old)):
+        for side in ("_target", "_source"):
+            assert [list(n.items()) for n in getattr(loaded, side).neighbours] == \
+                [list(n.items()) for n in getattr(co, side).neighbours]
