@@ -44,7 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.log_level)
-    return int(args.func(args) or 0)
+    from stream.errors import KafkaAuthenticationError
+
+    try:
+        return int(args.func(args) or 0)
+    except KafkaAuthenticationError as exc:  # an operator's error, not a bug: the reason, without a traceback
+        print(f"sitn {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ quorum (a dynamic quorum, formatted with ``--initial-controllers``: the same clu
 on every node), node ``i`` in ``<data_dir>/node-<i>``, internal and new topics replicated to
 min(3, N) nodes with min.insync.replicas min(2, N). With N=1 it is exactly the single node above, in
 ``<data_dir>`` itself.
+
+Given a :class:`~stream.broker_security.SaslSslListener`, a node (or every node of a cluster) listens for
+clients on ``SASL_SSL`` instead of ``PLAINTEXT`` (SCRAM-SHA-512 over TLS, the users created at format
+time); the controller listener stays ``PLAINTEXT`` on 127.0.0.1 and brokers talk to each other over the
+``SASL_SSL`` listener. Clients then need :meth:`KafkaBroker.client_kwargs`' settings.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ import psutil
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from stream.broker_security import LISTENER_NAME as SASL_SSL_LISTENER
+from stream.broker_security import SaslSslListener
 from stream.errors import BrokerError
 
 logger = logging.getLogger(__name__)
@@ -147,13 +154,15 @@ def server_properties(
     *,
     node_id: int = NODE_ID,
     quorum: Sequence[QuorumVoter] = (),
+    sasl_ssl: SaslSslListener | None = None,
 ) -> str:
     """The ``server.properties`` of a combined broker and controller on 127.0.0.1.
 
     With no ``quorum`` the node is alone: every internal topic has replication factor 1 and
     min.insync.replicas 1. With a ``quorum`` (every voter, this node among them) the controllers are
     found through all the voters' ports, and internal and new topics get :func:`replication_for` the
-    cluster's size.
+    cluster's size. With ``sasl_ssl`` the client listener on ``port`` is ``SASL_SSL`` (and the inter-broker
+    one), not ``PLAINTEXT``; the controller listener stays ``PLAINTEXT``.
 
     >>> text = server_properties(9092, 9093, Path("/data/kafka-logs"))
     >>> print("\\n".join(text.splitlines()[:5]))
@@ -167,15 +176,16 @@ def server_properties(
         raise ValueError(f"node {node_id} with controller port {controller_port} is not one of the quorum's voters {list(quorum)}")
     controllers = [v.controller_port for v in quorum] or [controller_port]
     replication_factor, min_insync = (str(n) for n in replication_for(len(controllers)))
+    client = SASL_SSL_LISTENER if sasl_ssl is not None else "PLAINTEXT"
     settings = {
         "process.roles": "broker,controller",
         "node.id": str(node_id),
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "listeners": f"{client}://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"{client}://{HOST}:{port}",
         "controller.quorum.bootstrap.servers": ",".join(f"{HOST}:{p}" for p in controllers),
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "inter.broker.listener.name": client,
+        "listener.security.protocol.map": f"CONTROLLER:PLAINTEXT,{client}:{client}",
         "log.dirs": str(log_dir),
         "num.partitions": "1",
         "default.replication.factor": replication_factor,
@@ -191,6 +201,7 @@ def server_properties(
         "group.initial.rebalance.delay.ms": "0",
         "num.network.threads": "2",
         "num.io.threads": "2",
+        **(sasl_ssl.server_properties() if sasl_ssl is not None else {}),
     }
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
@@ -234,7 +245,8 @@ class KafkaBroker:
 
     A cluster's node has its ``node_id``, the whole ``quorum`` (this node among the voters) and the
     ``cluster_id`` its storage is formatted with; a node alone has node id 1, formats itself as a
-    standalone quorum and draws a fresh cluster id.
+    standalone quorum and draws a fresh cluster id. ``sasl_ssl`` secures the client listener (the SCRAM
+    users are created when the storage is formatted, so a data directory keeps the users it began with).
     """
 
     def __init__(
@@ -249,6 +261,7 @@ class KafkaBroker:
         node_id: int = NODE_ID,
         quorum: Sequence[QuorumVoter] = (),
         cluster_id: str | None = None,
+        sasl_ssl: SaslSslListener | None = None,
     ) -> None:
         _check_port("port", port)
         if not _HEAP_SIZE.match(heap):
@@ -271,8 +284,10 @@ class KafkaBroker:
         self.node_id = node_id
         self.quorum = tuple(quorum)
         self.cluster_id = cluster_id
+        self.sasl_ssl = sasl_ssl
         # Fails here, at construction, when this node is not among the voters.
-        self._properties = server_properties(port, controller_port, self.log_dir, node_id=node_id, quorum=self.quorum)
+        self._properties = server_properties(port, controller_port, self.log_dir, node_id=node_id, quorum=self.quorum,
+                                             sasl_ssl=sasl_ssl)
         self._process: subprocess.Popen[bytes] | None = None
         self._libs_dir: Path | None = None
         self._launch_log_offset = 0
@@ -283,6 +298,12 @@ class KafkaBroker:
     @property
     def bootstrap_servers(self) -> str:
         return f"{HOST}:{self.port}"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """kafka-python settings to reach this broker: the bootstrap servers and, when its listener is
+        ``SASL_SSL``, the broker's own SCRAM user and the CA file (see :meth:`SaslSslListener.client_kwargs`)."""
+        security = self.sasl_ssl.client_kwargs() if self.sasl_ssl is not None else {}
+        return {"bootstrap_servers": self.bootstrap_servers, **security}
 
     @property
     def pid(self) -> int | None:
@@ -310,10 +331,10 @@ class KafkaBroker:
         port, controller_port = self.port, self.controller_port
         if self.config_path.is_file():
             recorded = read_properties(self.config_path.read_text())
-            port = _listener_port(recorded, "PLAINTEXT") or port
+            port = _listener_port(recorded, "PLAINTEXT") or _listener_port(recorded, SASL_SSL_LISTENER) or port
             controller_port = _listener_port(recorded, "CONTROLLER") or controller_port
             if pid is not None:
-                bootstrap = recorded.get("advertised.listeners", "").removeprefix("PLAINTEXT://") or None
+                bootstrap = recorded.get("advertised.listeners", "").partition("://")[2] or None
         return BrokerStatus(pid is not None, pid, bootstrap, self.data_dir, self.log_path, self.node_id, port, controller_port)
 
     def is_formatted(self) -> bool:
@@ -469,6 +490,10 @@ class KafkaBroker:
 
     def _tool_cmd(self, main_class: str, *args: str) -> list[str]:
         """A Kafka command-line tool (``main_class``) against this broker, with the tools' log config."""
+        if self.sasl_ssl is not None:
+            # The tools would need a client properties file with the SCRAM login; not built, so refuse
+            # rather than hand out a command that fails at its first request.
+            raise BrokerError(f"Kafka's command-line tools are not set up for the SASL_SSL listener of {self.data_dir}")
         return [
             _java(),
             "-Xmx256m",
@@ -494,6 +519,7 @@ class KafkaBroker:
             _STORAGE_TOOL_CLASS,
             "format",
             *voters,
+            *(self.sasl_ssl.format_args() if self.sasl_ssl is not None else []),
             "--cluster-id",
             cluster_id,
             "--config",
@@ -520,7 +546,7 @@ class KafkaBroker:
         admin = None
         try:
             admin = KafkaAdminClient(
-                bootstrap_servers=self.bootstrap_servers,
+                **self.client_kwargs(),
                 client_id="sitn-broker-probe",
                 bootstrap_timeout_ms=int(timeout_s * 1000),
                 request_timeout_ms=int(timeout_s * 1000),
@@ -605,6 +631,7 @@ class KafkaCluster:
         kafka_home: Path | None = None,
         cache_dir: Path | None = None,
         heap: str = "512m",
+        sasl_ssl: SaslSslListener | None = None,
     ) -> None:
         if not isinstance(brokers, int) or brokers < 1:
             raise ValueError(f"brokers must be a positive integer, got {brokers!r}")
@@ -615,7 +642,8 @@ class KafkaCluster:
         self.brokers = brokers
 
         def make(node_dir: Path, node_ports: tuple[int, int | None], **membership: Any) -> KafkaBroker:
-            return KafkaBroker(node_dir, *node_ports, kafka_home=kafka_home, cache_dir=cache_dir, heap=heap, **membership)
+            return KafkaBroker(node_dir, *node_ports, kafka_home=kafka_home, cache_dir=cache_dir, heap=heap,
+                               sasl_ssl=sasl_ssl, **membership)
 
         if brokers == 1:
             self.nodes: tuple[KafkaBroker, ...] = (make(self.data_dir, ports[0] if ports is not None else (port, None)),)

@@ -32,3 +32,7 @@ class BrokerError(SitnError):
 
 class ConfigError(SitnError, ValueError):
     """A setting has a value outside what is allowed; the message says what was received and allowed."""
+
+
+class KafkaAuthenticationError(BrokerError):
+    """Operator action: Kafka refused the configured login (TLS or SASL); the message names the server, the user and why."""

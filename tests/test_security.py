@@ -44,6 +44,13 @@ def secret_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "SITN_SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
     }.items():
         monkeypatch.setenv(name, value)
+    # The commands check the Kafka login first (stream/kafka_login.py); tests/test_kafka_security.py runs it
+    # against a real SASL_SSL broker. Here it only records that the secrets reached it.
+    monkeypatch.setattr("stream.kafka_login.check_kafka_login", LOGINS_CHECKED.append)
+    LOGINS_CHECKED.clear()
+
+
+LOGINS_CHECKED: list[Any] = []
 
 
 def test_sitn_run_logs_every_settings_object_with_the_secrets_hidden(
@@ -78,6 +85,7 @@ def test_sitn_run_logs_every_settings_object_with_the_secrets_hidden(
     # The secrets did arrive: hidden in the log, not lost.
     assert started["stream"].sasl_plain_password.get_secret_value() == SASL_PASSWORD
     assert started["serving"].admin_token.get_secret_value() == ADMIN_TOKEN
+    assert [s.sasl_plain_password.get_secret_value() for s in LOGINS_CHECKED] == [SASL_PASSWORD]
 
 
 def test_sitn_serve_logs_its_settings_with_the_token_hidden(
@@ -98,6 +106,7 @@ def test_sitn_serve_logs_its_settings_with_the_token_hidden(
     assert "settings serving=" in caplog.text
     assert "admin_token=SecretStr('**********')" in caplog.text
     assert ADMIN_TOKEN not in caplog.text
+    assert [(s.security_protocol, s.sasl_plain_username) for s in LOGINS_CHECKED] == [("SASL_SSL", "sitn-app")]
 
 
 @pytest.mark.parametrize(

@@ -66,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_events(args.events, source, target, limit=args.limit, time_unit=args.time_unit)
     events = loaded.events
     if settings.uses_kafka:
+        from stream.kafka_login import check_kafka_login
         from stream.topics import ensure_topics
 
+        check_kafka_login(settings)  # a refused login fails here with the broker's reason, not in a 30 s timeout
         ensure_topics(settings)
     producer = open_producer(settings)
     console = Console(stderr=True)

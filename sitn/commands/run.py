@@ -153,6 +153,10 @@ def main(args: argparse.Namespace) -> int:
     log.info("settings telemetry=%r", telemetry)
     log.info("settings drift=%r", drift)
     log.info("settings learner=%r", config)
+    if stream.uses_kafka:
+        from stream.kafka_login import check_kafka_login
+
+        check_kafka_login(stream)  # a refused login fails here, in a second, with the broker's reason
     return run_pipeline(run, stream, serving, config, run_dir.resolve(), telemetry, drift)
 
 

@@ -78,6 +78,11 @@ def main(args: argparse.Namespace) -> int:
     settings = ServingSettings(**given)  # validated there, the environment included (SITN_SERVING_WORKERS)
     workers = settings.workers
     log.info("settings serving=%r workers=%d", settings, workers)
+    from stream.kafka_login import check_kafka_login
+    from stream.settings import StreamSettings
+
+    # Kafka security (SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_*): a refused login fails here, before any worker.
+    check_kafka_login(StreamSettings(kafka_bootstrap_servers=settings.kafka_bootstrap_servers))
     if workers == 1:
         return run_replica(settings)
     return run_workers(settings, workers, logging.getLevelName(logging.getLogger().level))
