@@ -1,7 +1,8 @@
 """The ``sitn`` console command: one entry point, one subcommand per module in ``sitn.commands``.
 
 Each command module exposes ``register(subparsers)`` which adds its parser and sets ``func``; the
-function receives the parsed arguments and returns the process exit code.
+function receives the parsed arguments and returns the process exit code. A command's settings options
+are generated from its settings classes (``sitn.cli_settings``).
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.log_level)
-    from stream.errors import KafkaAuthenticationError
+    from stream.errors import ConfigError, KafkaAuthenticationError
 
     try:
         return int(args.func(args) or 0)
+    except ConfigError as exc:  # a setting refused (sitn.cli_settings names the flag or variable): as argparse does
+        print(f"sitn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KafkaAuthenticationError as exc:  # an operator's error, not a bug: the reason, without a traceback
         print(f"sitn {args.command}: {exc}", file=sys.stderr)
         return 1
