@@ -6,7 +6,8 @@ weight decay). A dense AdamW over 100k x 64 table rows every step would cost mor
 
 Defined behaviour at the edges:
 
-- unknown user: an all-empty history -> the learned "empty-history" query (see :mod:`learner.model`);
+- unknown user: an all-empty history -> a zero query bar the item-bias coordinate: items rank by their
+  learned bias (see :mod:`learner.model`);
 - an item seen in a query history but never learned is dropped from that history;
 - an item registered (``register_items``) but never trained has its initial N(0, item_init_std^2) row;
 - ``consumed`` and ``recommend(exclude_consumed=True)`` use the stored, bounded (``max_len``) history.

@@ -121,7 +121,7 @@ def test_unknown_user_unseen_item_and_cold_start(examples: list[Example]) -> Non
     train(learner, examples[:256])
     q = learner.embed_users(["nobody", "nobody-else"])
     assert q.shape == (2, SMALL.n_views, SMALL.dim) and q.dtype == np.float32
-    np.testing.assert_array_equal(q[0], q[1])  # unknown users: the learned empty-history query
+    np.testing.assert_array_equal(q[0], q[1])  # unknown users: the same (empty-history) query
     np.testing.assert_allclose(q[0], learner.embed_histories([{}])[0], atol=1e-6)
     assert len(learner.recommend("nobody", k=3)) == 3
     # an item never learned is dropped from a query history
@@ -340,3 +340,22 @@ def test_checkpoints_without_item_bias_keep_it_off() -> None:
     del values["item_bias"]
     assert SITNConfig.from_dict(values).item_bias is False
     assert SITNConfig.from_dict(SMALL.to_dict()).item_bias is True
+
+
+def test_transfer_map_without_bias_maps_an_empty_history_to_nothing(examples: list[Example]) -> None:
+    # transfer_map_bias=False: the target query of a user with no history at all is 0 (bar the item-bias
+    # coordinate), so items rank by their bias alone; with the bias the query carries the gated offset.
+    queries = {}
+    for map_bias in (False, True):
+        learner = SITNLearner(SMALL.replace(transfer_map_bias=map_bias), "movie", "book")
+        assert (learner.model.transfer["target"].map.bias is not None) is map_bias
+        train(learner, examples, epochs=1)
+        queries[map_bias] = learner.embed_histories([{}])[0]  # (V, D)
+    assert (queries[False][..., :-1] == 0.0).all() and (queries[False][..., -1] == 1.0).all()
+    assert np.abs(queries[True][..., :-1]).max() > 1e-3
+
+
+def test_checkpoints_without_transfer_map_bias_keep_the_bias() -> None:
+    values = SMALL.to_dict()
+    del values["transfer_map_bias"]
+    assert SITNConfig.from_dict(values).transfer_map_bias is True
