@@ -46,6 +46,7 @@ FRESHNESS_SECONDS = Histogram(
     "Seconds from an event's arrival at the learner to its user's vectors being served.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
 )
+FRESHNESS_WINDOW_S = 30.0  # stats(): freshness quantiles of the events served this recently, too
 
 
 class ServingCore:
@@ -77,6 +78,7 @@ class ServingCore:
         self.batches_applied = 0
         self.version = 0
         self._freshness_s: deque[float] = deque(maxlen=100_000)
+        self._freshness_at_s: deque[float] = deque(maxlen=100_000)  # when each of _freshness_s was observed
         self._applied_at: dict[int, float] = {}
         if start_http and not listen_after_full:
             self._start_http()
@@ -120,6 +122,7 @@ class ServingCore:
         now_s = time.time()
         for ingest_s in batch.event_ingest_wall_s:  # per event this version is the first to reflect
             self._freshness_s.append(now_s - ingest_s)
+            self._freshness_at_s.append(now_s)
             FRESHNESS_SECONDS.observe(now_s - ingest_s)
         self.batches_applied += 1
         self.version = max(self.version, batch.version)
@@ -144,6 +147,7 @@ class ServingCore:
     def stats(self) -> dict[str, Any]:
         self.service.refresh_gauges()  # the index age, for an exporter of its own (the API's /metrics refreshes)
         fresh = np.array(self._freshness_s)
+        recent = fresh[np.array(self._freshness_at_s) >= time.time() - FRESHNESS_WINDOW_S]
         health = self.service.health()
         return {
             "pid": os.getpid(),
@@ -157,6 +161,10 @@ class ServingCore:
             "users": float(health["users"]),
             "freshness_p50_s": float(np.percentile(fresh, 50)) if fresh.size else float("nan"),
             "freshness_p99_s": float(np.percentile(fresh, 99)) if fresh.size else float("nan"),
+            # the same over the events served in the last FRESHNESS_WINDOW_S (the dashboard's figure)
+            "freshness_window_s": FRESHNESS_WINDOW_S,
+            "freshness_window_p50_s": float(np.percentile(recent, 50)) if recent.size else float("nan"),
+            "freshness_window_p99_s": float(np.percentile(recent, 99)) if recent.size else float("nan"),
         }
 
     def check_health(self) -> bool:

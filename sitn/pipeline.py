@@ -472,6 +472,8 @@ class Pipeline:
                 stats = self.fleet.stats(timeout_s=10)
                 out["dead_letters"] = sum(s.dead_letters for s in stats.values())
                 out["records_in"] = sum(s.records_in for s in stats.values())
+                out["events_decoded"] = sum(s.events_out for s in stats.values())  # by the consumers alive now
+                out["consumer_lag_records"] = sum(s.lag_records for s in stats.values())
                 by_reason: Counter[str] = Counter()
                 examples: dict[str, str] = {}
                 for s in stats.values():

@@ -81,6 +81,7 @@ class ConsumerStats:
     dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
     # reason -> the first dead letter of that reason (DeadLetter.example); bounded: reasons are a fixed set
     dead_letter_examples: dict[str, str] = field(default_factory=dict)
+    lag_records: int = 0  # behind the log end, all assigned partitions, at the last export_lag()
 
     @property
     def dead_letters(self) -> int:
@@ -155,6 +156,7 @@ class StreamConsumer:
     def export_lag(self) -> dict[int, int]:
         """Set the per-partition lag gauge (of this consumer's read position); returns the lag."""
         lag = self.source.lag()
+        self.stats.lag_records = sum(lag.values())
         for p, n in lag.items():
             telemetry.CONSUMER_LAG.labels(str(p)).set(n)
         for p in self._lag_exported - lag.keys():
