@@ -1,7 +1,9 @@
 """Serving settings: one frozen, typed object per process, read from ``SITN_SERVING_*`` variables.
 
 Only the entry point constructs it (``ServingSettings()`` reads the environment); library code
-receives it as an argument.
+receives it as an argument. Fields owned by another layer are not here: the broker address and the updates
+topic are the stream's (``stream.settings``); ``dim`` and ``cooc_max_neighbours`` are set by the
+composition root from the learner's settings (``sitn.settings`` lists the owners).
 
 >>> settings = ServingSettings(admin_token="0123456789abcdef", port=9000)
 >>> settings.host, settings.port, str(settings.admin_token)
@@ -36,7 +38,9 @@ class ServingSettings(BaseSettings):
     snapshot_path: Path | None = Field(
         None, description="file that /admin/snapshot writes and /admin/reload reads"
     )
-    dim: int = Field(64, ge=1, le=4096, description="embedding dimension D")
+    # Derived: `sitn run` and `sitn serve` set it from the learner's width (SITN_RUN_LEARNER_DIM); the default
+    # is for code that builds a service directly (tests, benchmarks).
+    dim: int = Field(64, ge=1, le=4096, description="embedding dimension D, the learner's")
     # HNSW32/efSearch=128: see bench/bench_index.py and the chosen-index note in serving/index.py.
     index_factory: str = Field("HNSW32", description="FAISS index_factory string for the item index")
     index_search_params: dict[str, int] = Field(
@@ -50,20 +54,20 @@ class ServingSettings(BaseSettings):
     )
     max_consumed_per_user: int = Field(500, ge=1, description="consumed items remembered per user")
     workers: int = Field(
-        1, ge=1, le=64, description="sitn serve: worker processes on one port (SO_REUSEPORT, Linux), each applying "
+        1, ge=1, le=64, description="worker processes on one port (SO_REUSEPORT, Linux), each applying "
         "the updates topic itself")
     cooc_max_neighbours: int = Field(
         DEFAULT_MAX_NEIGHBOURS, ge=0, description="co-occurrence neighbours kept per item (the fused and "
-        "co-occurrence rankers; stream.cooccurrence); 0 keeps every pair, unbounded memory")
+        "co-occurrence rankers; stream.cooccurrence); 0 keeps every pair, unbounded memory. `sitn run` sets it "
+        "from its own --cooc-max-neighbours")
     # Bounds memory under an endless stream of new users: ~1 KiB of vectors (V=4, D=64) plus up to
     # max_consumed_per_user ids per user. The least recently updated user is evicted and served by
-    # popularity until published again; keep it >= the learner's max_users, or each full publish churns.
+    # popularity until published again. `sitn run`'s learner keeps as many users (its histories and its mirror
+    # of the served users).
     max_users: int = Field(
         1_000_000, ge=1, description="users whose vectors and consumed items are kept (least recently updated evicted)"
     )
     popularity_refresh_s: float = Field(1.0, ge=0, description="popularity re-sort interval under writes")
-    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma separated")
-    updates_topic: str = Field("sitn.embedding-updates", description="compacted topic of embedding updates")
     update_batch_size: int = Field(512, ge=1, description="updates applied per batch by the consumer")
 
     @field_validator("admin_token")

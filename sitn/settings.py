@@ -1,8 +1,23 @@
 """Settings of the main job (``sitn run``): one frozen, typed object read from ``SITN_RUN_*`` variables.
 
-Stream settings (``SITN_*``, see ``stream.settings``) and serving settings (``SITN_SERVING_*``, see
-``serving.settings``) are separate objects; the composition root builds all three once at start-up and
-logs them with secrets hidden.
+The settings tree. Each layer has one settings class, and its environment prefix is the public name of its
+fields: ``stream.settings.StreamSettings`` (``SITN_*``), ``serving.settings.ServingSettings``
+(``SITN_SERVING_*``), ``RunSettings`` here (``SITN_RUN_*``), ``stream.exporter.TelemetrySettings``
+(``SITN_METRICS_*``), ``learner.drift.DriftSettings`` (``SITN_DRIFT_*``). A command builds the ones it
+needs once, at start-up, from its flags and the environment (``sitn.cli_settings``, which also writes the
+flags and their ``--help``), and logs them with secrets hidden.
+
+A setting that two layers need has one owner; the other's field is derived from it by the composition
+root and reads neither a flag nor a variable of its own:
+
+- embedding width: the learner's (``learner_dim``, ``SITN_RUN_LEARNER_DIM``; a warm start's model decides
+  it); serving's ``dim`` follows it in ``sitn run`` and ``sitn serve`` (whose ``--dim`` is this field).
+- history length L: ``learner_max_len`` (``sitn train --max-len`` is the same field).
+- co-occurrence cap: ``cooc_max_neighbours``; serving's follows it.
+- users kept: serving's ``max_users`` (``SITN_SERVING_MAX_USERS``); the learner's history store and its
+  mirror of the served users follow it.
+- broker address and updates topic: the stream's (``SITN_KAFKA_BOOTSTRAP_SERVERS``,
+  ``SITN_TOPIC_EMBEDDING_UPDATES``), which both the learner and a ``sitn serve`` replica read.
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from learner.config import SITNConfig
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS
 
 
@@ -29,7 +45,8 @@ class RunSettings(BaseSettings):
     )
     limit: int | None = Field(None, ge=1, description="replay only the first N rows of the file")
     time_unit: Literal["auto", "s", "ms", "iso", "ordinal"] = Field(
-        "auto", description="unit of the events file's timestamp column (stream.time_unit); auto = detected")
+        "auto", description="unit of the events file's timestamp column: unix s, ms, ISO-8601, ordinal positions "
+        "(order only, one position = one day), or auto = detected from the data (stream.time_unit)")
     dead_letter_max_ratio: float = Field(
         0.01, ge=0, lt=1, description="dead letters per record consumed above which the live table warns (over "
         "the window) and the run exits non-zero (over the whole run)")
@@ -39,9 +56,10 @@ class RunSettings(BaseSettings):
     warm_start: Path | None = Field(
         None, description="start the learner from this `sitn train` model (its events are burnt in, not trained "
         "or ranked again; learner.warm_start); the model's config replaces the learner flags")
-    run_dir: Path | None = Field(None, description="state directory (log, checkpoints); reused = resumed")
+    run_dir: Path | None = Field(None, description="state directory (log, checkpoints); reused = resumed; unset = "
+                                    "var/run-<UTC time>")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
-    ray_temp_dir: Path | None = Field(None, description="temp dir of the local Ray cluster (default: a fresh /tmp dir)")
+    ray_temp_dir: Path | None = Field(None, description="temp dir of the local Ray cluster; unset = a fresh one under /tmp")
     consumers: int = Field(2, ge=1, le=64, description="consumer actors")
     consumer_resource: str | None = Field(
         None, min_length=1, description="Ray custom resource the consumer actors need (a hundredth of a unit "
@@ -69,19 +87,23 @@ class RunSettings(BaseSettings):
         128, ge=0, description="users not touched since the last publish re-encoded and re-published with each "
         "publish, in turn, so every served vector follows the encoder")
     torch_threads: int = Field(1, ge=1, le=64, description="torch threads in the learner actor (1 leaves a core to serving on 2-core machines)")
-    learner_dim: int = Field(64, ge=8, description="embedding width d of the SITN model")
-    learner_views: int = Field(1, ge=1, description="interest views V (1: chosen on validation, see learner.config)")
-    learner_max_len: int = Field(50, ge=1, description="history length L per domain")
+    # The model's shape: SITNConfig's defaults (learner/config.py says why); a warm start's model replaces them.
+    # 1..4096, serving's index bounds: `sitn serve --dim` is this field. SITNConfig checks what the model needs
+    # (its attention heads divide d).
+    learner_dim: int = Field(SITNConfig.dim, ge=1, le=4096, description="embedding width d of the SITN model "
+                             "(serving's dim follows it)")
+    learner_views: int = Field(SITNConfig.n_views, ge=1, description="interest views V per user and domain")
+    learner_max_len: int = Field(SITNConfig.max_len, ge=1, description="history length L per domain")
+    # 20,000: chosen on the first half of the shipped stream (74,000 events): the live model's data-time NDCG@10
+    # 0.0064 with 20,000 at ratio 1 against 0.0047 without (fused 0.0152 against 0.0150); 50,000 gave the same as
+    # 20,000, ratio 3 0.0075 at about 40 percent more learner time.
     learner_replay_buffer_size: int = Field(
-        20_000, ge=0, description="last N trained examples each step also replays a sample of (0 = no replay). "
-        "Chosen on the first half of the shipped stream (74,000 events): the live model's data-time NDCG@10 "
-        "0.0064 with 20,000 at ratio 1 against 0.0047 without (fused 0.0152 against 0.0150); 50,000 gave the same "
-        "as 20,000, ratio 3 0.0075 at about 40 percent more learner time")
+        20_000, ge=0, description="last N trained examples each step also replays a sample of (0 = no replay)")
+    # 8e-3, not SITNConfig's offline 2e-3: one pass per event needs larger steps. Chosen on the first half of the
+    # shipped stream, replay on: the live model's data-time NDCG@10 0.0064 at 2e-3, 0.0079 at 4e-3, 0.0088 at
+    # 8e-3, 0.0087 at 1.6e-2; fused 0.0152 / 0.0154 / 0.0156 / 0.0155.
     learner_lr: float = Field(
-        8e-3, gt=0, description="learning rate of the stream learner (offline training keeps SITNConfig's 2e-3: one "
-        "pass per event needs larger steps). Chosen on the first half of the shipped stream, replay on: the live "
-        "model's data-time NDCG@10 0.0064 at 2e-3, 0.0079 at 4e-3, 0.0088 at 8e-3, 0.0087 at 1.6e-2; fused "
-        "0.0152 / 0.0154 / 0.0156 / 0.0155")
+        8e-3, gt=0, description="learning rate of the stream learner (a warm start keeps its model's)")
     learner_replay_ratio: float = Field(
         1.0, ge=0, description="replayed examples per fresh example in each step (each event trains ~1 + this often)")
     status_every_s: float = Field(1.0, gt=0, description="progress display refresh period")

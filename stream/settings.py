@@ -37,9 +37,10 @@ class StreamSettings(BaseSettings):
     embedded_segment_bytes: int = Field(default=64 * 1024 * 1024, ge=4096, description="embedded segment size")
 
     # -- topics -----------------------------------------------------------------------------------
-    topic_interactions: str = "sitn.interactions"
-    topic_dead_letters: str = "sitn.interactions.dead-letters"
-    topic_embedding_updates: str = "sitn.embedding-updates"
+    topic_interactions: str = Field(default="sitn.interactions", description="topic of the interaction events")
+    topic_dead_letters: str = Field(default="sitn.interactions.dead-letters", description="topic of undecodable records")
+    topic_embedding_updates: str = Field(default="sitn.embedding-updates", description="compacted topic of the "
+                                         "published embedding updates (the learner writes, serving replicas read)")
     partitions: int = Field(default=4, ge=1, le=1024, description="partitions of the interactions topic")
     replication_factor: int = Field(default=1, ge=1, description="replication factor of created Kafka topics")
     domains: tuple[str, str] = Field(default=("movie", "book"), description="(source, target) domains accepted")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -240,9 +241,10 @@ def test_dockerfile_installs_the_lock_and_never_copies_data() -> None:
 def test_published_ports_match_the_application_defaults(services: dict[str, Any]) -> None:
     from serving.settings import ServingSettings
     from sitn.commands.kafka import DEFAULT_PORT as KAFKA_PORT
+    from sitn.commands.serve import DEFAULT_BOOTSTRAP_SERVERS
     from stream.exporter import TelemetrySettings
 
-    default_bootstrap_port = int(ServingSettings().kafka_bootstrap_servers.rsplit(":", 1)[1])
+    default_bootstrap_port = int(DEFAULT_BOOTSTRAP_SERVERS.rsplit(":", 1)[1])
     assert default_bootstrap_port == KAFKA_PORT
     expected = {
         "serving": ServingSettings().port,
@@ -381,20 +383,28 @@ def test_ray_nodes_join_the_head(services: dict[str, Any]) -> None:
     assert flag_value(run_argv, "--ray-address") == f"ray-head:{port}"
 
 
-def test_replica_follows_what_the_learner_publishes(services: dict[str, Any]) -> None:
-    from serving.settings import ServingSettings
-    from sitn.settings import RunSettings
-    from stream.settings import StreamSettings
+def test_replica_follows_what_the_learner_publishes(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each side's settings built as its command builds them (sitn.cli_settings), from its own command line
+    and environment: the replica reads the topic the learner writes, vectors of the learner's width."""
+    import sitn.commands.run as run_command
+    import sitn.commands.serve as serve_command
 
-    learner_env, serving_env = environment(services["learner"]), environment(services["serving"])
-    (serve_argv,) = sitn_invocations(services["serving"])
-    published_topic = learner_env.get("SITN_TOPIC_EMBEDDING_UPDATES", StreamSettings().topic_embedding_updates)
-    followed_topic = (flag_value(serve_argv, "--updates-topic")
-                      or serving_env.get("SITN_SERVING_UPDATES_TOPIC", ServingSettings().updates_topic))
-    assert followed_topic == published_topic
-    learner_dim = int(learner_env.get("SITN_RUN_LEARNER_DIM", RunSettings().learner_dim))
-    serving_dim = int(flag_value(serve_argv, "--dim") or serving_env.get("SITN_SERVING_DIM", ServingSettings().dim))
-    assert serving_dim == learner_dim
+    def built(name: str, flags: Any) -> Any:
+        (argv,) = sitn_invocations(services[name])
+        env = environment(services[name])
+        for var in [v for v in os.environ if v.startswith("SITN_")]:
+            monkeypatch.delenv(var)
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        return flags.build(parse_sitn(argv), environ=env)
+
+    run_flags, _, learner_stream_flags = run_command._flags()
+    _, serve_learner_flags, serve_stream_flags = serve_command._flags()
+    assert (built("serving", serve_stream_flags).topic_embedding_updates
+            == built("learner", learner_stream_flags).topic_embedding_updates)
+    assert built("serving", serve_learner_flags).learner_dim == built("learner", run_flags).learner_dim
+    assert not {"SITN_SERVING_DIM", "SITN_SERVING_UPDATES_TOPIC"} & set(environment(services["serving"])), (
+        "serving's width and topic are the learner's and the stream's fields: set those (x-published-env)")
 
 
 def test_replay_data_is_the_shared_data_set_mounted_read_only(services: dict[str, Any], events_csv: Path) -> None:

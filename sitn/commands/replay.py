@@ -1,7 +1,7 @@
 """``sitn replay``: produce an events.csv to the interactions topic in event-time order.
 
-Where to: Kafka when ``SITN_KAFKA_BOOTSTRAP_SERVERS`` is set (topics are created if missing, the producer
-is idempotent), else the embedded log in ``SITN_EMBEDDED_LOG_DIR``. Messages are keyed by user_id.
+Where to: Kafka when ``--kafka-bootstrap-servers`` / ``SITN_KAFKA_BOOTSTRAP_SERVERS`` is set (topics are
+created if missing, the producer is idempotent), else the embedded log in ``--embedded-log-dir``. Messages are keyed by user_id.
 
 ``--speed X`` is a time-compression factor: X seconds of event time per wall-clock second (86400 = one
 day per second; the shipped data spans 17 years, about 72 minutes at that speed). ``--max`` (default)
@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sitn.cli_settings import SettingsFlags
 from stream.time_unit import TIME_UNITS
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,7 @@ def register(subparsers: Any) -> None:
         help="produce an events.csv to the interactions topic in event-time order",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "environment: SITN_KAFKA_BOOTSTRAP_SERVERS (unset = embedded log), SITN_EMBEDDED_LOG_DIR, "
-            "SITN_TOPIC_INTERACTIONS, SITN_PARTITIONS, SITN_DOMAINS, SITN_SECURITY_PROTOCOL, SITN_SASL_*, "
-            "SITN_SSL_* (see stream/settings.py)"
-        ),
+        epilog="also read from the environment: the secrets SITN_SASL_PLAIN_PASSWORD, SITN_SSL_PASSWORD (never flags)",
     )
     parser.add_argument("--events", type=Path, required=True, help="events.csv in the shared format")
     pace = parser.add_mutually_exclusive_group()
@@ -45,9 +42,17 @@ def register(subparsers: Any) -> None:
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows of the file")
     parser.add_argument("--time-unit", choices=TIME_UNITS, default="auto",
-                        help="unit of the timestamp column (default: auto, detected from the data)")
+                        help="unit of the timestamp column (default: %(default)s, detected from the data)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _stream_flags().add_to(parser.add_argument_group("where to: the event stream (stream.settings.StreamSettings)"))
     parser.set_defaults(func=run)
+
+
+def _stream_flags() -> SettingsFlags:
+    """Every stream setting but the consuming side's, which a producer does not use."""
+    from stream.settings import StreamSettings
+
+    return SettingsFlags(StreamSettings, exclude=("consumer_group", "batch_size", "poll_timeout_s"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,11 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     from stream.dataset import load_events
     from stream.producer import open_producer, replay
-    from stream.settings import StreamSettings
 
     if args.speed is not None and args.speed <= 0:
         raise SystemExit(f"--speed must be > 0 (event-time seconds per wall second), got {args.speed}")
-    settings = StreamSettings()
+    settings = _stream_flags().build(args)
     log.info("replay settings=%r", settings)
     source, target = settings.domains
     loaded = load_events(args.events, source, target, limit=args.limit, time_unit=args.time_unit)

@@ -18,6 +18,7 @@ with no rows of the two domains stops before anything starts, naming the domains
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import signal
@@ -27,59 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stream.time_unit import TIME_UNITS
+from sitn.cli_settings import SettingsFlags
 
 if TYPE_CHECKING:
     from stream.dataset import EventFile, EventLog
     from stream.events import InteractionEvent
 
 log = logging.getLogger(__name__)
-
-# CLI flag -> (settings object, field). Every flag also reads its environment variable (shown in --help).
-RUN_FLAGS: dict[str, tuple[str, str, str]] = {
-    # flag: (env var, help, type name)
-    "events": ("SITN_RUN_EVENTS", "events.csv to replay (the shared format)", "path"),
-    "source": ("SITN_RUN_SOURCE", "source domain name (default: movie)", "str"),
-    "target": ("SITN_RUN_TARGET", "target domain name (default: book)", "str"),
-    "rate_events_per_s": ("SITN_RUN_RATE_EVENTS_PER_S", "replay pace, events per second (default: 1000, which training on 2 cores keeps up with)", "float"),
-    "limit": ("SITN_RUN_LIMIT", "replay only the first N rows", "int"),
-    "run_dir": ("SITN_RUN_RUN_DIR", "state directory; an existing one is resumed (default: var/run-<time>)", "path"),
-    "ray_address": ("SITN_RUN_RAY_ADDRESS", "join this Ray cluster instead of starting a local one", "str"),
-    "consumers": ("SITN_RUN_CONSUMERS", "consumer actors (default: 2)", "int"),
-    "consumer_resource": ("SITN_RUN_CONSUMER_RESOURCE", "Ray custom resource the consumer actors need: they run "
-                          "only on nodes started with it (ray start --resources '{\"NAME\": 1}')", "str"),
-    "learner_resource": ("SITN_RUN_LEARNER_RESOURCE", "Ray custom resource the learner and serving actors need, "
-                         "like --consumer-resource", "str"),
-    "serving_replicas": ("SITN_RUN_SERVING_REPLICAS", "serving actors on one host:port, SO_REUSEPORT, Linux; each "
-                         "gets every version (default: 1)", "int"),
-    "batch_size": ("SITN_RUN_BATCH_SIZE", "examples per learner step (default: 256)", "int"),
-    "checkpoint_every_steps": ("SITN_RUN_CHECKPOINT_EVERY_STEPS", "steps between checkpoints (default: 200)", "int"),
-    "publish_every_steps": ("SITN_RUN_PUBLISH_EVERY_STEPS", "steps between publishes (default: 20)", "int"),
-    "publish_every_s": ("SITN_RUN_PUBLISH_EVERY_S", "seconds between publishes (default: 0.25)", "float"),
-    "cooc_max_neighbours": ("SITN_RUN_COOC_MAX_NEIGHBOURS", "co-occurrence neighbours kept per item, learner and "
-                            "serving; 0: every pair (default: 50)", "int"),
-    "refresh_users_per_publish": ("SITN_RUN_REFRESH_USERS_PER_PUBLISH", "untouched users re-published with "
-                                  "each publish, in turn (default: 128)", "int"),
-    "learner_dim": ("SITN_RUN_LEARNER_DIM", "SITN embedding width d (default: 64)", "int"),
-    "learner_views": ("SITN_RUN_LEARNER_VIEWS", "SITN interest views V (default: 1)", "int"),
-    "learner_max_len": ("SITN_RUN_LEARNER_MAX_LEN", "SITN history length L per domain (default: 50)", "int"),
-    "learner_replay_buffer_size": ("SITN_RUN_LEARNER_REPLAY_BUFFER_SIZE", "last N trained examples each learner "
-                                   "step replays a sample of; 0 = off (default: 20000)", "int"),
-    "learner_lr": ("SITN_RUN_LEARNER_LR", "learning rate of the stream learner (default: 0.008; a warm start "
-                   "keeps its model's)", "float"),
-    "learner_replay_ratio": ("SITN_RUN_LEARNER_REPLAY_RATIO", "replayed examples per fresh one in each step "
-                             "(default: 1.0)", "float"),
-    "warm_start": ("SITN_RUN_WARM_START", "start the learner from a `sitn train` model; its training events are "
-                   "burnt in and the prequential figures count the events after them", "path"),
-    "max_lag_events": ("SITN_RUN_MAX_LAG_EVENTS", "replay backpressure: wait while the consumer group lags more "
-                       "than N events (default: off)", "int"),
-    "dead_letter_max_ratio": ("SITN_RUN_DEAD_LETTER_MAX_RATIO", "dead letters per record consumed above which the "
-                              "table warns (over the window) and the run exits 1 (whole run) (default: 0.01)", "float"),
-    "dead_letter_window_records": ("SITN_RUN_DEAD_LETTER_WINDOW_RECORDS", "records the live dead-letter rate is "
-                                   "measured over (default: 10000)", "int"),
-}
-TYPES: dict[str, Any] = {"path": Path, "str": str, "float": float, "int": int}
-
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -88,53 +43,49 @@ def register(subparsers: Any) -> None:
         description=(
             "Start (or join) a Ray cluster, the serving actor (HTTP on --host/--port), the learner actor and "
             "the consumer actors; replay --events into the log (embedded by default, Kafka with "
-            "--kafka-bootstrap-servers); train, publish and serve until Ctrl-C (or --exit-after-replay)."
+            "--kafka-bootstrap-servers); train, publish and serve until Ctrl-C (or --exit-after-replay). "
+            "A flag given wins over its environment variable, which wins over the default."
+        ),
+        epilog=(
+            "also read from the environment (sitn.settings says which layer owns what): the other serving "
+            "settings SITN_SERVING_* (sitn serve --help; dim and cooc_max_neighbours follow the learner), the "
+            "other stream settings SITN_* with Kafka security SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_* "
+            "(stream/settings.py), metrics SITN_METRICS_* (stream/exporter.py), drift detectors SITN_DRIFT_* "
+            "(learner/drift.py)"
         ),
     )
-    for name, (env, help_, type_name) in RUN_FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=TYPES[type_name], default=None,
-                       help=f"{help_} [env {env}]")
-    p.add_argument("--time-unit", choices=TIME_UNITS, default=None,
-                   help="unit of the events file's timestamp column: unix s, ms, ISO-8601, ordinal positions (order "
-                        "only, one position = one day), or auto = detected from the data (default: auto) "
-                        "[env SITN_RUN_TIME_UNIT]")
-    p.add_argument("--max", action="store_true", help="replay as fast as possible (ignores --rate-events-per-s)")
-    p.add_argument("--exit-after-replay", action="store_true", default=None,
-                   help="stop once every replayed event is trained and published [env SITN_RUN_EXIT_AFTER_REPLAY]")
-    p.add_argument("--host", default=None, help="HTTP bind address (default: 127.0.0.1) [env SITN_SERVING_HOST]")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default: 8000) [env SITN_SERVING_PORT]")
-    p.add_argument("--kafka-bootstrap-servers", default=None,
-                   help="use Kafka at host:port instead of the embedded log [env SITN_KAFKA_BOOTSTRAP_SERVERS]")
-    p.add_argument("--partitions", type=int, default=None, help="partitions of the interactions topic [env SITN_PARTITIONS]")
+    run, serving, stream = _flags()
+    run.add_to(p.add_argument_group("the run (sitn.settings.RunSettings)"))
+    p.add_argument("--max", action="store_true", help="replay as fast as possible (unsets --rate-events-per-s)")
+    serving.add_to(p.add_argument_group("the in-cluster serving (serving.settings.ServingSettings)"))
+    stream.add_to(p.add_argument_group("the event stream (stream.settings.StreamSettings)"))
     p.set_defaults(func=main)
 
 
-def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+def _flags() -> tuple[SettingsFlags, SettingsFlags, SettingsFlags]:
+    """The options of ``sitn run``: every run setting, serving's address, the stream's backend."""
+    from serving.settings import ServingSettings
+    from sitn.settings import RunSettings
+    from stream.settings import StreamSettings
+
+    return (SettingsFlags(RunSettings),
+            SettingsFlags(ServingSettings, ("host", "port"), derived=("dim", "cooc_max_neighbours")),
+            SettingsFlags(StreamSettings, ("kafka_bootstrap_servers", "partitions"),
+                          derived=("domains", "embedded_log_dir")))
 
 
 def main(args: argparse.Namespace) -> int:
     from learner.config import SITNConfig
     from learner.drift import DriftSettings
-    from serving.settings import ServingSettings
-    from sitn.settings import RunSettings
     from stream.exporter import TelemetrySettings
-    from stream.settings import StreamSettings
 
-    run_kwargs = _given(args, [*RUN_FLAGS, "exit_after_replay", "time_unit"])
+    run_flags, serving_flags, stream_flags = _flags()
+    run = run_flags.build(args)
     if args.max:
-        run_kwargs["rate_events_per_s"] = None
-    run = RunSettings(**run_kwargs)
+        run = run.model_copy(update={"rate_events_per_s": None})
     run_dir = run.run_dir or Path("var") / f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    stream_kwargs = _given(args, ["kafka_bootstrap_servers", "partitions"])
-    stream = StreamSettings(
-        domains=(run.source, run.target),
-        embedded_log_dir=(run_dir / "log").resolve(),
-        **stream_kwargs,
-    )
-    serving = ServingSettings(dim=run.learner_dim, cooc_max_neighbours=run.cooc_max_neighbours,
-                              **_given(args, ["host", "port"]))
+    stream = stream_flags.build(args, domains=(run.source, run.target), embedded_log_dir=(run_dir / "log").resolve())
     config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len,
                         replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio,
                         lr=run.learner_lr)
@@ -145,6 +96,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"sitn run: warm start from {run.warm_start}: trained on {warm['events']:,} events up to "
               f"{datetime.fromtimestamp(warm['trained_until'], UTC).isoformat()} ({warm['epochs']} epochs); those "
               f"are burnt in, the prequential figures count the events after them")
+    # Derived from their owners (sitn.settings): serving's width is the model's, a warm start's included.
+    serving = serving_flags.build(args, dim=config.dim, cooc_max_neighbours=run.cooc_max_neighbours)
+    config = dataclasses.replace(config, max_users=serving.max_users)  # the learner keeps the users serving keeps
     telemetry = TelemetrySettings()  # environment only (SITN_METRICS_*)
     drift = DriftSettings()  # environment only (SITN_DRIFT_*), read here in the driver
     log.info("settings run=%r", run)

@@ -29,17 +29,24 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from sitn.cli_settings import SettingsFlags
+from sitn.commands.kafka import DEFAULT_PORT as KAFKA_PORT
+
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
     from multiprocessing.synchronize import Event as EventType
 
     from serving.settings import ServingSettings
+    from stream.settings import StreamSettings
 
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3  # of one worker slot within RESTART_WINDOW_S before the parent gives up
 RESTART_WINDOW_S = 300.0
 STOP_TIMEOUT_S = 30.0  # a worker that has not exited this long after SIGTERM is killed
+
+
+DEFAULT_BOOTSTRAP_SERVERS = f"127.0.0.1:{KAFKA_PORT}"  # `sitn kafka start`'s; the stream's own default is no Kafka
 
 
 def register(subparsers: Any) -> None:
@@ -49,58 +56,70 @@ def register(subparsers: Any) -> None:
         description=(
             "Read the compacted embedding-updates topic from the beginning, keep applying it version by version "
             "(vectors, consumed items, ranker: what the in-cluster serving applies), and serve GET /recommend, "
-            "/healthz, /metrics and /docs. Every option also reads SITN_SERVING_<NAME>."
+            "/healthz, /metrics and /docs. A flag given wins over its environment variable, which wins over "
+            "the default."
         ),
+        epilog=("also read from the environment: SITN_SERVING_ADMIN_TOKEN (a secret: never a flag); Kafka "
+                "security SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_* (stream/settings.py)"),
     )
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1) [env SITN_SERVING_HOST]")
-    p.add_argument("--port", type=int, default=None, help="TCP port (default 8000) [env SITN_SERVING_PORT]")
-    p.add_argument("--kafka-bootstrap-servers", dest="kafka_bootstrap_servers", default=None,
-                   help="Kafka brokers (default 127.0.0.1:9092) [env SITN_SERVING_KAFKA_BOOTSTRAP_SERVERS]")
-    p.add_argument("--updates-topic", dest="updates_topic", default=None,
-                   help="embedding-updates topic [env SITN_SERVING_UPDATES_TOPIC]")
-    p.add_argument("--dim", type=int, default=None, help="embedding dimension D (default 64) [env SITN_SERVING_DIM]")
-    p.add_argument("--index-factory", dest="index_factory", default=None,
-                   help="FAISS index_factory string (default HNSW32) [env SITN_SERVING_INDEX_FACTORY]")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes on one port (SO_REUSEPORT, Linux), each applying the topic itself; a "
-                        "worker that dies is restarted (default 1) [env SITN_SERVING_WORKERS]")
+    serving, learner, stream = _flags()
+    serving.add_to(p.add_argument_group("the replica (serving.settings.ServingSettings)"))
+    published = p.add_argument_group("what the learner publishes, and where (the learner's and the stream's "
+                                     "settings own these)")
+    learner.add_to(published)
+    stream.add_to(published)
     p.set_defaults(func=main)
+
+
+def _flags() -> tuple[SettingsFlags, SettingsFlags, SettingsFlags]:
+    """The options of ``sitn serve``: every serving setting but the derived width, which is the learner's
+    (``--dim``), and the stream's broker and updates topic. The old variables of the two fields serving
+    no longer owns are still read."""
+    from serving.settings import ServingSettings
+    from sitn.settings import RunSettings
+    from stream.settings import StreamSettings
+
+    return (SettingsFlags(ServingSettings, derived=("dim",)),
+            SettingsFlags(RunSettings, ("learner_dim",), names={"learner_dim": "dim"},
+                          env_aliases={"learner_dim": ("SITN_SERVING_DIM",)}),
+            SettingsFlags(StreamSettings, ("kafka_bootstrap_servers", "topic_embedding_updates"),
+                          names={"topic_embedding_updates": "updates-topic"},
+                          env_aliases={"kafka_bootstrap_servers": ("SITN_SERVING_KAFKA_BOOTSTRAP_SERVERS",),
+                                       "topic_embedding_updates": ("SITN_SERVING_UPDATES_TOPIC",)},
+                          defaults={"kafka_bootstrap_servers": DEFAULT_BOOTSTRAP_SERVERS}))
 
 
 def main(args: argparse.Namespace) -> int:
     from serving.threads import single_thread_blas_env
 
     os.environ.update(single_thread_blas_env())  # before numpy loads, here and in the workers (inherited)
-    from serving.settings import ServingSettings
-
-    given = {k: getattr(args, k) for k in ("host", "port", "kafka_bootstrap_servers", "updates_topic", "dim",
-                                           "index_factory", "workers") if getattr(args, k) is not None}
-    settings = ServingSettings(**given)  # validated there, the environment included (SITN_SERVING_WORKERS)
-    workers = settings.workers
-    log.info("settings serving=%r workers=%d", settings, workers)
+    serving_flags, learner_flags, stream_flags = _flags()
+    learner = learner_flags.build(args)
+    settings = serving_flags.build(args, dim=learner.learner_dim)  # validated there, the environment included
+    stream = stream_flags.build(args)
+    log.info("settings serving=%r stream=%r", settings, stream)
     from stream.kafka_login import check_kafka_login
-    from stream.settings import StreamSettings
 
     # Kafka security (SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_*): a refused login fails here, before any worker.
-    check_kafka_login(StreamSettings(kafka_bootstrap_servers=settings.kafka_bootstrap_servers))
-    if workers == 1:
-        return run_replica(settings)
-    return run_workers(settings, workers, logging.getLevelName(logging.getLogger().level))
+    check_kafka_login(stream)
+    if settings.workers == 1:
+        return run_replica(settings, stream)
+    return run_workers(settings, stream, settings.workers, logging.getLevelName(logging.getLogger().level))
 
 
-def run_replica(settings: ServingSettings, reuse_port: bool = False, joined: EventType | None = None) -> int:
-    """One replica in this process until SIGTERM/SIGINT. With ``reuse_port`` (a worker among several) it
-    listens only once caught up with the topic, then sets ``joined``."""
+def run_replica(settings: ServingSettings, stream: StreamSettings, reuse_port: bool = False,
+                joined: EventType | None = None) -> int:
+    """One replica in this process until SIGTERM/SIGINT, fed by ``stream``'s updates topic. With ``reuse_port``
+    (a worker among several) it listens only once caught up with the topic, then sets ``joined``."""
     from serving.api import create_app, serve_in_thread
     from serving.service import RecommendationService
     from serving.update_consumer import UpdateConsumer
-    from stream.settings import StreamSettings, kafka_client_kwargs
+    from stream.settings import kafka_client_kwargs
 
     service = RecommendationService.from_settings(settings)
-    # Kafka security (SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_*) comes from the stream settings.
-    security = kafka_client_kwargs(StreamSettings(kafka_bootstrap_servers=settings.kafka_bootstrap_servers))
-    security.pop("bootstrap_servers", None)
-    updates = UpdateConsumer.connect(service, settings.kafka_bootstrap_servers, settings.updates_topic,
+    security = kafka_client_kwargs(stream)  # SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_*
+    bootstrap_servers = security.pop("bootstrap_servers")
+    updates = UpdateConsumer.connect(service, bootstrap_servers, stream.topic_embedding_updates,
                                      settings.update_batch_size, client_options=security)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -113,7 +132,7 @@ def run_replica(settings: ServingSettings, reuse_port: bool = False, joined: Eve
             if stop.is_set():
                 return 0
         http = serve_in_thread(create_app(service, settings), settings.host, settings.port, reuse_port=reuse_port)
-        log.info("serving url=%s topic=%s pid=%d applied_version=%d", http.url, settings.updates_topic, os.getpid(),
+        log.info("serving url=%s topic=%s pid=%d applied_version=%d", http.url, stream.topic_embedding_updates, os.getpid(),
                  updates.max_version)
         if joined is not None:
             joined.set()
@@ -125,15 +144,15 @@ def run_replica(settings: ServingSettings, reuse_port: bool = False, joined: Eve
     return 0
 
 
-def _worker(settings: ServingSettings, log_level: str, joined: EventType) -> None:
+def _worker(settings: ServingSettings, stream: StreamSettings, log_level: str, joined: EventType) -> None:
     """A worker process's body (spawned: it imports everything afresh)."""
     from sitn.cli import configure_logging
 
     configure_logging(log_level)
-    raise SystemExit(run_replica(settings, reuse_port=True, joined=joined))
+    raise SystemExit(run_replica(settings, stream, reuse_port=True, joined=joined))
 
 
-def run_workers(settings: ServingSettings, workers: int, log_level: str = "INFO") -> int:
+def run_workers(settings: ServingSettings, stream: StreamSettings, workers: int, log_level: str = "INFO") -> int:
     """Start ``workers`` replicas on one port, restart those that die after joining (see the module docstring),
     forward SIGTERM/SIGINT; returns 0 after a requested stop, 1 when the group gave up."""
     import multiprocessing
@@ -156,7 +175,7 @@ def run_workers(settings: ServingSettings, workers: int, log_level: str = "INFO"
 
     def start(slot: int) -> tuple[SpawnProcess, EventType]:
         joined = context.Event()
-        process = context.Process(target=_worker, args=(settings, log_level, joined), name=f"sitn-serve-{slot}")
+        process = context.Process(target=_worker, args=(settings, stream, log_level, joined), name=f"sitn-serve-{slot}")
         process.start()
         log.info("worker started slot=%d pid=%s port=%d", slot, process.pid, settings.port)
         return process, joined

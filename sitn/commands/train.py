@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sitn.cli_settings import SettingsFlags
 from stream.time_unit import TIME_UNITS
 
 log = logging.getLogger(__name__)
@@ -37,17 +38,23 @@ def register(subparsers: Any) -> None:
     cut = p.add_mutually_exclusive_group(required=True)
     cut.add_argument("--until-fraction", type=float, help="train on the first X of the events (0 < X < 1), by time")
     cut.add_argument("--until-timestamp", type=float, help="train on the events at or before this unix second")
-    p.add_argument("--time-unit", choices=TIME_UNITS, default="auto", help="timestamp column unit (default: auto)")
+    p.add_argument("--time-unit", choices=TIME_UNITS, default="auto", help="timestamp column unit (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="read only the first N rows")
-    p.add_argument("--dim", type=int, default=64, help="SITN width d (sitn run's --learner-dim; default 64)")
-    p.add_argument("--n-views", type=int, default=1, help="interest views V (default 1)")
-    p.add_argument("--max-len", type=int, default=50, help="history length L per domain (default 50)")
-    p.add_argument("--batch-size", type=int, default=512, help="mini-batch size (default 512, as sitn eval)")
-    p.add_argument("--max-epochs", type=int, default=30, help="epochs at most (default 30)")
-    p.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
+    _shape_flags().add_to(p.add_argument_group("the model's shape: sitn run's learner settings (sitn.settings.RunSettings)"))
+    p.add_argument("--batch-size", type=int, default=512, help="mini-batch size (default: %(default)s, as sitn eval)")
+    p.add_argument("--max-epochs", type=int, default=30, help="epochs at most (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="model seed (default: %(default)s)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=run)
+
+
+def _shape_flags() -> SettingsFlags:
+    """The model's shape is the learner's setting, shared with ``sitn run`` (the same variables)."""
+    from sitn.settings import RunSettings
+
+    return SettingsFlags(RunSettings, ("learner_dim", "learner_views", "learner_max_len"),
+                         names={"learner_dim": "dim", "learner_views": "n-views", "learner_max_len": "max-len"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.torch_threads)
     events = load_events(args.events, args.source, args.target, limit=args.limit, time_unit=args.time_unit)
     trained_until = cut_off(events.events, args.until_fraction, args.until_timestamp)
-    config = SITNConfig(dim=args.dim, n_views=args.n_views, max_len=args.max_len, seed=args.seed)
+    shape = _shape_flags().build(args)
+    config = SITNConfig(dim=shape.learner_dim, n_views=shape.learner_views, max_len=shape.learner_max_len, seed=args.seed)
     warm = train_warm_start(events.events, args.source, args.target, config, trained_until,
                             batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience)
     args.output.parent.mkdir(parents=True, exist_ok=True)
