@@ -568,6 +568,20 @@ def test_dashboard_panels_have_unique_ids_and_the_provisioned_datasource(dashboa
     assert 36 <= dashboard["schemaVersion"] <= 41
 
 
+def test_driver_page_queries_are_the_grafana_panels_text_where_they_overlap(dashboard: dict[str, Any]) -> None:
+    from sitn.promql import QUERIES
+
+    grafana = {t["expr"] for p in dashboard_panels(dashboard) for t in p.get("targets", [])}
+    shared = {q.series: q.expr for q in QUERIES if q.in_grafana}
+    assert len(shared) >= 12, f"only {len(shared)} shared expressions"
+    missing = {series: expr for series, expr in shared.items() if expr not in grafana}
+    assert not missing, f"sitn.promql expressions marked in_grafana that no Grafana panel runs: {missing}"
+    own = {q.series: q.expr for q in QUERIES if not q.in_grafana and q.expr in grafana}
+    assert not own, f"sitn.promql expressions the Grafana dashboard runs too: mark them in_grafana: {own}"
+    used = {n for q in QUERIES for n in METRIC_RE.findall(q.expr)}
+    assert not used - exposed_metric_names(), f"metric names the code does not expose: {used - exposed_metric_names()}"
+
+
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboards(services: dict[str, Any]) -> None:
     (datasource,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
     host, port = datasource["url"].removeprefix("http://").split(":")
@@ -597,8 +611,11 @@ def test_promtool_checks_config_and_rules() -> None:
 
 
 def test_promtool_parses_every_dashboard_query(dashboard: dict[str, Any], tmp_path: Path) -> None:
+    from sitn.promql import QUERIES
+
     rules = [{"record": f"dashboard:panel_{p['id']}_{t['refId']}", "expr": t["expr"].replace("$__rate_interval", "1m")}
              for p in dashboard_panels(dashboard) for t in p.get("targets", [])]
+    rules += [{"record": f"driver_page:{q.series}", "expr": q.render(30)} for q in QUERIES]  # the driver's page
     path = tmp_path / "dashboard_queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = promtool("check", "rules", str(path))
