@@ -1,61 +1,59 @@
 """The driver's ops server: a local dashboard of the live system, and the driver's own ``/metrics``.
 
-No Grafana is needed to watch a run. A :class:`MetricsCollector` thread scrapes every process registered
-in the targets directory (``stream.exporter``: learner, consumers, serving) every ``interval_s``, parses
-the text exposition, sums each metric across processes and appends *derived* points (rates, quantiles,
-gauges) to bounded ring buffers. ``create_dashboard_app`` serves them:
+No Grafana is needed to watch a run. ``create_dashboard_app`` serves:
 
 - ``GET /dashboard``: one self-contained HTML page (``sitn/dashboard.html``) that polls ``/api/series``;
-- ``GET /api/series``: every series as ``{"t": [unix s...], "v": [...]}``;
-- ``GET /api/targets``: what the last round scraped, and whether each target answered;
+- ``GET /api/series``: every series as ``{"t": [unix s...], "v": [...]}``, with ``source`` saying where
+  they come from;
+- ``GET /api/targets``: the processes behind them and whether each is up;
 - ``GET /metrics``: the driver's own registry (:data:`REGISTRY`); ``GET /healthz``.
 
-How each series is derived (``derive``):
+The series come from one of two sources, and neither computes PromQL itself:
 
-- *rates* (``events_decoded_per_s{domain}``, ``examples_trained_per_s``): counter increase between the
-  last two rounds divided by their time apart. Increases are taken per process, then summed: a process
-  whose counter went down was restarted, and its new value is its increase (as Prometheus's ``rate``
-  does). A child (label value) that appeared since the previous round counts from 0 when it was created
-  since then (``increase``); a process first seen with counts of unknown age contributes nothing.
-- *quantiles* (``freshness_p50_s``, ``freshness_p99_s``, ``publish_lag_p99_s``): linear interpolation
-  in the histogram's buckets, from the bucket *increases over the last* ``window_s`` (30 s by default),
-  not the cumulative counts: what a run does now, not its average since start. It is the number
-  ``histogram_quantile(q, sum by (le) (increase(x_bucket[30s])))`` gives in Prometheus. No observation
-  in the window: no point.
-- *gauges* (losses, consumer lag, prototype agreement, drift, the publish gate, quality): the sum over
-  processes. Only one process sets each of these; an unlabelled gauge exports 0 from every other process
-  that imported its module, so the sum is the owner's value.
-- *quality*, the headline: ``ndcg_at_10{ranker}`` and ``hr_at_10{ranker}``, the prequential figures of the
-  model and of the fused ranker (model and co-occurrence, ``serving.fused``), each as served at that moment
-  of the replay (``model``, ``fused``) and at data time (``model_live``, ``fused_live``; ``learner.trainer``),
-  and of each shadow baseline (popularity, co-occurrence with target history, with target and source
-  history) over the last window of target events, all events (an unseen item is a miss);
-  ``model_lift_ratio`` and ``fused_lift_ratio`` (data-time NDCG@10 / best baseline's, whole stream); ``fused_weight`` (the w served); ``rankable_ratio`` (window);
-  ``serving_ranker{served_by}`` (1 for the ranker ``/recommend`` answers with, from serving).
+- :class:`StatusSeries`, the default (nothing installed): the status snapshot ``sitn run``'s status loop
+  builds each tick (``Pipeline.status()``: the learner's, serving's and the consumers' own figures) is
+  handed to :meth:`DashboardHandle.observe`, and each figure the page draws is appended to a bounded ring
+  buffer. The processes compute the figures: the prequential HR@10/NDCG@10 of every ranker over the last
+  window of target events, the lifts, losses and prototype agreement (the learner), freshness p50/p99 over
+  the last ``freshness_window_s`` (serving), the consumers' lag. The only arithmetic here is the two rates
+  (events decoded/s, examples trained/s): the difference of a total between two snapshots over their time
+  apart; a total that went down (a consumer or the learner restarted) gives no point.
+- :class:`PrometheusSeries`, when a Prometheus scrapes the run (``SITN_METRICS_PROMETHEUS_URL``, ``sitn
+  run --prometheus-url``): each request asks Prometheus's ``query_range`` API for the last ``range_s``
+  at a step of ``interval_s``, with the expressions of ``sitn.promql`` (rates and
+  ``histogram_quantile`` over the last ``window_s``), the same text the Grafana dashboard runs where they
+  overlap. Prometheus keeps the history; the driver keeps nothing.
 
-Every series with a label (``domain``, ``term``, ``k``) has one buffer per label value; all those labels
-are bounded (docs: ``stream.exporter``), so the number of buffers is too.
+The status snapshot has no publish-lag histogram and no per-signal drift state, so ``publish_lag_p99_s``
+and ``drift_alarms_active`` are drawn only from Prometheus; ``prototype_agreement`` is the last step's
+cross-domain agreement (mean over K) from the snapshot, and per K (the reservoir's) from Prometheus.
+Every series with a label has one buffer per label value; all those labels are bounded (docs:
+``stream.exporter``), so the number of buffers is too.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import math
+import re
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
-from stream.exporter import TelemetrySettings, read_targets
+from learner.telemetry import SERVED_BY
+from sitn.promql import QUERIES, SeriesQuery, matrix_series
+from stream.exporter import TelemetrySettings
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +75,9 @@ DEAD_LETTER_WINDOW_RATIO = Gauge(
     "Dead letters per record consumed over the live window (SITN_RUN_DEAD_LETTER_WINDOW_RECORDS); the counts by "
     "reason are the consumers' sitn_stream_dead_letters_total.", registry=REGISTRY,
 )
-SCRAPE_FAILURES = Counter(
-    "sitn_dashboard_scrape_failures", "Dashboard scrapes of a target that failed, by component.", ["component"],
-    registry=REGISTRY,
-)
-TARGETS_UP = Gauge("sitn_dashboard_targets_up", "Targets that answered the dashboard's last round.",
-                   registry=REGISTRY)
-SCRAPE_ROUND_SECONDS = Histogram(
-    "sitn_dashboard_scrape_round_seconds", "Seconds of one dashboard round over every target.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=REGISTRY,
+PROMETHEUS_QUERY_FAILURES = Counter(
+    "sitn_dashboard_prometheus_query_failures",
+    "Dashboard requests to Prometheus (SITN_METRICS_PROMETHEUS_URL) that failed.", registry=REGISTRY,
 )
 
 
@@ -106,322 +98,242 @@ class PipelineMetrics:
         self._sent, self._restarts = sent, max(restarts, self._restarts)
 
 
-# -- parsing and derivation (pure) -----------------------------------------------------------------------
-SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
+# -- source 1: the pipeline's status snapshots ----------------------------------------------------------
+# series <- the status keys it is read from, the first one present
+STATUS_GAUGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ('loss{term="total"}', ("loss",)),
+    ('loss{term="main"}', ("loss_main",)),
+    ('loss{term="i2i"}', ("loss_i2i",)),
+    ('loss{term="i2c"}', ("loss_i2c",)),
+    ("model_lift_ratio", ("model_live_lift", "prequential_lift")),  # data time, as sitn_learner_model_lift_ratio
+    ("fused_lift_ratio", ("fused_live_lift",)),
+    ("fused_weight", ("fused_weight",)),
+    ("rankable_ratio", ("prequential_rankable_ratio",)),
+    ("freshness_p50_s", ("freshness_window_p50_s",)),
+    ("freshness_p99_s", ("freshness_window_p99_s",)),
+    ("consumer_lag_records", ("consumer_lag_records",)),
+    ("prototype_agreement", ("proto_agreement",)),
+    ("drift_alarms_total", ("drift_alarms_total",)),
+    ("publish_gate_closed", ("gate_closed",)),
+)
+# series <- the status total whose increase per second it is
+STATUS_RATES: tuple[tuple[str, str], ...] = (
+    ("events_decoded_per_s", "events_decoded"),
+    ("examples_trained_per_s", "events_applied"),
+)
+# '<ranker>_<hr|ndcg>_at_10_window': the learner's figure of each ranker over the last window of target events
+_RANKER_FIGURE = re.compile(r"(?P<ranker>[a-z_]+)_(?P<figure>hr|ndcg)_at_10_window")
+_PARTS = {"learner": "learner_error", "consumers": "consumer_error"}  # part -> the key saying it did not answer
 
 
-def parse_exposition(text: str) -> tuple[dict[SampleKey, float], set[str]]:
-    """Samples of a Prometheus text exposition, and the names of the families it declares.
+def status_points(status: Mapping[str, Any]) -> dict[str, float]:
+    """The gauge points of one status snapshot (rates need two: :class:`StatusSeries`); non-finite dropped.
 
-    ``_created`` samples (when a counter or histogram child was created, in the process's clock) are kept
-    under their own names. A labelled metric with no child yet declares its family but has no samples:
-    its sum is 0, not missing.
-
-    >>> samples, families = parse_exposition('# HELP x_total X.\\n# TYPE x_total counter\\n'
-    ...                                      'x_total{domain="book"} 3.0\\n# TYPE y gauge\\n')
-    >>> samples, sorted(families)
-    ({('x_total', (('domain', 'book'),)): 3.0}, ['x', 'y'])
-    """
-    samples: dict[SampleKey, float] = {}
-    families: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        families.add(family.name)
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
-    return samples, families
-
-
-@dataclass(frozen=True)
-class Scrape:
-    """One round: the samples of every target that answered, by address, and every family declared."""
-
-    t_s: float
-    samples: Mapping[str, Mapping[SampleKey, float]]
-    families: frozenset[str] = frozenset()
-
-    @classmethod
-    def from_texts(cls, t_s: float, texts: Mapping[str, str]) -> Scrape:
-        """Parse each target's exposition (``address -> text``)."""
-        samples, families = {}, set()
-        for address, text in texts.items():
-            samples[address], declared = parse_exposition(text)
-            families |= declared
-        return cls(t_s, samples, frozenset(families))
-
-    def select(self, name: str, **labels: str) -> Iterable[tuple[str, SampleKey, float]]:
-        """``(address, key, value)`` of the samples called ``name`` whose labels include ``labels``."""
-        for address, samples in self.samples.items():
-            for key, value in samples.items():
-                if key[0] == name and all((k, v) in key[1] for k, v in labels.items()):
-                    yield address, key, value
-
-    def total(self, name: str, **labels: str) -> float:
-        return sum(v for _, _, v in self.select(name, **labels))
-
-    def by_label(self, name: str, label: str, **labels: str) -> dict[str, float]:
-        """Samples called ``name`` whose labels include ``labels``, summed by the value of ``label``."""
-        out: dict[str, float] = {}
-        for _, key, value in self.select(name, **labels):
-            group = dict(key[1]).get(label)
-            if group is not None:
-                out[group] = out.get(group, 0.0) + value
-        return out
-
-
-def increase(old: Scrape, new: Scrape, name: str, label: str | None = None) -> dict[str | None, float]:
-    """Counter increase from ``old`` to ``new``, per process (a decrease is a restart), summed by ``label``.
-
-    A child that did not exist at ``old`` counts from 0 if it was created after ``old`` was taken: a label
-    value new in a process ``old`` has, or any child whose ``_created`` time is later than ``old.t_s`` (a
-    process that started in between, such as a consumer actor whose first events came in a burst). A
-    child of a process absent from ``old`` without such proof is skipped: it may have counted for long
-    before the dashboard first saw it.
-
-    >>> a = Scrape(0.0, {"p": {("c_total", ()): 5.0}, "q": {("c_total", ()): 9.0}})
-    >>> b = Scrape(2.0, {"p": {("c_total", ()): 8.0}, "q": {("c_total", ()): 4.0}, "r": {("c_total", ()): 7.0},
-    ...                  "s": {("c_total", ()): 6.0, ("c_created", ()): 1.5}})
-    >>> increase(a, b, "c_total")  # p: +3; q restarted: +4; r: unknown start, skipped; s: created at 1.5: +6
-    {None: 13.0}
-    """
-    out: dict[str | None, float] = {}
-    for address, key, value in new.select(name):
-        known = old.samples.get(address)
-        if known is not None and key in known:
-            before = known[key]
-        elif known is not None or new.samples[address].get(_created_key(key), -math.inf) >= old.t_s:
-            before = 0.0
-        else:
-            continue
-        group = dict(key[1]).get(label) if label is not None else None
-        out[group] = out.get(group, 0.0) + (value - before if value >= before else value)
-    return out
-
-
-def _created_key(key: SampleKey) -> SampleKey:
-    """The ``_created`` sample of a counter's or histogram bucket's child (``x_total`` / ``x_bucket{le}``)."""
-    name, labels = key
-    base = name.removesuffix("_total").removesuffix("_bucket")
-    return f"{base}_created", tuple(kv for kv in labels if kv[0] != "le")
-
-
-def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
-    """The ``q`` quantile of cumulative bucket counts ``{upper bound: count}``, as Prometheus computes it.
-
-    Linear interpolation inside the bucket that holds rank ``q * count``; the first bucket starts at 0; a
-    rank in the ``+Inf`` bucket gives the highest finite bound. ``None`` without observations.
-
-    >>> round(histogram_quantile(0.5, {0.1: 2.0, 0.5: 6.0, math.inf: 8.0}), 12)  # rank 4: half way in (0.1, 0.5]
-    0.3
-    """
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q!r}")
-    bounds = sorted(buckets)
-    if not bounds or bounds[-1] != math.inf or buckets[math.inf] <= 0:
-        return None
-    rank = q * buckets[math.inf]
-    lower, below = 0.0, 0.0
-    for upper in bounds:
-        count = buckets[upper]
-        if count >= rank:
-            if upper == math.inf:
-                return lower if len(bounds) > 1 else None
-            if count == below:
-                return upper
-            return lower + (upper - lower) * (rank - below) / (count - below)
-        lower, below = upper, count
-    return None
-
-
-def bucket_increase(old: Scrape, new: Scrape, name: str) -> dict[float, float]:
-    """Per-bucket increase of histogram ``name`` (its ``_bucket`` samples), summed over processes."""
-    return {float(le): v for le, v in increase(old, new, f"{name}_bucket", label="le").items() if le is not None}
-
-
-def derive(new: Scrape, previous: Scrape | None = None, window_start: Scrape | None = None) -> dict[str, float]:
-    """The points of one round: rates since ``previous``, quantiles since ``window_start``, gauges now.
-
-    A series whose metric no target declares has no point (e.g. drift, when no drift monitor runs).
+    >>> status_points({"loss": 2.5, "gate_closed": 0.0, "fused_ndcg_at_10_window": 0.02,
+    ...                "fused_ndcg_at_10_window_rankable": 0.04, "served_by": "fused", "freshness_window_p50_s": math.nan})
+    {'loss{term="total"}': 2.5, 'publish_gate_closed': 0.0, 'ndcg_at_10{ranker="fused"}': 0.02,
+     'serving_ranker{served_by="model"}': 0.0, 'serving_ranker{served_by="fused"}': 1.0,
+     'serving_ranker{served_by="popularity"}': 0.0, 'serving_ranker{served_by="cooccurrence"}': 0.0}
     """
     out: dict[str, float] = {}
-    has = new.families.__contains__
-    if previous is not None and new.t_s > previous.t_s:
-        dt_s = new.t_s - previous.t_s
-        if has("sitn_stream_events_decoded"):
-            for domain, n in increase(previous, new, "sitn_stream_events_decoded_total", "domain").items():
-                out[f'events_decoded_per_s{{domain="{domain}"}}'] = n / dt_s
-        if has("sitn_learner_examples_trained"):
-            trained = increase(previous, new, "sitn_learner_examples_trained_total")
-            out["examples_trained_per_s"] = trained.get(None, 0.0) / dt_s
-    if window_start is not None:
-        for series, metric, q in (("freshness_p50_s", "sitn_serving_freshness_seconds", 0.5),
-                                  ("freshness_p99_s", "sitn_serving_freshness_seconds", 0.99),
-                                  ("publish_lag_p99_s", "sitn_learner_publish_lag_seconds", 0.99)):
-            value = histogram_quantile(q, bucket_increase(window_start, new, metric))
-            if value is not None:
-                out[series] = value
-    for term, value in new.by_label("sitn_learner_loss", "term").items():
-        out[f'loss{{term="{term}"}}'] = value
-    for series, metric in (("ndcg_at_10", "sitn_learner_ranker_ndcg_at_10"), ("hr_at_10", "sitn_learner_ranker_hr_at_10")):
-        for ranker, value in new.by_label(metric, "ranker", events="all", span="window").items():
-            out[f'{series}{{ranker="{ranker}"}}'] = value
-    for served_by, value in new.by_label("sitn_serving_ranker", "served_by").items():
-        out[f'serving_ranker{{served_by="{served_by}"}}'] = value
-    for series, metric, labels in (("model_lift_ratio", "sitn_learner_model_lift_ratio", {}),
-                                   ("fused_lift_ratio", "sitn_learner_fused_lift_ratio", {}),
-                                   ("fused_weight", "sitn_learner_fused_weight", {}),
-                                   ("rankable_ratio", "sitn_learner_prequential_rankable_ratio", {"span": "window"})):
-        if has(metric) and any(True for _ in new.select(metric, **labels)):
-            out[series] = new.total(metric, **labels)
-    for series, metric in (("publish_gate_closed", "sitn_learner_publish_gate_closed"),
-                           ("consumer_lag_records", "sitn_stream_consumer_lag_records"),
-                           ("drift_alarms_active", "sitn_drift_alarm_active")):
-        if has(metric):
-            out[series] = new.total(metric)
-    if has("sitn_drift_alarms"):
-        out["drift_alarms_total"] = new.total("sitn_drift_alarms_total")
-    for k, value in new.by_label("sitn_learner_prototype_agreement", "k").items():
-        out[f'prototype_agreement{{k="{k}"}}'] = value
+    for series, keys in STATUS_GAUGES:
+        key = next((k for k in keys if k in status), None)
+        if key is not None:
+            out[series] = float(status[key])
+    for key, value in status.items():
+        match = _RANKER_FIGURE.fullmatch(key)
+        if match is not None:
+            out[f'{match["figure"]}_at_10{{ranker="{match["ranker"]}"}}'] = float(value)
+    if isinstance(status.get("served_by"), str):
+        for name in SERVED_BY:
+            out[f'serving_ranker{{served_by="{name}"}}'] = 1.0 if name == status["served_by"] else 0.0
     return {name: value for name, value in out.items() if math.isfinite(value)}
 
 
-# -- the collector thread ----------------------------------------------------------------------------------
-@dataclass
-class TargetStatus:
-    component: str
-    address: str
-    up: bool
-    error: str | None = None
-    scrape_s: float = 0.0
+def status_targets(status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The processes a snapshot heard from: the learner, the consumers (one answer for the fleet) and each
+    serving replica, each ``up`` or not with the error it gave."""
+    rows = [{"component": part, "address": "", "up": key not in status, "error": status.get(key), "scrape_s": None}
+            for part, key in _PARTS.items()]
+    for replica in status.get("serving_replicas") or []:
+        pid = replica.get("pid")
+        rows.append({"component": f"serving-{replica['replica']}", "address": f"pid {pid}" if pid else "",
+                     "up": bool(replica.get("alive")), "error": None, "scrape_s": None})
+    return rows
 
 
 @dataclass
-class MetricsCollector:
-    """Scrapes every target in ``targets_dir`` each ``interval_s`` and keeps ``capacity`` points per series.
+class StatusSeries:
+    """Ring buffers of ``capacity`` points per series, fed with status snapshots (``observe``).
 
-    ``skip_components``: targets not scraped (the driver itself: its registry is local, see ``REGISTRY``).
-    Scrapes use the standard library's ``urllib``, not httpx: httpx logs every request at INFO, which
-    would put two lines a second into the operator's log (and through ``sitn run``'s live table).
+    ``interval_s``: how often the status loop observes (reported, not enforced). Thread-safe: the status
+    loop observes while the HTTP server reads.
     """
 
-    targets_dir: Path
-    interval_s: float = 2.0
+    interval_s: float = 1.0
     capacity: int = 1800
-    window_s: float = 30.0
-    timeout_s: float = 1.5
-    skip_components: tuple[str, ...] = ("driver",)
     clock: Callable[[], float] = time.time
     _series: dict[str, deque[tuple[float, float]]] = field(default_factory=dict, init=False)
-    _history: deque[Scrape] = field(default_factory=deque, init=False)
-    _targets: list[TargetStatus] = field(default_factory=list, init=False)
+    _totals: dict[str, tuple[float, float]] = field(default_factory=dict, init=False)  # key -> (t, total)
+    _targets: list[dict[str, Any]] = field(default_factory=list, init=False)
+    _window_s: float | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
-    _stop: threading.Event = field(default_factory=threading.Event, init=False)
-    _thread: threading.Thread | None = field(default=None, init=False)
     rounds: int = field(default=0, init=False)
     failures: int = field(default=0, init=False)
+    last_s: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {self.interval_s!r}")
         if self.capacity < 2:
             raise ValueError(f"capacity must be >= 2 points, got {self.capacity!r}")
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sitn-dashboard-scrape")
 
-    def ingest(self, scrape: Scrape) -> dict[str, float]:
-        """Derive this round's points from ``scrape`` and the rounds before it; append and return them."""
+    def observe(self, status: Mapping[str, Any], t_s: float | None = None) -> dict[str, float]:
+        """Append the points of ``status`` taken at ``t_s`` (default: now); returns them."""
+        t_s = self.clock() if t_s is None else t_s
+        points = status_points(status)
         with self._lock:
-            previous = self._history[-1] if self._history else None
-            while len(self._history) > 1 and self._history[1].t_s <= scrape.t_s - self.window_s:
-                self._history.popleft()  # keep one round at or before the window's start
-            window_start = self._history[0] if self._history else None
-            points = derive(scrape, previous, window_start)
-            self._history.append(scrape)
+            for series, key in STATUS_RATES:
+                if key not in status:
+                    continue
+                total, before = float(status[key]), self._totals.get(key)
+                self._totals[key] = (t_s, total)
+                if before is not None and t_s > before[0] and total >= before[1]:
+                    points[series] = (total - before[1]) / (t_s - before[0])
             for name, value in points.items():
-                self._series.setdefault(name, deque(maxlen=self.capacity)).append((scrape.t_s, value))
+                self._series.setdefault(name, deque(maxlen=self.capacity)).append((t_s, value))
+            self._targets = status_targets(status)
+            self._window_s = status.get("freshness_window_s", self._window_s)
             self.rounds += 1
+            self.failures += any(not row["up"] for row in self._targets)
+            self.last_s = t_s
         return points
-
-    def scrape_once(self) -> dict[str, float]:
-        """Fetch every target's ``/metrics`` (unreachable ones are skipped and counted), then ``ingest``."""
-        started_s = time.perf_counter()
-        t_s = self.clock()
-        targets = [(c, a) for c, a in read_targets(self.targets_dir) if c not in self.skip_components]
-        # Concurrently: one slow process (a busy learner) must not delay the others' samples.
-        results = list(self._pool.map(lambda target: self._fetch(*target), targets))
-        samples: dict[str, dict[SampleKey, float]] = {}
-        families: set[str] = set()
-        for status, parsed in results:
-            if parsed is not None:
-                samples[status.address], declared = parsed
-                families |= declared
-        statuses = [status for status, _ in results]
-        scrape = Scrape(t_s, samples, frozenset(families))
-        with self._lock:
-            self._targets = statuses
-        TARGETS_UP.set(sum(s.up for s in statuses))
-        points = self.ingest(scrape)
-        SCRAPE_ROUND_SECONDS.observe(time.perf_counter() - started_s)
-        return points
-
-    def _fetch(self, component: str, address: str) -> tuple[TargetStatus, tuple[dict[SampleKey, float], set[str]] | None]:
-        t0 = time.perf_counter()
-        try:
-            with urllib.request.urlopen(f"http://{address}/metrics", timeout=self.timeout_s) as response:
-                text = response.read().decode("utf-8")
-            parsed = parse_exposition(text)
-        except (OSError, http.client.HTTPException, ValueError) as exc:  # restarting, gone or unparsable: counted
-            SCRAPE_FAILURES.labels(component).inc()
-            with self._lock:
-                self.failures += 1
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("scrape failed component=%s address=%s error=%s", component, address, error)
-            return TargetStatus(component, address, False, error, time.perf_counter() - t0), None
-        return TargetStatus(component, address, True, scrape_s=time.perf_counter() - t0), parsed
 
     def series(self) -> dict[str, Any]:
         """Every series as parallel lists ``{"t": [...], "v": [...]}`` (JSON-ready)."""
         with self._lock:
             series = {name: {"t": [t for t, _ in buf], "v": [v for _, v in buf]}
                       for name, buf in sorted(self._series.items())}
-            up = sum(s.up for s in self._targets)
-            return {"now_s": self.clock(), "interval_s": self.interval_s, "window_s": self.window_s,
-                    "rounds": self.rounds, "scrape_failures": self.failures, "targets_up": up,
-                    "targets": len(self._targets), "series": series}
+            return {"source": "status", "now_s": self.clock(), "interval_s": self.interval_s,
+                    "window_s": self._window_s, "rounds": self.rounds, "scrape_failures": self.failures,
+                    "targets_up": sum(row["up"] for row in self._targets), "targets": len(self._targets),
+                    "errors": [], "series": series}
 
     def targets(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [vars(s).copy() for s in self._targets]
+            return [dict(row) for row in self._targets]
 
-    # -- thread --------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="sitn-dashboard-collector", daemon=True)
-        self._thread.start()
+    def health(self) -> dict[str, Any]:
+        age_s = None if self.last_s is None else self.clock() - self.last_s
+        return {"ok": True, "source": "status", "snapshots": self.rounds, "last_snapshot_age_s": age_s}
 
-    @property
-    def alive(self) -> bool:
-        """The collector thread runs (False before ``start()`` and after a round failed with a bug)."""
-        return self._thread is not None and self._thread.is_alive()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
+# -- source 2: a Prometheus server ------------------------------------------------------------------------
+class PrometheusError(Exception):
+    """Prometheus did not answer, or answered with an error."""
+
+
+@dataclass
+class PrometheusSeries:
+    """The page's series from Prometheus at ``url``: per request, ``query_range`` over the last ``range_s``
+    at a step of ``interval_s``, ``rate`` over ``window_s`` (``sitn.promql``).
+
+    Requests use the standard library's ``urllib``, not httpx: httpx logs every request at INFO, which would
+    put a dozen lines per page refresh into the operator's log (and through ``sitn run``'s live table).
+    """
+
+    url: str
+    interval_s: float = 2.0
+    range_s: float = 3600.0
+    window_s: float = 30.0
+    timeout_s: float = 5.0
+    queries: tuple[SeriesQuery, ...] = QUERIES
+    clock: Callable[[], float] = time.time
+    rounds: int = field(default=0, init=False)
+    failures: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "range_s", "window_s", "timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.range_s / self.interval_s > 11_000:  # Prometheus refuses more points per series
+            raise ValueError(f"range_s / interval_s must be <= 11000 points, got {self.range_s / self.interval_s:g}")
+        self.url = self.url.rstrip("/")
+
+    def _get(self, path: str, **params: Any) -> Any:
+        """``data`` of a Prometheus API answer; :class:`PrometheusError` on anything else."""
+        address = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        try:
+            with urllib.request.urlopen(address, timeout=self.timeout_s) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # 4xx/5xx carry {"status": "error", "error": ...}
+            detail = exc.read().decode("utf-8", "replace")[:300]
+            raise PrometheusError(f"{path} answered {exc.code}: {detail}") from exc
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise PrometheusError(f"{path}: {type(exc).__name__}: {exc}") from exc
+        if body.get("status") != "success":
+            raise PrometheusError(f"{path}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def _failed(self, what: str, exc: PrometheusError) -> str:
+        self.failures += 1
+        PROMETHEUS_QUERY_FAILURES.inc()
+        log.warning("prometheus request failed url=%s what=%s error=%s", self.url, what, exc)
+        return f"{what}: {exc}"
+
+    def series(self) -> dict[str, Any]:
+        """Every query's series over the last ``range_s``; a query that fails is left out and named in
+        ``errors`` (an unreachable Prometheus ends the round at the first failure)."""
+        end_s = self.clock()
+        start_s = end_s - self.range_s
+        series: dict[str, dict[str, list[float]]] = {}
+        errors: list[str] = []
+        for query in self.queries:
             try:
-                self.scrape_once()
-            except Exception:  # a bug: logged, re-raised (the thread ends; /healthz answers 503)
-                log.exception("dashboard round failed")
-                raise
-            self._stop.wait(self.interval_s)
+                data = self._get("/api/v1/query_range", query=query.render(self.window_s), start=f"{start_s:.3f}",
+                                 end=f"{end_s:.3f}", step=f"{self.interval_s:g}")
+            except PrometheusError as exc:
+                errors.append(self._failed(query.series, exc))
+                if not isinstance(exc.__cause__, urllib.error.HTTPError):
+                    break  # not answering at all: the other queries would wait for the same timeout
+                continue
+            series.update(matrix_series(query, data["result"]))
+        targets = self.targets() if not errors else []
+        self.rounds += 1
+        return {"source": "prometheus", "prometheus_url": self.url, "now_s": end_s, "interval_s": self.interval_s,
+                "window_s": self.window_s, "rounds": self.rounds, "scrape_failures": self.failures,
+                "targets_up": sum(t["up"] for t in targets), "targets": len(targets), "errors": errors,
+                "series": dict(sorted(series.items()))}
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        self._pool.shutdown(wait=True)
+    def targets(self) -> list[dict[str, Any]]:
+        """Prometheus's active targets of the run (those with a ``component`` label: ``stream.exporter``)."""
+        try:
+            active = self._get("/api/v1/targets", state="active")["activeTargets"]
+        except PrometheusError as exc:
+            self._failed("targets", exc)
+            return []
+        return [{"component": t["labels"]["component"], "address": t["labels"].get("instance", ""),
+                 "up": t["health"] == "up", "error": t.get("lastError") or None,
+                 "scrape_s": t.get("lastScrapeDuration")}
+                for t in active if "component" in t["labels"]]
+
+    def health(self) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=min(self.timeout_s, 1.0)) as response:
+                ready = response.status == 200
+        except (OSError, http.client.HTTPException):
+            ready = False
+        return {"ok": True, "source": "prometheus", "prometheus_url": self.url, "prometheus_ready": ready}
+
+
+Source = StatusSeries | PrometheusSeries
 
 
 # -- HTTP ------------------------------------------------------------------------------------------------------
-def create_dashboard_app(collector: MetricsCollector) -> Any:
+def create_dashboard_app(source: Source) -> Any:
     """FastAPI app: ``/dashboard``, ``/api/series``, ``/api/targets``, ``/metrics``, ``/healthz``."""
     from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+    from fastapi.responses import HTMLResponse, RedirectResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = FastAPI(title="sitn-stream driver", docs_url=None, redoc_url=None)
@@ -437,54 +349,72 @@ def create_dashboard_app(collector: MetricsCollector) -> Any:
 
     @app.get("/api/series")
     def series() -> dict[str, Any]:
-        return collector.series()
+        return source.series()
 
     @app.get("/api/targets")
     def targets() -> dict[str, Any]:
-        return {"targets_dir": str(collector.targets_dir), "targets": collector.targets()}
+        return {"source": _source_name(source), "targets": source.targets()}
 
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
-    def healthz() -> JSONResponse:
-        alive = collector.alive
-        return JSONResponse({"ok": alive, "collector_alive": alive, "rounds": collector.rounds},
-                              status_code=200 if alive else 503)
+    def healthz() -> dict[str, Any]:
+        return source.health()
 
     return app
 
 
+def _source_name(source: Source) -> str:
+    return "prometheus" if isinstance(source, PrometheusSeries) else "status"
+
+
 @dataclass
 class DashboardHandle:
-    """The running ops server: ``url`` (of ``/dashboard``'s server), ``collector``; ``stop()`` ends both."""
+    """The running ops server: ``url`` (of ``/dashboard``'s server), its ``source``; ``observe(status)`` each
+    status tick; ``stop()`` ends it."""
 
     url: str
-    collector: MetricsCollector
+    source: Source
     server: Any
     target_file: Path | None
+    metrics: PipelineMetrics = field(default_factory=PipelineMetrics)
+
+    def observe(self, status: Mapping[str, Any]) -> None:
+        """One status snapshot (``Pipeline.status()``): the driver's counters, and the page's series
+        unless they come from Prometheus."""
+        self.metrics.observe(status)
+        if isinstance(self.source, StatusSeries):
+            self.source.observe(status)
 
     def stop(self) -> None:
         if self.target_file is not None:
             self.target_file.unlink(missing_ok=True)
             self.target_file = None
-        self.collector.stop()
         self.server.stop()
 
 
-def start_dashboard(settings: TelemetrySettings, targets_dir: Path, interval_s: float = 2.0,
+def start_dashboard(settings: TelemetrySettings, targets_dir: Path, interval_s: float = 1.0,
                     capacity: int = 1800) -> DashboardHandle:
-    """Serve the dashboard on ``settings.dashboard_host:dashboard_port`` (0: any free port), start the
-    collector, and register the driver's ``/metrics`` in ``targets_dir`` so Prometheus scrapes it too."""
+    """Serve the dashboard on ``settings.dashboard_host:dashboard_port`` (0: any free port) and register the
+    driver's ``/metrics`` in ``targets_dir`` so Prometheus scrapes it too.
+
+    ``interval_s``: the status loop's period (``RunSettings.status_every_s``), or with
+    ``settings.prometheus_url`` the step of the queries; ``capacity``: points kept (or asked for) per series.
+    """
     from serving.api import serve_in_thread
     from stream.errors import ConfigError
     from stream.exporter import _advertised, register_existing
 
     directory = Path(settings.targets_dir or targets_dir)
-    collector = MetricsCollector(directory, interval_s=interval_s, capacity=capacity)
+    source: Source
+    if settings.prometheus_url is not None:
+        source = PrometheusSeries(settings.prometheus_url, interval_s=interval_s, range_s=capacity * interval_s)
+    else:
+        source = StatusSeries(interval_s=interval_s, capacity=capacity)
     try:
-        server = serve_in_thread(create_dashboard_app(collector), settings.dashboard_host, settings.dashboard_port)
+        server = serve_in_thread(create_dashboard_app(source), settings.dashboard_host, settings.dashboard_port)
     except (RuntimeError, TimeoutError) as exc:
         raise ConfigError(
             f"dashboard could not listen on {settings.dashboard_host}:{settings.dashboard_port} ({exc}); "
@@ -492,7 +422,5 @@ def start_dashboard(settings: TelemetrySettings, targets_dir: Path, interval_s: 
         ) from exc
     url = f"http://{_advertised(settings, settings.dashboard_host)}:{server.port}"
     target_file = register_existing(settings, "driver", url, directory)
-    collector.start()
-    log.info("dashboard url=%s/dashboard targets_dir=%s interval_s=%s", url, directory, interval_s)
-    return DashboardHandle(url, collector, server, target_file)
-
+    log.info("dashboard url=%s/dashboard source=%s targets_dir=%s", url, _source_name(source), directory)
+    return DashboardHandle(url, source, server, target_file)

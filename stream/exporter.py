@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,18 @@ class TelemetrySettings(BaseSettings):
                                                        "(default: <run dir>/metrics/targets)")
     dashboard_host: str = Field(default="127.0.0.1", description="address of the driver's /metrics and /dashboard")
     dashboard_port: int = Field(default=9400, ge=0, le=65535, description="port of the driver's /metrics and /dashboard")
+    prometheus_url: str | None = Field(default=None, description="a Prometheus that scrapes this run "
+                                       "(http://host:9090): the dashboard draws from its query_range API instead "
+                                       "of the pipeline's status snapshots")
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1].strip("/")) == 0:
+            raise ValueError(f"prometheus_url must be http(s)://host[:port][/path], got {value!r}")
+        return value.rstrip("/")
 
 
 class Exporter:
@@ -141,22 +153,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def read_targets(targets_dir: Path) -> list[tuple[str, str]]:
-    """``(component, host:port)`` of every registered process, in file order (what the dashboard scrapes)."""
-    out: list[tuple[str, str]] = []
-    if not targets_dir.is_dir():
-        return out
-    for path in sorted(targets_dir.glob("*.json")):
-        try:
-            entries = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):  # being replaced right now: next round
-            continue
-        for entry in entries:
-            for target in entry.get("targets", []):
-                out.append((str(entry.get("labels", {}).get("component", "")), str(target)))
-    return out
 
 
 _lock = threading.Lock()

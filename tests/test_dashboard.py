@@ -1,247 +1,107 @@
-"""The driver's dashboard: the collector's parsing and derivation on hand-written expositions (exact
-numbers), its HTTP API over real exporters, and, marked ray/slow, the page in headless Chromium against
-a small live pipeline (every chart has data; the screenshot is kept as an artifact)."""
+"""The driver's dashboard: its status-snapshot source on hand-written snapshots (exact points and rates),
+the PromQL source's pure parts and its failures against a real unreachable address, the HTTP API over a
+real server, and, marked ray/slow, the page in headless Chromium against a small live pipeline fed by its
+own status snapshots (every chart has data; the screenshot is kept as an artifact). The query_range path
+against a real Prometheus server is in ``tests/test_prometheus_scrape.py``."""
 
 from __future__ import annotations
 
 import html.parser
-import math
 import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from sitn import dashboard
 from sitn.dashboard import (
-    MetricsCollector,
     PipelineMetrics,
-    Scrape,
+    PrometheusSeries,
+    StatusSeries,
     create_dashboard_app,
-    derive,
-    histogram_quantile,
-    increase,
-    parse_exposition,
+    status_points,
+    status_targets,
 )
-from stream.exporter import TelemetrySettings, write_target
+from sitn.promql import QUERIES, matrix_series
+from stream.exporter import TelemetrySettings
 from tests.conftest import skip_or_fail
 from tests.test_pipeline import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACT = REPO / "var" / "artifacts" / "dashboard.png"
 
-# -- hand-written expositions: a learner, two consumers and serving, two rounds 2 s apart ----------------
-LEARNER_0 = """\
-# HELP sitn_learner_examples_trained_total Examples trained on, by domain.
-# TYPE sitn_learner_examples_trained_total counter
-sitn_learner_examples_trained_total{domain="movie"} 1000.0
-sitn_learner_examples_trained_total{domain="book"} 200.0
-sitn_learner_examples_trained_created{domain="movie"} 1.7e9
-# HELP sitn_learner_loss Loss of the last step, by term.
-# TYPE sitn_learner_loss gauge
-sitn_learner_loss{term="total"} 6.0
-# HELP sitn_learner_prequential_ndcg_at_10 NDCG
-# TYPE sitn_learner_prequential_ndcg_at_10 gauge
-sitn_learner_prequential_ndcg_at_10 0.0
-# HELP sitn_learner_publish_lag_seconds lag
-# TYPE sitn_learner_publish_lag_seconds histogram
-sitn_learner_publish_lag_seconds_bucket{le="0.5"} 10.0
-sitn_learner_publish_lag_seconds_bucket{le="1.0"} 10.0
-sitn_learner_publish_lag_seconds_bucket{le="+Inf"} 10.0
-sitn_learner_publish_lag_seconds_count 10.0
-sitn_learner_publish_lag_seconds_sum 2.0
-"""
-LEARNER_2 = """\
-# HELP sitn_learner_examples_trained_total Examples trained on, by domain.
-# TYPE sitn_learner_examples_trained_total counter
-sitn_learner_examples_trained_total{domain="movie"} 1192.0
-sitn_learner_examples_trained_total{domain="book"} 264.0
-# HELP sitn_learner_loss Loss of the last step, by term.
-# TYPE sitn_learner_loss gauge
-sitn_learner_loss{term="total"} 5.25
-sitn_learner_loss{term="main"} 4.5
-sitn_learner_loss{term="i2i"} 0.5
-sitn_learner_loss{term="i2c"} 0.25
-# HELP sitn_learner_ranker_ndcg_at_10 NDCG
-# TYPE sitn_learner_ranker_ndcg_at_10 gauge
-sitn_learner_ranker_ndcg_at_10{events="all",ranker="model",span="window"} 0.125
-sitn_learner_ranker_ndcg_at_10{events="rankable",ranker="model",span="window"} 0.25
-sitn_learner_ranker_ndcg_at_10{events="all",ranker="model",span="stream"} 0.1
-sitn_learner_ranker_ndcg_at_10{events="all",ranker="cooc_target",span="window"} 0.375
-sitn_learner_ranker_ndcg_at_10{events="all",ranker="fused",span="window"} 0.5
-# HELP sitn_learner_ranker_hr_at_10 HR
-# TYPE sitn_learner_ranker_hr_at_10 gauge
-sitn_learner_ranker_hr_at_10{events="all",ranker="model",span="window"} 0.25
-sitn_learner_ranker_hr_at_10{events="all",ranker="popularity",span="window"} 0.5
-# HELP sitn_learner_model_lift_ratio lift
-# TYPE sitn_learner_model_lift_ratio gauge
-sitn_learner_model_lift_ratio 0.5
-# HELP sitn_learner_fused_lift_ratio lift
-# TYPE sitn_learner_fused_lift_ratio gauge
-sitn_learner_fused_lift_ratio 1.25
-# HELP sitn_learner_fused_weight w
-# TYPE sitn_learner_fused_weight gauge
-sitn_learner_fused_weight 2.0
-# HELP sitn_learner_prequential_rankable_ratio rankable
-# TYPE sitn_learner_prequential_rankable_ratio gauge
-sitn_learner_prequential_rankable_ratio{span="window"} 0.75
-sitn_learner_prequential_rankable_ratio{span="stream"} 0.5
-# HELP sitn_learner_publish_gate_closed gate
-# TYPE sitn_learner_publish_gate_closed gauge
-sitn_learner_publish_gate_closed 1.0
-# HELP sitn_learner_prototype_agreement agreement
-# TYPE sitn_learner_prototype_agreement gauge
-sitn_learner_prototype_agreement{k="4"} 0.75
-sitn_learner_prototype_agreement{k="8"} 0.5
-# HELP sitn_learner_publish_lag_seconds lag
-# TYPE sitn_learner_publish_lag_seconds histogram
-sitn_learner_publish_lag_seconds_bucket{le="0.5"} 10.0
-sitn_learner_publish_lag_seconds_bucket{le="1.0"} 110.0
-sitn_learner_publish_lag_seconds_bucket{le="+Inf"} 110.0
-sitn_learner_publish_lag_seconds_count 110.0
-sitn_learner_publish_lag_seconds_sum 80.0
-# HELP sitn_drift_alarms_total Drift alarms raised, by signal and detector.
-# TYPE sitn_drift_alarms_total counter
-sitn_drift_alarms_total{detector="psi",signal="input_domain_mix"} 2.0
-sitn_drift_alarms_total{detector="js",signal="input_domain_mix"} 1.0
-# HELP sitn_drift_alarm_active active
-# TYPE sitn_drift_alarm_active gauge
-sitn_drift_alarm_active{signal="input_domain_mix"} 1.0
-sitn_drift_alarm_active{signal="loss"} 0.0
-"""
+
+def snapshot(events_decoded: float, events_applied: float, **more: Any) -> dict[str, Any]:
+    """A status snapshot as ``Pipeline.status()`` builds it (the keys the dashboard reads, and some it ignores)."""
+    status: dict[str, Any] = {
+        "replay_sent": 3000, "restarts": 0, "rss_mb": {"learner": 900.0}, "step": 40.0,
+        "events_decoded": events_decoded, "events_applied": events_applied, "records_in": events_decoded,
+        "loss": 5.25, "loss_main": 4.5, "loss_i2i": 0.5, "loss_i2c": 0.25, "proto_agreement": 0.625,
+        "prequential_ndcg_at_10": 0.125, "prequential_rankable_ratio": 0.75, "prequential_lift": 0.25,
+        "model_live_lift": 0.5, "fused_lift": 1.0, "fused_live_lift": 1.25,
+        "model_ndcg_at_10_window": 0.125, "model_ndcg_at_10_window_rankable": 0.25,
+        "model_ndcg_at_10_stream": 0.1, "cooc_target_ndcg_at_10_window": 0.375, "fused_live_ndcg_at_10_window": 0.5,
+        "model_hr_at_10_window": 0.25, "popularity_hr_at_10_window": 0.5,
+        "gate_closed": 1.0, "gate_served_ndcg": 0.2, "drift_alarms_total": 3.0,
+        "served_by": "fused", "fused_weight": 2.0, "freshness_p50_s": 9.0, "freshness_window_s": 30.0,
+        "freshness_window_p50_s": 0.5, "freshness_window_p99_s": 2.0, "consumer_lag_records": 13,
+        "serving_replicas": [{"replica": 0, "alive": True, "pid": 4242, "listening": True, "served_version": 7.0}],
+    }
+    status.update(more)
+    return status
 
 
-def consumer(movie: float, book: float | None, lag: dict[str, float], lift_zero: bool = False) -> str:
-    """A consumer's exposition; ``book=None``: no book event decoded yet (no ``book`` child)."""
-    lines = ["# HELP sitn_stream_events_decoded_total decoded", "# TYPE sitn_stream_events_decoded_total counter",
-             f'sitn_stream_events_decoded_total{{domain="movie"}} {movie}']
-    if book is not None:
-        lines.append(f'sitn_stream_events_decoded_total{{domain="book"}} {book}')
-    lines += ["# HELP sitn_stream_consumer_lag_records lag", "# TYPE sitn_stream_consumer_lag_records gauge"]
-    lines += [f'sitn_stream_consumer_lag_records{{partition="{p}"}} {v}' for p, v in lag.items()]
-    if lift_zero:  # imported the learner's module: its unlabelled gauge exports 0 from here too
-        lines += ["# HELP sitn_learner_model_lift_ratio lift", "# TYPE sitn_learner_model_lift_ratio gauge",
-                  "sitn_learner_model_lift_ratio 0.0"]
-    return "\n".join(lines) + "\n"
+POINTS = {
+    'loss{term="total"}': 5.25, 'loss{term="main"}': 4.5, 'loss{term="i2i"}': 0.5, 'loss{term="i2c"}': 0.25,
+    "model_lift_ratio": 0.5, "fused_lift_ratio": 1.25, "fused_weight": 2.0, "rankable_ratio": 0.75,
+    "freshness_p50_s": 0.5, "freshness_p99_s": 2.0, "consumer_lag_records": 13.0, "prototype_agreement": 0.625,
+    "drift_alarms_total": 3.0, "publish_gate_closed": 1.0,
+    'ndcg_at_10{ranker="model"}': 0.125, 'ndcg_at_10{ranker="cooc_target"}': 0.375,
+    'ndcg_at_10{ranker="fused_live"}': 0.5, 'hr_at_10{ranker="model"}': 0.25, 'hr_at_10{ranker="popularity"}': 0.5,
+    'serving_ranker{served_by="model"}': 0.0, 'serving_ranker{served_by="fused"}': 1.0,
+    'serving_ranker{served_by="popularity"}': 0.0, 'serving_ranker{served_by="cooccurrence"}': 0.0,
+}
 
 
-def serving(buckets: dict[str, float], ranker: str | None = None) -> str:
-    lines = ["# HELP sitn_serving_freshness_seconds freshness", "# TYPE sitn_serving_freshness_seconds histogram"]
-    lines += [f'sitn_serving_freshness_seconds_bucket{{le="{le}"}} {v}' for le, v in buckets.items()]
-    if ranker is not None:
-        lines += ["# HELP sitn_serving_ranker ranker", "# TYPE sitn_serving_ranker gauge"]
-        lines += [f'sitn_serving_ranker{{served_by="{r}"}} {float(r == ranker)}'
-                  for r in ("model", "fused", "popularity", "cooccurrence")]
-    return "\n".join(lines) + "\n"
+def test_status_points_read_each_figure_the_processes_computed() -> None:
+    assert status_points(snapshot(100, 50)) == POINTS
+    # the model's lift at data time when the learner has it, else the served model's; nan is no point
+    assert status_points({"prequential_lift": 0.25, "freshness_window_p99_s": float("nan")}) == {"model_lift_ratio": 0.25}
+    assert status_points({"learner_error": "RayActorError"}) == {}
 
 
-ROUND_0 = {"l:1": LEARNER_0, "c:1": consumer(100, 10, {"0": 5, "1": 7}), "c:2": consumer(50, 0, {"2": 1}),
-           "s:1": serving({"0.1": 0, "0.5": 2, "1.0": 2, "+Inf": 2})}
-ROUND_2 = {"l:1": LEARNER_2, "c:1": consumer(160, 30, {"0": 3, "1": 4}, lift_zero=True),
-           "c:2": consumer(90, 0, {"2": 2}), "s:1": serving({"0.1": 2, "0.5": 6, "1.0": 8, "+Inf": 8}, "cooccurrence")}
-
-
-def test_parse_exposition_keys_samples_by_name_and_sorted_labels() -> None:
-    samples, families = parse_exposition(LEARNER_0)
-    assert samples[("sitn_learner_examples_trained_total", (("domain", "movie"),))] == 1000.0
-    assert samples[("sitn_learner_publish_lag_seconds_bucket", (("le", "+Inf"),))] == 10.0
-    assert samples[("sitn_learner_examples_trained_created", (("domain", "movie"),))] == 1.7e9  # kept, own name
-    assert families == {"sitn_learner_examples_trained", "sitn_learner_examples_trained_created", "sitn_learner_loss",
-                        "sitn_learner_prequential_ndcg_at_10", "sitn_learner_publish_lag_seconds"}
-    with pytest.raises(ValueError):
-        parse_exposition("sitn_x{broken 1\n")
-
-
-def test_derive_two_rounds_exact() -> None:
-    first, second = Scrape.from_texts(100.0, ROUND_0), Scrape.from_texts(102.0, ROUND_2)
-    points = derive(second, previous=first, window_start=first)
-    assert points == pytest.approx({
-        'events_decoded_per_s{domain="movie"}': (60 + 40) / 2,  # two consumers, summed
-        'events_decoded_per_s{domain="book"}': 20 / 2,
-        "examples_trained_per_s": (192 + 64) / 2,
-        # freshness bucket increases {0.1: 2, 0.5: 4, 1.0: 6, +Inf: 6}: p50 rank 3 lies half way in (0.1, 0.5]
-        "freshness_p50_s": 0.3,
-        "freshness_p99_s": 0.5 + 0.5 * (0.99 * 6 - 4) / 2,  # 0.985
-        # publish lag increases {0.5: 0, 1.0: 100, +Inf: 100}: rank 99 in (0.5, 1.0]
-        "publish_lag_p99_s": 0.5 + 0.5 * 99 / 100,
-        'loss{term="total"}': 5.25, 'loss{term="main"}': 4.5, 'loss{term="i2i"}': 0.5, 'loss{term="i2c"}': 0.25,
-        # the model and the baselines: last window, all events (the rankable and stream ones are not drawn)
-        'ndcg_at_10{ranker="model"}': 0.125, 'ndcg_at_10{ranker="cooc_target"}': 0.375,
-        'ndcg_at_10{ranker="fused"}': 0.5, "fused_lift_ratio": 1.25, "fused_weight": 2.0,
-        'hr_at_10{ranker="model"}': 0.25, 'hr_at_10{ranker="popularity"}': 0.5,
-        "model_lift_ratio": 0.5,  # the consumer's exported 0 does not change the sum
-        "rankable_ratio": 0.75,
-        'serving_ranker{served_by="model"}': 0.0, 'serving_ranker{served_by="popularity"}': 0.0,
-        'serving_ranker{served_by="fused"}': 0.0,
-        'serving_ranker{served_by="cooccurrence"}': 1.0,
-        "publish_gate_closed": 1.0,
-        "consumer_lag_records": 3 + 4 + 2,
-        'prototype_agreement{k="4"}': 0.75, 'prototype_agreement{k="8"}': 0.5,
-        "drift_alarms_total": 3.0,
-        "drift_alarms_active": 1.0,
-    }, abs=1e-12)
-
-
-def test_derive_first_round_has_gauges_only_and_skips_undeclared_metrics() -> None:
-    points = derive(Scrape.from_texts(100.0, ROUND_0))
-    assert points == {'loss{term="total"}': 6.0, "consumer_lag_records": 13.0}
-
-
-def test_increase_treats_a_decrease_as_a_restart_and_skips_new_processes() -> None:
-    old = Scrape.from_texts(0.0, {"c:1": consumer(100, 10, {}), "c:2": consumer(50, 0, {})})
-    new = Scrape.from_texts(2.0, {"c:1": consumer(30, 15, {}), "c:2": consumer(55, 0, {}),
-                                  "c:3": consumer(999, 999, {})})
-    assert increase(old, new, "sitn_stream_events_decoded_total", "domain") == {"movie": 30 + 5, "book": 5}
-    assert derive(new, old)['events_decoded_per_s{domain="movie"}'] == 17.5
-    # c:2's first book events (its "book" child is new since the old round) count from 0
-    newer = Scrape.from_texts(4.0, {"c:1": consumer(30, 15, {}), "c:2": consumer(55, 12, {})})
-    no_book = Scrape.from_texts(2.0, {"c:1": consumer(30, 15, {}), "c:2": consumer(55, None, {})})
-    assert increase(no_book, newer, "sitn_stream_events_decoded_total", "domain") == {"movie": 0.0, "book": 12.0}
-
-
-def test_increase_counts_a_new_process_from_zero_only_if_its_children_were_created_since() -> None:
-    old = Scrape.from_texts(100.0, {"c:1": consumer(10, 10, {})})
-    late = consumer(500, 400, {}) + (
-        '# HELP sitn_x_total x\n# TYPE sitn_x_total counter\n'  # (another family, to keep the text realistic)
-        'sitn_x_total 1.0\n'
-        '# HELP sitn_stream_events_decoded_created when\n# TYPE sitn_stream_events_decoded_created gauge\n'
-        'sitn_stream_events_decoded_created{domain="movie"} 100.5\n'  # after the old round: counts from 0
-        'sitn_stream_events_decoded_created{domain="book"} 99.0\n')  # before it: its age is unknown, skipped
-    new = Scrape.from_texts(102.0, {"c:1": consumer(10, 10, {}), "c:2": late})
-    assert increase(old, new, "sitn_stream_events_decoded_total", "domain") == {"movie": 500.0, "book": 0.0}
-
-
-
-def test_histogram_quantile_edges() -> None:
-    assert histogram_quantile(0.5, {}) is None
-    assert histogram_quantile(0.5, {1.0: 0.0, math.inf: 0.0}) is None  # nothing observed
-    assert histogram_quantile(0.99, {1.0: 2.0, 5.0: 2.0, math.inf: 10.0}) == 5.0  # in +Inf: highest bound
-    assert histogram_quantile(0.0, {1.0: 0.0, 2.0: 4.0, math.inf: 4.0}) == 1.0
-    assert histogram_quantile(1.0, {1.0: 4.0, 2.0: 4.0, math.inf: 4.0}) == 1.0
-    with pytest.raises(ValueError, match=r"q must be in \[0, 1\], got 1.5"):
-        histogram_quantile(1.5, {math.inf: 1.0})
-
-
-def test_collector_keeps_bounded_buffers_and_a_quantile_window(tmp_path: Path) -> None:
-    c = MetricsCollector(tmp_path, interval_s=2.0, capacity=3, window_s=4.0)
-    for i in range(5):  # round i at t = 2i: one observation per round, in (0.1, 0.5] for the first two
-        fresh = {"0.1": 0, "0.5": min(i, 2), "1.0": i, "+Inf": i}
-        c.ingest(Scrape.from_texts(2.0 * i, {"s:1": serving(fresh)}))
-    p50 = c.series()["series"]["freshness_p50_s"]
-    # capacity 3: the rounds at t = 4, 6, 8. Window 4 s: increases since the rounds at t = 0, 2, 4:
-    # t=4: {0.5: 2, 1.0: 2} -> rank 1 of 2 in (0.1, 0.5]: 0.1 + 0.4 * 1/2 = 0.3
-    # t=6: {0.5: 1, 1.0: 2} -> rank 1 of 2 at the top of (0.1, 0.5]: 0.5
-    # t=8: {0.5: 0, 1.0: 2} -> rank 1 of 2 half way through (0.5, 1.0]: 0.75
-    assert p50["t"] == [4.0, 6.0, 8.0]
-    assert p50["v"] == pytest.approx([0.3, 0.5, 0.75], abs=1e-12)
+def test_status_series_rates_skip_a_total_that_went_down_and_buffers_are_bounded() -> None:
+    s = StatusSeries(interval_s=2.0, capacity=3)
+    assert "events_decoded_per_s" not in s.observe(snapshot(100, 50), t_s=10.0)  # one snapshot: no rate yet
+    assert {k: v for k, v in s.observe(snapshot(300, 90), t_s=12.0).items() if k.endswith("_per_s")} == {
+        "events_decoded_per_s": 100.0, "examples_trained_per_s": 20.0}
+    # a consumer replaced (its count starts again) and a learner restored from its checkpoint: no rate point
+    assert not any(k.endswith("_per_s") for k in s.observe(snapshot(250, 60), t_s=14.0))
+    assert s.observe(snapshot(290, 61), t_s=18.0)["events_decoded_per_s"] == 10.0  # from the snapshot after the drop
+    body = s.series()
+    assert body["series"]["events_decoded_per_s"] == {"t": [12.0, 18.0], "v": [100.0, 10.0]}
+    assert body["series"]['loss{term="total"}'] == {"t": [12.0, 14.0, 18.0], "v": [5.25] * 3}  # capacity 3
+    assert (body["source"], body["window_s"], body["rounds"], body["scrape_failures"]) == ("status", 30.0, 4, 0)
+    assert (body["targets_up"], body["targets"], body["errors"]) == (3, 3, [])
     with pytest.raises(ValueError, match="interval_s must be > 0, got 0"):
-        MetricsCollector(tmp_path, interval_s=0)
+        StatusSeries(interval_s=0)
+    with pytest.raises(ValueError, match="capacity must be >= 2 points, got 1"):
+        StatusSeries(capacity=1)
+
+
+def test_status_targets_say_which_part_did_not_answer() -> None:
+    rows = status_targets(snapshot(0, 0, consumer_error="RayActorError", serving_replicas=[
+        {"replica": 0, "alive": True, "pid": 11}, {"replica": 1, "alive": False, "pid": None}]))
+    assert [(r["component"], r["address"], r["up"], r["error"]) for r in rows] == [
+        ("learner", "", True, None), ("consumers", "", False, "RayActorError"),
+        ("serving-0", "pid 11", True, None), ("serving-1", "", False, None)]
+    s = StatusSeries()
+    s.observe(snapshot(0, 0, learner_error="GetTimeoutError"), t_s=1.0)
+    assert (s.failures, s.series()["targets_up"]) == (1, 2)
 
 
 def test_pipeline_metrics_count_increases_only() -> None:
@@ -259,81 +119,120 @@ def test_pipeline_metrics_count_increases_only() -> None:
     assert value("sitn_pipeline_restarts_total") - restarts0 == 1
 
 
-@pytest.fixture
-def exporters(tmp_path: Path) -> Iterator[tuple[Path, CollectorRegistry]]:
-    """A real exporter (its own registry) and a registered target nobody listens on."""
-    registry = CollectorRegistry()
-    decoded = Counter("sitn_stream_events_decoded", "decoded", ["domain"], registry=registry)
-    Gauge("sitn_stream_consumer_lag_records", "lag", ["partition"], registry=registry).labels("0").set(12)
-    decoded.labels("movie").inc(10)
-    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    targets = tmp_path / "targets"
-    write_target(targets, "consumer", f"127.0.0.1:{server.server_port}")
-    write_target(targets, "learner", "127.0.0.1:9")  # discard port: connection refused
-    write_target(targets, "driver", "127.0.0.1:9")  # the driver's own: not scraped
-    try:
-        yield targets, registry
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+# -- the PromQL source -------------------------------------------------------------------------------------
+def test_queries_render_their_window_and_name_a_series_per_label_value() -> None:
+    decoded = next(q for q in QUERIES if q.series == "events_decoded_per_s")
+    assert decoded.render(30) == "sum by (domain) (rate(sitn_stream_events_decoded_total[30s]))"
+    assert decoded.render(2.5) == "sum by (domain) (rate(sitn_stream_events_decoded_total[2.5s]))"
+    with pytest.raises(ValueError, match="window_s must be > 0, got 0"):
+        decoded.render(0)
+    result = [{"metric": {"domain": "book"}, "values": [[100, "2"], [102, "3.5"]]},
+              {"metric": {"domain": "movie"}, "values": [[100, "NaN"], [102, "+Inf"]]}]  # nothing finite: no series
+    assert matrix_series(decoded, result) == {'events_decoded_per_s{domain="book"}': {"t": [100.0, 102.0],
+                                                                                        "v": [2.0, 3.5]}}
+    # every series the page draws has a query, every query a series the page draws
+    page = dashboard.PAGE.read_text()
+    prefixes = [p for chart in page.split('data-series="')[1:] for p in chart.split('"')[0].split(",")]
+    assert {q.series for q in QUERIES} == {p.rstrip("{") for p in prefixes}
+    assert len({q.series for q in QUERIES}) == len(QUERIES)
 
 
-def test_collector_scrapes_real_exporters_and_serves_the_api(exporters: tuple[Path, CollectorRegistry]) -> None:
+def test_prometheus_source_validates_and_reports_an_unreachable_server() -> None:
+    with pytest.raises(ValueError, match="range_s / interval_s must be <= 11000 points, got 36000"):
+        PrometheusSeries("http://127.0.0.1:9", interval_s=0.1, range_s=3600)
+    with pytest.raises(ValueError, match="window_s must be > 0, got -1"):
+        PrometheusSeries("http://127.0.0.1:9", window_s=-1)
+    failures0 = dashboard.REGISTRY.get_sample_value("sitn_dashboard_prometheus_query_failures_total") or 0.0
+    source = PrometheusSeries("http://127.0.0.1:9/", timeout_s=2)  # discard port: connection refused
+    body = source.series()
+    # the first query fails and ends the round: the others would wait for the same answer
+    assert (body["source"], body["prometheus_url"], body["series"], body["targets"]) == (
+        "prometheus", "http://127.0.0.1:9", {}, 0)
+    assert len(body["errors"]) == 1 and body["errors"][0].startswith(f"{QUERIES[0].series}: /api/v1/query_range: ")
+    assert "ConnectionRefused" in body["errors"][0] or "Connection refused" in body["errors"][0]
+    assert source.targets() == []
+    assert (source.failures, dashboard.REGISTRY.get_sample_value(
+        "sitn_dashboard_prometheus_query_failures_total")) == (2, failures0 + 2)
+    assert source.health() == {"ok": True, "source": "prometheus", "prometheus_url": "http://127.0.0.1:9",
+                               "prometheus_ready": False}
+
+
+# -- HTTP ----------------------------------------------------------------------------------------------------
+def test_app_serves_the_status_series_page_and_driver_metrics() -> None:
     from serving.api import serve_in_thread
 
-    targets, _ = exporters
-    clock = iter([1000.0, 1002.0, 1002.5])
-    c = MetricsCollector(targets, interval_s=2.0, timeout_s=0.5, clock=lambda: next(clock))
-    failures0 = dashboard.REGISTRY.get_sample_value("sitn_dashboard_scrape_failures_total", {"component": "learner"})
-    assert c.scrape_once() == {"consumer_lag_records": 12.0}
-    assert c.scrape_once() == {'events_decoded_per_s{domain="movie"}': 0.0, "consumer_lag_records": 12.0}
-    assert c.failures == 2
-    assert dashboard.REGISTRY.get_sample_value(
-        "sitn_dashboard_scrape_failures_total", {"component": "learner"}) == (failures0 or 0) + 2
-    server = serve_in_thread(create_dashboard_app(c))
+    source = StatusSeries(interval_s=2.0, clock=lambda: 1003.0)
+    source.observe(snapshot(100, 50), t_s=1000.0)
+    source.observe(snapshot(300, 90), t_s=1002.0)
+    server = serve_in_thread(create_dashboard_app(source))
     client = httpx.Client(base_url=server.url, timeout=5)
     try:
-        check_api(client)
+        body = client.get("/api/series").json()
+        assert body["series"]["consumer_lag_records"] == {"t": [1000.0, 1002.0], "v": [13.0, 13.0]}
+        assert body["series"]["examples_trained_per_s"] == {"t": [1002.0], "v": [20.0]}
+        assert (body["now_s"], body["targets_up"], body["targets"], body["rounds"]) == (1003.0, 3, 3, 2)
+        targets = client.get("/api/targets").json()
+        assert targets["source"] == "status"
+        assert [(t["component"], t["up"]) for t in targets["targets"]] == [
+            ("learner", True), ("consumers", True), ("serving-0", True)]
+        page = client.get("/dashboard")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert chart_points(page.text) == dict.fromkeys(CHARTS, 0)  # before the script runs
+        assert "http" not in page.text.split("<script>")[1]  # nothing fetched from elsewhere
+        metrics = client.get("/metrics").text
+        for name in ("sitn_pipeline_replay_events_sent_total", "sitn_pipeline_restarts_total",
+                     "sitn_dashboard_prometheus_query_failures_total", "process_cpu_seconds_total"):
+            assert name in metrics
+        assert "sitn_stream_events_decoded" not in metrics  # the driver's own registry only
+        assert client.get("/healthz").json() == {"ok": True, "source": "status", "snapshots": 2,
+                                                 "last_snapshot_age_s": 1.0}
     finally:
         client.close()
         server.stop()
 
 
-def check_api(client: httpx.Client) -> None:
-    body = client.get("/api/series").json()
-    assert body["series"]["consumer_lag_records"] == {"t": [1000.0, 1002.0], "v": [12.0, 12.0]}
-    assert (body["targets_up"], body["targets"], body["rounds"], body["scrape_failures"]) == (1, 2, 2, 2)
-    listed = {(t["component"], t["up"]) for t in client.get("/api/targets").json()["targets"]}
-    assert listed == {("consumer", True), ("learner", False)}
-    page = client.get("/dashboard")
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert chart_points(page.text) == dict.fromkeys(CHARTS, 0)  # before the script runs
-    assert "http" not in page.text.split("<script>")[1]  # nothing fetched from elsewhere
-    metrics = client.get("/metrics").text
-    for name in ("sitn_pipeline_replay_events_sent_total", "sitn_pipeline_restarts_total",
-                 "sitn_dashboard_scrape_failures_total", "process_cpu_seconds_total"):
-        assert name in metrics
-    assert "sitn_stream_events_decoded" not in metrics  # the driver's own registry only
-    health = client.get("/healthz")  # the thread was never started: the collector is not alive
-    assert (health.status_code, health.json()["collector_alive"]) == (503, False)
-
-
-def test_start_dashboard_serves_registers_the_driver_and_stops(exporters: tuple[Path, CollectorRegistry]) -> None:
-    targets, _ = exporters
-    handle = dashboard.start_dashboard(TelemetrySettings(dashboard_port=0), targets, interval_s=0.2)
+def test_start_dashboard_serves_registers_the_driver_observes_and_stops(tmp_path: Path) -> None:
+    targets = tmp_path / "targets"
+    handle = dashboard.start_dashboard(TelemetrySettings(dashboard_port=0), targets, interval_s=0.5)
     try:
+        assert isinstance(handle.source, StatusSeries)
         assert handle.target_file is not None and handle.target_file.is_file()
-        wait_for(lambda: handle.collector.rounds >= 2, 10, "two collector rounds")
-        assert httpx.get(f"{handle.url}/healthz", timeout=5).json()["ok"] is True
-        driver = httpx.get(f"{handle.url}/metrics", timeout=5)
-        assert "sitn_dashboard_targets_up 1.0" in driver.text
+        sent0 = dashboard.REGISTRY.get_sample_value("sitn_pipeline_replay_events_sent_total") or 0.0
+        handle.observe(snapshot(100, 50, replay_sent=120))
+        assert dashboard.REGISTRY.get_sample_value("sitn_pipeline_replay_events_sent_total") == sent0 + 120
+        series = httpx.get(f"{handle.url}/api/series", timeout=5).json()["series"]
+        assert series["publish_gate_closed"]["v"] == [1.0]
     finally:
         handle.stop()
     assert handle.target_file is None and not list(targets.glob("driver-*.json"))
-    assert not handle.collector.alive
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{handle.url}/healthz", timeout=2)
+    with_prometheus = dashboard.start_dashboard(
+        TelemetrySettings(dashboard_port=0, prometheus_url="http://127.0.0.1:9/"), targets, interval_s=2.0, capacity=900)
+    try:
+        source = with_prometheus.source
+        assert isinstance(source, PrometheusSeries)
+        assert (source.url, source.interval_s, source.range_s) == ("http://127.0.0.1:9", 2.0, 1800.0)
+        with_prometheus.observe(snapshot(100, 50))  # the driver's counters only: Prometheus keeps the series
+    finally:
+        with_prometheus.stop()
+
+
+def test_prometheus_url_setting_is_validated_and_sitn_run_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sitn.commands.run as run_command
+    from sitn.cli import build_parser
+    from stream.errors import ConfigError
+
+    with pytest.raises(ValueError, match=r"prometheus_url must be http\(s\)://host\[:port\]\[/path\], got '127.0.0.1:9090'"):
+        TelemetrySettings(prometheus_url="127.0.0.1:9090")
+    assert TelemetrySettings(prometheus_url="https://prom.example:9090/").prometheus_url == "https://prom.example:9090"
+    flags = run_command._telemetry_flags()
+    monkeypatch.setenv("SITN_METRICS_PROMETHEUS_URL", "http://from-env:9090")
+    assert flags.build(build_parser().parse_args(["run"])).prometheus_url == "http://from-env:9090"
+    given = build_parser().parse_args(["run", "--prometheus-url", "http://127.0.0.1:9090/"])
+    assert flags.build(given).prometheus_url == "http://127.0.0.1:9090"  # the flag wins
+    with pytest.raises(ConfigError, match=r"--prometheus-url: .*prometheus_url must be http\(s\)://"):
+        flags.build(build_parser().parse_args(["run", "--prometheus-url", "prometheus:9090"]))
 
 
 CHARTS = ("chart-quality", "chart-hr", "chart-lift", "chart-throughput", "chart-loss", "chart-freshness",
@@ -413,17 +312,21 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, ray_cluster: Any, events
         pipeline.start_replay(events)
         wanted = {c: PREFIXES[c] for c in CHARTS}
 
-        def every_chart_has_points() -> bool:
-            series = handle.collector.series()["series"]
-            return all(any(name.startswith(p) for name in series for p in prefixes) for prefixes in wanted.values())
+        def status_tick() -> bool:  # what sitn run's status loop does each tick
+            assert handle is not None
+            status = pipeline.status()
+            handle.observe(status)
+            series = handle.source.series()["series"]
+            return (all(any(name.startswith(p) for name in series for p in prefixes) for prefixes in wanted.values())
+                    and pipeline.caught_up(status))
 
-        wait_for(lambda: every_chart_has_points() and pipeline.caught_up(), 75, "points on every chart", pipeline)
+        wait_for(status_tick, 75, "points on every chart", pipeline)
         phases_s["replay until every chart has points"] = time.monotonic() - t0 - sum(phases_s.values())
-        series = handle.collector.series()["series"]
+        series = handle.source.series()["series"]
         for prefix in ("events_decoded_per_s", "examples_trained_per_s"):  # the replay was seen flowing
             assert max(v for name, s in series.items() if name.startswith(prefix) for v in s["v"]) > 0, prefix
-        components = {t["component"] for t in handle.collector.targets() if t["up"]}
-        assert components == {"learner", "consumer", "serving"}
+        components = {t["component"] for t in handle.source.targets() if t["up"]}
+        assert components == {"learner", "consumers", "serving-0"}
         url = f"{handle.url}/dashboard"
         dom = run_chromium(["--virtual-time-budget=4000", "--dump-dom", url], tmp_path / "profile").stdout
         points = chart_points(dom)
@@ -453,6 +356,6 @@ PREFIXES = {
     "chart-lift": ("model_lift_ratio", "fused_lift_ratio", "fused_weight", "rankable_ratio", "serving_ranker{"),
     "chart-freshness": ("freshness_p50_s", "freshness_p99_s", "publish_lag_p99_s"),
     "chart-lag": ("consumer_lag_records",),
-    "chart-agreement": ("prototype_agreement{",),
+    "chart-agreement": ("prototype_agreement",),
     "chart-drift": ("drift_alarms_total", "drift_alarms_active", "publish_gate_closed"),
 }

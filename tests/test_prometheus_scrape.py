@@ -1,6 +1,7 @@
 """A real Prometheus server (the Debian binary) scrapes a small live pipeline through file-based service
-discovery (``stream.exporter``): every process is found and up, and the queries an operator would run
-return the numbers the pipeline itself reports."""
+discovery (``stream.exporter``): every process is found and up, the queries an operator would run return
+the numbers the pipeline itself reports, and the driver's dashboard, pointed at it, draws its series from
+``query_range`` (``sitn.dashboard.PrometheusSeries``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import httpx
 import pytest
 
 from sitn import dashboard
+from sitn.dashboard import PrometheusSeries
+from sitn.promql import QUERIES, SeriesQuery
 from tests.conftest import skip_or_fail
 from tests.test_dashboard import make_metrics_pipeline, wait_for
 
@@ -98,7 +101,7 @@ class PrometheusServer:
 
 @pytest.fixture
 def pipeline(tmp_path: Path, ray_cluster: Any) -> Iterator[Any]:
-    p = make_metrics_pipeline(tmp_path, rate_events_per_s=None)
+    p = make_metrics_pipeline(tmp_path, rate_events_per_s=1000.0)  # 3 s: rates need scrapes while it flows
     p.start()
     try:
         yield p
@@ -122,9 +125,15 @@ def test_prometheus_scrapes_every_process_of_a_live_pipeline(pipeline: Any, prom
                                                               events_csv: Path) -> None:
     from stream.dataset import load_events
 
-    driver = dashboard.start_dashboard(pipeline.metrics, pipeline.targets_dir, interval_s=1.0)
+    settings = pipeline.metrics.model_copy(update={"prometheus_url": prometheus.url})
+    driver = dashboard.start_dashboard(settings, pipeline.targets_dir, interval_s=1.0, capacity=300)
     try:
         events = load_events(events_csv, "movie", "book", limit=N_EVENTS).events
+        # Prometheus must see the run unfold: a counter child first scraped with its final count has no
+        # increase (rate 0; a quantile of no observations is NaN), so every target is scraped before the
+        # replay, which is paced (3 s) to span several scrapes
+        wait_for(lambda: len(prometheus.active_targets()) == 5
+                 and all(t["health"] == "up" for t in prometheus.active_targets()), 20, "every target scraped")
         pipeline.start_replay(events)
         wait_for(pipeline.caught_up, 75, "every replayed event trained", pipeline)
         wait_for(lambda: pipeline.status().get("served_version", 0) > 0, 30, "a publish")
@@ -133,7 +142,7 @@ def test_prometheus_scrapes_every_process_of_a_live_pipeline(pipeline: Any, prom
             r = httpx.get(f"{url}/recommend", params={"user_id": user_id, "k": 10}, timeout=10)
             assert r.status_code == 200, r.text
         status = pipeline.status()
-        dashboard.PipelineMetrics().observe(status)  # as sitn run's status loop does
+        driver.observe(status)  # as sitn run's status loop does
         # Prometheus has the pipeline's own numbers once it scraped after the last step (1 s interval).
         wait_for(lambda: prometheus.scalar("sum(sitn_learner_steps_total)") == status["step"]
                  and prometheus.scalar('sum(sitn_serving_http_request_seconds_count{route="/recommend"})') == 40,
@@ -159,7 +168,45 @@ def test_prometheus_scrapes_every_process_of_a_live_pipeline(pipeline: Any, prom
         assert p99 is not None and 0 < p99 <= 2.5  # within the histogram's finite buckets
         freshness = prometheus.scalar("histogram_quantile(0.5, sum by (le) (sitn_serving_freshness_seconds_bucket))")
         assert freshness is not None and freshness > 0
-        wait_for(lambda: (prometheus.scalar("sitn_pipeline_replay_events_sent_total") or 0) >= N_EVENTS
-                 and prometheus.scalar("sitn_dashboard_targets_up") == 4, 15, "the driver's own metrics")
+        wait_for(lambda: (prometheus.scalar("sitn_pipeline_replay_events_sent_total") or 0) >= N_EVENTS,
+                 15, "the driver's own metrics")
+        check_driver_page_series(driver.url, prometheus.url, status)
     finally:
         driver.stop()
+
+
+def check_driver_page_series(driver_url: str, prometheus_url: str, status: dict[str, Any]) -> None:
+    """The driver's ``/api/series`` from Prometheus's ``query_range``: the run's figures, at the driver's step."""
+    body = httpx.get(f"{driver_url}/api/series", timeout=30).json()
+    assert (body["source"], body["prometheus_url"], body["errors"]) == ("prometheus", prometheus_url, [])
+    assert (body["targets_up"], body["targets"], body["window_s"]) == (5, 5, 30.0)
+    series = body["series"]
+    expected = {'loss{term="total"}', 'ndcg_at_10{ranker="model"}', 'ndcg_at_10{ranker="cooc_target"}',
+                'hr_at_10{ranker="popularity"}', "rankable_ratio", "freshness_p50_s",
+                "freshness_p99_s", "publish_lag_p99_s", 'events_decoded_per_s{domain="movie"}',
+                'events_decoded_per_s{domain="book"}', 'examples_trained_per_s{domain="book"}',
+                "consumer_lag_records", "publish_gate_closed"}
+    assert expected <= set(series), f"missing {sorted(expected - set(series))}; got {sorted(series)}"
+    for name, points in series.items():
+        steps = {round(b - a, 6) for a, b in zip(points["t"], points["t"][1:], strict=False)}
+        assert steps <= {float(n) for n in range(1, 301)}, f"{name}: points off the 1 s step: {sorted(steps)[:5]}"
+        assert body["now_s"] - 300 <= points["t"][0] and points["t"][-1] <= body["now_s"], name
+    # gauges: the last point is the pipeline's own figure (caught up, the learner no longer steps)
+    assert series['loss{term="total"}']["v"][-1] == pytest.approx(status["loss"], abs=1e-9)
+    assert series['ndcg_at_10{ranker="model"}']["v"][-1] == pytest.approx(status["model_ndcg_at_10_window"], abs=1e-9)
+    assert series["rankable_ratio"]["v"][-1] == pytest.approx(status["prequential_rankable_ratio"], abs=1e-9)
+    assert series["consumer_lag_records"]["v"][-1] == 0
+    # rates and quantiles over the 30 s window, while the replay flowed
+    assert max(series['examples_trained_per_s{domain="book"}']["v"]) > 0
+    assert max(series['events_decoded_per_s{domain="movie"}']["v"]) > 0
+    assert 0 < max(series["freshness_p99_s"]["v"]) <= 30.0  # within the histogram's finite buckets
+    targets = httpx.get(f"{driver_url}/api/targets", timeout=10).json()
+    assert targets["source"] == "prometheus"
+    assert sorted((t["component"], t["up"]) for t in targets["targets"]) == [
+        ("consumer", True), ("consumer", True), ("driver", True), ("learner", True), ("serving", True)]
+    # a query Prometheus refuses is named in errors; the others still answer
+    broken = PrometheusSeries(prometheus_url, interval_s=1.0, range_s=60.0, queries=(
+        SeriesQuery("broken", "sum(rate(sitn_learner_loss[$__rate_interval])", in_grafana=False), QUERIES[0]))
+    answer = broken.series()
+    assert len(answer["errors"]) == 1 and answer["errors"][0].startswith("broken: /api/v1/query_range answered 400")
+    assert 'ndcg_at_10{ranker="model"}' in answer["series"] and broken.failures == 1

@@ -13,10 +13,18 @@ from stream.exporter import (
     TelemetrySettings,
     _node,
     prune_targets,
-    read_targets,
     start_exporter,
     write_target,
 )
+
+
+def read_targets(targets_dir: Path) -> list[tuple[str, str]]:
+    """``(component, host:port)`` of every registered process, in file order (what Prometheus's file_sd reads)."""
+    out: list[tuple[str, str]] = []
+    for path in sorted(targets_dir.glob("*.json")):
+        for entry in orjson.loads(path.read_bytes()):
+            out.extend((str(entry.get("labels", {}).get("component", "")), str(target)) for target in entry["targets"])
+    return out
 
 
 def dead_pid() -> int:

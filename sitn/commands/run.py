@@ -59,6 +59,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max", action="store_true", help="replay as fast as possible (unsets --rate-events-per-s)")
     serving.add_to(p.add_argument_group("the in-cluster serving (serving.settings.ServingSettings)"))
     stream.add_to(p.add_argument_group("the event stream (stream.settings.StreamSettings)"))
+    _telemetry_flags().add_to(p.add_argument_group("metrics and the dashboard (stream.exporter.TelemetrySettings)"))
     p.set_defaults(func=main)
 
 
@@ -74,11 +75,17 @@ def _flags() -> tuple[SettingsFlags, SettingsFlags, SettingsFlags]:
                           derived=("domains", "embedded_log_dir")))
 
 
+def _telemetry_flags() -> SettingsFlags:
+    """The telemetry option of ``sitn run``: the Prometheus the dashboard draws from (the other
+    ``SITN_METRICS_*`` settings are read from the environment only)."""
+    from stream.exporter import TelemetrySettings
+
+    return SettingsFlags(TelemetrySettings, ("prometheus_url",))
+
+
 def main(args: argparse.Namespace) -> int:
     from learner.config import SITNConfig
     from learner.drift import DriftSettings
-    from stream.exporter import TelemetrySettings
-
     run_flags, serving_flags, stream_flags = _flags()
     run = run_flags.build(args)
     if args.max:
@@ -99,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     # Derived from their owners (sitn.settings): serving's width is the model's, a warm start's included.
     serving = serving_flags.build(args, dim=config.dim, cooc_max_neighbours=run.cooc_max_neighbours)
     config = dataclasses.replace(config, max_users=serving.max_users)  # the learner keeps the users serving keeps
-    telemetry = TelemetrySettings()  # environment only (SITN_METRICS_*)
+    telemetry = _telemetry_flags().build(args)  # --prometheus-url; the rest from the environment (SITN_METRICS_*)
     drift = DriftSettings()  # environment only (SITN_DRIFT_*), read here in the driver
     log.info("settings run=%r", run)
     log.info("settings stream=%r", stream)
@@ -121,7 +128,7 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
     from rich.console import Console
     from rich.live import Live
 
-    from sitn.dashboard import PipelineMetrics, start_dashboard
+    from sitn.dashboard import start_dashboard
     from sitn.dead_letter_watch import DeadLetterWatch
     from sitn.pipeline import Pipeline, load_replay_log
     from sitn.ray_cluster import init_ray
@@ -143,7 +150,6 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
     watch = DeadLetterWatch(run.dead_letter_max_ratio, run.dead_letter_window_records)
     init_ray(run.ray_address, run.ray_temp_dir or Path(tempfile.mkdtemp(prefix="sitn-ray-", dir="/tmp")))
     pipeline = Pipeline(run, stream, serving, config, run_dir, metrics=telemetry, drift=drift)
-    driver_metrics = PipelineMetrics()
     dashboard: Any = None
     stopping = {"flag": False}
 
@@ -157,7 +163,7 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
         console.print(f"serving on [bold]{pipeline.serving_url}[/bold]  "
                       f"(try {pipeline.serving_url}/recommend?user_id=...&k=10, /docs, /metrics)")
         if pipeline.metrics is not None and pipeline.targets_dir is not None:
-            dashboard = start_dashboard(pipeline.metrics, pipeline.targets_dir)
+            dashboard = start_dashboard(pipeline.metrics, pipeline.targets_dir, interval_s=run.status_every_s)
             console.print(f"dashboard on [bold]{dashboard.url}/dashboard[/bold]  "
                           f"(/metrics; Prometheus targets in {pipeline.targets_dir})")
         if events:
@@ -173,7 +179,8 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
                 if alert is not None:
                     log.warning("%s", alert.message())
                     live.console.print(f"[bold yellow]warning[/bold yellow]: {alert.message()}")
-                driver_metrics.observe(status)
+                if dashboard is not None:
+                    dashboard.observe(status)  # the driver's /metrics, and the page's series
                 live.update(render_status(status, pipeline.serving_url))
                 if pipeline.caught_up(status) and run.exit_after_replay:
                     break
