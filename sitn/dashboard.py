@@ -284,7 +284,7 @@ class PrometheusSeries:
     def series(self) -> dict[str, Any]:
         """Every query's series over the last ``range_s``; a query that fails is left out and named in
         ``errors`` (an unreachable Prometheus ends the round at the first failure)."""
-        end_s = self.clock()
+        end_s = round(self.clock(), 3)  # as sent: Prometheus's times are whole milliseconds
         start_s = end_s - self.range_s
         series: dict[str, dict[str, list[float]]] = {}
         errors: list[str] = []
