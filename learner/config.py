@@ -93,6 +93,11 @@ class SITNConfig:
     init_new_items_from_history: bool = True  # a new item row starts at the mean of the rows of the same
     #                                           domain's items in the history it first arrives with (the items
     #                                           it co-occurs with), not at random
+    logq_half_life_events: int = 0  # 0: the logQ correction's label frequencies are cumulative counts (offline
+    #                                 training shuffles, so every batch draws from the whole label distribution);
+    #                                 > 0: exponentially decayed counts with this half-life in the domain's fresh
+    #                                 events (a stream's in-batch candidates are its recent labels, not all-time
+    #                                 ones; streaming frequency estimation as in Yi et al., RecSys 2019)
     replay_buffer_size: int = 0  # last N trained examples kept; 0 = no replay (offline training has epochs)
     replay_ratio: float = 1.0  # replayed examples added to each step, per fresh example (stream: each event
     #                           then trains about 1 + replay_ratio times while it is in the buffer)

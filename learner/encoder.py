@@ -214,6 +214,8 @@ class DomainEncoder(nn.Module):
 
     item_cluster: torch.Tensor
     item_count: torch.Tensor
+    item_recent: torch.Tensor  # only with logq_half_life_events > 0
+    recent_state: torch.Tensor  # (2,) float64: the weight of the next label (grows instead of decaying the rows), total
 
     def __init__(self, config: SITNConfig) -> None:
         super().__init__()
@@ -225,6 +227,9 @@ class DomainEncoder(nn.Module):
         # was a training label (the frequency behind the logQ correction).
         self.register_buffer("item_cluster", torch.zeros(cap, dtype=torch.long))
         self.register_buffer("item_count", torch.zeros(cap, dtype=torch.long))
+        if config.logq_half_life_events > 0:  # decayed label counts for the logQ correction (learner._count_labels)
+            self.register_buffer("item_recent", torch.zeros(cap, dtype=torch.float64))
+            self.register_buffer("recent_state", torch.tensor([1.0, 0.0], dtype=torch.float64))
         self.coarse_emb = (
             nn.Embedding(config.n_item_clusters + 1, d, padding_idx=0) if config.use_coarse_level else None
         )
@@ -252,6 +257,8 @@ class DomainEncoder(nn.Module):
         grow_parameter(self, "item_weight", new_rows, self.config.item_init_std, optimizers)
         grow_buffer(self, "item_cluster", new_rows, 0)
         grow_buffer(self, "item_count", new_rows, 0)
+        if self.config.logq_half_life_events > 0:
+            grow_buffer(self, "item_recent", new_rows, 0)
 
     def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """Output embeddings of item ``rows`` (any shape S) -> (*S, D), sparse gradient."""

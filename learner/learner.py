@@ -34,6 +34,7 @@ import torch
 from learner.batch import History, TrainingBatch, build_training_batch, encode_histories, latest_timestamp
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.config import SITNConfig
+from learner.encoder import DomainEncoder
 from learner.history import EMPTY, RecentHistories
 from learner.idmap import IdMap, next_capacity
 from learner.loss import info_nce_i2i, sampled_softmax_loss, swapped_proto_nce
@@ -198,8 +199,7 @@ class SITNLearner:
             self._drop_other_history(tb)
         for role, idx in (("source", 0), ("target", 1)):
             if role in self.domains:
-                rows = tb.label_rows[:n_fresh][tb.event_role[:n_fresh] == idx]
-                self.model.encoder(role).item_count.index_add_(0, rows, torch.ones_like(rows))
+                self._count_labels(self.model.encoder(role), tb.label_rows[:n_fresh][tb.event_role[:n_fresh] == idx])
         if not self.model.training:  # train() walks every module: only after an eval (embed_histories)
             self.model.train()
         interests = self.model(tb.sequences)
@@ -227,6 +227,23 @@ class SITNLearner:
         self._sparse_opt.step()
         out["loss"] = total.item()
         return out
+
+    def _count_labels(self, enc: DomainEncoder, rows: torch.Tensor) -> None:
+        """Count a step's fresh labels: ``item_count`` (all-time) and, with ``logq_half_life_events``, the
+        decayed counts behind the logQ correction. Decay without touching every row: each label adds the
+        current weight, which then grows by 2^(n / half-life); the frequencies are ratios, so only the
+        weight's growth relative to older labels matters. Rescaled long before float64 could overflow."""
+        enc.item_count.index_add_(0, rows, torch.ones_like(rows))
+        half_life = self.config.logq_half_life_events
+        if half_life <= 0 or len(rows) == 0:
+            return
+        state = enc.recent_state  # [weight of the next label, total weight]
+        enc.item_recent.index_add_(0, rows, torch.full(rows.shape, float(state[0]), dtype=torch.float64))
+        state[1] += state[0] * len(rows)
+        state[0] *= 2.0 ** (len(rows) / half_life)
+        if state[0] > 1e150:
+            enc.item_recent.div_(state[0])
+            state.div_(state[0].clone())
 
     def _init_new_rows(self, tb: TrainingBatch, known_rows: Mapping[str, int]) -> None:
         """Start each item row first seen as a label in this batch at the mean of the rows of the
@@ -287,8 +304,11 @@ class SITNLearner:
             cand_rows = torch.cat([pos_rows, sampled])  # (n + S,)
             # expected copies of each item in the candidate set: n in-batch draws from the label
             # distribution plus S uniform draws (computed for the candidates only, not the whole table)
-            total = float(enc.item_count[: n_items + 1].sum())
-            freq = enc.item_count[cand_rows].to(torch.float64) / total  # (n + S,)
+            if self.config.logq_half_life_events > 0:  # recent label frequencies (_count_labels)
+                freq = enc.item_recent[cand_rows] / enc.recent_state[1]  # (n + S,)
+            else:
+                total = float(enc.item_count[: n_items + 1].sum())
+                freq = enc.item_count[cand_rows].to(torch.float64) / total  # (n + S,)
             log_q = torch.log(n * freq + n_neg / n_items).to(torch.float32)  # (n + S,); the first n: positives
             vectors = enc.item_vectors(cand_rows)  # (n + S, D); the first n are the positives
             loss = sampled_softmax_loss(
