@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -186,14 +185,10 @@ def kafka_broker(security: str, workdir: Path) -> Iterator[tuple[str, dict[str, 
     if servers and security == "plaintext":
         yield servers, {}, None
         return
-    from stream.broker import DEFAULT_CACHE_DIR, KafkaBroker
+    from stream.broker import DEFAULT_CACHE_DIR, KafkaBroker, free_ports
     from stream.broker_security import SaslSslListener, ScramUser, make_tls_stores
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = free_ports(2)
     listener = None
     if security == "sasl_ssl":
         tls = make_tls_stores(workdir / "tls", "bench-Store-1")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -157,13 +156,9 @@ def with_kafka(fn: Callable[[str], None]) -> None:
     if servers:
         fn(servers)
         return
-    from stream.broker import DEFAULT_CACHE_DIR, KafkaBroker
+    from stream.broker import DEFAULT_CACHE_DIR, KafkaBroker, free_ports
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:
         broker = KafkaBroker(Path(tmp), port=ports[0], controller_port=ports[1], cache_dir=DEFAULT_CACHE_DIR)
         broker.start(timeout_s=180)

@@ -113,6 +113,16 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago (all held open together while
+    picked, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 @dataclass(frozen=True)
 class QuorumVoter:
     """One controller of a multi-node KRaft quorum, as ``kafka-storage format --initial-controllers`` names it.
