@@ -39,6 +39,7 @@ from stream.kafka_login import check_kafka_login
 from stream.producer import make_kafka_producer
 from stream.settings import StreamSettings
 from tests.fixtures.kafka import free_ports, start_test_broker
+from tests.fixtures.serving import replica_at_version
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -203,14 +204,8 @@ def test_the_pipeline_trains_every_event_and_a_standalone_replica_serves_through
     url = f"http://127.0.0.1:{port}"
     started_s = time.monotonic()
     try:
-        def at_last_version() -> bool:
-            assert replica.poll() is None, f"sitn serve exited {replica.returncode}: {log_path.read_text()[-3000:]}"
-            try:
-                return bool(httpx.get(f"{url}/healthz", timeout=5).json()["applied_version"] == last_version)
-            except httpx.HTTPError:
-                return False
-
-        wait_for(at_last_version, 120, f"the replica to apply version {last_version}")
+        wait_for(replica_at_version(replica, url, last_version, log_path), 120,
+                 f"the replica to apply version {last_version}")
         catch_up_s = time.monotonic() - started_s
         with events_csv.open(encoding="utf-8") as f:
             header = f.readline().strip().split(",")

@@ -204,6 +204,7 @@ def test_standalone_replica_answers_like_the_in_cluster_serving(
     exactly like the in-cluster serving actor at the same version: same items, same order, same scores, same
     ``served_by``, for users with consumed books (excluded), source-only users and a user nobody knows."""
     from tests.fixtures.kafka import free_ports
+    from tests.fixtures.serving import replica_at_version
 
     p = kafka_pipeline
     replayed = events[:REPLICA_EVENTS]
@@ -229,14 +230,8 @@ def test_standalone_replica_answers_like_the_in_cluster_serving(
         version = in_cluster_health["applied_version"]
         assert version > 0
 
-        def replica_at_version() -> bool:
-            assert replica.poll() is None, f"sitn serve exited {replica.returncode}: {log_path.read_text()[-3000:]}"
-            try:
-                return bool(httpx.get(f"{replica_url}/healthz", timeout=5).json()["applied_version"] == version)
-            except httpx.HTTPError:
-                return False
-
-        wait_for(replica_at_version, 120, f"the replica to apply version {version}")
+        wait_for(replica_at_version(replica, replica_url, version, log_path), 120,
+                 f"the replica to apply version {version}")
         replica_health = httpx.get(f"{replica_url}/healthz", timeout=10).json()
         for key in ("applied_version", "index_version", "index_items", "users", "ranker", "fused_weight"):
             assert replica_health[key] == in_cluster_health[key], key
