@@ -32,7 +32,9 @@ built as ``sitn run`` builds it (``RunSettings`` defaults: batch 256, replay buf
 ranker, publish gate, fallback, drift monitor, a checkpoint every 200 steps into a temporary directory;
 no Ray, no Kafka, a publish goes nowhere) is fed the same stream in batches of ``--poll-events``, and the
 process RSS is printed at ``--points`` with the item tables' and lazy-Adam state's bytes, the last
-checkpoint's size, the target items known, wall and CPU seconds. ``--malloc trimmed`` (the default) calls
+checkpoint's size, the target items known, wall and CPU seconds, and the newest checkpoint's two costs: the
+seconds it held up training (reading the state out) and the seconds its write took on the writer thread
+(``OnlineTrainer.checkpoint(background=True)``, as the learner actor checkpoints). ``--malloc trimmed`` (the default) calls
 ``malloc_trim`` after each batch as the learner actor does (``learner.allocator``), ``dynamic`` does
 nothing (as before issue 12), ``pinned`` fixes glibc's mmap threshold at 128 KiB instead:
 
@@ -63,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -263,8 +266,9 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
                 trainer.process(EventBatch.of(poll, 0, offset, "c0"))
                 offset += len(poll)
                 poll = []
+                trainer.collect_checkpoint()
                 if trainer.checkpoint_due():
-                    trainer.checkpoint()
+                    trainer.checkpoint(background=True)  # as learner.actor does: written on the writer thread
                 if args.malloc == "trimmed":  # where learner.actor does it
                     t0 = time.perf_counter()
                     trim_free_memory()
@@ -297,16 +301,21 @@ def trainer_row(events_seen: int, trainer: Any, store: Any, started_s: float) ->
         "published_version": trainer.publisher.version,
         "wall_s": time.perf_counter() - started_s,
         "cpu_s": sum(psutil.Process().cpu_times()[:2]),  # user + system, less disturbed by a busy machine
+        # The newest checkpoint: seconds it held up training (reading the state out), seconds its write took.
+        "checkpoint_stall_s": trainer.checkpoint_stall_s[-1] if trainer.checkpoint_stall_s else math.nan,
+        "checkpoint_write_s": trainer.checkpoint_write_s[-1] if trainer.checkpoint_write_s else math.nan,
     }
 
 
 def print_trainer_row(row: dict[str, Any], header: bool) -> None:
     if header:
         print(f"{'events':>9} {'rss':>9} {'item_tables':>12} {'checkpoint':>11} {'target_items':>13} {'step':>6}"
-              f" {'version':>8} {'wall_s':>7} {'cpu_s':>6} {'trim_s':>6}   (MiB)")
+              f" {'version':>8} {'wall_s':>7} {'cpu_s':>6} {'trim_s':>6} {'ckpt_stall_s':>12} {'ckpt_write_s':>12}"
+              "   (MiB)")
     print(f"{row['events']:>9,} {_mb(row['rss'])} {_mb(row['item_tables']):>12} {_mb(row['checkpoint']):>11}"
           f" {row['target_items']:>13,} {row['step']:>6} {row['published_version']:>8} {row['wall_s']:>7.0f}"
-          f" {row['cpu_s']:>6.0f} {row['trim_s']:>6.2f}",
+          f" {row['cpu_s']:>6.0f} {row['trim_s']:>6.2f} {row['checkpoint_stall_s']:>12.3f}"
+          f" {row['checkpoint_write_s']:>12.3f}",
           flush=True)
 
 

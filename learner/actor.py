@@ -4,8 +4,10 @@ consumer group.
 
 The loop (``run``), once per delivered batch: ``trainer.process(batch)`` (events already trained are
 dropped by offset; prequential rank of the model and the shadow baselines, then ``learn_many`` on every
-example), and when a checkpoint is due: write it, *then* commit the positions it holds to the consumer
-group (``stream.group_offsets.GroupCommitter``), so that lag tools see the durable progress. See
+example), and when a checkpoint is due: read the state out (the training loop's only stall), write it on
+the trainer's writer thread while training goes on, and once it is durable (collected on the loop after a
+later batch) commit the positions it holds to the consumer group
+(``stream.group_offsets.GroupCommitter``), so that lag tools see the durable progress. See
 ``learner.trainer`` for why this order loses nothing. A commit that fails (the broker is down) is logged;
 the next checkpoint commits newer positions. Nothing reads the group's offsets back: a restart resumes
 from the checkpoint, whose positions the supervisor hands to the consumers (``positions()``).
@@ -45,7 +47,7 @@ from learner.checkpoint_store import CheckpointStore, same_config
 from learner.config import SITNConfig
 from learner.learner import SITNLearner
 from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
-from learner.trainer import OnlineTrainer
+from learner.trainer import CheckpointMark, OnlineTrainer
 from learner.warm_start import load_warm_start
 from stream.events import EmbeddingBatch
 from stream.exporter import TelemetrySettings, start_exporter
@@ -232,6 +234,7 @@ class LearnerWorker:
                     batch = queue.get(timeout=poll_timeout_s)
                 except Empty:
                     self.trainer.publish_if_due()  # an idle stream still publishes its last steps
+                    self._checkpointed(self.trainer.collect_checkpoint())
                     continue
                 dropped_before = self.trainer.redelivered_dropped
                 applied_before = self.trainer.events_applied
@@ -245,23 +248,28 @@ class LearnerWorker:
                 if self._audit is not None:  # after training, before any checkpoint that holds it
                     trained = self.trainer.last_trained_event_ids
                     self._audit_write({"kind": "batch", "event_ids": trained})
+                self._checkpointed(self.trainer.collect_checkpoint())
                 if self.trainer.checkpoint_due():
-                    self._checkpoint_and_commit()
+                    self._checkpointed(self.trainer.checkpoint(background=True))  # None: written in the background
                 trim_free_memory()  # the batch's freed buffers back to the OS (learner.allocator, issue 12)
             self._adopt_serving()
             self.trainer.publish(force_full=True)
-            self._checkpoint_and_commit()
+            self._checkpointed(self.trainer.collect_checkpoint(wait=True))
+            self._checkpointed(self.trainer.checkpoint())
             return self.trainer.summary()
         finally:
             self._stopped.set()
             if self._group is not None:
                 self._group.close()
 
-    def _checkpoint_and_commit(self) -> None:
-        self.trainer.checkpoint()  # 1. the checkpoint holds the batches' effect and their positions ...
-        self.events_checkpointed = self.trainer.events_applied
-        # 2. ... only then does the consumer group show them (for lag tools; a failure is retried next time).
-        if self._group is not None and not self._group.commit(self.trainer.resume_positions()):
+    def _checkpointed(self, mark: CheckpointMark | None) -> None:
+        """A checkpoint is durable (None: none since the last call): 1. it holds the batches' effect and their
+        positions ... 2. only now does the consumer group show those positions (for lag tools; a failure is
+        retried next time)."""
+        if mark is None:
+            return
+        self.events_checkpointed = mark.events_applied
+        if self._group is not None and not self._group.commit(mark.positions):
             self.commit_failures += 1
         self.commit_rounds += 1
 

@@ -27,10 +27,16 @@ MAGIC = b"SITNCKP2"  # pickle payload
 MAGIC_TORCH = b"SITNCKP1"  # torch.save payload, written before SITNCKP2
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: readers see the old file or the complete new one."""
+def encode_checkpoint(state: dict[str, Any]) -> bytes:
+    """The payload of ``state``: a snapshot, so the objects may change as soon as this returns."""
+    return pickle.dumps(state, protocol=5)
+
+
+def write_checkpoint(path: str | Path, payload: bytes) -> None:
+    """Write an encoded ``payload`` to ``path`` atomically: readers see the old file or the complete new one.
+
+    Hashing and writing release the GIL, so a background thread can do this while training goes on."""
     path = Path(path)
-    payload = pickle.dumps(state, protocol=5)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("wb") as fh:
         fh.write(MAGIC)
@@ -39,6 +45,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (:func:`encode_checkpoint`, then :func:`write_checkpoint`)."""
+    write_checkpoint(path, encode_checkpoint(state))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

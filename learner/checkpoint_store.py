@@ -22,6 +22,7 @@ A directory has one writer: the learner, which calls ``load_latest`` at start-up
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from learner.checkpoint import write_checkpoint
 from stream.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclasses.dataclass(frozen=True)
+class StagedCheckpoint:
+    """A checkpoint read out of the learner but not yet durable (``CheckpointStore.stage``): ``payload`` is
+    its encoded bytes, a snapshot that later training does not change; None when a custom ``save_fn``
+    has already written the temporary file."""
+
+    step: int
+    payload: bytes | None
+
+
 class CheckpointStore:
     """Saves and loads learner checkpoints in ``directory``, keeping the newest ``keep``.
 
-    ``save_fn(learner, path, extra)`` writes one checkpoint file; ``load_fn(path)`` returns
+    ``save_fn(learner, path, extra)`` writes one checkpoint file (default: ``learner.encode(extra)``, written
+    by ``learner.checkpoint.write_checkpoint``, so ``stage`` and ``commit`` can run apart); ``load_fn(path)`` returns
     ``(learner, extra)`` or raises. Both default to the SITNLearner contract. ``accept_fn(learner,
     extra)`` raises ``ValueError`` saying why a checkpoint that loaded cannot be used by this job.
     ``refused`` lists ``(manifest, reason)`` of every checkpoint refused; ``removed`` the leftovers of
@@ -76,7 +89,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep = keep
-        self._save_fn = save_fn or _default_save
+        self._save_fn = save_fn
         self._load_fn = load_fn or _default_load
         self._accept_fn = accept_fn
         self.refused: list[tuple[Path, str]] = []
@@ -87,10 +100,25 @@ class CheckpointStore:
         return sorted(self.directory.glob("ckpt-*.json"), reverse=True)
 
     def save(self, learner: Any, step: int, extra: dict[str, Any]) -> Path:
-        stem = f"ckpt-{step:012d}"
-        final = self.directory / f"{stem}.pt"
-        tmp = self.directory / f"{stem}.pt.tmp"
-        self._save_fn(learner, tmp, extra)
+        """Write a checkpoint of ``learner`` at ``step`` and return its file: ``commit(stage(...))``."""
+        return self.commit(self.stage(learner, step, extra))
+
+    def stage(self, learner: Any, step: int, extra: dict[str, Any]) -> StagedCheckpoint:
+        """Read the checkpoint out of ``learner`` (the part that must not overlap training): its encoded
+        bytes (``learner.encode``), or, with a custom ``save_fn``, its temporary file. ``commit`` finishes it,
+        on this thread or another, while the learner trains on."""
+        if self._save_fn is not None:
+            self._save_fn(learner, self._paths(step)[1], extra)
+            return StagedCheckpoint(step, None)
+        return StagedCheckpoint(step, learner.encode(extra))
+
+    def commit(self, staged: StagedCheckpoint) -> Path:
+        """Make a staged checkpoint durable: file, fsync, rename, manifest, prune (points 1-4 above)."""
+        final, tmp = self._paths(staged.step)
+        stem = final.stem
+        step = staged.step
+        if staged.payload is not None:
+            write_checkpoint(tmp, staged.payload)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -110,6 +138,11 @@ class CheckpointStore:
         _fsync_dir(self.directory)
         self._prune()
         return final
+
+    def _paths(self, step: int) -> tuple[Path, Path]:
+        """The final and the temporary path of the checkpoint of ``step``."""
+        stem = f"ckpt-{step:012d}"
+        return self.directory / f"{stem}.pt", self.directory / f"{stem}.pt.tmp"
 
     def _prune(self) -> None:
         for manifest in self.manifests()[self.keep :]:
@@ -202,10 +235,6 @@ def same_config(expected: Mapping[str, Any]) -> Callable[[Any, dict[str, Any]], 
             raise ValueError(f"trained with another config: {'; '.join(diffs)}")
 
     return accept
-
-
-def _default_save(learner: Any, path: Path, extra: dict[str, Any]) -> None:
-    learner.save(path, extra=extra)
 
 
 def _default_load(path: Path) -> tuple[Any, dict[str, Any]]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from learner.batch import History, TrainingBatch, build_training_batch, encode_histories, latest_timestamp
-from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.checkpoint import encode_checkpoint, load_checkpoint, write_checkpoint
 from learner.config import SITNConfig
 from learner.encoder import DomainEncoder
 from learner.history import EMPTY, RecentHistories
@@ -493,10 +493,15 @@ class SITNLearner:
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Atomic checkpoint of everything; ``extra`` (e.g. stream offsets) replaces ``self.extra`` first."""
+        write_checkpoint(path, self.encode(extra))
+        log.info("saved checkpoint path=%s step=%d", path, self.step)
+
+    def encode(self, extra: dict[str, Any] | None = None) -> bytes:
+        """The checkpoint payload of everything now (``save`` writes it; ``learner.checkpoint_store`` can write it
+        on another thread while training goes on); ``extra`` replaces ``self.extra`` first."""
         if extra is not None:
             self.extra = dict(extra)
-        save_checkpoint(path, self.state_dict())
-        log.info("saved checkpoint path=%s step=%d", path, self.step)
+        return encode_checkpoint(self.state_dict())
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> SITNLearner:

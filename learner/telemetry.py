@@ -111,8 +111,13 @@ PUBLISH_GATE_CLOSED = Gauge(
     "sitn_learner_publish_gate_closed", "1 while the publish gate holds new versions back, else 0."
 )
 CHECKPOINT_SECONDS = Histogram(
-    "sitn_learner_checkpoint_seconds", "Seconds to write one checkpoint.",
+    "sitn_learner_checkpoint_seconds", "Seconds from the start of one checkpoint until its file is durable.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+CHECKPOINT_STALL_SECONDS = Histogram(
+    "sitn_learner_checkpoint_stall_seconds",
+    "Seconds one checkpoint holds up training: reading the state out (the write runs on a writer thread).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 EVENTS_APPLIED = Gauge("sitn_learner_events_applied", "Events whose effect the model holds (restored + trained).")
 

@@ -36,17 +36,21 @@ in this order:
    all are trained. Between calls nothing is half-applied. A batch that starts *above* a position would
    skip records: an error.
 2. ``checkpoint()`` writes model (with the history store), optimizer, prototypes, id maps, publisher
-   state and the positions atomically, in one file.
-3. Only then does the caller mirror the positions into the consumer group (``stream.group_offsets``),
-   for lag tools; nothing reads them back.
+   state and the positions atomically, in one file. It reads them out (encodes them) at once; the write
+   may then run on a writer thread (``background=True``), and the positions count as durable only when
+   ``collect_checkpoint`` returns its mark.
+3. Only then (the write done) does the caller mirror the positions into the consumer group
+   (``stream.group_offsets``), for lag tools; nothing reads them back.
 
-A crash before 2 loses nothing: the new learner restores the previous checkpoint and the consumers are
+A crash before 2 is durable loses nothing: the new learner restores the previous checkpoint and the consumers are
 started at its positions (``positions()``), so what was trained after it is trained again (at most one
 checkpoint interval plus the batches in flight) and nothing is applied twice.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -71,6 +75,15 @@ from stream.events import EmbeddingBatch, InteractionEvent
 from stream.user_state import Example
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointMark(NamedTuple):
+    """What a checkpoint holds: the learner step, the events applied and the positions (partition -> next
+    offset) of everything trained before it."""
+
+    step: int
+    events_applied: int
+    positions: dict[int, int]
 
 MODEL = "model"
 MODEL_LIVE = "model_live"  # the live model, queried with the event's own history, as the shadow baselines are
@@ -186,6 +199,12 @@ class OnlineTrainer:
         self.redelivered_dropped = 0  # events of delivered batches below the position: trained already
         self.last_trained_event_ids: list[str] = []  # of the last process() call, in training order
         self._last_checkpoint_step = int(learner.step)
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # background checkpoint writes
+        self._writing: tuple[concurrent.futures.Future[None], CheckpointMark] | None = None  # in flight
+        self._durable: CheckpointMark | None = None  # written, not yet collected
+        # Seconds of the newest checkpoints: the training loop's stall (reading the state out) and the write.
+        self.checkpoint_stall_s: collections.deque[float] = collections.deque(maxlen=64)
+        self.checkpoint_write_s: collections.deque[float] = collections.deque(maxlen=64)
         self.last_stats: dict[str, float] = {}
         self.gate = gate
         self.gate_sample_per_step = gate_sample_per_step
@@ -438,10 +457,16 @@ class OnlineTrainer:
     def checkpoint_due(self) -> bool:
         return int(self.learner.step) - self._last_checkpoint_step >= self.checkpoint_every_steps
 
-    def checkpoint(self) -> None:
-        """Write a checkpoint holding everything trained so far (call between ``process`` calls)."""
+    def checkpoint(self, background: bool = False) -> CheckpointMark | None:
+        """Checkpoint everything trained so far (call between ``process`` calls); returns what it holds.
+
+        The state is read out (encoded) now, on this thread; with ``background`` the write (hash, file,
+        fsync, manifest) then runs on a writer thread while training goes on, this returns None and
+        ``collect_checkpoint`` hands back the mark once the file is durable. At most one write is in
+        flight: a checkpoint due while the previous one is still being written first waits for it."""
         if self.checkpoints is None:
-            return
+            return None
+        self._await_write()
         extra = {
             "positions": dict(self.positions),
             "redelivered_dropped": self.redelivered_dropped,
@@ -455,11 +480,45 @@ class OnlineTrainer:
             "fused_live": self.fused_live.state_dict() if self.fused_live is not None else None,
             "burn_in": {"until": self.burn_in_until, "events": self.burn_in_events},
         }
+        mark = CheckpointMark(int(self.learner.step), self.events_applied, dict(self.positions))
         start_s = time.perf_counter()
-        self.checkpoints.save(self.learner, int(self.learner.step), extra)
+        staged = self.checkpoints.stage(self.learner, mark.step, extra)
+        self.checkpoint_stall_s.append(time.perf_counter() - start_s)
+        telemetry.CHECKPOINT_STALL_SECONDS.observe(self.checkpoint_stall_s[-1])
+        self._last_checkpoint_step = mark.step
+        if not background:
+            self._commit(staged, start_s)
+            telemetry.EVENTS_APPLIED.set(mark.events_applied)
+            self._durable = None
+            return mark
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._writing = (self._writer.submit(self._commit, staged, start_s), mark)
+        return None
+
+    def collect_checkpoint(self, wait: bool = False) -> CheckpointMark | None:
+        """The newest checkpoint made durable in the background since the last call, or None (``wait``: wait
+        for the one in flight first). A failed write raises its error here, on the training thread."""
+        if self._writing is not None and (wait or self._writing[0].done()):
+            self._await_write()
+        mark, self._durable = self._durable, None
+        return mark
+
+    def _await_write(self) -> None:
+        if self._writing is None:
+            return
+        future, mark = self._writing
+        self._writing = None
+        future.result()  # re-raises the writer's error
+        telemetry.EVENTS_APPLIED.set(mark.events_applied)
+        self._durable = mark
+
+    def _commit(self, staged: Any, start_s: float) -> None:
+        assert self.checkpoints is not None
+        commit_s = time.perf_counter()
+        self.checkpoints.commit(staged)
+        self.checkpoint_write_s.append(time.perf_counter() - commit_s)
         telemetry.CHECKPOINT_SECONDS.observe(time.perf_counter() - start_s)
-        telemetry.EVENTS_APPLIED.set(self.events_applied)
-        self._last_checkpoint_step = int(self.learner.step)
 
     def restore(self) -> bool:
         """Load the newest good checkpoint, if any; True when one was loaded."""

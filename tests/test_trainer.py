@@ -163,6 +163,54 @@ def test_checkpoint_holds_only_trained_batches(tmp_path: Path, events: list[Inte
     assert fresh.events_applied == 200
 
 
+def test_background_checkpoint_holds_the_state_at_the_call_and_reports_when_durable(
+    tmp_path: Path, events: list[InteractionEvent]
+) -> None:
+    """``checkpoint(background=True)`` reads the state out at the call; training on while the writer thread
+    writes it changes nothing in the file, and ``collect_checkpoint`` returns its mark once it is durable."""
+    trainer = make_trainer(tmp_path, [])
+    batches = batches_from(events[:600], per_batch=200)
+    trainer.process(batches[0])
+    users = [e.user_id for e in events[:50]]
+    at_call = trainer.learner.embed_users(users)
+    step, positions = trainer.learner.step, trainer.resume_positions()
+    assert trainer.checkpoint(background=True) is None
+    trainer.process(batches[1])  # trains while (or after) the file is written
+    mark = trainer.collect_checkpoint(wait=True)
+    assert mark is not None and (mark.step, mark.events_applied, mark.positions) == (step, 200, positions)
+    assert trainer.collect_checkpoint(wait=True) is None  # handed back once
+    fresh = make_trainer(tmp_path, [])
+    assert fresh.restore()
+    assert (fresh.learner.step, fresh.events_applied, fresh.resume_positions()) == (step, 200, positions)
+    np.testing.assert_allclose(fresh.learner.embed_users(users), at_call, atol=1e-6)
+    # A checkpoint due while one is in flight waits for it; the newest durable mark is the one returned.
+    assert trainer.checkpoint(background=True) is None
+    trainer.process(batches[2])
+    assert trainer.checkpoint(background=True) is None
+    mark = trainer.collect_checkpoint(wait=True)
+    assert mark is not None and mark.events_applied == 600
+    assert [m.name for m in trainer.checkpoints.manifests()] == [  # type: ignore[union-attr]
+        f"ckpt-{s:012d}.json" for s in (trainer.learner.step, 8, step)
+    ]
+
+
+def test_background_checkpoint_failure_is_raised_on_the_training_thread(
+    tmp_path: Path, events: list[InteractionEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = make_trainer(tmp_path, [])
+    trainer.process(batches_from(events[:200], per_batch=200)[0])
+    assert trainer.checkpoints is not None
+
+    def disk_full(staged: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.checkpoints, "commit", disk_full)
+    trainer.checkpoint(background=True)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.collect_checkpoint(wait=True)
+    assert trainer.checkpoints.manifests() == []  # nothing claims to be durable
+
+
 def test_histories_are_built_once_in_the_learner_from_the_events_in_order(
     tmp_path: Path, events: list[InteractionEvent]
 ) -> None:
