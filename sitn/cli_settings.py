@@ -8,7 +8,10 @@ options of a subcommand and builds the object back from the parsed arguments:
 - ``--kebab-case`` per field (or a name kept from before, ``names``); the type from the annotation:
   ``Literal`` gives choices, ``bool`` gives ``--flag`` / ``--no-flag``, a tuple a comma list, ``Path`` a
   path, a dict JSON; ``X | None`` takes an ``X``.
-- help = the field's description, its default and its environment variable.
+- help = the field's description, its default and its environment variable. What an unset value means is
+  told where it applies only: a field's ``json_schema_extra={"unset": ...}`` is added to the help where the
+  command's default is unset (``kafka_bootstrap_servers``: the embedded log in ``sitn run`` and ``sitn replay``;
+  ``sitn serve`` defaults to a broker and has no embedded log).
 - precedence: a flag given on the command line, then the environment variable, then the default. Only
   flags actually given override (every option defaults to ``None`` in the namespace).
 - secrets (``SecretStr``) get no option: they come from the environment only, since ``ps`` shows every
@@ -33,9 +36,17 @@ not the flag. The bridge below is the part we need, on plain ``argparse``.
 ...     weights: tuple[float, ...] = Field((0.5, 1.0), description="fused weights")
 >>> flags = SettingsFlags(Demo)
 >>> parser = argparse.ArgumentParser(prog="demo")
->>> flags.add_to(parser)
+>>> [action.dest for action in flags.add_to(parser)]
+['batch_size', 'weights']
 >>> flags.help_of("batch_size")
 'examples per step [default: 256; env DEMO_BATCH_SIZE]'
+>>> class Backend(BaseSettings):
+...     model_config = SettingsConfigDict(env_prefix="DEMO_", frozen=True)
+...     servers: str | None = Field(None, description="brokers", json_schema_extra={"unset": "the local log"})
+>>> SettingsFlags(Backend).help_of("servers")
+'brokers; unset = the local log [default: unset; env DEMO_SERVERS]'
+>>> SettingsFlags(Backend, defaults={"servers": "h:9092"}).help_of("servers")
+'brokers [default: h:9092; env DEMO_SERVERS]'
 >>> flags.build(parser.parse_args(["--weights", "1,3"]), environ={})
 Demo(batch_size=256, weights=(1.0, 3.0))
 >>> flags.build(parser.parse_args(["--batch-size", "0"]), environ={})
@@ -56,6 +67,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from stream.errors import ConfigError
@@ -123,13 +135,19 @@ class SettingsFlags:
         aliases = self.env_aliases.get(field, ())
         if aliases:
             env += f" (also read: {', '.join(aliases)})"
-        text = f"{info.description or field.replace('_', ' ')} [default: {_show(self.default_of(field))}; env {env}]"
+        default = self.default_of(field)
+        text = info.description or field.replace("_", " ")
+        unset = _unset_meaning(info)
+        if default is None and unset:  # told only where this command leaves the field unset
+            text += f"; unset = {unset}"
+        text += f" [default: {_show(default)}; env {env}]"
         return text.replace("%", "%%")  # argparse formats help with %
 
     # -- parser -----------------------------------------------------------------------------------------
 
-    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        """Add one option per field; every option's value is ``None`` unless given."""
+    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> list[argparse.Action]:
+        """Add one option per field; every option's value is ``None`` unless given. Returns the options added."""
+        added = []
         for field in self.fields:
             kind, arg_type, choices = _argument_type(self.model.model_fields[field].annotation)
             options: dict[str, Any] = {"dest": self.dest(field), "default": None, "help": self.help_of(field)}
@@ -141,7 +159,8 @@ class SettingsFlags:
                     options["choices"] = choices
                 else:
                     options["metavar"] = kind
-            parser.add_argument(self.flag(field), **options)
+            added.append(parser.add_argument(self.flag(field), **options))
+        return added
 
     def given(self, args: argparse.Namespace) -> dict[str, Any]:
         """Field -> value of the options given on the command line."""
@@ -204,6 +223,13 @@ class SettingsFlags:
 
 def _is_secret(annotation: Any) -> bool:
     return SecretStr in (annotation, *typing.get_args(annotation))
+
+
+def _unset_meaning(info: FieldInfo) -> str | None:
+    """What the field's unset value means (``json_schema_extra={"unset": ...}``), if it says."""
+    extra = info.json_schema_extra
+    meaning = extra.get("unset") if isinstance(extra, dict) else None
+    return meaning if isinstance(meaning, str) else None
 
 
 def _argument_type(annotation: Any) -> tuple[str, Callable[[str], Any] | None, list[Any] | None]:

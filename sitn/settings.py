@@ -11,8 +11,12 @@ A setting that two layers need has one owner; the other's field is derived from 
 root and reads neither a flag nor a variable of its own:
 
 - embedding width: the learner's (``learner_dim``, ``SITN_RUN_LEARNER_DIM``; a warm start's model decides
-  it); serving's ``dim`` follows it in ``sitn run`` and ``sitn serve`` (whose ``--dim`` is this field).
-- history length L: ``learner_max_len`` (``sitn train --max-len`` is the same field).
+  it); serving's ``dim`` follows it in ``sitn run`` and ``sitn serve`` (whose ``--dim`` is this field, as
+  ``sitn train --dim`` and ``sitn eval --dim`` are).
+- history length L and interest views V: ``learner_max_len``, ``learner_views`` (``sitn train`` and
+  ``sitn eval``: ``--max-len``, ``--n-views``).
+- how an events file is read: ``time_unit`` and ``limit`` (``sitn replay`` and ``sitn inspect`` read them too;
+  ``sitn inspect`` also judges the file by ``dead_letter_max_ratio``).
 - co-occurrence cap: ``cooc_max_neighbours``; serving's follows it.
 - users kept: serving's ``max_users`` (``SITN_SERVING_MAX_USERS``); the learner's history store and its
   mirror of the served users follow it.
@@ -43,7 +47,7 @@ class RunSettings(BaseSettings):
     rate_events_per_s: float | None = Field(
         1000.0, gt=0, description="replay pace in events per wall second; unset with --max = as fast as possible"
     )
-    limit: int | None = Field(None, ge=1, description="replay only the first N rows of the file")
+    limit: int | None = Field(None, ge=1, description="read (and replay) only the first N rows of the events file")
     time_unit: Literal["auto", "s", "ms", "iso", "ordinal"] = Field(
         "auto", description="unit of the events file's timestamp column: unix s, ms, ISO-8601, ordinal positions "
         "(order only, one position = one day), or auto = detected from the data (stream.time_unit)")

@@ -29,8 +29,12 @@ class StreamSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SITN_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
     # -- backend ----------------------------------------------------------------------------------
+    # What unset means is kept out of the description (json_schema_extra "unset"): a command's help says it only
+    # where that command's default is unset (sitn run, sitn replay), not in sitn serve, which has a broker as its
+    # default and no embedded log (sitn.cli_settings).
     kafka_bootstrap_servers: str | None = Field(
-        default=None, description="host:port[,host:port]; unset = the embedded file-backed log"
+        default=None, description="the Kafka brokers to connect to, host:port[,host:port]",
+        json_schema_extra={"unset": "no Kafka: the embedded file-backed log"},
     )
     embedded_log_dir: Path = Field(default=Path("var/stream"), description="directory of the embedded log")
     embedded_fsync: bool = Field(default=False, description="fsync the embedded log on every flush (durable, slower)")
@@ -51,18 +55,31 @@ class StreamSettings(BaseSettings):
         description="group the learner commits its checkpointed positions to, for lag tools (nothing reads them back)",
     )
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="max records per poll")
-    poll_timeout_s: float = Field(default=0.5, gt=0, le=60)
+    poll_timeout_s: float = Field(default=0.5, gt=0, le=60,
+                                  description="seconds a consumer's poll waits for records when none are there")
 
-    # -- Kafka security passthrough ---------------------------------------------------------------
-    security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: SaslMechanism | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_password: SecretStr | None = None
-    ssl_check_hostname: bool = True
+    # -- Kafka security passthrough (kafka_client_kwargs: kafka-python's options of the same names) ------
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT", description="how clients reach the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT "
+        "(a login, no TLS) or SASL_SSL (a login over TLS)")
+    sasl_mechanism: SaslMechanism | None = Field(
+        default=None, description="SASL login mechanism; needed with SASL_PLAINTEXT and SASL_SSL")
+    sasl_plain_username: str | None = Field(
+        default=None, description="SASL user name; needed with PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512")
+    sasl_plain_password: SecretStr | None = Field(
+        default=None, description="password of the SASL user (a secret: environment only)")
+    ssl_cafile: Path | None = Field(
+        default=None, description="PEM file of the CA certificates the brokers' certificates are checked against "
+        "(SSL, SASL_SSL); unset = the system's default CAs")
+    ssl_certfile: Path | None = Field(
+        default=None, description="PEM client certificate (chain) sent to brokers that ask for one (mutual TLS); "
+        "unset = none")
+    ssl_keyfile: Path | None = Field(
+        default=None, description="PEM private key of the client certificate; unset = the key is in ssl_certfile")
+    ssl_password: SecretStr | None = Field(
+        default=None, description="password of the client certificate's private key (a secret: environment only)")
+    ssl_check_hostname: bool = Field(
+        default=True, description="check that a broker's certificate names the host connected to (SSL, SASL_SSL)")
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

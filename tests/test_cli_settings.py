@@ -5,29 +5,36 @@ derived fields that follow their owner."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import sitn.commands.eval as eval_command
 import sitn.commands.replay as replay_command
 import sitn.commands.run as run_command
 import sitn.commands.serve as serve_command
-import sitn.commands.train as train_command
+from learner.drift import DriftSettings
 from serving.settings import ServingSettings
 from sitn.cli import build_parser, main
 from sitn.cli_settings import SettingsFlags
+from sitn.commands import events_file_flags, learner_shape_flags
 from sitn.settings import RunSettings
 from stream.errors import ConfigError
+from stream.exporter import TelemetrySettings
 from stream.settings import StreamSettings
 
 COMMANDS: dict[str, list[SettingsFlags]] = {
-    "run": list(run_command._flags()),
+    "run": [*run_command._flags(), run_command._telemetry_flags()],
     "serve": list(serve_command._flags()),
-    "replay": [replay_command._stream_flags()],
-    "train": [train_command._shape_flags()],
+    "replay": [events_file_flags(), replay_command._stream_flags()],
+    "train": [events_file_flags(), learner_shape_flags()],
+    "inspect": [events_file_flags("dead_letter_max_ratio")],
+    "eval": [learner_shape_flags()],
 }
+SETTINGS_CLASSES = (RunSettings, ServingSettings, StreamSettings, TelemetrySettings, DriftSettings)
 
 
 @pytest.fixture(autouse=True)
@@ -86,11 +93,14 @@ def test_help_texts_are_generated_exactly() -> None:
     assert helps["--batch-size"] == "examples per learner step [default: 256; env SITN_RUN_BATCH_SIZE]"
     assert helps["--fused-weights"].endswith("[default: 0.25,0.5,1.0,2.0,4.0; env SITN_RUN_FUSED_WEIGHTS]")
     assert helps["--gate-enabled"].endswith("[default: on; env SITN_RUN_GATE_ENABLED]")
-    assert helps["--kafka-bootstrap-servers"].endswith("[default: unset; env SITN_KAFKA_BOOTSTRAP_SERVERS]")
+    assert helps["--kafka-bootstrap-servers"] == ("the Kafka brokers to connect to, host:port[,host:port]; unset = no "
+                                                  "Kafka: the embedded file-backed log [default: unset; env "
+                                                  "SITN_KAFKA_BOOTSTRAP_SERVERS]")
     serve = option_helps("serve")
     assert serve["--dim"] == ("embedding width d of the SITN model (serving's dim follows it) "
                               "[default: 64; env SITN_RUN_LEARNER_DIM (also read: SITN_SERVING_DIM)]")
-    assert serve["--kafka-bootstrap-servers"].endswith(
+    assert serve["--kafka-bootstrap-servers"] == (
+        "the Kafka brokers to connect to, host:port[,host:port] "
         "[default: 127.0.0.1:9092; env SITN_KAFKA_BOOTSTRAP_SERVERS (also read: SITN_SERVING_KAFKA_BOOTSTRAP_SERVERS)]")
 
 
@@ -113,8 +123,10 @@ def test_flags_keep_their_names_from_before() -> None:
     for flag in ("--host", "--port", "--kafka-bootstrap-servers", "--updates-topic", "--dim", "--index-factory",
                  "--workers"):
         assert flag in serve_helps, flag
-    train_helps = option_helps("train")
-    assert {"--dim", "--n-views", "--max-len"} <= set(train_helps)
+    assert {"--dim", "--n-views", "--max-len", "--time-unit", "--limit"} <= set(option_helps("train"))
+    assert {"--dim", "--n-views", "--max-len"} <= set(option_helps("eval"))
+    assert {"--time-unit", "--limit", "--dead-letter-max-ratio"} <= set(option_helps("inspect"))
+    assert {"--time-unit", "--limit"} <= set(option_helps("replay"))
 
 
 # -- precedence -------------------------------------------------------------------------------------------
@@ -280,7 +292,7 @@ def test_train_and_run_share_the_models_shape(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SITN_RUN_LEARNER_DIM", "32")
     args = build_parser().parse_args(["train", "--events", "e.csv", "--source", "movie", "--target", "book",
                                       "--output", "m.pt", "--until-fraction", "0.5", "--max-len", "20"])
-    shape = train_command._shape_flags().build(args)
+    shape = learner_shape_flags().build(args)
     assert (shape.learner_dim, shape.learner_views, shape.learner_max_len) == (32, 1, 20)
 
 
@@ -289,3 +301,170 @@ def test_a_derived_field_cannot_also_be_a_flag() -> None:
         SettingsFlags(ServingSettings, ("dim",), derived=("dim",))
     with pytest.raises(ValueError, match=r"RunSettings has no field 'dimension'"):
         SettingsFlags(RunSettings, ("dimension",))
+
+
+# -- what unset means, said where it is true -------------------------------------------------------------
+
+
+def test_serve_help_no_longer_promises_an_embedded_log() -> None:
+    """``sitn serve`` reads the updates topic from Kafka only; its broker defaults to ``sitn kafka start``'s."""
+    embedded = "the Kafka brokers to connect to, host:port[,host:port]; unset = no Kafka: the embedded file-backed log"
+    for command in ("run", "replay"):  # their default is unset: the embedded log
+        assert option_helps(command)["--kafka-bootstrap-servers"].startswith(embedded), command
+    serve_help = option_helps("serve")["--kafka-bootstrap-servers"]
+    assert "embedded" not in serve_help and "unset" not in serve_help
+    assert "embedded" not in subparser("serve").format_help()
+
+
+def test_serve_refuses_a_broker_set_to_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set empty, the stream would mean the embedded log, which a replica does not have: an error naming the
+    flag and the variable, before any connection."""
+    monkeypatch.setattr(serve_command, "run_replica", lambda settings, stream: pytest.fail("a replica was started"))
+    message = (r"^--kafka-bootstrap-servers / SITN_KAFKA_BOOTSTRAP_SERVERS: sitn serve reads the updates topic from "
+               r"Kafka and needs host:port\[,host:port\], got an empty value$")
+    args = serve_args("--kafka-bootstrap-servers", "")
+    with pytest.raises(ConfigError, match=message):
+        args.func(args)
+    monkeypatch.setenv("SITN_KAFKA_BOOTSTRAP_SERVERS", "")
+    args = serve_args()
+    with pytest.raises(ConfigError, match=message):
+        args.func(args)
+
+
+def test_every_setting_that_can_be_a_flag_has_a_description() -> None:
+    for model in (RunSettings, ServingSettings, StreamSettings, TelemetrySettings):
+        assert [name for name, info in model.model_fields.items() if not info.description] == [], model.__name__
+    helps = option_helps("replay")
+    assert helps["--security-protocol"] == (
+        "how clients reach the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT (a login, no TLS) or SASL_SSL (a login "
+        "over TLS) [default: PLAINTEXT; env SITN_SECURITY_PROTOCOL]")
+    assert helps["--ssl-cafile"] == (
+        "PEM file of the CA certificates the brokers' certificates are checked against (SSL, SASL_SSL); unset = the "
+        "system's default CAs [default: unset; env SITN_SSL_CAFILE]")
+
+
+# -- the settings other commands share: one flag, one help text, one variable ------------------------------
+
+# A hand-written option named like a settings field, and why it is not that field (it has no settings field
+# of its own, so it stays hand-written). Any other option named like a field must be generated from it.
+HAND_WRITTEN = {
+    ("eval", "--events"): "the file to evaluate, required; RunSettings.events is what a run replays (optional)",
+    ("train", "--events"): "the file to train on, required",
+    ("inspect", "--events"): "the file to inspect, required",
+    ("replay", "--events"): "the file to produce, required",
+    ("generate", "--events"): "how many events to write (SyntheticConfig, SITN_GENERATE_EVENTS)",
+    ("eval", "--source"): "required: the evaluation's domains, no default",
+    ("eval", "--target"): "required: the evaluation's domains, no default",
+    ("train", "--source"): "required: the warm start's domains, no default",
+    ("train", "--target"): "required: the warm start's domains, no default",
+    ("inspect", "--source"): "unset = every domain of the file, a value RunSettings.source does not have",
+    ("inspect", "--target"): "unset = every domain of the file, a value RunSettings.target does not have",
+    ("generate", "--source"): "the domain name written into the file (SyntheticConfig, SITN_GENERATE_SOURCE)",
+    ("generate", "--target"): "the domain name written into the file (SyntheticConfig, SITN_GENERATE_TARGET)",
+    ("generate", "--time-unit"): "how the generator writes the column (no auto), not how a run reads it",
+    ("eval", "--limit"): "the offline evaluation's slice, recorded in its command, not a run's rows",
+    ("eval", "--batch-size"): "the offline mini-batch (512), not the stream learner's step (256)",
+    ("train", "--batch-size"): "the offline mini-batch (512), not the stream learner's step (256)",
+    ("eval", "--torch-threads"): "this process's torch threads, not the learner actor's",
+    ("train", "--torch-threads"): "this process's torch threads (default: torch's), not the learner actor's",
+    ("kafka", "--port"): "the local broker's client port, not serving's HTTP port",
+}
+
+
+def test_no_hand_written_option_stands_in_for_a_settings_field() -> None:
+    field_flags = {"--" + name.replace("_", "-") for model in SETTINGS_CLASSES for name in model.model_fields}
+    generated = {(command, flags.flag(field)) for command, all_flags in COMMANDS.items()
+                 for flags in all_flags for field in flags.fields}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    hand_written = {(command, flag) for command, parser in commands.items() for action in parser._actions
+                    for flag in action.option_strings if flag in field_flags and (command, flag) not in generated}
+    assert hand_written == set(HAND_WRITTEN)
+
+
+BASE_ARGV = {  # each command's required options
+    "inspect": ["--events", "e.csv"],
+    "replay": ["--events", "e.csv"],
+    "train": ["--events", "e.csv", "--source", "movie", "--target", "book", "--output", "m.pt",
+              "--until-fraction", "0.5"],
+    "eval": ["--events", "e.csv", "--source", "movie", "--target", "book"],
+}
+
+
+@pytest.mark.parametrize(("command", "flag", "variable", "argv_value", "env_value", "expected"), [
+    ("inspect", "--time-unit", "SITN_RUN_TIME_UNIT", "iso", "ms", ("auto", "ms", "iso")),
+    ("inspect", "--limit", "SITN_RUN_LIMIT", "7", "5", (None, 5, 7)),
+    ("inspect", "--dead-letter-max-ratio", "SITN_RUN_DEAD_LETTER_MAX_RATIO", "0.3", "0.2", (0.01, 0.2, 0.3)),
+    ("replay", "--time-unit", "SITN_RUN_TIME_UNIT", "ordinal", "s", ("auto", "s", "ordinal")),
+    ("replay", "--limit", "SITN_RUN_LIMIT", "7", "5", (None, 5, 7)),
+    ("train", "--time-unit", "SITN_RUN_TIME_UNIT", "iso", "ms", ("auto", "ms", "iso")),
+    ("train", "--limit", "SITN_RUN_LIMIT", "7", "5", (None, 5, 7)),
+    ("eval", "--dim", "SITN_RUN_LEARNER_DIM", "16", "32", (64, 32, 16)),
+    ("eval", "--n-views", "SITN_RUN_LEARNER_VIEWS", "4", "2", (1, 2, 4)),
+    ("eval", "--max-len", "SITN_RUN_LEARNER_MAX_LEN", "20", "30", (50, 30, 20)),
+])
+def test_shared_options_take_the_flag_then_the_variable_then_the_default(
+        command: str, flag: str, variable: str, argv_value: str, env_value: str, expected: tuple[Any, Any, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (flags,) = [f for f in COMMANDS[command] if any(f.flag(field) == flag for field in f.fields)]
+    (field,) = [field for field in flags.fields if flags.flag(field) == flag]
+    assert flags.env_var(field) == variable
+
+    def value(*argv: str) -> Any:
+        return getattr(flags.build(build_parser().parse_args([command, *BASE_ARGV[command], *argv])), field)
+
+    assert value() == expected[0]
+    monkeypatch.setenv(variable, env_value)
+    assert value() == expected[1]
+    assert value(flag, argv_value) == expected[2]
+
+
+def test_inspect_judges_the_file_by_the_runs_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: one row of four is a dead letter (25 %); the run's ratio decides the exit status."""
+    events = tmp_path / "events.csv"
+    events.write_text("timestamp,user_id,item_id,domain\n1400000000,a,m1,movie\n1400000100,a,b1,book\n"
+                      "1400000200,b,m2,movie\n0,b,b2,book\n", encoding="utf-8")
+
+    def inspect(*argv: str) -> tuple[int, dict[str, Any]]:
+        code = main(["inspect", "--events", str(events), "--json", *argv])
+        return code, json.loads(capsys.readouterr().out)
+
+    code, report = inspect()
+    assert (code, report["problems"]) == (1, ["would dead-letter 1 of 4 rows (25.0%), above the threshold of 1.0%"])
+    assert report["time"]["requested"] == "auto"
+    monkeypatch.setenv("SITN_RUN_DEAD_LETTER_MAX_RATIO", "0.5")
+    monkeypatch.setenv("SITN_RUN_TIME_UNIT", "s")
+    code, report = inspect()
+    assert (code, report["problems"], report["time"]["requested"]) == (0, [], "s")
+    code, report = inspect("--dead-letter-max-ratio", "0.1", "--limit", "3")  # the flags beat the variables
+    assert (code, report["rows"], report["dead_letters"]) == (0, 3, 0)
+    code, report = inspect("--dead-letter-max-ratio", "0.1")
+    assert (code, report["problems"]) == (1, ["would dead-letter 1 of 4 rows (25.0%), above the threshold of 10.0%"])
+
+
+def test_inspect_refuses_what_a_run_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--events", str(tmp_path / "e.csv"), "--dead-letter-max-ratio", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "sitn inspect: error: --dead-letter-max-ratio: Input should be less than 1, got 1.0\n")
+
+
+def test_eval_records_the_shape_it_took_from_the_learners_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SITN_RUN_LEARNER_DIM", "32")
+    args = build_parser().parse_args(["eval", *BASE_ARGV["eval"], "--max-len", "20"])
+    eval_command.resolve_budget(args)
+    eval_command.resolve_shape(args)
+    assert (args.dim, args.n_views, args.max_len) == (32, 1, 20)
+    assert " --dim 32 --n-views 1 --max-len 20 " in eval_command.command_line(args)  # repeatable without the variable
+    assert eval_command.sitn_configs(args)["sitn"]["dim"] == 32
+    refused = build_parser().parse_args(["eval", *BASE_ARGV["eval"], "--dim", "0"])
+    with pytest.raises(ConfigError, match=r"^--dim: Input should be greater than or equal to 1, got 0$"):
+        eval_command.resolve_shape(refused)
+
+
+def test_eval_help_shows_the_generated_default_once() -> None:
+    """``sitn eval`` formats help with ArgumentDefaultsHelpFormatter; the generated options already say their
+    default, so nothing is appended to them."""
+    text = " ".join(subparser("eval").format_help().split())
+    assert ("--dim INT embedding width d of the SITN model (serving's dim follows it) [default: 64; env "
+            "SITN_RUN_LEARNER_DIM] --n-views INT") in text
+    assert "SITN_RUN_LEARNER_MAX_LEN] (default" not in text

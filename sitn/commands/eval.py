@@ -38,6 +38,7 @@ from learner.eval_split import (
 )
 from learner.evaluate import REFIT_MODES, SELECTION_METRIC, RunResult, aggregate, train_and_test
 from learner.fusion import FUSION_WEIGHTS
+from sitn.commands import learner_shape_flags
 from stream.dataset import load_events
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="grid of w in s = z_sitn + w * z_cooc for the fused row (tuned on validation)")
     p.add_argument("--knn-alpha", type=float, default=0.5, help="item-kNN normalisation exponent (0.5 = cosine)")
     p.add_argument("--batch-size", type=int, default=512, help="SITN mini-batch size (the defaults were tuned at 512)")
-    p.add_argument("--dim", type=int, default=64, help="SITN width d")
-    p.add_argument("--max-len", type=int, default=50, help="history length L per domain (also item-kNN's)")
-    p.add_argument("--n-views", type=int, default=_CONFIG_DEFAULTS["n_views"],
-                   help="SITN interest views V (the multi-view row sitn_v4 uses 4)")
+    shape = p.add_argument_group(
+        "the model's shape: the learner settings of sitn run and sitn train (sitn.settings.RunSettings)",
+        "--max-len is item-kNN's history length too; the row sitn_v4 uses 4 views whatever --n-views says")
+    for action in learner_shape_flags().add_to(shape):
+        action.help = f"{action.help}{NO_AUTO_DEFAULT}"  # the generated help says the default and its variable
     p.add_argument("--cluster-counts", default="16,64,256", help="prototype cluster counts (the M=1 row keeps the middle one)")
     p.add_argument("--lr", type=float, default=_CONFIG_DEFAULTS["lr"], help="SITN learning rate")
     p.add_argument("--lambda-i2i", type=float, default=0.1, help="I2I loss weight")
@@ -138,6 +140,13 @@ def resolve_budget(args: argparse.Namespace) -> None:
             setattr(args, name, QUICK[name] if args.quick else full)
     if args.mf_max_epochs is None:
         args.mf_max_epochs = args.max_epochs
+
+
+def resolve_shape(args: argparse.Namespace) -> None:
+    """Fill ``--dim``, ``--n-views`` and ``--max-len`` from the learner's settings: each flag, else its
+    ``SITN_RUN_LEARNER_*`` variable, else the default, so the recorded command spells out the shape used."""
+    shape = learner_shape_flags().build(args)
+    args.dim, args.n_views, args.max_len = shape.learner_dim, shape.learner_views, shape.learner_max_len
 
 
 def _validate(args: argparse.Namespace) -> list[str]:
@@ -253,6 +262,7 @@ def run_seed(
 
 def run(args: argparse.Namespace) -> int:
     resolve_budget(args)
+    resolve_shape(args)
     rows = _validate(args)
     args.row_list = list(rows)  # the report's row order
     if "sitn" in rows and "fused" in rows:

@@ -13,7 +13,10 @@ the consumer's validation.
 
 Without ``--source``/``--target`` every domain of the file is reported and accepted. The exit status is 1
 when a run of the file would fail by ``sitn run``'s own verdict (nothing to train, or more than
-``--dead-letter-max-ratio`` of the rows dead-lettered) or the file cannot be read, else 0.
+``--dead-letter-max-ratio`` of the rows dead-lettered) or the file cannot be read, else 0. ``--time-unit``,
+``--limit`` and ``--dead-letter-max-ratio`` are ``sitn run``'s own settings, with its variables
+(``SITN_RUN_TIME_UNIT``, ``SITN_RUN_LIMIT``, ``SITN_RUN_DEAD_LETTER_MAX_RATIO``): the file is inspected as a run
+in the same environment would read it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sitn.commands import events_file_flags
 from stream.errors import DataFormatError, EventDecodeError
-from stream.time_unit import TIME_UNITS, TimeColumnStats
+from stream.time_unit import TimeColumnStats
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +48,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--events", type=Path, required=True, help="events.csv in the shared format")
     p.add_argument("--source", default=None, help="source domain (default: every domain of the file)")
     p.add_argument("--target", default=None, help="target domain (default: every domain of the file)")
-    p.add_argument("--time-unit", choices=TIME_UNITS, default="auto",
-                   help="unit of the timestamp column, as sitn run --time-unit (default: auto)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows, as sitn run --limit")
-    p.add_argument("--dead-letter-max-ratio", type=float, default=0.01,
-                   help="exit 1 when more than this share of the rows would be dead-lettered (default: 0.01)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    events_file_flags("dead_letter_max_ratio").add_to(
+        p.add_argument_group("read and judged as sitn run would: its settings (sitn.settings.RunSettings)"))
     p.set_defaults(func=run)
 
 
@@ -207,12 +208,13 @@ def render(report: dict[str, Any], problems: list[str]) -> Any:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    settings = events_file_flags("dead_letter_max_ratio").build(args)  # refused: exit 2, naming the flag or variable
     try:
-        report = inspect_events(args.events, args.source, args.target, args.time_unit, args.limit)
+        report = inspect_events(args.events, args.source, args.target, settings.time_unit, settings.limit)
     except (DataFormatError, FileNotFoundError, ValueError) as exc:
         Console(stderr=True).print(f"[bold red]sitn inspect:[/bold red] {exc}")
         return 1
-    problems = verdict(report, args.dead_letter_max_ratio)
+    problems = verdict(report, settings.dead_letter_max_ratio)
     report["problems"] = problems
     if args.json:
         print(json.dumps(report, indent=2))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sitn.cli_settings import SettingsFlags
-from stream.time_unit import TIME_UNITS
+from sitn.commands import events_file_flags
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,9 @@ def register(subparsers: Any) -> None:
         help="event-time seconds per wall-clock second (e.g. 86400 = one day per second)",
     )
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N rows of the file")
-    parser.add_argument("--time-unit", choices=TIME_UNITS, default="auto",
-                        help="unit of the timestamp column (default: %(default)s, detected from the data)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    events_file_flags().add_to(
+        parser.add_argument_group("how the file is read: as sitn run reads it (sitn.settings.RunSettings)"))
     _stream_flags().add_to(parser.add_argument_group("where to: the event stream (stream.settings.StreamSettings)"))
     parser.set_defaults(func=run)
 
@@ -64,10 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.speed is not None and args.speed <= 0:
         raise SystemExit(f"--speed must be > 0 (event-time seconds per wall second), got {args.speed}")
+    read = events_file_flags().build(args)
     settings = _stream_flags().build(args)
-    log.info("replay settings=%r", settings)
+    log.info("replay settings=%r limit=%s time_unit=%s", settings, read.limit, read.time_unit)
     source, target = settings.domains
-    loaded = load_events(args.events, source, target, limit=args.limit, time_unit=args.time_unit)
+    loaded = load_events(args.events, source, target, limit=read.limit, time_unit=read.time_unit)
     events = loaded.events
     if settings.uses_kafka:
         from stream.kafka_login import check_kafka_login

@@ -97,6 +97,12 @@ def main(args: argparse.Namespace) -> int:
     learner = learner_flags.build(args)
     settings = serving_flags.build(args, dim=learner.learner_dim)  # validated there, the environment included
     stream = stream_flags.build(args)
+    if not stream.uses_kafka:  # set to nothing (a flag or variable given empty): a replica has no embedded log
+        from stream.errors import ConfigError
+
+        where = f"{stream_flags.flag('kafka_bootstrap_servers')} / {stream_flags.env_var('kafka_bootstrap_servers')}"
+        raise ConfigError(f"{where}: sitn serve reads the updates topic from Kafka and needs host:port[,host:port], "
+                          f"got an empty value")
     log.info("settings serving=%r stream=%r", settings, stream)
     from stream.kafka_login import check_kafka_login
 

@@ -18,8 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sitn.cli_settings import SettingsFlags
-from stream.time_unit import TIME_UNITS
+from sitn.commands import events_file_flags, learner_shape_flags
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +37,15 @@ def register(subparsers: Any) -> None:
     cut = p.add_mutually_exclusive_group(required=True)
     cut.add_argument("--until-fraction", type=float, help="train on the first X of the events (0 < X < 1), by time")
     cut.add_argument("--until-timestamp", type=float, help="train on the events at or before this unix second")
-    p.add_argument("--time-unit", choices=TIME_UNITS, default="auto", help="timestamp column unit (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="read only the first N rows")
-    _shape_flags().add_to(p.add_argument_group("the model's shape: sitn run's learner settings (sitn.settings.RunSettings)"))
+    events_file_flags().add_to(p.add_argument_group(
+        "how the file is read: as sitn run reads it, so the cut-off is the same event time (sitn.settings.RunSettings)"))
+    learner_shape_flags().add_to(p.add_argument_group("the model's shape: sitn run's learner settings (sitn.settings.RunSettings)"))
     p.add_argument("--batch-size", type=int, default=512, help="mini-batch size (default: %(default)s, as sitn eval)")
     p.add_argument("--max-epochs", type=int, default=30, help="epochs at most (default: %(default)s)")
     p.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="model seed (default: %(default)s)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=run)
-
-
-def _shape_flags() -> SettingsFlags:
-    """The model's shape is the learner's setting, shared with ``sitn run`` (the same variables)."""
-    from sitn.settings import RunSettings
-
-    return SettingsFlags(RunSettings, ("learner_dim", "learner_views", "learner_max_len"),
-                         names={"learner_dim": "dim", "learner_views": "n-views", "learner_max_len": "max-len"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,11 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from learner.warm_start import cut_off, save_warm_start, train_warm_start
     from stream.dataset import load_events
 
+    read = events_file_flags().build(args)
+    shape = learner_shape_flags().build(args)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
-    events = load_events(args.events, args.source, args.target, limit=args.limit, time_unit=args.time_unit)
+    events = load_events(args.events, args.source, args.target, limit=read.limit, time_unit=read.time_unit)
     trained_until = cut_off(events.events, args.until_fraction, args.until_timestamp)
-    shape = _shape_flags().build(args)
     config = SITNConfig(dim=shape.learner_dim, n_views=shape.learner_views, max_len=shape.learner_max_len, seed=args.seed)
     warm = train_warm_start(events.events, args.source, args.target, config, trained_until,
                             batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience)
