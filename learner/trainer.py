@@ -42,9 +42,9 @@ in this order:
 3. Only then (the write done) does the caller mirror the positions into the consumer group
    (``stream.group_offsets``), for lag tools; nothing reads them back.
 
-A crash before 2 is durable loses nothing: the new learner restores the previous checkpoint and the consumers are
-started at its positions (``positions()``), so what was trained after it is trained again (at most one
-checkpoint interval plus the batches in flight) and nothing is applied twice.
+A crash before 2 is durable loses nothing: the new learner restores the previous checkpoint and the
+consumers are started at its positions (``positions()``), so what was trained after it is trained again (at
+most one checkpoint interval plus the batches in flight) and nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from learner import telemetry
-from learner.checkpoint_store import CheckpointStore
+from learner.checkpoint_store import CheckpointStore, StagedCheckpoint
 from learner.drift import DriftMonitor
 from learner.gate import PublishGate, RankerFallback, ndcg_gain
 from learner.history import EMPTY, History
@@ -513,7 +513,7 @@ class OnlineTrainer:
         telemetry.EVENTS_APPLIED.set(mark.events_applied)
         self._durable = mark
 
-    def _commit(self, staged: Any, start_s: float) -> None:
+    def _commit(self, staged: StagedCheckpoint, start_s: float) -> None:
         assert self.checkpoints is not None
         commit_s = time.perf_counter()
         self.checkpoints.commit(staged)
