@@ -52,6 +52,16 @@ class SITNConfig:
     #                                 query carries a gated learned offset, even with no other-domain history.
     #                                 Off (issue 9, seed 0 validation NDCG@10, defaults otherwise): Movie->Book
     #                                 0.0149 vs 0.0136, Book->Movie 0.0191 vs 0.0180
+    transfer_rank: int = 0  # 0: the transfer map is a full D x D matrix; r > 0: W = U V^T of rank r, so only
+    #                         r directions of the other domain's interests can cross (coarse interests, not a
+    #                         user fingerprint)
+    transfer_residual: bool = False  # True: each domain's own interests take the next-item loss on their own
+    #                                 (as in the single-domain model), and the transferred part is learned as a
+    #                                 residual on top of them (the own interests detached in the combined query),
+    #                                 so the other domain cannot take over what the own history predicts
+    transfer_detach_other: bool = False  # True: the transfer map reads the other domain's interests without
+    #                                      passing gradients back into that domain's encoder, so each encoder
+    #                                      learns only from its own domain's items (and I2I/I2C)
     source_dropout: float = 0.5  # share of training examples whose *other* domain's history is blanked (for a
     #                              target event: the source history), so each domain's path must stand alone
     #                              and the other side cannot serve as a user fingerprint
@@ -118,6 +128,7 @@ class SITNConfig:
         for name in positive_ints:
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
+        need(isinstance(self.transfer_rank, int) and self.transfer_rank >= 0, "transfer_rank", "an int >= 0")
         need(self.n_layers in (1, 2), "n_layers", "1 or 2 (the spec's encoder)")
         need(self.dim % self.n_heads == 0, "n_heads", f"a divisor of dim={self.dim}")
         need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from learner.evaluate import SETTINGS
+from learner.evaluate import SETTINGS, TRANSFER_SCALES
 
 METRICS_ORDER = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
 ITEMKNN_ROWS = ("itemknn_target", "itemknn_target_source", "itemknn_source")
@@ -61,7 +61,9 @@ PROTOCOL_MD = """\
   state. single_domain learns only the target-domain examples. With `refit_passes = 0` nothing is refit
   and test queries are ranked among the training-known items.
 - SITN rows train on the causal examples of the training events, shuffled per epoch (seeded), one
-  `learn_many` step per mini-batch; single_domain trains on target-domain examples only. Per epoch they
+  `learn_many` step per mini-batch of `batch_size` target-domain examples plus the source-domain examples
+  between them in the shuffled order (so the target softmax sees as many in-batch negatives per step as
+  single_domain's); single_domain trains on target-domain examples only. Per epoch they
   log validation NDCG@10, validation NDCG@10 with the source history blanked at query time, and HR@10 /
   NDCG@10 on a fixed probe of training queries (the last training target event of sampled users, history
   before it, ranked among the training-known items): a probe far above validation means memorisation.
@@ -270,6 +272,23 @@ def render_markdown(report: dict[str, Any]) -> str:
         chosen = "; ".join(f"seed {r['seed']}: mode {r['extra']['mode']}, w = {r['extra']['weight']:g} "
                            f"(validation NDCG@10 {r['val']['ndcg@10']:.4f})" for r in fused["per_seed"])
         parts += ["## Fusion weights chosen on validation", "", chosen, ""]
+    scaled = [r for r in rows if r["name"] != "fused" and any(s.get("extra", {}).get("transfer_scale")
+                                                              for s in r["per_seed"])]
+    if scaled:
+        parts += ["## Query-time transfer scale chosen on validation", "",
+                  "The transferred (source) part of a target query is multiplied by *warm* for a user with target "
+                  "history and by *cold* for one without; training uses 1, the grid is "
+                  f"{', '.join(f'{g:g}' for g in TRANSFER_SCALES)} (`learner.evaluate.tune_transfer_scale`), a later value must beat the earlier "
+                  "ones on validation NDCG@10.", ""]
+        for r in scaled:
+            chosen = "; ".join(
+                f"seed {s['seed']}: warm {s['extra']['transfer_scale'][0]:g}, cold {s['extra']['transfer_scale'][1]:g}"
+                f" (validation NDCG@10 at warm 1: {s['extra']['val_overlap_by_scale']['1']:.4f}, chosen: "
+                f"{s['val']['ndcg@10']:.4f})"
+                for s in r["per_seed"] if s.get("extra", {}).get("transfer_scale")
+            )
+            parts += [f"- {r['name']}: {chosen}"]
+        parts += [""]
     diagnostics = diagnostics_tables(rows)
     if diagnostics:
         parts += ["## Per-epoch diagnostics", "", *diagnostics]

@@ -163,6 +163,40 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+TRANSFER_SCALES = (1.0, 0.5, 0.25, 0.0)  # query-time transfer scales tried on validation; ties keep the earlier
+
+
+def tune_transfer_scale(ranker: Ranker, split: Split, known: np.ndarray | None = None,
+                        grid: Sequence[float] = TRANSFER_SCALES) -> dict[str, Any]:
+    """Choose a SITN ranker's query-time transfer scale (warm, cold) on the validation queries.
+
+    ``warm`` (users with target history) maximises the full-protocol NDCG@10 of the overlap view, ``cold``
+    that of the cold-start view (target history hidden); the grid starts at 1, the scale training used, and
+    a later value must be strictly better to be chosen. The ranker is left at the chosen scales. Returns the
+    choice and every value tried (empty for a ranker without a transfer path).
+    """
+    if getattr(ranker, "transfer_scale", None) is None:
+        return {}
+    known = split.known("validation") if known is None else known
+    found: dict[str, Any] = {}
+    chosen = [1.0, 1.0]
+    for slot, view in ((0, "overlap"), (1, "cold_start")):
+        values: dict[float, float] = {}
+        for scale in grid:
+            trial = list(chosen)
+            trial[slot] = scale
+            ranker.transfer_scale = (trial[0], trial[1])  # type: ignore[attr-defined]
+            values[scale] = summarize(rank_queries(ranker, split.validation, split, known, view=view).full)[
+                SELECTION_METRIC]
+        chosen[slot] = max(values, key=lambda k: (values[k], -list(grid).index(k)))
+        found[f"val_{view}_by_scale"] = {f"{k:g}": v for k, v in values.items()}
+    ranker.transfer_scale = (chosen[0], chosen[1])  # type: ignore[attr-defined]
+    found["transfer_scale"] = chosen
+    log.info("transfer scale tuned model=%s warm=%g cold=%g grid=%s", getattr(ranker, "name", "?"), chosen[0],
+             chosen[1], {k: v for k, v in found.items() if k.endswith("_by_scale")})
+    return found
+
+
 @dataclass
 class Selection:
     """What model selection on validation found; the ranker is left at the chosen epoch."""
@@ -173,6 +207,12 @@ class Selection:
     epochs: list[dict[str, float]]
     train_s: float
     initial: object = None  # the ranker's state before the first epoch (kept for a retraining refit)
+    transfer: dict[str, Any] = field(default_factory=dict)  # tune_transfer_scale's choice (SITN rows)
+
+    def apply(self, ranker: Ranker) -> None:
+        """Put the choices made on validation (beyond the epoch) back on ``ranker``, e.g. after a refit."""
+        if self.transfer:
+            ranker.transfer_scale = tuple(self.transfer["transfer_scale"])  # type: ignore[attr-defined]
 
 
 def select_epoch(
@@ -184,6 +224,7 @@ def select_epoch(
     diagnostics: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
     keep_initial: bool = False,
+    tune_transfer: bool = True,
 ) -> Selection:
     """Train epoch by epoch on the training examples, pick the epoch on validation, restore it.
 
@@ -192,7 +233,9 @@ def select_epoch(
     blanked at query time), ``val_cold_ndcg@10`` (the target history blanked, user id withheld: the
     cold-start view) and ``probe_hr@10``/``probe_ndcg@10`` (training queries: memorisation).
     A counting ranker (``iterative`` False) learns once and is validated once. With ``keep_initial``
-    an iterative ranker's untrained state is kept in ``Selection.initial`` (for :func:`refit`).
+    an iterative ranker's untrained state is kept in ``Selection.initial`` (for :func:`refit`). With
+    ``tune_transfer`` a SITN ranker's query-time transfer scale is then chosen on validation
+    (:func:`tune_transfer_scale`, in ``Selection.transfer``; ``Selection.val`` is the overlap figure at it).
     """
     if max_epochs < 1 or patience < 1:
         raise ValueError(f"max_epochs and patience must be >= 1, got {max_epochs} and {patience}")
@@ -236,7 +279,11 @@ def select_epoch(
             break
     if best_epoch != epoch:
         ranker.restore(best_state)
-    return Selection(best_epoch, best_val, curve, epochs, train_s, initial)
+    transfer = tune_transfer_scale(ranker, split, known) if tune_transfer else {}
+    if transfer:
+        chosen = tuple(transfer["transfer_scale"])
+        best_val = dict(best_val, **{SELECTION_METRIC: transfer["val_overlap_by_scale"][f"{chosen[0]:g}"]})
+    return Selection(best_epoch, best_val, curve, epochs, train_s, initial, transfer)
 
 
 def refit(ranker: Ranker, split: Split, passes: int, mode: str = "continue", selection: Selection | None = None) -> float:
@@ -300,9 +347,10 @@ def train_and_test(
     selection = select_epoch(ranker, split, max_epochs=max_epochs, patience=patience, diagnostics=diagnostics,
                              on_epoch=on_epoch, keep_initial=refit_mode == "retrain" and refit_passes > 0)
     refit_s = refit(ranker, split, refit_passes, refit_mode, selection)
+    selection.apply(ranker)  # a retraining refit starts from the initial state, scales included
     test = rank_test_queries(ranker, split, seed, refit_passes)
     return RunResult(selection.epoch, selection.train_s, selection.curve, selection.val, test, selection.epochs,
-                     refit_s)
+                     refit_s, extra=dict(selection.transfer))
 
 
 def aggregate(runs: Sequence[RunResult]) -> dict[str, dict[str, dict[str, float | None]]]:

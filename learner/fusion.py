@@ -166,14 +166,17 @@ def train_and_test_with_fusion(
     grid = fused.tune(split.validation, split, split.known("validation"), weights)
     tune_s = time.perf_counter() - t0
     refit_s = refit(model, split, refit_passes, refit_mode, selection)
+    selection.apply(model)  # a retraining refit starts from the initial state, scales included
     if refit_passes > 0:
         knn.learn_many(split.refit_examples)
     model_run = RunResult(selection.epoch, selection.train_s, selection.curve, selection.val,
-                          rank_test_queries(model, split, seed, refit_passes), selection.epochs, refit_s)
+                          rank_test_queries(model, split, seed, refit_passes), selection.epochs, refit_s,
+                          extra=dict(selection.transfer))
     best = f"{fused.mode}@{fused.weight:g}"
     fused_run = RunResult(
         selection.epoch, selection.train_s, selection.curve, {SELECTION_METRIC: grid[best]},
         rank_test_queries(fused, split, seed, refit_passes), selection.epochs, refit_s,
-        extra={"mode": fused.mode, "weight": fused.weight, "val_grid": grid, "tune_s": round(tune_s, 1)},
+        extra={"mode": fused.mode, "weight": fused.weight, "val_grid": grid, "tune_s": round(tune_s, 1),
+               **selection.transfer},
     )
     return model_run, fused_run

@@ -314,6 +314,10 @@ class SITNLearner:
             loss = sampled_softmax_loss(
                 interests.queries[role][mask], vectors[:n], pos_rows, log_q[:n], vectors, cand_rows, log_q,
             )
+            if interests.own_queries is not None:  # transfer_residual: the own interests must also stand alone
+                loss = loss + sampled_softmax_loss(
+                    interests.own_queries[role][mask], vectors[:n], pos_rows, log_q[:n], vectors, cand_rows, log_q,
+                )
             parts.append(loss * (n / tb.label_rows.shape[0]))
         return torch.stack(parts).sum()
 
@@ -489,6 +493,7 @@ class SITNLearner:
             "rng_state": self._rng_state,
             "replay": list(self._replay),
             "extra": self.extra,
+            "transfer_scale": list(self.model.transfer_scale),
         }
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -523,6 +528,8 @@ class SITNLearner:
         out._replay.extend(state.get("replay", ()))
         out.step = int(state["step"])
         out.extra = dict(state["extra"])
+        warm, cold = state.get("transfer_scale", (1.0, 1.0))  # older checkpoints: transfer as trained
+        out.model.transfer_scale = (float(warm), float(cold))
         return out
 
     @classmethod

@@ -52,20 +52,25 @@ def with_bias_coordinate(queries: torch.Tensor) -> torch.Tensor:
 class InterestTransfer(nn.Module):
     """Adds the gated, mapped interests of the other domain to a domain's own interests."""
 
-    def __init__(self, dim: int, gated: bool, gate_init_bias: float = 0.0, map_bias: bool = True) -> None:
+    def __init__(self, dim: int, gated: bool, gate_init_bias: float = 0.0, map_bias: bool = True,
+                 rank: int = 0) -> None:
         super().__init__()
-        self.map = nn.Linear(dim, dim, bias=map_bias)  # no bias: an empty other-domain history maps to 0
+        # no bias: an empty other-domain history maps to 0; rank > 0: W = U V^T through a rank-r bottleneck
+        self.map: nn.Module = (
+            nn.Linear(dim, dim, bias=map_bias) if rank <= 0
+            else nn.Sequential(nn.Linear(dim, rank, bias=False), nn.Linear(rank, dim, bias=map_bias))
+        )
         self.gate = nn.Linear(2 * dim, dim) if gated else None
         if self.gate is not None:
             nn.init.constant_(self.gate.bias, gate_init_bias)  # negative: the gate starts (nearly) closed
 
-    def forward(self, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """``own``, ``other`` (B, V, D) -> queries (B, V, D)."""
+    def forward(self, own: torch.Tensor, other: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """``own``, ``other`` (B, V, D) -> queries (B, V, D); ``scale`` (a number or (B, 1, 1)) multiplies the
+        transferred part (the query-time transfer scale, ``SITNModel.transfer_scale``)."""
         mapped = self.map(other)  # (B, V, D)
-        if self.gate is None:
-            return own + mapped
-        gate = torch.sigmoid(self.gate(torch.cat([own, mapped], dim=-1)))  # (B, V, D)
-        return own + gate * mapped
+        if self.gate is not None:
+            mapped = torch.sigmoid(self.gate(torch.cat([own, mapped], dim=-1))) * mapped  # (B, V, D)
+        return own + mapped if isinstance(scale, float) and scale == 1.0 else own + scale * mapped
 
 
 class ProjectionHead(nn.Module):
@@ -97,6 +102,7 @@ class Interests:
     views: dict[str, torch.Tensor]  # (B, V, D) own interests, zero where no history
     has_history: dict[str, torch.Tensor]  # (B,) bool
     queries: dict[str, torch.Tensor]  # (B, V, D) after transfer
+    own_queries: dict[str, torch.Tensor] | None = None  # (B, V, D) own interests alone (transfer_residual training)
 
 
 class SITNModel(nn.Module):
@@ -105,6 +111,12 @@ class SITNModel(nn.Module):
     def __init__(self, config: SITNConfig) -> None:
         super().__init__()
         self.config = config
+        # Query-time transfer scale of the target queries, (warm, cold): the transferred part is multiplied by
+        # ``warm`` for a user with target history and by ``cold`` for one without. Training always uses 1; the
+        # offline evaluation chooses both on validation (learner.evaluate.tune_transfer_scale) and checkpoints
+        # carry them, so a source that helps the training fit but not held-out events can be turned down
+        # without retraining. Not a parameter: no gradient, not in state_dict (SITNLearner saves it).
+        self.transfer_scale: tuple[float, float] = (1.0, 1.0)
         roles = ROLES if config.use_source else ("target",)
         self.roles = roles
         self.encoders = nn.ModuleDict({role: DomainEncoder(config) for role in roles})
@@ -113,7 +125,7 @@ class SITNModel(nn.Module):
             self.transfer = nn.ModuleDict(
                 {
                     role: InterestTransfer(config.dim, config.use_transfer_gate, config.gate_init_bias,
-                                           config.transfer_map_bias)
+                                           config.transfer_map_bias, config.transfer_rank)
                     for role in roles
                 }
             )
@@ -130,16 +142,29 @@ class SITNModel(nn.Module):
         for role in self.roles:
             s = sequences[role]
             views[role], has[role] = self.encoder(role)(s.items, s.positions, s.gaps, s.valid)
+        own_queries: dict[str, torch.Tensor] | None = None
         if not self.config.use_source:
             queries = dict(views)
         else:
+            other = {role: views[role].detach() if self.config.transfer_detach_other else views[role]
+                     for role in self.roles}
+            scale: torch.Tensor | float = 1.0
+            if not self.training and self.transfer_scale != (1.0, 1.0):
+                warm, cold = self.transfer_scale
+                scale = torch.where(has["target"], warm, cold).to(views["target"].dtype).view(-1, 1, 1)
+            residual = self.training and self.config.transfer_residual
+            own = {role: views[role].detach() if residual else views[role] for role in self.roles}
             queries = {
-                "source": self.transfer["source"](views["source"], views["target"]),
-                "target": self.transfer["target"](views["target"], views["source"]),
+                "source": self.transfer["source"](own["source"], other["target"]),
+                "target": self.transfer["target"](own["target"], other["source"], scale),
             }
+            if residual:
+                own_queries = dict(views)
         if self.config.item_bias:
             queries = {role: with_bias_coordinate(q) for role, q in queries.items()}
-        return Interests(views, has, queries)
+            if own_queries is not None:
+                own_queries = {role: with_bias_coordinate(q) for role, q in own_queries.items()}
+        return Interests(views, has, queries, own_queries)
 
     def summaries(self, interests: Interests) -> dict[str, torch.Tensor]:
         """(B, P) unit-norm summary per role (only meaningful where that role has history)."""

@@ -105,8 +105,9 @@ def train_warm_start(
         examples = [store.observe(e) for e in prefix]  # causal: each sees only the events before it
         for _ in range(selection.epoch):
             ranker.learn_many(examples)
-        log.info("retrained on every event up to the cut-off events=%d epochs=%d s=%.1f", len(prefix),
-                 selection.epoch, time.perf_counter() - start_s)
+        selection.apply(ranker)  # the query-time transfer scale chosen on validation travels with the model
+        log.info("retrained on every event up to the cut-off events=%d epochs=%d transfer_scale=%s s=%.1f",
+                 len(prefix), selection.epoch, ranker.transfer_scale, time.perf_counter() - start_s)
     learner = ranker.learner
     # learn_many recorded every epoch's shuffled examples; the live run rebuilds histories in event order
     learner.histories = RecentHistories((source, target), config.max_len, config.max_users)

@@ -12,7 +12,7 @@ import pytest
 
 from learner.baselines import History, ItemKNN, Popularity
 from learner.eval_split import Split, chronological_split
-from learner.evaluate import MISS_RANK, rank_queries, select_epoch, train_and_test
+from learner.evaluate import MISS_RANK, rank_queries, select_epoch, train_and_test, tune_transfer_scale
 from learner.fusion import FusedRanker, train_and_test_with_fusion
 from stream.dataset import load_events
 from stream.user_state import Example
@@ -203,3 +203,46 @@ def test_fusion_rejects_a_knn_that_learnt_other_items(tmp_path: Path) -> None:
     known[split.catalogue.index("q")] = False
     with pytest.raises(ValueError, match="must have learnt exactly the known items"):
         fused.tune(split.validation, split, known)
+
+
+class _Scaled(_Constant):
+    """Ranks ``favourite`` first only at one warm scale (a query with book history) or one cold scale (none)."""
+
+    name = "scaled"
+
+    def __init__(self, catalogue: list[str], favourite: str, warm: float, cold: float) -> None:
+        super().__init__(len(catalogue))
+        self.column = catalogue.index(favourite)
+        self.best = (warm, cold)
+        self.transfer_scale = (1.0, 1.0)
+
+    def score(
+        self, user_ids: Sequence[str | None], histories: Sequence[History], columns: np.ndarray | None = None
+    ) -> np.ndarray:
+        out = np.zeros((len(user_ids), self.n_items))
+        for row, history in enumerate(histories):
+            slot = 0 if history.get("book", ((), ()))[0] else 1
+            if self.transfer_scale[slot] == self.best[slot]:
+                out[row, self.column] = 1.0
+        return out if columns is None else out[:, columns]
+
+
+def test_transfer_scale_is_chosen_on_validation_per_view_and_kept_after_the_refit(tmp_path: Path) -> None:
+    split = _split(tmp_path, FUSION_ROWS)
+    assert [(q.user_id, q.item_id) for q in split.validation] == [("u1", "fav")]  # u1 read a before
+    ranker = _Scaled(split.catalogue, "fav", warm=0.25, cold=0.0)
+    found = tune_transfer_scale(ranker, split)
+    assert found["transfer_scale"] == [0.25, 0.0] and ranker.transfer_scale == (0.25, 0.0)
+    by_scale = found["val_overlap_by_scale"]
+    assert by_scale["0.25"] == 1.0  # fav first
+    assert by_scale["1"] == by_scale["0.5"] == by_scale["0"] == 0.0  # fav ties with every candidate: past 10
+    assert found["val_cold_start_by_scale"] == {"1": 0.0, "0.5": 0.0, "0.25": 0.0, "0": 1.0}
+    # a tie keeps the scale training used (1, the grid's first)
+    flat = _Scaled(split.catalogue, "fav", warm=7.0, cold=7.0)  # no grid value helps
+    assert tune_transfer_scale(flat, split)["transfer_scale"] == [1.0, 1.0]
+    # through train_and_test: chosen on validation, reported, and on the ranker when test is ranked
+    run = train_and_test(_Scaled(split.catalogue, "fav", warm=0.5, cold=0.25), split, max_epochs=1, patience=1,
+                         seed=0, refit_passes=1)
+    assert run.extra["transfer_scale"] == [0.5, 0.25] and run.val["ndcg@10"] == 1.0
+    # a ranker without a transfer path is left alone
+    assert tune_transfer_scale(_Constant(len(split.catalogue)), split) == {}

@@ -359,3 +359,82 @@ def test_checkpoints_without_transfer_map_bias_keep_the_bias() -> None:
     values = SMALL.to_dict()
     del values["transfer_map_bias"]
     assert SITNConfig.from_dict(values).transfer_map_bias is True
+
+
+def test_query_time_transfer_scale_turns_the_source_part_down_and_survives_a_checkpoint(
+    examples: list[Example], tmp_path: Path
+) -> None:
+    learner = SITNLearner(SMALL.replace(gate_init_bias=2.0), "movie", "book")  # an open gate: transfer shows
+    train(learner, examples, epochs=2)
+    both = next(ex for ex in examples if ex.history["book"][0] and len(ex.history["movie"][0]) >= 2)
+    warm = both.history
+    no_source = {"movie": ((), ()), "book": warm["book"]}
+    cold = {"movie": warm["movie"], "book": ((), ())}
+    q = {h: learner.embed_histories([x])[0] for h, x in (("warm", warm), ("no_source", no_source), ("cold", cold))}
+    assert not np.allclose(q["warm"], q["no_source"])  # the source part moves a warm query at scale 1
+    learner.model.transfer_scale = (0.0, 0.5)
+    # warm users: scale 0 leaves the own interests alone; cold users: half the transferred part
+    np.testing.assert_allclose(learner.embed_histories([warm])[0], q["no_source"], atol=1e-6)
+    half = learner.embed_histories([cold])[0]
+    np.testing.assert_allclose(half[..., :-1], 0.5 * q["cold"][..., :-1], atol=1e-6)  # own part 0 when cold
+    assert (half[..., -1] == 1.0).all()  # the item-bias coordinate is not scaled
+    # training ignores the scale (it is a query-time choice): the same step from the same state either way
+    path = tmp_path / "scaled.pt"
+    learner.save(path)
+    restored = SITNLearner.load(path)
+    assert restored.model.transfer_scale == (0.0, 0.5)
+    np.testing.assert_array_equal(restored.embed_histories([cold]), learner.embed_histories([cold]))
+    unscaled = SITNLearner.load(path)
+    unscaled.model.transfer_scale = (1.0, 1.0)
+    assert restored.learn_many(examples[:BATCH])["loss"] == unscaled.learn_many(examples[:BATCH])["loss"]
+    # a checkpoint written before the scale existed transfers as trained
+    state = learner.state_dict()
+    del state["transfer_scale"]
+    assert SITNLearner.from_state_dict(state).model.transfer_scale == (1.0, 1.0)
+
+
+def test_low_rank_transfer_map_and_detached_other_domain(examples: list[Example]) -> None:
+    learner = SITNLearner(SMALL.replace(transfer_rank=3), "movie", "book")
+    weights = [p.shape for p in learner.model.transfer["target"].map.parameters()]
+    assert weights == [torch.Size([3, SMALL.dim]), torch.Size([SMALL.dim, 3])]
+    assert all(math.isfinite(s["loss"]) for s in train(learner, examples))
+    with pytest.raises(ValueError, match="transfer_rank must be an int >= 0"):
+        SMALL.replace(transfer_rank=-1)
+    # detached: the loss of a batch of target events reaches no source-encoder parameter; attached, it does
+    book_events = [ex for ex in examples if ex.domain == "book" and ex.history["movie"][0]][:BATCH]
+    assert len(book_events) >= 8
+    reached = {}
+    for detach in (False, True):
+        model = SITNLearner(SMALL.replace(transfer_detach_other=detach, source_dropout=0.0, use_i2i=False,
+                                          use_i2c=False, gate_init_bias=0.0), "movie", "book")
+        model.learn_many(book_events)
+        reached[detach] = sum(float(p.grad.abs().sum()) for p in model.model.encoder("source").parameters()
+                              if p.grad is not None)
+    assert reached[False] > 0.0 and reached[True] == 0.0
+
+
+def test_residual_transfer_trains_the_own_interests_alone_and_the_transfer_on_top(examples: list[Example]) -> None:
+    from learner.batch import build_training_batch
+
+    learner = SITNLearner(SMALL.replace(transfer_residual=True, gate_init_bias=0.0), "movie", "book")
+    assert all(math.isfinite(s["loss_main"]) for s in train(learner, examples))
+    tb = build_training_batch(examples[:BATCH], learner.domains, learner.idmaps, SMALL.max_len,
+                              SMALL.n_time_gap_buckets)
+    learner.model.train()
+    learner.model.zero_grad(set_to_none=True)  # the last step's gradients are still on the parameters
+    interests = learner.model(tb.sequences)
+    assert interests.own_queries is not None
+    # the combined target query reads the own interests detached: no gradient reaches the target encoder ...
+    interests.queries["target"].sum().backward()
+    target_encoder = list(learner.model.encoder("target").parameters())
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in target_encoder)
+    # ... the own-alone query carries it
+    learner.model.zero_grad(set_to_none=True)
+    interests = learner.model(tb.sequences)
+    assert interests.own_queries is not None
+    interests.own_queries["target"].sum().backward()
+    assert sum(float(p.grad.abs().sum()) for p in target_encoder if p.grad is not None) > 0.0
+    # at query time there is one query per domain, own + transfer, as without the option
+    learner.model.eval()
+    with torch.no_grad():
+        assert learner.model(tb.sequences).own_queries is None
