@@ -61,9 +61,7 @@ PROTOCOL_MD = """\
   state. single_domain learns only the target-domain examples. With `refit_passes = 0` nothing is refit
   and test queries are ranked among the training-known items.
 - SITN rows train on the causal examples of the training events, shuffled per epoch (seeded), one
-  `learn_many` step per mini-batch of `batch_size` target-domain examples plus the source-domain examples
-  between them in the shuffled order (so the target softmax sees as many in-batch negatives per step as
-  single_domain's); single_domain trains on target-domain examples only. Per epoch they
+  `learn_many` step per mini-batch; single_domain trains on target-domain examples only. Per epoch they
   log validation NDCG@10, validation NDCG@10 with the source history blanked at query time, and HR@10 /
   NDCG@10 on a fixed probe of training queries (the last training target event of sampled users, history
   before it, ranked among the training-known items): a probe far above validation means memorisation.

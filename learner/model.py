@@ -168,4 +168,7 @@ class SITNModel(nn.Module):
 
     def summaries(self, interests: Interests) -> dict[str, torch.Tensor]:
         """(B, P) unit-norm summary per role (only meaningful where that role has history)."""
-        return {role: self.heads[role](interests.views[role]) for role in self.roles}
+        views = dict(interests.views)
+        if not self.config.contrastive_target_grad:
+            views["target"] = views["target"].detach()
+        return {role: self.heads[role](views[role]) for role in self.roles}

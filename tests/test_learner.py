@@ -438,3 +438,11 @@ def test_residual_transfer_trains_the_own_interests_alone_and_the_transfer_on_to
     learner.model.eval()
     with torch.no_grad():
         assert learner.model(tb.sequences).own_queries is None
+
+
+def test_checkpoints_without_the_residual_switches_train_on_as_before() -> None:
+    values = SMALL.to_dict()
+    del values["transfer_residual"], values["contrastive_target_grad"]
+    old = SITNConfig.from_dict(values)
+    assert old.transfer_residual is False and old.contrastive_target_grad is True
+    assert SITNConfig().transfer_residual is True and SITNConfig().contrastive_target_grad is False

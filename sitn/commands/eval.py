@@ -98,8 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion-weights", default=",".join(f"{w:g}" for w in FUSION_WEIGHTS),
                    help="grid of w in s = z_sitn + w * z_cooc for the fused row (tuned on validation)")
     p.add_argument("--knn-alpha", type=float, default=0.5, help="item-kNN normalisation exponent (0.5 = cosine)")
-    p.add_argument("--batch-size", type=int, default=512, help="target-domain examples per SITN mini-batch (source examples between them join it; the defaults "
-                        "were tuned at 512)")
+    p.add_argument("--batch-size", type=int, default=512, help="SITN mini-batch size (the defaults were tuned at 512)")
     shape = p.add_argument_group(
         "the model's shape: the learner settings of sitn run and sitn train (sitn.settings.RunSettings)",
         "--max-len is item-kNN's history length too; the row sitn_v4 uses 4 views whatever --n-views says")
