@@ -83,6 +83,12 @@ FUSED_WEIGHT = Gauge(
     "sitn_learner_fused_weight",
     "w of the fused ranker z(model) + w * z(cooc) serving is told to use (best windowed NDCG@10 of the grid).",
 )
+TRANSFER_SCALE = Gauge(
+    "sitn_learner_transfer_scale",
+    "Query-time transfer scale of the target queries, by slot (warm: users with target history; cold: without), "
+    "chosen online by windowed NDCG@10 (learner.transfer_scale).",
+    ["slot"],
+)
 FUSED_LIFT = Gauge(
     "sitn_learner_fused_lift_ratio",
     "Fused ranker's NDCG@10 at data time (fused_live) divided by the best baseline's, whole stream, all target "
@@ -145,6 +151,10 @@ def record_step(stats: Mapping[str, float], seconds: float, examples_by_domain: 
         PREQUENTIAL_HR.set(hr)
     if ndcg is not None and not math.isnan(ndcg):
         PREQUENTIAL_NDCG.set(ndcg)
+    for slot in ("warm", "cold"):
+        scale = stats.get(f"transfer_scale_{slot}")
+        if scale is not None:
+            TRANSFER_SCALE.labels(slot).set(scale)
     z = stats.get("fallback_z")
     if z is not None and not math.isnan(z):
         FALLBACK_Z.set(z)

@@ -67,6 +67,7 @@ from learner.history import EMPTY, History
 from learner.prequential import PrequentialEvaluator, StreamQuality
 from learner.publisher import Publisher, Transport
 from learner.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
+from learner.transfer_scale import TransferScaleTuner
 from serving.fused import FUSED_WEIGHTS
 from stream.consumer import EventBatch
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, rank_with_ties_against
@@ -151,6 +152,7 @@ class OnlineTrainer:
         fused_weights: tuple[float, ...] = FUSED_WEIGHTS,
         fused_window: int = 10_000,
         cooc_max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS,
+        transfer_scale_window: int = 5000,
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
@@ -165,7 +167,10 @@ class OnlineTrainer:
         ``fused_weights``: the fused ranker's weight grid (``learner.shadow.FusedShadow``, whose weights are
         tallied over the last ``fused_window`` target events); empty: no fused ranker.
         ``cooc_max_neighbours``: the shadow co-occurrence's neighbours per item (``stream.cooccurrence``; None:
-        every pair), as serving's ``ServingSettings.cooc_max_neighbours``; a checkpoint restores its own."""
+        every pair), as serving's ``ServingSettings.cooc_max_neighbours``; a checkpoint restores its own.
+        ``transfer_scale_window``: target events per slot over which the query-time transfer scale is chosen
+        online (``learner.transfer_scale``; it starts from the learner's, e.g. a warm start's offline choice);
+        0, or a learner without a source path: the scale stays as it is."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if checkpoint_every_steps < 1:
@@ -178,6 +183,12 @@ class OnlineTrainer:
         if fallback is not None and not set(fallback.baselines) <= set(SERVABLE):
             raise ValueError(f"fallback baselines must be among {sorted(SERVABLE)}, got {list(fallback.baselines)}")
         self.fused = FusedShadow(fused_weights, prequential_k, fused_window) if fused_weights else None
+        transfers = getattr(getattr(learner, "config", None), "use_source", False) and hasattr(learner, "model")
+        self.transfer_scale = (
+            TransferScaleTuner(window=transfer_scale_window, min_events=max(1, transfer_scale_window // 5),
+                               k=prequential_k, initial=learner.model.transfer_scale)
+            if transfers and transfer_scale_window > 0 else None
+        )
         self.fused_live = (FusedShadow(fused_weights, prequential_k, fused_window, name=FUSED_LIVE)
                            if fused_weights else None)
         learnt = (MODEL, MODEL_LIVE, FUSED, FUSED_LIVE) if self.fused is not None else (MODEL, MODEL_LIVE)
@@ -328,6 +339,8 @@ class OnlineTrainer:
         self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
         stats.update(self.prequential.stats())
         stats.update(self.quality.stats())
+        if self.transfer_scale is not None:
+            stats.update(self.transfer_scale.stats())
         if self.fused is not None and self.fused_live is not None:
             stats.update(self.fused.stats())
             stats.update(self.fused_live.stats())
@@ -357,7 +370,23 @@ class OnlineTrainer:
             return _LiveRanking([], np.zeros((0, 0), dtype=np.float32), [], [])
         idmap = self.learner.idmaps["target"]
         rows = idmap.rows(ex.item_id for ex in targets) - 1  # embed_items order; -1: never seen, a miss
-        scores = self.learner.score_items(self.learner.embed_histories([ex.history for ex in targets]))  # (B, N)
+        histories = [ex.history for ex in targets]
+        tuner = self.transfer_scale
+        if tuner is None:
+            scores = self.learner.score_items(self.learner.embed_histories(histories))  # (B, N)
+        else:  # own interests alone and with the whole transfer; the current scale lies between (linear)
+            model = self.learner.model
+            current = model.transfer_scale
+            try:
+                model.transfer_scale = (0.0, 0.0)
+                s0 = self.learner.score_items(self.learner.embed_histories(histories))  # (B, N)
+                model.transfer_scale = (1.0, 1.0)
+                s1 = self.learner.score_items(self.learner.embed_histories(histories))  # (B, N)
+            finally:
+                model.transfer_scale = current
+            warm = [bool(h.get(self.target, EMPTY)[0]) for h in histories]
+            scale = np.where(warm, current[0], current[1]).astype(np.float32)[:, None]  # (B, 1)
+            scores = s0 + scale * (s1 - s0)
         out: list[int | None] = []
         positives: list[int | None] = []
         excluded: list[list[int]] = []
@@ -365,6 +394,9 @@ class OnlineTrainer:
             excluded.append([e for e in (idmap.rows(before[j]) - 1).tolist() if e >= 0])
             positives.append(r if r >= 0 else None)
             out.append(None if r < 0 else rank_with_ties_against(scores[j], int(r), excluded[j]))
+        if tuner is not None:  # tallied before the model trains on them; the choice applies from the next step
+            tuner.observe(s0, s1, positives, excluded, warm)
+            self.learner.model.transfer_scale = tuner.choose()
         return _LiveRanking(out, scores, positives, excluded)
 
     def _fused_ranker(self, model_scores: dict[int, np.ndarray], out: list[int | None], live: _LiveRanking,
@@ -478,6 +510,7 @@ class OnlineTrainer:
             "fallback": self.fallback.state_dict() if self.fallback is not None else None,
             "fused": self.fused.state_dict() if self.fused is not None else None,
             "fused_live": self.fused_live.state_dict() if self.fused_live is not None else None,
+            "transfer_scale": self.transfer_scale.state_dict() if self.transfer_scale is not None else None,
             "burn_in": {"until": self.burn_in_until, "events": self.burn_in_events},
         }
         mark = CheckpointMark(int(self.learner.step), self.events_applied, dict(self.positions))
@@ -547,6 +580,9 @@ class OnlineTrainer:
             self.fused.load_state_dict(extra["fused"])
         if self.fused_live is not None and extra.get("fused_live") is not None:
             self.fused_live.load_state_dict(extra["fused_live"])
+        if self.transfer_scale is not None and extra.get("transfer_scale") is not None:
+            self.transfer_scale.load_state_dict(extra["transfer_scale"])
+            self.learner.model.transfer_scale = (self.transfer_scale.scale["warm"], self.transfer_scale.scale["cold"])
         if self.fused is not None and self.fused_live is not None:  # both or neither (__init__)
             self._stamp.fused_weight = self.fused.weight = self.fused_live.weight
         burn_in = extra.get("burn_in") or {}

@@ -1,0 +1,119 @@
+"""The query-time transfer scale chosen online, test-then-train (the stream's counterpart of
+``learner.evaluate.tune_transfer_scale``).
+
+``SITNModel.transfer_scale = (warm, cold)`` multiplies the transferred (other-domain) part of a target query:
+``warm`` for a user with target history, ``cold`` for one without. Offline it is chosen on a validation split;
+a stream has none, so each step's target events, before the model trains on them, are ranked at every scale of
+the grid from two forward passes (own interests alone, ``q0``, and own plus the whole transfer, ``q1``: the
+query at scale ``s`` is ``q0 + s (q1 - q0)``, so its scores are ``S0 + s (S1 - S0)``). Each (slot, scale)
+keeps a windowed NDCG@k tally (``learner.prequential.RankTally``: ties against the item, consumed items
+excluded, an item the model has no row for a miss). Once a slot has ``min_events`` events in its window, the
+scale with the best windowed NDCG is used from the next step on, for ranking and for what is published; until
+then the slot keeps its initial scale (1, or a warm start's offline choice). Ties keep the current scale,
+then the earlier grid value.
+
+>>> tuner = TransferScaleTuner(grid=(1.0, 0.0), window=4, min_events=2, initial=(1.0, 1.0))
+>>> s0 = np.array([[0.0, 1.0, 0.5], [0.0, 1.0, 0.5]])  # own interests alone rank item 1 first
+>>> s1 = np.array([[2.0, 1.0, 0.5], [2.0, 1.0, 0.5]])  # the transfer pushes item 0 above it
+>>> tuner.observe(s0, s1, positives=[1, 1], excluded=[[], []], warm=[True, True])
+>>> tuner.choose()
+(0.0, 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from learner.evaluate import TRANSFER_SCALES
+from learner.prequential import RankTally
+from stream.cooccurrence import rank_with_ties_against
+
+SLOTS = ("warm", "cold")
+
+
+class TransferScaleTuner:
+    """Windowed NDCG@k of the target queries at each transfer scale, per slot (module docstring)."""
+
+    def __init__(
+        self,
+        grid: Sequence[float] = TRANSFER_SCALES,
+        window: int = 5000,
+        min_events: int = 1000,
+        k: int = 10,
+        initial: tuple[float, float] = (1.0, 1.0),
+        sample_per_step: int = 64,
+    ) -> None:
+        if not grid or len(set(grid)) != len(grid) or any(not np.isfinite(s) or s < 0 for s in grid):
+            raise ValueError(f"grid must be distinct finite scales >= 0, got {tuple(grid)}")
+        if min_events < 1 or min_events > window:
+            raise ValueError(f"min_events must be in [1, window={window}], got {min_events}")
+        if sample_per_step < 1:
+            raise ValueError(f"sample_per_step must be >= 1, got {sample_per_step}")
+        self.grid = tuple(float(s) for s in grid)
+        self.window, self.min_events, self.k = window, min_events, k
+        self.sample_per_step = sample_per_step
+        self.scale = {"warm": float(initial[0]), "cold": float(initial[1])}
+        self.tallies = {slot: {s: RankTally(k, window) for s in self.grid} for slot in SLOTS}
+        self.switches = 0
+
+    def observe(
+        self,
+        s0: np.ndarray,
+        s1: np.ndarray,
+        positives: Sequence[int | None],
+        excluded: Sequence[Sequence[int]],
+        warm: Sequence[bool],
+    ) -> None:
+        """Rank up to ``sample_per_step`` events (the first ones) at every scale: ``s0``/``s1`` (B, N) scores
+        of the own-only and fully transferred queries, ``positives`` the item's column (None: a miss),
+        ``excluded`` the consumed columns, ``warm`` whether the event's user has target history."""
+        for j in range(min(len(positives), self.sample_per_step)):
+            slot = "warm" if warm[j] else "cold"
+            positive = positives[j]
+            delta = s1[j] - s0[j] if positive is not None else None
+            for scale, tally in self.tallies[slot].items():
+                if positive is None or delta is None:
+                    tally.record(None, False)
+                    continue
+                scores = s0[j] + scale * delta
+                tally.record(rank_with_ties_against(scores, positive, list(excluded[j])), True)
+
+    def choose(self) -> tuple[float, float]:
+        """The (warm, cold) scale to use from now on (module docstring)."""
+        for slot in SLOTS:
+            tallies = self.tallies[slot]
+            current = self.scale[slot]
+            if tallies[self.grid[0]].figures("window")["window"]["events"] < self.min_events:
+                continue
+            ndcg = {s: t.figures("window")["window"]["ndcg"] for s, t in tallies.items()}
+            best = max(self.grid, key=lambda s: (ndcg[s], s == current, -self.grid.index(s)))
+            if best != current:
+                self.scale[slot] = best
+                self.switches += 1
+        return self.scale["warm"], self.scale["cold"]
+
+    def stats(self) -> dict[str, float]:
+        out = {"transfer_scale_warm": self.scale["warm"], "transfer_scale_cold": self.scale["cold"],
+               "transfer_scale_switches": float(self.switches)}
+        for slot in SLOTS:
+            for scale, tally in self.tallies[slot].items():
+                out[f"transfer_scale_{slot}_{scale:g}_ndcg_window"] = tally.figures("window")["window"]["ndcg"]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grid": list(self.grid), "scale": dict(self.scale), "switches": self.switches,
+                "tallies": {slot: {f"{s:g}": t.state_dict() for s, t in per.items()}
+                            for slot, per in self.tallies.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a checkpoint's tallies and scales (scales not in this grid start from zero)."""
+        self.scale = {slot: float(state["scale"][slot]) for slot in SLOTS}
+        self.switches = int(state["switches"])
+        for slot in SLOTS:
+            for scale in self.grid:
+                saved = state["tallies"][slot].get(f"{scale:g}")
+                if saved is not None:
+                    self.tallies[slot][scale] = RankTally.from_state_dict(saved, self.window)
