@@ -255,6 +255,7 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
                                     r.fallback_z_critical, r.fallback_recover_z,
                                     learnt=("fused",) if r.fused_weights else ()),
             fused_weights=tuple(r.fused_weights), fused_window=r.fused_window,
+            transfer_scale_window=r.transfer_scale_window,
         )
         started = time.perf_counter()
         poll: list[Any] = []

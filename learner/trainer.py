@@ -239,6 +239,9 @@ class OnlineTrainer:
         self.publisher.learner = learner
         self._last_checkpoint_step = int(learner.step)
         self.burn_in_until = float(trained_until)
+        if self.transfer_scale is not None:  # start from the scales the offline training chose on validation
+            warm, cold = learner.model.transfer_scale
+            self.transfer_scale.scale = {"warm": float(warm), "cold": float(cold)}
 
     # -- the batch path ------------------------------------------------------------------------------
     def process(self, batch: EventBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:

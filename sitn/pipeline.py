@@ -252,6 +252,7 @@ class Pipeline:
             fallback=self._fallback(),
             fused_weights=tuple(r.fused_weights),
             fused_window=r.fused_window,
+            transfer_scale_window=r.transfer_scale_window,
             served_max_users=self.serving_settings.max_users,
             audit_log=self.audit_log,
             warm_start=r.warm_start,

@@ -136,6 +136,10 @@ class RunSettings(BaseSettings):
         "every target event; serving gets the best by windowed NDCG@10 (empty: no fused ranker)",
     )
     fused_window: int = Field(10_000, ge=1, description="target events the fused weights are judged on")
+    transfer_scale_window: int = Field(
+        5_000, ge=0, description="target events per slot (with / without target history) over which the query-time "
+        "transfer scale is chosen online from 1, 0.5, 0.25, 0 (learner/transfer_scale.py; 0: keep the model's)",
+    )
 
     @model_validator(mode="after")
     def _fallback_consistent(self) -> RunSettings:

@@ -100,3 +100,12 @@ def test_the_trainer_ranks_at_every_scale_uses_the_choice_and_checkpoints_it(eve
     single = OnlineTrainer(SITNLearner(small_config().replace(use_source=False), "movie", "book"),
                            CallableTransport(sent.append), None, batch_size=64)
     assert single.transfer_scale is None
+
+
+def test_a_warm_start_keeps_the_scales_chosen_offline_until_the_stream_says_otherwise(tmp_path: Path) -> None:
+    trainer = OnlineTrainer(SITNLearner(small_config(), "movie", "book"), CallableTransport(lambda b: None), None,
+                            batch_size=64, transfer_scale_window=50)
+    warm = SITNLearner(small_config(), "movie", "book")
+    warm.model.transfer_scale = (0.25, 0.5)  # what sitn train chose on its validation split
+    trainer.warm_start(warm, trained_until=0.0)
+    assert trainer.transfer_scale is not None and trainer.transfer_scale.choose() == (0.25, 0.5)
