@@ -29,7 +29,7 @@ import numpy as np
 
 from learner.evaluate import TRANSFER_SCALES
 from learner.prequential import RankTally
-from stream.cooccurrence import rank_with_ties_against
+from stream.cooccurrence import ranks_with_ties_against
 
 SLOTS = ("warm", "cold")
 
@@ -70,16 +70,18 @@ class TransferScaleTuner:
         """Rank up to ``sample_per_step`` events (the first ones) at every scale: ``s0``/``s1`` (B, N) scores
         of the own-only and fully transferred queries, ``positives`` the item's column (None: a miss),
         ``excluded`` the consumed columns, ``warm`` whether the event's user has target history."""
+        grid = np.asarray(self.grid, dtype=np.float32)[:, None]  # (G, 1)
         for j in range(min(len(positives), self.sample_per_step)):
-            slot = "warm" if warm[j] else "cold"
+            tallies = self.tallies["warm" if warm[j] else "cold"]
             positive = positives[j]
-            delta = s1[j] - s0[j] if positive is not None else None
-            for scale, tally in self.tallies[slot].items():
-                if positive is None or delta is None:
+            if positive is None:
+                for tally in tallies.values():
                     tally.record(None, False)
-                    continue
-                scores = s0[j] + scale * delta
-                tally.record(rank_with_ties_against(scores, positive, list(excluded[j])), True)
+                continue
+            scores = s0[j][None, :] + grid * (s1[j] - s0[j])[None, :]  # (G, N): every scale at once
+            ranks = ranks_with_ties_against(scores, positive, excluded[j]).tolist()
+            for scale, rank in zip(self.grid, ranks, strict=True):
+                tallies[scale].record(int(rank), True)
 
     def choose(self) -> tuple[float, float]:
         """The (warm, cold) scale to use from now on (module docstring)."""
