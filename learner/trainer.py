@@ -616,6 +616,12 @@ class OnlineTrainer:
             "ndcg_window_by_weight_replay": {f"{w:g}": self.fused.ndcg(w) for w in self.fused.weights},
         }
         out["fallback"] = self.fallback.state() if self.fallback is not None else None
+        tuner = self.transfer_scale
+        out["transfer_scale"] = None if tuner is None else {
+            "warm": tuner.scale["warm"], "cold": tuner.scale["cold"], "switches": tuner.switches,
+            "ndcg_window_by_scale": {slot: {f"{s:g}": t.figures("window")["window"]["ndcg"] for s, t in per.items()}
+                                     for slot, per in tuner.tallies.items()},
+        }
         return out
 
     def summary(self) -> dict[str, float]:

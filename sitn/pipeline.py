@@ -675,6 +675,8 @@ def _prequential_summary(quality: dict[str, Any]) -> dict[str, Any]:
         "lifts": quality.get("lifts"),  # per learnt ranker (model, fused) and span
         "fused": quality.get("fused"),  # the weight served at the end, the grid and each weight's windowed NDCG
         "fallback": quality.get("fallback"),
+        # the query-time transfer scales in force at the end (warm / cold users) and each one's windowed NDCG@10
+        "transfer_scale": quality.get("transfer_scale"),
     }
 
 

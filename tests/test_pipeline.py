@@ -292,6 +292,10 @@ def check_summary(pipeline: Pipeline, events: list[InteractionEvent]) -> None:
     assert set(pq["rankers"]) == {"model", "model_live", "fused", "fused_live", "popularity", "cooc_target",
                                   "cooc_target_source"}
     assert pq["fused"]["weight"] in pq["fused"]["weights"] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    scales = pq["transfer_scale"]  # chosen online; every book event of the run was ranked at each scale
+    assert scales["warm"] in (1.0, 0.5, 0.25, 0.0) and scales["cold"] in (1.0, 0.5, 0.25, 0.0)
+    assert set(scales["ndcg_window_by_scale"]) == {"warm", "cold"}
+    assert all(set(per) == {"1", "0.5", "0.25", "0"} for per in scales["ndcg_window_by_scale"].values())
     assert set(pq["lifts"]) == {"model", "model_live", "fused", "fused_live"}
     assert pq["lifts"]["model"]["stream"] == pq["lift"]
     for name, spans in pq["rankers"].items():
