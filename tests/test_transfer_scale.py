@@ -109,3 +109,16 @@ def test_a_warm_start_keeps_the_scales_chosen_offline_until_the_stream_says_othe
     warm.model.transfer_scale = (0.25, 0.5)  # what sitn train chose on its validation split
     trainer.warm_start(warm, trained_until=0.0)
     assert trainer.transfer_scale is not None and trainer.transfer_scale.choose() == (0.25, 0.5)
+
+
+def test_a_scale_takes_over_only_beyond_min_gain() -> None:
+    # 40 warm events, 21 reading item 1 (rank 1 at scale 0, rank 2 at scale 1) and 19 item 0 (the reverse):
+    # NDCG 0 = (21 + 19 g) / 40 and NDCG 1 = (19 + 21 g) / 40 with g = 1 / log2(3): scale 0 better by 2.3 %,
+    # above a 1 % margin, below a 5 % one.
+    for min_gain, expected in ((0.01, 0.0), (0.05, 1.0)):
+        tuner = TransferScaleTuner(grid=(1.0, 0.0), window=40, min_events=40, min_gain=min_gain)
+        for positive in [1] * 21 + [0] * 19:
+            tuner.observe(S0, S1, [positive], [[]], [True])
+        assert tuner.choose()[0] == expected, min_gain
+    with pytest.raises(ValueError, match="min_gain must be >= 0"):
+        TransferScaleTuner(min_gain=-0.1)
