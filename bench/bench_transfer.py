@@ -21,17 +21,19 @@ mean ± sample std over seeds, next to the training time per run.
 
 ``tests/test_transfer_synthetic.py`` runs the same code (``run_strength``) at a small size.
 
-Measured at the defaults (commit d75b709, 2 shared cores, load ~6, 541 s), full-ranking NDCG@10, mean ±
-sample std over seeds 0-2:
+Measured at the defaults (code of commit ac0a5fd: residual transfer, target-side stop-gradient for I2I/I2C,
+query-time transfer scale chosen on validation; 2 shared cores, load ~5, 2767 s), full-ranking NDCG@10,
+mean ± sample std over seeds 0-2:
 
 | strength | SITN overlap | single-domain | item-kNN t+s | SITN cold-start | popularity |
 | --- | --- | --- | --- | --- | --- |
-| 0 | 0.0387 ± 0.0015 | 0.0568 ± 0.0066 | 0.0535 ± 0.0050 | 0.0362 ± 0.0024 | 0.0366 ± 0.0066 |
-| 0.5 | 0.0903 ± 0.0075 | 0.0699 ± 0.0035 | 0.1160 ± 0.0059 | 0.0888 ± 0.0053 | 0.0344 ± 0.0005 |
-| 1 | 0.1863 ± 0.0049 | 0.0665 ± 0.0110 | 0.2187 ± 0.0045 | 0.1884 ± 0.0028 | 0.0353 ± 0.0050 |
+| 0 | 0.0659 ± 0.0090 | 0.0718 ± 0.0062 | 0.0693 ± 0.0047 | 0.0384 ± 0.0054 | 0.0366 ± 0.0066 |
+| 0.5 | 0.0850 ± 0.0022 | 0.0769 ± 0.0053 | 0.1230 ± 0.0063 | 0.0713 ± 0.0060 | 0.0344 ± 0.0005 |
+| 1 | 0.1673 ± 0.0138 | 0.0724 ± 0.0051 | 0.2212 ± 0.0052 | 0.1668 ± 0.0184 | 0.0353 ± 0.0050 |
 
-Transfer shows and vanishes with the data; but at strength 0 SITN stays below single-domain (0.64-0.76x
-per seed, best epoch 2-3), and item co-occurrence over both histories stays above SITN at every strength.
+Transfer shows and vanishes with the data: SITN / single-domain 2.27-2.38x per seed at strength 1, 0.86-1.00x
+at 0 (0.64-0.76x at commit d75b709, where strength 1 gave 0.186 ± 0.005); item
+co-occurrence over both histories stays above SITN whenever the source speaks.
 """
 
 from __future__ import annotations
