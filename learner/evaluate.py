@@ -40,6 +40,7 @@ import numpy as np
 from learner.baselines import Ranker
 from learner.eval_split import Query, Split, query_inputs
 from learner.metrics import ranks_excluding, ranks_sampled, summarize
+from learner.transfer_scale import TRANSFER_SCALES
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,6 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-TRANSFER_SCALES = (1.0, 0.5, 0.25, 0.0)  # query-time transfer scales tried on validation; ties keep the earlier
 
 
 def tune_transfer_scale(ranker: Ranker, split: Split, known: np.ndarray | None = None,
