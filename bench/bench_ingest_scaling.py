@@ -185,8 +185,8 @@ def kafka_broker(security: str, workdir: Path) -> Iterator[tuple[str, dict[str, 
     if servers and security == "plaintext":
         yield servers, {}, None
         return
-    from stream.broker import DEFAULT_CACHE_DIR, KafkaBroker, free_ports
-    from stream.broker_security import SaslSslListener, ScramUser, make_tls_stores
+    from sitn.broker import DEFAULT_CACHE_DIR, KafkaBroker, free_ports
+    from sitn.broker_security import SaslSslListener, ScramUser, make_tls_stores
 
     ports = free_ports(2)
     listener = None

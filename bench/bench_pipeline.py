@@ -212,7 +212,7 @@ def main() -> None:
     if args.backend == "kafka":
         import socket
 
-        from stream.broker import KafkaBroker
+        from sitn.broker import KafkaBroker
 
         with socket.socket() as a, socket.socket() as b:
             a.bind(("127.0.0.1", 0))

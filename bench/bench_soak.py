@@ -138,7 +138,7 @@ def main() -> int:
     broker = None
     bootstrap = None
     if args.kafka:
-        from stream.broker import KafkaBroker
+        from sitn.broker import KafkaBroker
         from tests.fixtures.kafka import free_ports
 
         port, controller = free_ports(2)

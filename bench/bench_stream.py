@@ -156,7 +156,7 @@ def with_kafka(fn: Callable[[str], None]) -> None:
     if servers:
         fn(servers)
         return
-    from stream.broker import DEFAULT_CACHE_DIR, KafkaBroker, free_ports
+    from sitn.broker import DEFAULT_CACHE_DIR, KafkaBroker, free_ports
 
     ports = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:

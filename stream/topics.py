@@ -26,10 +26,23 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from stream.broker import replication_for
 from stream.settings import StreamSettings, kafka_client_kwargs
 
 log = logging.getLogger(__name__)
+
+
+def replication_for(nodes: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of a cluster of ``nodes``: (min(3, N), min(2, N)).
+
+    With 3 or more nodes a write acknowledged with acks=all is on at least 2 of its 3 replicas, so one
+    node may crash without losing it and the partition stays writable.
+
+    >>> [replication_for(n) for n in (1, 2, 3, 5)]
+    [(1, 1), (2, 2), (3, 2), (3, 2)]
+    """
+    if nodes < 1:
+        raise ValueError(f"a cluster has at least 1 node, got {nodes}")
+    return min(3, nodes), min(2, nodes)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from sitn.commands import kafka as kafka_command
-from stream.broker import (
+from sitn.broker import (
     KAFKA_INFRA_DIR,
     KAFKA_VERSION,
     KafkaBroker,
@@ -27,6 +26,7 @@ from stream.broker import (
     read_properties,
     server_properties,
 )
+from sitn.commands import kafka as kafka_command
 from stream.errors import BrokerError
 from tests.fixtures.kafka import DEFAULT_CACHE_DIR, free_ports, start_test_broker
 

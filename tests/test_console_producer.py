@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 import pytest
 
-from stream.broker import KafkaBroker
+from sitn.broker import KafkaBroker
 from stream.consumer import EventBatch, StreamConsumer
 from stream.dead_letter import DeadLetter, decode_dead_letter, open_dead_letters
 from stream.events import MAX_EVENT_BYTES, MAX_ID_CHARS, InteractionEvent, encode_event

@@ -298,7 +298,7 @@ def test_kafka_clients_use_an_advertised_listener(services: dict[str, Any]) -> N
 
 
 def test_kafka_image_is_the_release_the_tests_run_against(services: dict[str, Any]) -> None:
-    from stream.broker import KAFKA_VERSION
+    from sitn.broker import KAFKA_VERSION
 
     assert services["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}"
 

@@ -40,9 +40,9 @@ from kafka.partitioner.default import murmur2
 
 from learner.checkpoint_store import CheckpointStore
 from serving.settings import ServingSettings
+from sitn.broker import KafkaBroker
 from sitn.pipeline import Pipeline
 from sitn.settings import RunSettings
-from stream.broker import KafkaBroker
 from stream.dataset import load_events
 from stream.events import InteractionEvent
 from stream.settings import StreamSettings

@@ -30,7 +30,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
 
-from stream.broker import KafkaBroker, KafkaCluster
+from sitn.broker import KafkaBroker, KafkaCluster
 from stream.dataset import load_events
 from stream.events import InteractionEvent
 from stream.producer import make_kafka_producer

@@ -1,7 +1,7 @@
 """The project against a real broker that demands SASL (SCRAM-SHA-512) over TLS.
 
-The broker (module scope) is the project's own Kafka 4.x from ``stream/broker.py`` with a
-:class:`~stream.broker_security.SaslSslListener`: its only client listener is ``SASL_SSL`` (the controller
+The broker (module scope) is the project's own Kafka 4.x from ``sitn/broker.py`` with a
+:class:`~sitn.broker_security.SaslSslListener`: its only client listener is ``SASL_SSL`` (the controller
 listener is ``PLAINTEXT`` on 127.0.0.1, brokers talk to each other over ``SASL_SSL``), the certificates are
 made for the test with the JDK's ``keytool`` (a CA, the broker's keystore signed by it, a truststore, the CA
 as PEM for the Python clients), and the SCRAM users are created when the storage is formatted.
@@ -32,8 +32,8 @@ import httpx
 import pytest
 from kafka.errors import InvalidReceiveError, KafkaTimeoutError
 
-from stream.broker import KafkaBroker, read_properties
-from stream.broker_security import SaslSslListener, ScramUser, make_tls_stores
+from sitn.broker import KafkaBroker, read_properties
+from sitn.broker_security import SaslSslListener, ScramUser, make_tls_stores
 from stream.errors import KafkaAuthenticationError
 from stream.kafka_login import check_kafka_login
 from stream.producer import make_kafka_producer

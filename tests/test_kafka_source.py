@@ -16,7 +16,7 @@ from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
-from stream.broker import KafkaBroker
+from sitn.broker import KafkaBroker
 from stream.consumer import EventBatch, StreamConsumer
 from stream.dead_letter import open_dead_letters
 from stream.events import InteractionEvent

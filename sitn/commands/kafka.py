@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from stream.broker import DEFAULT_CACHE_DIR, KAFKA_VERSION, KafkaCluster
+from sitn.broker import DEFAULT_CACHE_DIR, KAFKA_VERSION, KafkaCluster
 from stream.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)

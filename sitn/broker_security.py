@@ -1,6 +1,6 @@
 """A local broker's client listener secured with SASL over TLS: SCRAM users and the TLS stores it serves with.
 
-:class:`SaslSslListener` is what :class:`stream.broker.KafkaBroker` takes to listen for clients on
+:class:`SaslSslListener` is what :class:`sitn.broker.KafkaBroker` takes to listen for clients on
 ``SASL_SSL`` instead of ``PLAINTEXT``. In KRaft the SCRAM credentials live in the cluster metadata, so
 they are created when the storage is formatted (``kafka-storage format --add-scram``), not with
 ``kafka-configs`` on a running broker. The controller listener stays ``PLAINTEXT`` on 127.0.0.1 (a

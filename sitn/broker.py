@@ -25,7 +25,7 @@ on every node), node ``i`` in ``<data_dir>/node-<i>``, internal and new topics r
 min(3, N) nodes with min.insync.replicas min(2, N). With N=1 it is exactly the single node above, in
 ``<data_dir>`` itself.
 
-Given a :class:`~stream.broker_security.SaslSslListener`, a node (or every node of a cluster) listens for
+Given a :class:`~sitn.broker_security.SaslSslListener`, a node (or every node of a cluster) listens for
 clients on ``SASL_SSL`` instead of ``PLAINTEXT`` (SCRAM-SHA-512 over TLS, the users created at format
 time); the controller listener stays ``PLAINTEXT`` on 127.0.0.1 and brokers talk to each other over the
 ``SASL_SSL`` listener. Clients then need :meth:`KafkaBroker.client_kwargs`' settings.
@@ -53,9 +53,10 @@ import psutil
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
-from stream.broker_security import LISTENER_NAME as SASL_SSL_LISTENER
-from stream.broker_security import SaslSslListener
+from sitn.broker_security import LISTENER_NAME as SASL_SSL_LISTENER
+from sitn.broker_security import SaslSslListener
 from stream.errors import BrokerError
+from stream.topics import replication_for
 
 logger = logging.getLogger(__name__)
 
@@ -142,20 +143,6 @@ class QuorumVoter:
         return f"{self.node_id}@{HOST}:{self.controller_port}:{self.directory_id}"
 
 
-def replication_for(nodes: int) -> tuple[int, int]:
-    """(replication factor, min.insync.replicas) of a cluster of ``nodes``: (min(3, N), min(2, N)).
-
-    With 3 or more nodes a write acknowledged with acks=all is on at least 2 of its 3 replicas, so one
-    node may crash without losing it and the partition stays writable.
-
-    >>> [replication_for(n) for n in (1, 2, 3, 5)]
-    [(1, 1), (2, 2), (3, 2), (3, 2)]
-    """
-    if nodes < 1:
-        raise ValueError(f"a cluster has at least 1 node, got {nodes}")
-    return min(3, nodes), min(2, nodes)
-
-
 def server_properties(
     port: int,
     controller_port: int,
@@ -170,7 +157,7 @@ def server_properties(
 
     With no ``quorum`` the node is alone: every internal topic has replication factor 1 and
     min.insync.replicas 1. With a ``quorum`` (every voter, this node among them) the controllers are
-    found through all the voters' ports, and internal and new topics get :func:`replication_for` the
+    found through all the voters' ports, and internal and new topics get :func:`stream.topics.replication_for` the
     cluster's size. With ``sasl_ssl`` the client listener on ``port`` is ``SASL_SSL`` (and the inter-broker
     one), not ``PLAINTEXT``; the controller listener stays ``PLAINTEXT``.
 
@@ -626,7 +613,7 @@ class KafkaCluster:
     port (or the one its data directory recorded), unless ``ports`` lists every node's ``(port,
     controller_port)``. With one node it is exactly ``KafkaBroker(data_dir, port)``; with more, node
     ``i`` lives in ``data_dir/node-<i>``, every node is a voter (a majority, 2 of 3, must run for the
-    cluster to work), and topics are replicated per :func:`replication_for`.
+    cluster to work), and topics are replicated per :func:`stream.topics.replication_for`.
 
     The first :meth:`start` formats every node with one fresh cluster id and the same voter set.
     """
