@@ -38,7 +38,7 @@ from stream.dead_letter import open_dead_letters  # noqa: E402
 from stream.events import InteractionEvent  # noqa: E402
 from stream.producer import open_producer, replay  # noqa: E402
 from stream.settings import StreamSettings  # noqa: E402
-from stream.source import open_source  # noqa: E402
+from stream.source_factory import open_source  # noqa: E402
 
 DEFAULT_EVENTS = REPO.parent / "shared" / "data" / "amazon_movie_book_c2dsr" / "events.csv"
 

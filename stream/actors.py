@@ -28,7 +28,7 @@ from stream.consumer import ConsumerStats, EventBatch, StreamConsumer
 from stream.dead_letter import open_dead_letters
 from stream.exporter import Exporter, TelemetrySettings, start_exporter
 from stream.settings import StreamSettings
-from stream.source import open_source
+from stream.source_factory import open_source
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,12 @@
 """The source contract shared by the Kafka consumer and the embedded log.
 
+This module imports no implementation: ``stream.kafka_source`` and ``stream.embedded_log`` implement the
+contract, and ``stream.source_factory.open_source`` builds the configured one.
+
 A source reads a fixed set of partitions of one topic, from offsets it is given, and hands out raw
 records in batches::
 
-    source = open_source(settings, partitions={0, 2}, start_offsets={0: 120})  # 2: from the beginning
+    source = open_source(settings, partitions={0, 2}, start_offsets={0: 120})  # stream.source_factory
     batches = source.next_batch(timeout_s=0.5)   # [RecordBatch], one per partition with data
 
 Offsets follow Kafka's convention everywhere: a *position* is **the next offset to read**, i.e. last
@@ -20,12 +23,8 @@ consumer group (``stream.group_offsets.GroupCommitter``) only so that lag shows 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from stream.settings import StreamSettings
+from typing import Protocol
 
 Offsets = dict[int, int]  # partition -> next offset to read
 
@@ -79,39 +78,3 @@ class Source(Protocol):
     def resume(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def open_source(
-    settings: StreamSettings,
-    *,
-    topic: str | None = None,
-    partitions: Iterable[int] | None = None,
-    start_offsets: Mapping[int, int] | None = None,
-) -> Source:
-    """The configured source for ``topic`` (default: interactions): Kafka if bootstrap servers are set.
-
-    ``partitions``: the static assignment (default: all ``settings.partitions``, or the topic's one
-    partition for the others). ``start_offsets``: next offset to read per partition; a partition missing
-    from it starts at its beginning (the earliest retained offset on Kafka, 0 in the embedded log).
-    """
-    topic = topic or settings.topic_interactions
-    if partitions is None:
-        partitions = range(settings.partitions if topic == settings.topic_interactions else 1)
-    assigned = frozenset(partitions)
-    start = {int(p): int(o) for p, o in (start_offsets or {}).items()}
-    unknown = sorted(set(start) - assigned)
-    if unknown:
-        raise ValueError(f"start_offsets name partitions {unknown} outside the assignment {sorted(assigned)}")
-    negative = {p: o for p, o in start.items() if o < 0}
-    if negative:
-        raise ValueError(f"start_offsets must be >= 0, got {negative}")
-    if settings.uses_kafka:
-        from stream.kafka_source import KafkaSource
-
-        return KafkaSource(settings, topic=topic, partitions=assigned, start_offsets=start)
-    from stream.embedded_log import EmbeddedLog, EmbeddedSource
-
-    partition_count = settings.partitions if topic == settings.topic_interactions else 1
-    log = EmbeddedLog.open(settings.embedded_log_dir, topic, partition_count,
-                           segment_bytes=settings.embedded_segment_bytes)
-    return EmbeddedSource(log, partitions=assigned, start_offsets=start, max_records=settings.batch_size)

@@ -46,7 +46,7 @@ from stream.dead_letter import DeadLetter, decode_dead_letter, open_dead_letters
 from stream.events import MAX_EVENT_BYTES, MAX_ID_CHARS, InteractionEvent, encode_event
 from stream.kafka_source import KafkaSource
 from stream.settings import StreamSettings
-from stream.source import open_source
+from stream.source_factory import open_source
 from stream.topics import ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]

@@ -17,7 +17,8 @@ from stream.errors import EventDecodeError
 from stream.events import MAX_EVENT_BYTES, InteractionEvent, encode_event
 from stream.producer import open_producer
 from stream.settings import StreamSettings
-from stream.source import Source, open_source
+from stream.source import Source
+from stream.source_factory import open_source
 
 DOMAINS = ("movie", "book")
 

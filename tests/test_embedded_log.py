@@ -158,7 +158,7 @@ def test_source_static_assignment_and_pause(tmp_path: Path) -> None:
 
 def test_open_source_refuses_offsets_outside_its_assignment(tmp_path: Path) -> None:
     from stream.settings import StreamSettings
-    from stream.source import open_source
+    from stream.source_factory import open_source
 
     settings = StreamSettings(embedded_log_dir=tmp_path, partitions=4)
     with pytest.raises(ValueError, match=r"start_offsets name partitions \[2\] outside the assignment \[1, 3\]"):

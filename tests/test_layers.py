@@ -105,6 +105,21 @@ def test_the_scan_sees_every_module_and_its_imports() -> None:
     assert {"stream", "learner", "serving"} <= seen
 
 
+def test_the_source_contract_imports_no_implementation() -> None:
+    """``stream.source`` is the contract: it imports no project module. The implementations import the
+    contract, never the factory that chooses between them (``stream.source_factory``)."""
+    def project_imports(module: str) -> set[str]:
+        path = REPO / Path(*module.split(".")).with_suffix(".py")
+        return {name for _, name in imported_modules(path.read_text(encoding="utf-8"), module)
+                if name.partition(".")[0] in PACKAGES}
+
+    assert project_imports("stream.source") == set()
+    for implementation in ("stream.kafka_source", "stream.embedded_log"):
+        imports = project_imports(implementation)
+        assert "stream.source" in imports and "stream.source_factory" not in imports, (implementation, imports)
+    assert {"stream.source", "stream.kafka_source", "stream.embedded_log"} <= project_imports("stream.source_factory")
+
+
 def test_the_check_catches_imports_in_every_form() -> None:
     src = (
         "from __future__ import annotations\n"
