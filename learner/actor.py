@@ -48,7 +48,7 @@ from learner.config import SITNConfig
 from learner.learner import SITNLearner
 from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
 from learner.trainer import CheckpointMark, OnlineTrainer
-from learner.warm_start import load_warm_start
+from learner.warm_checkpoint import load_warm_start
 from stream.events import EmbeddingBatch
 from stream.exporter import TelemetrySettings, start_exporter
 from stream.group_offsets import GroupCommitter

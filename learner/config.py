@@ -24,6 +24,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+# the query-time transfer scales (``SITNModel.transfer_scale``) tried, offline on validation
+# (learner.evaluate.tune_transfer_scale) and online (learner.transfer_scale); the first is the scale training
+# uses, and ties keep the earlier
+TRANSFER_SCALES = (1.0, 0.5, 0.25, 0.0)
+
 
 @dataclass(frozen=True)
 class SITNConfig:

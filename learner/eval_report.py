@@ -6,8 +6,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from learner.config import TRANSFER_SCALES
 from learner.evaluate import SETTINGS
-from learner.transfer_scale import TRANSFER_SCALES
 
 METRICS_ORDER = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
 ITEMKNN_ROWS = ("itemknn_target", "itemknn_target_source", "itemknn_source")

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from learner.baselines import Ranker
+from learner.config import TRANSFER_SCALES
 from learner.eval_split import Query, Split, query_inputs
 from learner.metrics import ranks_excluding, ranks_sampled, summarize
-from learner.transfer_scale import TRANSFER_SCALES
 
 log = logging.getLogger(__name__)
 

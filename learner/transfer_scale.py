@@ -29,13 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from learner.config import TRANSFER_SCALES
 from learner.prequential import RankTally
 from stream.cooccurrence import ranks_with_ties_against
 
 SLOTS = ("warm", "cold")
-# the query-time transfer scales tried, offline on validation (learner.evaluate) and online here; the first is
-# the scale training uses, and ties keep the earlier
-TRANSFER_SCALES = (1.0, 0.5, 0.25, 0.0)
 
 
 class TransferScaleTuner:

@@ -12,7 +12,8 @@ history so far. ``sitn train`` does that here, honestly:
 3. Retrain from the same initial state for that many epochs over the causal examples of *every* event
    up to the cut (the standard "retrain on everything with the selected budget").
 4. Save the learner with its history store emptied (the live run rebuilds every history in event order)
-   and ``extra["warm_start"]``: the cut-off, the event count, the epochs and the validation figure.
+   and ``extra["warm_start"]``: the cut-off, the event count, the epochs and the validation figure
+   (``learner.warm_checkpoint``, the file format the live run reads).
 
 ``sitn run --warm-start MODEL`` then replays the whole file; the learner burns in the events up to the
 cut-off (histories and shadow baselines learn them, no step, no ranking: ``OnlineTrainer.warm_start``),
@@ -24,31 +25,17 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from learner.config import SITNConfig
 from learner.eval_split import chronological_split
 from learner.evaluate import select_epoch
 from learner.history import RecentHistories
+from learner.warm_checkpoint import WarmStart
 from stream.events import InteractionEvent
 from stream.user_state import UserStateStore
 
 log = logging.getLogger(__name__)
-
-EXTRA_KEY = "warm_start"
-
-
-@dataclass
-class WarmStart:
-    """An offline-trained learner and what it was trained on."""
-
-    learner: Any  # learner.learner.SITNLearner
-    trained_until: float  # unix seconds: every event at or before it was trained on
-    events: int
-    epochs: int
-    validation_ndcg_at_10: float | None = None
 
 
 def cut_off(events: list[InteractionEvent], until_fraction: float | None = None,
@@ -112,36 +99,3 @@ def train_warm_start(
     # learn_many recorded every epoch's shuffled examples; the live run rebuilds histories in event order
     learner.histories = RecentHistories((source, target), config.max_len, config.max_users)
     return WarmStart(learner, float(trained_until), len(prefix), selection.epoch, selection.val.get("ndcg@10"))
-
-
-def save_warm_start(warm: WarmStart, path: Path) -> None:
-    extra = {EXTRA_KEY: {"trained_until": warm.trained_until, "events": warm.events, "epochs": warm.epochs,
-                         "validation_ndcg_at_10": warm.validation_ndcg_at_10}}
-    warm.learner.save(path, extra=extra)
-
-
-def _warm_state(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The checkpoint's state and its ``sitn train`` record; a checkpoint of another kind is refused."""
-    from learner.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
-    info = state.get("extra", {}).get(EXTRA_KEY)
-    if not isinstance(info, dict) or "trained_until" not in info:
-        raise ValueError(f"{path} is not a `sitn train` model (no {EXTRA_KEY!r} record of what it was trained on)")
-    return state, info
-
-
-def warm_start_config(path: Path | str) -> tuple[SITNConfig, dict[str, Any]]:
-    """The model's config and what it was trained on, without building the model (for ``sitn run``'s driver)."""
-    state, info = _warm_state(path)
-    return SITNConfig.from_dict(state["config"]), info
-
-
-def load_warm_start(path: Path | str) -> WarmStart:
-    """A model written by ``sitn train``, rebuilt; a checkpoint of another kind is refused with the reason."""
-    from learner.learner import SITNLearner
-
-    state, info = _warm_state(path)
-    learner = SITNLearner.from_state_dict(state)
-    return WarmStart(learner, float(info["trained_until"]), int(info["events"]), int(info["epochs"]),
-                     info.get("validation_ndcg_at_10"))

@@ -333,7 +333,8 @@ def test_drift_monitor_sees_the_stream_and_survives_a_checkpoint(tmp_path: Path)
 def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones(
     tmp_path: Path, events: list[InteractionEvent]
 ) -> None:
-    from learner.warm_start import load_warm_start, save_warm_start, train_warm_start, warm_start_config
+    from learner.warm_checkpoint import load_warm_start, save_warm_start, warm_start_config
+    from learner.warm_start import train_warm_start
 
     torch.set_num_threads(1)
     cut = events[599].timestamp
@@ -388,7 +389,7 @@ def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones
 
 
 def test_a_model_that_sitn_train_did_not_write_is_refused(tmp_path: Path) -> None:
-    from learner.warm_start import load_warm_start, warm_start_config
+    from learner.warm_checkpoint import load_warm_start, warm_start_config
 
     SITNLearner(small_config(), "movie", "book").save(tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="is not a `sitn train` model"):

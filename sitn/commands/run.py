@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
                         replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio,
                         lr=run.learner_lr)
     if run.warm_start is not None:
-        from learner.warm_start import warm_start_config
+        from learner.warm_checkpoint import warm_start_config
 
         config, warm = warm_start_config(run.warm_start)  # the model's own shape and training settings
         print(f"sitn run: warm start from {run.warm_start}: trained on {warm['events']:,} events up to "

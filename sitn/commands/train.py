@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from learner.config import SITNConfig
-    from learner.warm_start import cut_off, save_warm_start, train_warm_start
+    from learner.warm_checkpoint import save_warm_start
+    from learner.warm_start import cut_off, train_warm_start
     from stream.dataset import load_events
 
     read = events_file_flags().build(args)
