@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.report import BenchRecord, add_json_option  # noqa: E402
-from learner.drift import DriftAlarm, DriftMonitor, DriftSettings  # noqa: E402
+from learner.online.drift import DriftAlarm, DriftMonitor, DriftSettings  # noqa: E402
 from stream.synthetic import SyntheticConfig, SyntheticStream  # noqa: E402
 
 BATCH = 256
@@ -92,8 +92,8 @@ def model_run(kind: str, seed: int, args: argparse.Namespace, settings: DriftSet
     import torch
 
     from learner import SITNConfig, SITNLearner
-    from learner.publisher import CallableTransport
-    from learner.trainer import OnlineTrainer
+    from learner.online.publisher import CallableTransport
+    from learner.online.trainer import OnlineTrainer
     from stream.consumer import EventBatch
 
     torch.set_num_threads(args.threads)

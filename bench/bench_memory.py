@@ -5,13 +5,13 @@ case: 500,000 items split 400k source / 100k target, target share 0.2, a fixed p
 is fed, event by event and in order, into the structures the pipeline grows per event, outside Ray:
 
 - ``shadow_cooc``: the learner's shadow baselines' :class:`stream.cooccurrence.ItemCooccurrence` (both
-  domains, every event, ``learner.shadow``);
+  domains, every event, ``learner.online.shadow``);
 - ``serving_cooc``: serving's :class:`serving.cooccurrence.CooccurrenceRanker`, fed each target event with
   the user's target items before it (the learner's history stands in for serving's consumed set);
-- ``item_tables``: the learner's item id maps (a real ``learner.idmap.IdMap`` per domain) plus its item
+- ``item_tables``: the learner's item id maps (a real ``learner.core.idmap.IdMap`` per domain) plus its item
   tables and their lazy-Adam state (``weight``, ``exp_avg``, ``exp_avg_sq`` of ``dim`` float32 each, and
   two int64 buffers per row), computed from the table capacity the learner would have grown to
-  (``learner.idmap.next_capacity``), not allocated;
+  (``learner.core.idmap.next_capacity``), not allocated;
 - ``histories``: the learner's ``RecentHistories`` (``SITNConfig.max_users`` users) and the consumers'
   ``UserStateStore``, which builds the causal examples;
 - ``replay``: the learner's replay buffer, a ``deque(maxlen=--replay-buffer-size)`` of the examples.
@@ -27,7 +27,7 @@ next to them as a cross-check. Growth per 100k events is the slope between the l
     python bench/bench_memory.py [--events 300000] [--users 1000] [--max-neighbours 500|none]
         [--points 6] [--seed 0] [--json PATH]
 
-``--trainer`` measures the learner process itself instead: an in-process ``learner.trainer.OnlineTrainer``
+``--trainer`` measures the learner process itself instead: an in-process ``learner.online.trainer.OnlineTrainer``
 built as ``sitn run`` builds it (``RunSettings`` defaults: batch 256, replay buffer 20,000 at ratio 1, fused
 ranker, publish gate, fallback, drift monitor, a checkpoint every 200 steps into a temporary directory;
 no Ray, no Kafka, a publish goes nowhere) is fed the same stream in batches of ``--poll-events``, and the
@@ -35,7 +35,7 @@ process RSS is printed at ``--points`` with the item tables' and lazy-Adam state
 checkpoint's size, the target items known, wall and CPU seconds, and the newest checkpoint's two costs: the
 seconds it held up training (reading the state out) and the seconds its write took on the writer thread
 (``OnlineTrainer.checkpoint(background=True)``, as the learner actor checkpoints). ``--malloc trimmed`` (the default) calls
-``malloc_trim`` after each batch as the learner actor does (``learner.allocator``), ``dynamic`` does
+``malloc_trim`` after each batch as the learner actor does (``learner.online.allocator``), ``dynamic`` does
 nothing (as before issue 12), ``pinned`` fixes glibc's mmap threshold at 128 KiB instead:
 
     python bench/bench_memory.py --trainer [--events 100000] [--users 5000] [--malloc trimmed|dynamic|pinned]
@@ -54,7 +54,7 @@ Dynamic, RSS grew about 10 MiB per 1,000 events (1,989 MiB at 100k in a longer r
 structures grow by (co-occurrence, histories filling, item tables doubling: 30.6 MiB with their Adam state
 at 60k, 61.2 MiB at 100k, where RSS was 1,189 MiB); the trims took 0.68 s over 60k events. ``pinned`` reached 1,154 MiB at 60k but took about 30 % more CPU (63-65 s against 48-50 s in
 batches of 500). The checkpoint payload (43 MiB at 50k events, 83 MiB at 100k) is no longer copied whole
-in memory when it is written (``learner.checkpoint``).
+in memory when it is written (``learner.core.checkpoint``).
 
 With 1,000 users (300 events each at the default) histories are full (50 items per domain) after about
 a third of the stream, so the last points show the steady per-event growth; ``--users 5000`` is issue 12's
@@ -81,9 +81,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.report import BenchRecord, add_json_option  # noqa: E402
-from learner.config import SITNConfig  # noqa: E402
-from learner.history import RecentHistories  # noqa: E402
-from learner.idmap import IdMap, next_capacity  # noqa: E402
+from learner.core.config import SITNConfig  # noqa: E402
+from learner.core.history import RecentHistories  # noqa: E402
+from learner.core.idmap import IdMap, next_capacity  # noqa: E402
 from serving.cooccurrence import CooccurrenceRanker  # noqa: E402
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, ItemCooccurrence  # noqa: E402
 from stream.synthetic import SyntheticConfig, SyntheticStream  # noqa: E402
@@ -220,13 +220,13 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
     """Feed an in-process OnlineTrainer with ``sitn run``'s defaults; RSS and tensor bytes at ``--points``."""
     import torch
 
-    from learner.allocator import pin_mmap_threshold, trim_free_memory
-    from learner.checkpoint_store import CheckpointStore
-    from learner.drift import DriftMonitor, DriftSettings
-    from learner.gate import PublishGate, RankerFallback
-    from learner.learner import SITNLearner
-    from learner.publisher import CallableTransport
-    from learner.trainer import OnlineTrainer
+    from learner.core.learner import SITNLearner
+    from learner.online.allocator import pin_mmap_threshold, trim_free_memory
+    from learner.online.checkpoint_store import CheckpointStore
+    from learner.online.drift import DriftMonitor, DriftSettings
+    from learner.online.gate import PublishGate, RankerFallback
+    from learner.online.publisher import CallableTransport
+    from learner.online.trainer import OnlineTrainer
     from serving.settings import ServingSettings
     from sitn.settings import RunSettings
     from stream.consumer import EventBatch
@@ -269,8 +269,8 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
                 poll = []
                 trainer.collect_checkpoint()
                 if trainer.checkpoint_due():
-                    trainer.checkpoint(background=True)  # as learner.actor does: written on the writer thread
-                if args.malloc == "trimmed":  # where learner.actor does it
+                    trainer.checkpoint(background=True)  # as learner.online.actor does: written on the writer thread
+                if args.malloc == "trimmed":  # where learner.online.actor does it
                     t0 = time.perf_counter()
                     trim_free_memory()
                     trim_s += time.perf_counter() - t0

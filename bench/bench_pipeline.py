@@ -195,7 +195,7 @@ def main() -> None:
     record = BenchRecord("bench_pipeline", args)
     known_fraction = args.known_share / DRIVE_KNOWN_SHARE
 
-    from learner.config import SITNConfig
+    from learner.core.config import SITNConfig
     from serving.settings import ServingSettings
     from sitn.pipeline import Pipeline
     from sitn.ray_cluster import init_ray

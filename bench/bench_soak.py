@@ -124,7 +124,7 @@ def main() -> int:
     args = parser.parse_args()
     record = BenchRecord("bench_soak", args)
 
-    from learner.config import SITNConfig
+    from learner.core.config import SITNConfig
     from serving.settings import ServingSettings
     from sitn.pipeline import Pipeline
     from sitn.ray_cluster import init_ray

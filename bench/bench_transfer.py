@@ -5,7 +5,7 @@ probability ``shared_interest`` a user's target clusters are their source cluste
 drawn independently. The workload here is built so that the source is informative and the target thin:
 many source events per user, a few target events (the evaluation needs 3), moderate noise, every
 (user, item) pair at most once (the offline protocol's assumption). For each strength and seed the
-stream is split and evaluated exactly like ``sitn eval`` (``learner.evaluate``: per-user chronological
+stream is split and evaluated exactly like ``sitn eval`` (``learner.offline.evaluate``: per-user chronological
 split, full ranking, ties against the held-out item, consumed items excluded, epoch chosen on
 validation) for three rows on the same events: SITN, the single-domain model (``use_source=False``, the
 same encoder) and popularity.
@@ -55,10 +55,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.report import BenchRecord, add_json_option  # noqa: E402
-from learner.baselines import ItemKNN, Popularity, Ranker  # noqa: E402
-from learner.eval_split import chronological_split  # noqa: E402
-from learner.evaluate import RunResult, train_and_test  # noqa: E402
-from learner.sitn_ranker import SITNRanker  # noqa: E402
+from learner.offline.baselines import ItemKNN, Popularity, Ranker  # noqa: E402
+from learner.offline.eval_split import chronological_split  # noqa: E402
+from learner.offline.evaluate import RunResult, train_and_test  # noqa: E402
+from learner.offline.sitn_ranker import SITNRanker  # noqa: E402
 from stream.synthetic import SyntheticConfig, SyntheticStream  # noqa: E402
 
 MODELS = ("sitn", "single_domain", "popularity", "itemknn_target", "itemknn_target+source")
@@ -108,7 +108,7 @@ def run_strength(
     Counting models (popularity, item-kNN) learn the training examples once (``iterative = False``);
     the SITN rows train up to ``max_epochs`` epochs, the epoch chosen on validation.
     """
-    from learner.config import SITNConfig
+    from learner.core.config import SITNConfig
 
     config = workload.stream_config(shared_interest, seed)
     events = list(SyntheticStream(config).events())

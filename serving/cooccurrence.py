@@ -1,7 +1,7 @@
 """Item co-occurrence over what serving's users consumed: the ranker ``/recommend`` falls back to while the
 learner reports the model significantly worse than it (``served_by="cooccurrence"``).
 
-It is the learner's ``cooc_target`` shadow baseline (``learner.shadow``), computed here from what serving
+It is the learner's ``cooc_target`` shadow baseline (``learner.online.shadow``), computed here from what serving
 receives: each published batch's consumed (user, target item) pairs, counted in arrival order against the
 user's consumed items before them (serving's consumed set, oldest first, the last ``max_history`` used).
 It differs from the learner's only in what the history holds (serving's consumed set of up to

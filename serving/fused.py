@@ -9,7 +9,7 @@ without vectors), ``cooc_j`` the target-history item co-occurrence score (``Item
 "target")``, 0 for an item it has never seen) and ``z`` standardises a score vector over *all* items of the
 index, the user's consumed ones included (mean 0, std 1; a constant vector gives zeros). Consumed items are
 removed from the candidates after scoring. The learner ranks each target event with this score
-(``learner.shadow.FusedShadow``) and ``/recommend`` answers with it (``served_by="fused"``), both through
+(``learner.online.shadow.FusedShadow``) and ``/recommend`` answers with it (``served_by="fused"``), both through
 :func:`fused_scores`, so what is measured is what is served.
 
 >>> [round(x, 3) for x in fused_scores(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.0, 6.0]), 0.5).tolist()]

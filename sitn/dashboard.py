@@ -51,7 +51,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
-from learner.telemetry import SERVED_BY
+from learner.online.telemetry import SERVED_BY
 from sitn.promql import QUERIES, SeriesQuery, matrix_series
 from stream.exporter import TelemetrySettings
 

@@ -54,10 +54,10 @@ from typing import Any
 
 import ray
 
-from learner.actor import LearnerActor
-from learner.config import SITNConfig
-from learner.drift import DriftMonitor, DriftSettings
-from learner.gate import PublishGate, RankerFallback
+from learner.core.config import SITNConfig
+from learner.online.actor import LearnerActor
+from learner.online.drift import DriftMonitor, DriftSettings
+from learner.online.gate import PublishGate, RankerFallback
 from serving.actor import ServingActor
 from serving.settings import ServingSettings
 from sitn.dead_letter_watch import judge_run
@@ -147,7 +147,7 @@ class Pipeline:
         drift: DriftSettings | None = None,
     ) -> None:
         """``metrics``: every actor exposes Prometheus metrics, registered under ``targets_dir`` (file_sd).
-        ``audit_log``: every learner incarnation appends what it trained there (``learner.actor``).
+        ``audit_log``: every learner incarnation appends what it trained there (``learner.online.actor``).
         ``drift``: drift detector settings (built here, in the driver, so ``SITN_DRIFT_*`` of the process
         that runs ``sitn run`` apply, not the Ray workers' environment); alarms go to ``drift_log``."""
         self.run_settings = run
@@ -349,7 +349,7 @@ class Pipeline:
         """Replace each consumer whose loop ended, alone, at the learner's positions for its partitions.
 
         The learner's positions may trail what it trains by the time the new consumer reads: the learner
-        drops what is read twice (``learner.trainer``). A replacement that fails is retried next call."""
+        drops what is read twice (``learner.online.trainer``). A replacement that fails is retried next call."""
         assert self.fleet is not None
         for consumer_id, why in self.fleet.failed().items():
             log.error("consumer failed consumer=%s failure=%s", consumer_id, why.splitlines()[0])

@@ -3,7 +3,7 @@
 The settings tree. Each layer has one settings class, and its environment prefix is the public name of its
 fields: ``stream.settings.StreamSettings`` (``SITN_*``), ``serving.settings.ServingSettings``
 (``SITN_SERVING_*``), ``RunSettings`` here (``SITN_RUN_*``), ``stream.exporter.TelemetrySettings``
-(``SITN_METRICS_*``), ``learner.drift.DriftSettings`` (``SITN_DRIFT_*``). A command builds the ones it
+(``SITN_METRICS_*``), ``learner.online.drift.DriftSettings`` (``SITN_DRIFT_*``). A command builds the ones it
 needs once, at start-up, from its flags and the environment (``sitn.cli_settings``, which also writes the
 flags and their ``--help``), and logs them with secrets hidden.
 
@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from learner.config import SITNConfig
+from learner.core.config import SITNConfig
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS
 
 
@@ -59,7 +59,7 @@ class RunSettings(BaseSettings):
     exit_after_replay: bool = Field(False, description="stop once every replayed event is trained and published")
     warm_start: Path | None = Field(
         None, description="start the learner from this `sitn train` model (its events are burnt in, not trained "
-        "or ranked again; learner.warm_start); the model's config replaces the learner flags")
+        "or ranked again; learner.offline.warm_start); the model's config replaces the learner flags")
     run_dir: Path | None = Field(None, description="state directory (log, checkpoints); reused = resumed; unset = "
                                     "var/run-<UTC time>")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
@@ -91,7 +91,7 @@ class RunSettings(BaseSettings):
         128, ge=0, description="users not touched since the last publish re-encoded and re-published with each "
         "publish, in turn, so every served vector follows the encoder")
     torch_threads: int = Field(1, ge=1, le=64, description="torch threads in the learner actor (1 leaves a core to serving on 2-core machines)")
-    # The model's shape: SITNConfig's defaults (learner/config.py says why); a warm start's model replaces them.
+    # The model's shape: SITNConfig's defaults (learner/core/config.py says why); a warm start's model replaces them.
     # 1..4096, serving's index bounds: `sitn serve --dim` is this field. SITNConfig checks what the model needs
     # (its attention heads divide d).
     learner_dim: int = Field(SITNConfig.dim, ge=1, le=4096, description="embedding width d of the SITN model "
@@ -124,7 +124,7 @@ class RunSettings(BaseSettings):
     fallback_enabled: bool = Field(
         True, description="serve the best learnt ranker (model or fused), or the best servable baseline "
         "(popularity, co-occurrence) while both learnt rankers' prequential NDCG@10 is significantly below it "
-        "(learner.gate.RankerFallback)",
+        "(learner.online.gate.RankerFallback)",
     )
     fallback_window: int = Field(2000, ge=2, description="paired target events (model vs baselines) the fallback judges")
     fallback_min_events: int = Field(200, ge=2, description="paired events needed before the fallback can switch")
@@ -138,7 +138,7 @@ class RunSettings(BaseSettings):
     fused_window: int = Field(10_000, ge=1, description="target events the fused weights are judged on")
     transfer_scale_window: int = Field(
         5_000, ge=0, description="target events per slot (with / without target history) over which the query-time "
-        "transfer scale is chosen online from 1, 0.5, 0.25, 0 (learner/transfer_scale.py; 0: keep the model's)",
+        "transfer scale is chosen online from 1, 0.5, 0.25, 0 (learner/online/transfer_scale.py; 0: keep the model's)",
     )
 
     @model_validator(mode="after")

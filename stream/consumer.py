@@ -4,7 +4,7 @@ Plain Python over any :class:`~stream.source.Source`; the Ray actor in ``stream.
 
 A consumer is a stateless decoder. It owns no progress and no per-user state: it reads the partitions it
 was given from the offsets it was given, and hands on each valid event with the offset it was read at.
-The learner owns everything that follows (``learner.trainer``): it builds each user's history, trains,
+The learner owns everything that follows (``learner.online.trainer``): it builds each user's history, trains,
 and keeps, in its checkpoint, the position (next offset to read) of every partition. A consumer started
 at those positions resumes exactly after what the model holds; one started lower re-reads records the
 learner has trained, and the learner drops them by their offsets (``EventBatch.offsets``).

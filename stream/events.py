@@ -360,7 +360,7 @@ class EmbeddingBatch:
     # freshness histograms observe now minus each. In-cluster only: the updates topic does not carry it.
     event_ingest_wall_s: list[float] = field(default_factory=list)
     consumed: list[tuple[str, str]] = field(default_factory=list)  # (user_id, target item_id) since the last batch
-    # The ranker /recommend must use from this version on (learner.gate.RankerFallback): "model", "fused" (the
+    # The ranker /recommend must use from this version on (learner.online.gate.RankerFallback): "model", "fused" (the
     # model's scores fused with item co-occurrence, serving.fused), or a baseline serving computes itself
     # ("popularity", "cooccurrence") while the learnt rankers rank significantly worse.
     served_by: str = "model"

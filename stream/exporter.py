@@ -18,7 +18,7 @@ configured). With ``host = 0.0.0.0`` (containers, multi-node Ray) the registered
 
 This module lives in ``stream/``, the bottom layer, because the processes of every layer use it (the
 consumer actors, the learner actor, the serving actor and the driver's dashboard); the metrics themselves are
-defined in each package (``stream.telemetry``, ``learner.telemetry``, ``serving.metrics``).
+defined in each package (``stream.telemetry``, ``learner.online.telemetry``, ``serving.metrics``).
 
 Metric names, units and labels are documented in one place: ``docs/metrics.md``.
 """

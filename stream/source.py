@@ -16,7 +16,7 @@ warns about is avoided by never storing "last read").
 
 A source owns no progress. The assignment is static (Kafka ``assign()``, no consumer group, so no
 rebalance), and where to start is the caller's: in the pipeline, the positions of the learner's checkpoint
-(``learner.trainer``). Nothing is committed here; the learner mirrors its checkpointed positions into the
+(``learner.online.trainer``). Nothing is committed here; the learner mirrors its checkpointed positions into the
 consumer group (``stream.group_offsets.GroupCommitter``) only so that lag shows in standard tools.
 ``pause``/``resume`` are flow control: while paused, ``next_batch`` returns nothing.
 """

@@ -22,7 +22,7 @@ file, never on the wire. The units (``--time-unit``):
   when they cannot be read in that unit at all, the reader stops naming the file and line.
 
 **Why one day per ordinal position.** The model's time-gap embedding (``use_time_gap`` in
-``learner/config.py``) buckets ``floor(log2(1 + gap_days))`` of the gap between an event and each
+``learner/core/config.py``) buckets ``floor(log2(1 + gap_days))`` of the gap between an event and each
 history item. With one position per day the bucket becomes ``floor(log2(1 + positions back))``: the
 feature degrades from "how long ago" to "how many events ago" on the same log scale, which is still
 informative, instead of collapsing to one bucket (one position per second would make every gap under a

@@ -3,7 +3,7 @@
 For each incoming event the store first builds the example from the history *before* the event, then
 adds the event. This is the offline way to build examples (evaluation splits, benchmarks, the tests'
 references); the live pipeline builds them in the learner from the model's own history store
-(``learner.trainer``, ``learner.history``), the only one it keeps. Memory is bounded: at most ``max_len`` items per user per domain, and at most
+(``learner.online.trainer``, ``learner.core.history``), the only one it keeps. Memory is bounded: at most ``max_len`` items per user per domain, and at most
 ``max_users`` users, evicting the least recently seen.
 
 >>> store = UserStateStore(domains=("movie", "book"), max_len=2)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from learner.baselines import History, ItemKNN, OnlineMF, Popularity
+from learner.offline.baselines import History, ItemKNN, OnlineMF, Popularity
 from stream.events import InteractionEvent
 from stream.user_state import Example, UserStateStore
 

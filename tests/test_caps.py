@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from learner.prequential import PrequentialEvaluator, RowTable
-from learner.publisher import CallableTransport, Publisher
+from learner.online.prequential import PrequentialEvaluator, RowTable
+from learner.online.publisher import CallableTransport, Publisher
 from serving.service import RecommendationService
 from serving.settings import ServingSettings
 from serving.store import ConsumedItems, UserVectorStore

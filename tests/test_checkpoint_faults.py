@@ -5,7 +5,7 @@ pruning, a same-size edit, truncation seen by ``verify``, a bad manifest version
 file). This module adds what only a real process and the real file format show:
 
 * A child process (``python -c``) saves a 32 MiB checkpoint through the real ``CheckpointStore`` and
-  ``learner.checkpoint.save_checkpoint`` and is SIGKILLed at seven points: at 10 %, 50 % and 90 % of the
+  ``learner.core.checkpoint.save_checkpoint`` and is SIGKILLed at seven points: at 10 %, 50 % and 90 % of the
   payload written (the parent polls the temp file's size), and just before each of the three renames
   and the directory fsync (an audit hook in the child SIGKILLs itself when ``os.replace``/``os.open``
   is about to run, so the point is exact). Afterwards a new store loads the previous good checkpoint
@@ -32,10 +32,10 @@ from typing import Any
 import pytest
 import torch
 
-from learner.checkpoint import load_checkpoint, save_checkpoint
-from learner.checkpoint_store import CheckpointStore, same_config
-from learner.config import SITNConfig
-from learner.learner import SITNLearner
+from learner.core.checkpoint import load_checkpoint, save_checkpoint
+from learner.core.config import SITNConfig
+from learner.core.learner import SITNLearner
+from learner.online.checkpoint_store import CheckpointStore, same_config
 
 REPO = Path(__file__).resolve().parents[1]
 BLOB_FLOATS = 8 << 20  # 8 Mi float32 = 32 MiB: a write long enough to be caught part-way
@@ -47,8 +47,8 @@ CHILD = """
 import os, signal, sys
 from pathlib import Path
 import torch
-from learner.checkpoint import load_checkpoint, save_checkpoint
-from learner.checkpoint_store import CheckpointStore
+from learner.core.checkpoint import load_checkpoint, save_checkpoint
+from learner.online.checkpoint_store import CheckpointStore
 
 directory, kill_before, blob_floats = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 
@@ -286,7 +286,7 @@ def test_a_bad_newest_checkpoint_is_refused_by_name_and_the_previous_one_loads(t
 
 def test_a_checkpoint_written_by_torch_save_still_loads(tmp_path: Path) -> None:
     """Files written before the pickle payload (magic SITNCKP1, a ``torch.save`` payload) load alike."""
-    from learner import checkpoint
+    from learner.core import checkpoint
 
     state = {"blob": torch.arange(5.0), "extra": {"offsets": {"0": 3}}}
     buffer = io.BytesIO()
@@ -299,3 +299,35 @@ def test_a_checkpoint_written_by_torch_save_still_loads(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "new.pt", state)
     assert (tmp_path / "new.pt").read_bytes()[:8] == checkpoint.MAGIC == b"SITNCKP2"
     assert torch.equal(load_checkpoint(tmp_path / "new.pt")["blob"], state["blob"])
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "torch.save"])
+def test_a_checkpoint_naming_the_modules_before_the_regrouping_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Issue 10 moved ``learner.<module>`` to ``learner.{core,online,offline}.<module>``: a checkpoint written
+    before names a class by its old path, and loads as the class at its new one (both file formats)."""
+    from learner.core import checkpoint
+    from learner.online import drift
+
+    alarm = drift.DriftAlarm("loss", "adwin", 7, "step", 0.5, 0.002, 1.0)
+    state = {"blob": torch.arange(3.0), "extra": {"alarm": alarm}}
+    with monkeypatch.context() as old_paths:  # pickled as the code before the move named the class
+        old_paths.setitem(sys.modules, "learner.drift", drift)
+        old_paths.setattr(drift.DriftAlarm, "__module__", "learner.drift")
+        if fmt == "pickle":
+            magic, payload = checkpoint.MAGIC, checkpoint.encode_checkpoint(state)
+        else:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            magic, payload = checkpoint.MAGIC_TORCH, buffer.getvalue()
+    assert b"learner.drift" in payload and b"learner.online" not in payload
+    assert "learner.drift" not in sys.modules
+    path = tmp_path / "old.pt"
+    path.write_bytes(magic + hashlib.sha256(payload).digest() + payload)
+    loaded = load_checkpoint(path)
+    assert type(loaded["extra"]["alarm"]) is drift.DriftAlarm and loaded["extra"]["alarm"] == alarm
+    assert torch.equal(loaded["blob"], state["blob"])
+    assert checkpoint.MOVED_MODULES["learner.drift"] == "learner.online.drift"
+    for old, new in checkpoint.MOVED_MODULES.items():  # every old path is gone, every new one a module
+        assert not (REPO / f"{old.replace('.', '/')}.py").exists() and (REPO / f"{new.replace('.', '/')}.py").is_file()

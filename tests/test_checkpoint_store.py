@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from learner.checkpoint_store import CheckpointStore
+from learner.online.checkpoint_store import CheckpointStore
 from stream.errors import CheckpointError
 
 

@@ -16,7 +16,7 @@ import sitn.commands.eval as eval_command
 import sitn.commands.replay as replay_command
 import sitn.commands.run as run_command
 import sitn.commands.serve as serve_command
-from learner.drift import DriftSettings
+from learner.online.drift import DriftSettings
 from serving.settings import ServingSettings
 from sitn.cli import build_parser, main
 from sitn.cli_settings import SettingsFlags
@@ -247,10 +247,10 @@ def test_run_derives_servings_width_and_cap_and_the_learners_user_cap(monkeypatc
 
 def test_servings_width_follows_a_warm_start_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The model file decides the learner's shape, so it decides serving's width too (not --learner-dim)."""
-    import learner.warm_checkpoint
-    from learner.config import SITNConfig
+    import learner.core.warm_checkpoint
+    from learner.core.config import SITNConfig
 
-    monkeypatch.setattr(learner.warm_checkpoint, "warm_start_config", lambda path: (
+    monkeypatch.setattr(learner.core.warm_checkpoint, "warm_start_config", lambda path: (
         SITNConfig(dim=16, max_len=10), {"events": 10, "trained_until": 0.0, "epochs": 1}))
     s = started(monkeypatch, ["--run-dir", str(tmp_path), "--warm-start", str(tmp_path / "warm.pt")])
     assert (s["run"].learner_dim, s["config"].dim, s["serving"].dim) == (64, 16, 16)

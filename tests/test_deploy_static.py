@@ -39,8 +39,8 @@ ALERTS_EXPECTED = {
     "SitnDriftAlarmActive", "SitnPublishGateClosed", "SitnNoTrainingProgress", "SitnConsumerLagHigh",
     "SitnDeadLettersHigh", "SitnFreshnessP99High", "SitnHttp5xxRate", "SitnTargetDown", "SitnServingBaseline",
 }
-# every module that defines metrics (docs/metrics.md); learner.drift is imported separately
-METRIC_MODULES = ("stream.telemetry", "learner.telemetry", "learner.drift", "serving.metrics", "serving.actor")
+# every module that defines metrics (docs/metrics.md); learner.online.drift is imported separately
+METRIC_MODULES = ("stream.telemetry", "learner.online.telemetry", "learner.online.drift", "serving.metrics", "serving.actor")
 METRIC_RE = re.compile(r"\bsitn_[a-z0-9_]+\b")
 SHELL_OPERATORS = {"&&", "||", ";", "|"}
 
@@ -169,10 +169,10 @@ def settings_classes() -> dict[str, type]:
 
     classes: list[type] = [StreamSettings, ServingSettings, RunSettings, TelemetrySettings]
     try:
-        from learner.drift import DriftSettings
+        from learner.online.drift import DriftSettings
 
         classes.append(DriftSettings)
-    except ImportError:  # learner/drift.py not landed: a SITN_DRIFT_* variable then fails to map, as it should
+    except ImportError:  # learner/online/drift.py not landed: a SITN_DRIFT_* variable then fails to map, as it should
         pass
     return {cls.model_config["env_prefix"]: cls for cls in classes}  # type: ignore[attr-defined]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from learner.drift import DriftAlarm, DriftMonitor, DriftSettings, js_divergence, psi
+from learner.online.drift import DriftAlarm, DriftMonitor, DriftSettings, js_divergence, psi
 from stream.synthetic import SyntheticConfig, SyntheticStream
 
 BATCH = 256
@@ -337,3 +338,34 @@ def test_the_learning_curve_of_a_fresh_model_is_not_watched() -> None:
     assert alarms == [] and monitor.state()["signals"] == {}
     monitor.observe_step({"loss": 0.5}, 301)
     assert monitor.state()["signals"]["loss"]["values"] == 1
+
+
+def test_detectors_pickled_before_the_learner_regrouping_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint written before issue 10 holds the detectors pickled as ``learner.drift._StepSignal`` etc.;
+    they load as ``learner.online.drift``'s classes (``learner.core.checkpoint.unpickle``) and resume alike."""
+    from learner.online import drift
+
+    def fed() -> DriftMonitor:
+        monitor = DriftMonitor(DriftSettings(burn_in_steps=0))
+        for step in range(150):
+            monitor.observe_step({"loss": 1.0 + 0.01 * (step % 2)}, step)
+        monitor.observe_events(["movie", "book"] * 100, [f"i{k % 7}" for k in range(200)])
+        monitor.observe_assignments("proto_user_k4", [100, 100, 100, 100], step=100)
+        return monitor
+
+    classes = (drift._StepSignal, drift._WindowSignal, drift._AssignmentSignal)
+    with monkeypatch.context() as old_paths:  # pickled as the code before the move named them
+        old_paths.setitem(sys.modules, "learner.drift", drift)
+        for cls in classes:
+            old_paths.setattr(cls, "__module__", "learner.drift")
+        old_state = fed().state_dict()
+    assert b"learner.drift" in old_state["detectors"] and b"learner.online" not in old_state["detectors"]
+    assert "learner.drift" not in sys.modules
+    resumed, expected = DriftMonitor(DriftSettings(burn_in_steps=0)), fed()
+    assert resumed.load_state_dict(old_state) is True
+    assert {type(s) for s in (*resumed._steps.values(), *resumed._windows.values(), *resumed._assignments.values())} \
+        == set(classes)
+    assert resumed.state() == expected.state()
+    assert brief(resumed.observe_assignments("proto_user_k4", [370, 10, 10, 10], step=300)) == brief(
+        expected.observe_assignments("proto_user_k4", [370, 10, 10, 10], step=300)) == [
+        ("proto_user_k4", "psi", 300), ("proto_user_k4", "js", 300)]

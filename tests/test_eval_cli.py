@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from learner.eval_split import chronological_split
-from learner.evaluate import MISS_RANK, SETTINGS
-from learner.sitn_ranker import SITNRanker
+from learner.offline.eval_split import chronological_split
+from learner.offline.evaluate import MISS_RANK, SETTINGS
+from learner.offline.sitn_ranker import SITNRanker
 from sitn.cli import main
 from stream.dataset import load_events
 
@@ -166,7 +166,7 @@ def test_eval_cli_rejects_unknown_row(events_csv: Path) -> None:
 
 
 def test_sitn_ranker_scores_match_the_learner(events_csv: Path, tmp_path: Path) -> None:
-    from learner.config import SITNConfig
+    from learner.core.config import SITNConfig
 
     torch.set_num_threads(1)
     log = load_events(events_csv, "movie", "book", limit=600)

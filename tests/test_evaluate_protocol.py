@@ -10,10 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner.baselines import History, ItemKNN, Popularity
-from learner.eval_split import Split, chronological_split
-from learner.evaluate import MISS_RANK, rank_queries, select_epoch, train_and_test, tune_transfer_scale
-from learner.fusion import FusedRanker, train_and_test_with_fusion
+from learner.offline.baselines import History, ItemKNN, Popularity
+from learner.offline.eval_split import Split, chronological_split
+from learner.offline.evaluate import (
+    MISS_RANK,
+    rank_queries,
+    select_epoch,
+    train_and_test,
+    tune_transfer_scale,
+)
+from learner.offline.fusion import FusedRanker, train_and_test_with_fusion
 from stream.dataset import load_events
 from stream.user_state import Example
 

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from learner.gate import RankerFallback, paired_z
+from learner.online.gate import RankerFallback, paired_z
 from serving.actor import ServingCore
 from serving.settings import ServingSettings
 from stream.events import EmbeddingBatch

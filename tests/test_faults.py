@@ -38,7 +38,7 @@ import pytest
 import ray
 from kafka.partitioner.default import murmur2
 
-from learner.checkpoint_store import CheckpointStore
+from learner.online.checkpoint_store import CheckpointStore
 from serving.settings import ServingSettings
 from sitn.broker import KafkaBroker
 from sitn.pipeline import Pipeline

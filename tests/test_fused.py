@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from learner.shadow import FusedShadow
+from learner.online.shadow import FusedShadow
 from serving.actor import ServingCore
 from serving.fused import CoocAlignment, fused_scores, standardise
 from serving.service import RecommendationService

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learner.idmap import IdMap, grow_buffer, grow_parameter, next_capacity
+from learner.core.idmap import IdMap, grow_buffer, grow_parameter, next_capacity
 
 torch.set_num_threads(1)
 
@@ -82,7 +82,7 @@ def test_grow_parameter_never_shrinks_and_grow_buffer_fills() -> None:
 
 
 def test_lazy_adam_matches_sparse_adam_and_survives_growth() -> None:
-    from learner.optim import LazyAdam
+    from learner.core.optim import LazyAdam
 
     torch.manual_seed(1)
     ours, ref = Table(6), Table(6)

@@ -5,7 +5,8 @@ composition root) on top. Every module's source is parsed with ``ast``, so impor
 
 ``learner`` may import ``serving`` (it reuses ``serving.fused`` for the fused ranker it measures);
 ``serving`` may not import ``learner`` (a serving replica must not need PyTorch, see
-``test_serving_no_torch``).
+``test_serving_no_torch``). Inside ``learner``, ``core`` (the model and one step of learning) is at the
+bottom; ``online`` (the streaming loop) and ``offline`` (offline evaluation) import it, never each other.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from tests.conftest import REPO
 
 PACKAGES = ("stream", "learner", "serving", "sitn")
 
-# package -> the project packages its modules must not import
+# package -> the project packages (or subpackages) its modules must not import
 FORBIDDEN = {
     "stream": ("learner", "serving", "sitn"),
     "learner": ("sitn",),
+    "learner.core": ("learner.online", "learner.offline", "sitn"),
+    "learner.online": ("learner.offline", "sitn"),
+    "learner.offline": ("learner.online", "sitn"),
     "serving": ("learner", "sitn"),
 }
 
@@ -74,13 +78,22 @@ def _module_name(path: Path) -> tuple[str, bool]:
     return ".".join(parts), False
 
 
+def _within(name: str, package: str) -> bool:
+    """``name`` is ``package`` or one of its modules.
+
+    >>> _within("learner.online.trainer", "learner.online"), _within("learner.online_x", "learner.online")
+    (True, False)
+    """
+    return name == package or name.startswith(f"{package}.")
+
+
 def layer_violations(package: str) -> list[str]:
     """``path:line: imports module`` for every import of a package ``package`` must not import."""
     out = []
-    for path in sorted((REPO / package).rglob("*.py")):
+    for path in sorted((REPO / package.replace(".", "/")).rglob("*.py")):
         module, is_package = _module_name(path)
         for line, name in imported_modules(path.read_text(encoding="utf-8"), module, is_package):
-            if name.partition(".")[0] in FORBIDDEN[package]:
+            if any(_within(name, forbidden) for forbidden in FORBIDDEN[package]):
                 out.append(f"{path.relative_to(REPO)}:{line}: imports {name}")
     return out
 
@@ -89,8 +102,8 @@ def layer_violations(package: str) -> list[str]:
 def test_imports_go_one_way(package: str) -> None:
     assert layer_violations(package) == [], (
         f"{package}/ must not import {', '.join(FORBIDDEN[package])}: imports go one way (sitn -> learner, "
-        "serving -> stream; learner -> serving is allowed). The errors and the metrics exporter every layer "
-        "needs live in stream/errors.py and stream/exporter.py."
+        "serving -> stream; learner -> serving is allowed; learner.online and learner.offline -> learner.core). "
+        "The errors and the metrics exporter every layer needs live in stream/errors.py and stream/exporter.py."
     )
 
 
@@ -99,10 +112,16 @@ def test_the_scan_sees_every_module_and_its_imports() -> None:
     seen = {
         name.partition(".")[0]
         for package in FORBIDDEN
-        for path in (REPO / package).rglob("*.py")
+        for path in (REPO / package.replace(".", "/")).rglob("*.py")
         for _, name in imported_modules(path.read_text(encoding="utf-8"), *_module_name(path))
     }
     assert {"stream", "learner", "serving"} <= seen
+    learner_imports = {
+        name.rpartition(".")[0]
+        for path in (REPO / "learner").rglob("*.py")
+        for _, name in imported_modules(path.read_text(encoding="utf-8"), *_module_name(path))
+    }
+    assert {"learner.core", "learner.online", "learner.offline"} <= learner_imports
 
 
 def test_the_source_contract_imports_no_implementation() -> None:
@@ -126,7 +145,7 @@ def test_the_check_catches_imports_in_every_form() -> None:
         "import sitn.cli\n"
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n"
-        "    from learner.model import SITNModel\n"
+        "    from learner.core.model import SITNModel\n"
         "class A:\n"
         "    def f(self):\n"
         "        from sitn import errors\n"
@@ -138,7 +157,7 @@ def test_the_check_catches_imports_in_every_form() -> None:
         (1, "__future__"),
         (2, "sitn.cli"),
         (3, "typing"),
-        (5, "learner.model"),
+        (5, "learner.core.model"),
         (8, "sitn"),
         (9, "learner"),
         (9, "sitn.pipeline"),

@@ -243,7 +243,7 @@ def _histories_before_and_after_dropout(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Which of 256 examples have each domain's history before and after the learner's history dropout
     (seeded), and which are target events."""
-    from learner.batch import build_training_batch
+    from learner.core.batch import build_training_batch
 
     tb = build_training_batch(examples[:256], learner.domains, learner.idmaps, SMALL.max_len, SMALL.n_time_gap_buckets)
     had = {role: tb.sequences[role].valid.any(dim=1).clone() for role in ("source", "target")}
@@ -285,7 +285,7 @@ def test_new_item_rows_start_at_the_mean_of_their_history_items(examples: list[E
     assert (rows > 0).all()
     expected = enc.item_weight[torch.from_numpy(rows)].detach().mean(dim=0)
     new = Example("x1", "someone", "book", "a-brand-new-book", 10**9, user_history)
-    from learner.batch import build_training_batch
+    from learner.core.batch import build_training_batch
 
     known = {role: len(m) for role, m in learner.idmaps.items()}
     tb = build_training_batch([new], learner.domains, learner.idmaps, SMALL.max_len, SMALL.n_time_gap_buckets)
@@ -414,7 +414,7 @@ def test_low_rank_transfer_map_and_detached_other_domain(examples: list[Example]
 
 
 def test_residual_transfer_trains_the_own_interests_alone_and_the_transfer_on_top(examples: list[Example]) -> None:
-    from learner.batch import build_training_batch
+    from learner.core.batch import build_training_batch
 
     learner = SITNLearner(SMALL.replace(transfer_residual=True, gate_init_bias=0.0), "movie", "book")
     assert all(math.isfinite(s["loss_main"]) for s in train(learner, examples))

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from learner import SITNConfig, SITNLearner
-from learner.batch import build_training_batch
-from learner.encoder import Dropout, LengthGroups, SelfAttentionBlock, dropout_scale
-from learner.idmap import IdMap
-from learner.model import Interests
+from learner.core.batch import build_training_batch
+from learner.core.encoder import Dropout, LengthGroups, SelfAttentionBlock, dropout_scale
+from learner.core.idmap import IdMap
+from learner.core.model import Interests
 from stream.user_state import Example
 
 torch.set_num_threads(1)

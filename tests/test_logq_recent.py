@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from learner.config import SITNConfig
-from learner.learner import SITNLearner
+from learner.core.config import SITNConfig
+from learner.core.learner import SITNLearner
 
 
 def _direct(steps: list[list[int]], half_life: float, n_rows: int) -> np.ndarray:

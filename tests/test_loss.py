@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learner.loss import info_nce_i2i, sampled_softmax_loss, select_view, swapped_proto_nce
+from learner.core.loss import info_nce_i2i, sampled_softmax_loss, select_view, swapped_proto_nce
 
 torch.set_num_threads(1)
 TOL = 1e-5

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from learner.metrics import hr_at_k, mrr, ndcg_at_k, ranks_excluding, ranks_full, ranks_sampled, summarize
+from learner.offline.metrics import (
+    hr_at_k,
+    mrr,
+    ndcg_at_k,
+    ranks_excluding,
+    ranks_full,
+    ranks_sampled,
+    summarize,
+)
 
 
 def test_metrics_exact_values() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from learner.config import SITNConfig
+from learner.core.config import SITNConfig
 from serving.settings import ServingSettings
 from sitn.pipeline import Pipeline
 from sitn.settings import RunSettings

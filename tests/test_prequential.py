@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from learner.prequential import PrequentialEvaluator, RankTally, StreamQuality
-from learner.shadow import BASELINES, ShadowBaselines
+from learner.online.prequential import PrequentialEvaluator, RankTally, StreamQuality
+from learner.online.shadow import BASELINES, ShadowBaselines
 from stream.cooccurrence import ItemCooccurrence
 from stream.synthetic import SyntheticConfig, SyntheticStream
 from stream.user_state import Example, UserStateStore

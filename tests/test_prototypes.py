@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from learner.prototypes import (
+from learner.core.prototypes import (
     ItemClusters,
     PrototypeSet,
     StreamingPrototypes,

@@ -11,11 +11,11 @@ import orjson
 import pytest
 import torch
 
-from learner.config import SITNConfig
-from learner.gate import PublishGate, RankerFallback
-from learner.learner import SITNLearner
-from learner.publisher import CallableTransport
-from learner.trainer import OnlineTrainer
+from learner.core.config import SITNConfig
+from learner.core.learner import SITNLearner
+from learner.online.gate import PublishGate, RankerFallback
+from learner.online.publisher import CallableTransport
+from learner.online.trainer import OnlineTrainer
 from serving.actor import ServingCore
 from serving.settings import ServingSettings
 from stream.consumer import EventBatch

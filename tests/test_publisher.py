@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner.publisher import CallableTransport, Publisher
+from learner.online.publisher import CallableTransport, Publisher
 from stream.events import EmbeddingBatch
 
 

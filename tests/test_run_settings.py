@@ -60,10 +60,10 @@ def test_cooccurrence_cap_reaches_the_learners_shadow_and_serving(monkeypatch: p
                                                                    tmp_path: Path) -> None:
     """One setting for both ends: the fused ranker serving answers with must count co-occurrence as the
     learner's shadow that chose its weight did."""
-    from learner.config import SITNConfig
-    from learner.learner import SITNLearner
-    from learner.publisher import CallableTransport
-    from learner.trainer import OnlineTrainer
+    from learner.core.config import SITNConfig
+    from learner.core.learner import SITNLearner
+    from learner.online.publisher import CallableTransport
+    from learner.online.trainer import OnlineTrainer
     from serving.service import RecommendationService
 
     default = started_config(monkeypatch, ["--run-dir", str(tmp_path)])

@@ -7,7 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner.eval_split import chronological_split, cold_start_history, sample_negatives, update_query_stats
+from learner.offline.eval_split import (
+    chronological_split,
+    cold_start_history,
+    sample_negatives,
+    update_query_stats,
+)
 from stream.dataset import load_events
 
 ROWS = """timestamp,user_id,item_id,domain

@@ -11,11 +11,11 @@ import orjson
 import pytest
 import torch
 
-from learner.checkpoint_store import CheckpointStore
-from learner.config import SITNConfig
-from learner.learner import SITNLearner
-from learner.publisher import CallableTransport
-from learner.trainer import OnlineTrainer, StreamGapError
+from learner.core.config import SITNConfig
+from learner.core.learner import SITNLearner
+from learner.online.checkpoint_store import CheckpointStore
+from learner.online.publisher import CallableTransport
+from learner.online.trainer import OnlineTrainer, StreamGapError
 from stream.consumer import EventBatch
 from stream.dataset import load_events
 from stream.events import EmbeddingBatch, InteractionEvent
@@ -295,7 +295,7 @@ def test_steps_before_an_idle_pause_are_published_once_the_interval_passes(
 
 
 def test_drift_monitor_sees_the_stream_and_survives_a_checkpoint(tmp_path: Path) -> None:
-    from learner.drift import DriftMonitor, DriftSettings
+    from learner.online.drift import DriftMonitor, DriftSettings
     from stream.synthetic import SyntheticConfig, SyntheticStream
 
     stream = SyntheticStream(SyntheticConfig(events=10_000, n_users=500, n_source_items=300, n_target_items=300,
@@ -333,8 +333,8 @@ def test_drift_monitor_sees_the_stream_and_survives_a_checkpoint(tmp_path: Path)
 def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones(
     tmp_path: Path, events: list[InteractionEvent]
 ) -> None:
-    from learner.warm_checkpoint import load_warm_start, save_warm_start, warm_start_config
-    from learner.warm_start import train_warm_start
+    from learner.core.warm_checkpoint import load_warm_start, save_warm_start, warm_start_config
+    from learner.offline.warm_start import train_warm_start
 
     torch.set_num_threads(1)
     cut = events[599].timestamp
@@ -389,7 +389,7 @@ def test_a_warm_start_burns_in_its_training_events_and_ranks_only_the_later_ones
 
 
 def test_a_model_that_sitn_train_did_not_write_is_refused(tmp_path: Path) -> None:
-    from learner.warm_checkpoint import load_warm_start, warm_start_config
+    from learner.core.warm_checkpoint import load_warm_start, warm_start_config
 
     SITNLearner(small_config(), "movie", "book").save(tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="is not a `sitn train` model"):

@@ -1,4 +1,4 @@
-"""The query-time transfer scale chosen online (``learner.transfer_scale``): by hand on score vectors, and inside
+"""The query-time transfer scale chosen online (``learner.online.transfer_scale``): by hand on score vectors, and inside
 the online trainer on real events (ranked at every scale before training, the choice used and checkpointed)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from learner.checkpoint_store import CheckpointStore
-from learner.learner import SITNLearner
-from learner.publisher import CallableTransport
-from learner.shadow import consumed_items
-from learner.trainer import OnlineTrainer
-from learner.transfer_scale import TransferScaleTuner
+from learner.core.learner import SITNLearner
+from learner.online.checkpoint_store import CheckpointStore
+from learner.online.publisher import CallableTransport
+from learner.online.shadow import consumed_items
+from learner.online.trainer import OnlineTrainer
+from learner.online.transfer_scale import TransferScaleTuner
 from stream.dataset import load_events
 from stream.events import EmbeddingBatch
 from stream.user_state import UserStateStore

@@ -1,6 +1,6 @@
 """Transfer works when the data has it, and only then: SITN on synthetic streams with and without shared
 interests between the domains (``stream.synthetic``'s ``shared_interest``), judged by the offline
-evaluation (``learner.evaluate``) next to the single-domain model and popularity on the same events.
+evaluation (``learner.offline.evaluate``) next to the single-domain model and popularity on the same events.
 
 The run is ``bench/bench_transfer.py``'s ``run_strength`` at a small size (1,500 users, ~24 events each
 of which ~15% in the target domain, so a test user's target history holds 2-4 items and the source
@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from bench.bench_transfer import Workload, run_strength
-from learner.evaluate import RunResult
+from learner.offline.evaluate import RunResult
 
 torch.set_num_threads(1)
 

@@ -3,7 +3,7 @@
 Rows: popularity, item-kNN (target history; target + source history; source history only), river's
 online MF, the single-domain model (same encoder, no source domain), SITN, SITN fused with item-kNN,
 and SITN without I2I, without I2C, with V=1, with M=1. Every row runs once per seed; the table gives
-mean ± standard deviation. The protocol is in ``learner.evaluate``'s docstring and in results.md.
+mean ± standard deviation. The protocol is in ``learner.offline.evaluate``'s docstring and in results.md.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from learner.baselines import ItemKNN, OnlineMF, Popularity, Ranker
-from learner.config import SITNConfig
-from learner.eval_report import FULL_BUDGET, markdown_tables, render_markdown
-from learner.eval_split import (
+from learner.core.config import SITNConfig
+from learner.offline.baselines import ItemKNN, OnlineMF, Popularity, Ranker
+from learner.offline.eval_report import FULL_BUDGET, markdown_tables, render_markdown
+from learner.offline.eval_split import (
     N_C2DSR_NEGATIVES,
     N_SAMPLED_NEGATIVES,
     Split,
@@ -36,8 +36,8 @@ from learner.eval_split import (
     subsample_queries,
     update_query_stats,
 )
-from learner.evaluate import REFIT_MODES, SELECTION_METRIC, RunResult, aggregate, train_and_test
-from learner.fusion import FUSION_WEIGHTS
+from learner.offline.evaluate import REFIT_MODES, SELECTION_METRIC, RunResult, aggregate, train_and_test
+from learner.offline.fusion import FUSION_WEIGHTS
 from sitn.commands import learner_shape_flags
 from stream.dataset import load_events
 
@@ -227,7 +227,7 @@ def make_ranker(
         settings = {"n_factors": args.mf_factors, "learning_rate": args.mf_lr,
                     "negatives_per_positive": args.mf_negatives}
         return OnlineMF(split.target, split.catalogue, seed=seed, **settings), args.mf_max_epochs, settings
-    from learner.sitn_ranker import SITNRanker  # torch only when SITN rows run
+    from learner.offline.sitn_ranker import SITNRanker  # torch only when SITN rows run
 
     config = SITNConfig(**sitn_configs(args)["sitn" if row == "fused" else row], seed=seed)
     ranker = SITNRanker(row, config, split, args.batch_size, workdir / f"{row}-{seed}")
@@ -251,7 +251,7 @@ def run_seed(
                               "refit_passes": args.refit_passes, "refit_mode": args.refit, "diagnostics": row in SITN_ROWS or row == "fused",
                               "on_epoch": on_epoch}
     if row in ("sitn", "fused") and "fused" in rows:
-        from learner.fusion import train_and_test_with_fusion
+        from learner.offline.fusion import train_and_test_with_fusion
 
         knn = ItemKNN("itemknn", "target", split.source, split.target, split.catalogue, alpha=args.knn_alpha,
                       max_history=args.max_len)

@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
             "settings SITN_SERVING_* (sitn serve --help; dim and cooc_max_neighbours follow the learner), the "
             "other stream settings SITN_* with Kafka security SITN_SECURITY_PROTOCOL, SITN_SASL_*, SITN_SSL_* "
             "(stream/settings.py), metrics SITN_METRICS_* (stream/exporter.py), drift detectors SITN_DRIFT_* "
-            "(learner/drift.py)"
+            "(learner/online/drift.py)"
         ),
     )
     run, serving, stream = _flags()
@@ -84,8 +84,8 @@ def _telemetry_flags() -> SettingsFlags:
 
 
 def main(args: argparse.Namespace) -> int:
-    from learner.config import SITNConfig
-    from learner.drift import DriftSettings
+    from learner.core.config import SITNConfig
+    from learner.online.drift import DriftSettings
     run_flags, serving_flags, stream_flags = _flags()
     run = run_flags.build(args)
     if args.max:
@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
                         replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio,
                         lr=run.learner_lr)
     if run.warm_start is not None:
-        from learner.warm_checkpoint import warm_start_config
+        from learner.core.warm_checkpoint import warm_start_config
 
         config, warm = warm_start_config(run.warm_start)  # the model's own shape and training settings
         print(f"sitn run: warm start from {run.warm_start}: trained on {warm['events']:,} events up to "
@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
 def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None,
                  drift: Any = None) -> int:
     """``telemetry``: every process exposes metrics and the driver serves the dashboard (``sitn.dashboard``).
-    ``drift``: the drift detectors' settings (``learner.drift.DriftSettings``)."""
+    ``drift``: the drift detectors' settings (``learner.online.drift.DriftSettings``)."""
     from rich.console import Console
     from rich.live import Live
 

@@ -3,7 +3,7 @@
 The events up to a cut-off (``--until-fraction`` of the events, or ``--until-timestamp``) are the
 training data; the epoch count is chosen on a validation split inside them (early stopping, as
 ``sitn eval``), then the model is retrained on every event up to the cut-off for that many epochs and
-saved. ``learner.warm_start`` says exactly how; nothing after the cut-off is read.
+saved. ``learner.offline.warm_start`` says exactly how; nothing after the cut-off is read.
 
     sitn train --events ../shared/data/amazon_movie_book_c2dsr/events.csv --source movie --target book \\
         --until-fraction 0.5 --output var/warm.pt
@@ -51,9 +51,9 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from learner.config import SITNConfig
-    from learner.warm_checkpoint import save_warm_start
-    from learner.warm_start import cut_off, train_warm_start
+    from learner.core.config import SITNConfig
+    from learner.core.warm_checkpoint import save_warm_start
+    from learner.offline.warm_start import cut_off, train_warm_start
     from stream.dataset import load_events
 
     read = events_file_flags().build(args)

@@ -74,6 +74,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from river.drift import ADWIN, PageHinkley
 
+from learner.core.checkpoint import unpickle
+
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
@@ -598,7 +600,7 @@ class DriftMonitor:
             log.warning("drift settings changed since the checkpoint; drift detectors start fresh")
             self._fresh()
             return False
-        detectors = pickle.loads(state["detectors"])
+        detectors = unpickle(state["detectors"])  # detectors pickled before issue 10 name learner.drift
         self.events_seen = int(detectors["events_seen"])
         self.alarms_total = int(detectors["alarms_total"])
         self._steps = detectors["steps"]

@@ -3,7 +3,7 @@
 Each target-domain event is first ranked with the vectors *then served* (the last published item
 matrix and the user's last published query vectors), then the model learns from it. A user with no
 published vectors is ranked by the served popularity order (serving's fallback). The measurement is
-honest, the same for every ranker (``learner.shadow`` ranks the baselines on the same events):
+honest, the same for every ranker (``learner.online.shadow`` ranks the baselines on the same events):
 
 - ranks are 1-based and ties count *against* the held-out item: rank = 1 + the other candidates scoring
   at least as high, so a query that scores every item alike ranks the item last, never first;

@@ -1,12 +1,12 @@
 """The online trainer: example batches in, prequential ranking, mini-batch steps, publishing and
-checkpoints. Plain Python around a SITNLearner; the Ray actor in ``learner.actor`` is a thin shell.
+checkpoints. Plain Python around a SITNLearner; the Ray actor in ``learner.online.actor`` is a thin shell.
 
-Quality, test-then-train: each step's target events are ranked by the served model (``learner.prequential``)
-before the model trains on them, and by the shadow baselines (``learner.shadow``) before each learns them;
-``quality`` (a :class:`learner.prequential.StreamQuality`) tallies every ranker on those same events.
-With a ``fallback`` (``learner.gate.RankerFallback``), each publish also tells serving which ranker to
+Quality, test-then-train: each step's target events are ranked by the served model (``learner.online.prequential``)
+before the model trains on them, and by the shadow baselines (``learner.online.shadow``) before each learns them;
+``quality`` (a :class:`learner.online.prequential.StreamQuality`) tallies every ranker on those same events.
+With a ``fallback`` (``learner.online.gate.RankerFallback``), each publish also tells serving which ranker to
 use (``EmbeddingBatch.served_by``): the model, or the best servable baseline while the model ranks
-significantly worse than it. The fused ranker (``learner.shadow.FusedShadow``: the served model's scores
+significantly worse than it. The fused ranker (``learner.online.shadow.FusedShadow``: the served model's scores
 combined with the baselines' target-history co-occurrence, ``serving.fused``) is ranked on the same events
 for a grid of weights; each publish carries the weight it serves with (``EmbeddingBatch.fused_weight``), and
 the ``fused`` tally is its rank at that weight, so the fallback can choose it as serving would answer.
@@ -59,15 +59,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from learner import telemetry
-from learner.checkpoint_store import CheckpointStore, StagedCheckpoint
-from learner.drift import DriftMonitor
-from learner.gate import PublishGate, RankerFallback, ndcg_gain
-from learner.history import EMPTY, History
-from learner.prequential import PrequentialEvaluator, StreamQuality
-from learner.publisher import Publisher, Transport
-from learner.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
-from learner.transfer_scale import TransferScaleTuner
+from learner.core.history import EMPTY, History
+from learner.online import telemetry
+from learner.online.checkpoint_store import CheckpointStore, StagedCheckpoint
+from learner.online.drift import DriftMonitor
+from learner.online.gate import PublishGate, RankerFallback, ndcg_gain
+from learner.online.prequential import PrequentialEvaluator, StreamQuality
+from learner.online.publisher import Publisher, Transport
+from learner.online.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
+from learner.online.transfer_scale import TransferScaleTuner
 from serving.fused import FUSED_WEIGHTS
 from stream.consumer import EventBatch
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, rank_with_ties_against
@@ -154,22 +154,22 @@ class OnlineTrainer:
         cooc_max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS,
         transfer_scale_window: int = 5000,
     ) -> None:
-        """``gate``: hold versions back whose shadow NDCG dropped (``learner.gate``); it ranks up to
+        """``gate``: hold versions back whose shadow NDCG dropped (``learner.online.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
-        ``full_publish_every``/``refresh_users_per_publish``: ``learner.publisher.Publisher``'s ``full_every``
+        ``full_publish_every``/``refresh_users_per_publish``: ``learner.online.publisher.Publisher``'s ``full_every``
         and ``refresh_users``.
         ``served_max_users``: users in the mirror of what serving holds (``ServingSettings.max_users``).
         ``drift``: watches each step's losses and prequential metrics, the input events and, after each
-        publish, the prototype assignments (``learner.drift``); its detectors are checkpointed.
+        publish, the prototype assignments (``learner.online.drift``); its detectors are checkpointed.
         ``fallback``: decides at each publish whether serving uses the model or a baseline; its baselines
         must be named as in ``SERVABLE``, its learnt rankers among ``model`` and ``fused``. Without it serving
         always uses the model.
-        ``fused_weights``: the fused ranker's weight grid (``learner.shadow.FusedShadow``, whose weights are
+        ``fused_weights``: the fused ranker's weight grid (``learner.online.shadow.FusedShadow``, whose weights are
         tallied over the last ``fused_window`` target events); empty: no fused ranker.
         ``cooc_max_neighbours``: the shadow co-occurrence's neighbours per item (``stream.cooccurrence``; None:
         every pair), as serving's ``ServingSettings.cooc_max_neighbours``; a checkpoint restores its own.
         ``transfer_scale_window``: target events per slot over which the query-time transfer scale is chosen
-        online (``learner.transfer_scale``; it starts from the learner's, e.g. a warm start's offline choice);
+        online (``learner.online.transfer_scale``; it starts from the learner's, e.g. a warm start's offline choice);
         0, or a learner without a source path: the scale stays as it is."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

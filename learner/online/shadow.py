@@ -12,7 +12,7 @@ history, as for the model), ties against the item; an item never seen before is 
 
 All three read one :class:`stream.cooccurrence.ItemCooccurrence`, fed with every example (both domains).
 An event is *rankable* when its item occurred in the target stream before (the co-occurrence has a row
-for it); that flag is the same for every ranker, the model included (``learner.prequential``). Cost, measured on the full Movie->Book replay
+for it); that flag is the same for every ranker, the model included (``learner.online.prequential``). Cost, measured on the full Movie->Book replay
 (148,205 events, 74,629 book events, 39,412 books at the end; one core): about 0.2 ms per target event
 for the three ranks together (two score vectors over every book seen so far), 7 us per learnt event;
 the state pickles to about 12 MB at the end of the replay.
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from learner.prequential import RankTally
+from learner.online.prequential import RankTally
 from serving.fused import FUSED_WEIGHTS, CoocAlignment, standardise
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, ItemCooccurrence, ranks_with_ties_against
 from stream.user_state import Example

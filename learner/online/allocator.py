@@ -1,7 +1,7 @@
 """The learner process's C heap: freed transient buffers handed back to the OS after each batch (issue 12).
 
 The learner allocates large transient buffers every step and every publish (PyTorch activations of a
-512 x 50 x 64 batch, the (B, N items) score matrices of ``learner.trainer`` and ``learner.prequential``,
+512 x 50 x 64 batch, the (B, N items) score matrices of ``learner.online.trainer`` and ``learner.online.prequential``,
 the query vectors of every touched user, a publish's item matrix, the checkpoint payload), interleaved
 with small long-lived objects (histories, co-occurrence counts). glibc serves buffers of at least
 ``M_MMAP_THRESHOLD`` bytes with their own ``mmap``, but that threshold is dynamic: each time such a chunk
@@ -11,7 +11,7 @@ the last, so the heap keeps growing and its free pages are never given back.
 
 Measured in-process on issue 12's synthetic stream (``bench/bench_memory.py --trainer``: 5,000 users,
 500k items, ``sitn run`` defaults, batches of 2,000 events): resident memory grew about 10 MiB per 1,000
-events (1,553 MiB after 60,000 events); :func:`trim_free_memory` after each batch, as ``learner.actor``
+events (1,553 MiB after 60,000 events); :func:`trim_free_memory` after each batch, as ``learner.online.actor``
 does, holds it to about 2.3 MiB per 1,000 events (1,106 MiB), what the live structures grow by, at the same
 CPU time (47 s for both). :func:`pin_mmap_threshold` (a fixed 128 KiB threshold) bounds it too (1,154 MiB)
 but costs about 30 % more CPU: an ``mmap`` and fresh zeroed pages for every buffer of 128 KiB or more; a

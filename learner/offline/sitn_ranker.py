@@ -1,4 +1,4 @@
-"""The SITN learner behind the offline evaluation's ranker interface (``learner.baselines.Ranker``)."""
+"""The SITN learner behind the offline evaluation's ranker interface (``learner.offline.baselines.Ranker``)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from learner.baselines import History
+from learner.offline.baselines import History
 from stream.user_state import Example
 
 if TYPE_CHECKING:
-    from learner.config import SITNConfig
-    from learner.eval_split import Split
+    from learner.core.config import SITNConfig
+    from learner.offline.eval_split import Split
 
 
 class SITNRanker:
@@ -23,7 +23,7 @@ class SITNRanker:
     ``learn_many`` shuffles the examples (seeded, a fresh order per call) and takes one
     ``SITNLearner.learn_many`` step per mini-batch at the config's learning rate; a single-domain config
     (``use_source=False``) trains on target-domain examples only. The refit before test
-    (``learner.evaluate.refit``) retrains from the saved initial state or continues with more passes.
+    (``learner.offline.evaluate.refit``) retrains from the saved initial state or continues with more passes.
     Scores come from ``embed_histories`` on the query history (the learner's own per-user state is never
     used), so cold-start queries see exactly the history they are given.
     """
@@ -39,7 +39,7 @@ class SITNRanker:
         workdir: str | Path,
         on_step: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
-        from learner.learner import SITNLearner  # torch is imported only when SITN rows run
+        from learner.core.learner import SITNLearner  # torch is imported only when SITN rows run
 
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2, got {batch_size}")

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # the query-time transfer scales (``SITNModel.transfer_scale``) tried, offline on validation
-# (learner.evaluate.tune_transfer_scale) and online (learner.transfer_scale); the first is the scale training
-# uses, and ties keep the earlier
+# (learner.offline.evaluate.tune_transfer_scale) and online (learner.online.transfer_scale); the first is
+# the scale training uses, and ties keep the earlier
 TRANSFER_SCALES = (1.0, 0.5, 0.25, 0.0)
 
 
@@ -53,7 +53,7 @@ class SITNConfig:
     use_source: bool = True  # False: single-domain model (target events and target history only)
     use_transfer_gate: bool = True  # gate the mapped other-domain interests (False: plain addition)
     gate_init_bias: float = -4.0  # the gate starts closed (sigmoid(-4) = 0.018): transfer must earn its way in
-    transfer_map_bias: bool = False  # True: the transfer map W other + b has a bias b (learner.model), so every
+    transfer_map_bias: bool = False  # True: the transfer map W other + b has a bias b (learner.core.model), so every
     #                                 query carries a gated learned offset, even with no other-domain history.
     #                                 Off (issue 9, seed 0 validation NDCG@10, defaults otherwise): Movie->Book
     #                                 0.0149 vs 0.0136, Book->Movie 0.0191 vs 0.0180

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learner.config import SITNConfig
-from learner.encoder import DomainEncoder
+from learner.core.config import SITNConfig
+from learner.core.encoder import DomainEncoder
 
 ROLES = ("source", "target")
 
@@ -87,7 +87,7 @@ class ProjectionHead(nn.Module):
 
 @dataclass
 class SequenceBatch:
-    """Tensors of one domain's histories, all (B, L); see :mod:`learner.batch`."""
+    """Tensors of one domain's histories, all (B, L); see :mod:`learner.core.batch`."""
 
     items: torch.Tensor  # long, item rows, 0 = padding
     positions: torch.Tensor  # long, recency (0 = newest)
@@ -113,7 +113,7 @@ class SITNModel(nn.Module):
         self.config = config
         # Query-time transfer scale of the target queries, (warm, cold): the transferred part is multiplied by
         # ``warm`` for a user with target history and by ``cold`` for one without. Training always uses 1; the
-        # offline evaluation chooses both on validation (learner.evaluate.tune_transfer_scale) and checkpoints
+        # offline evaluation chooses both on validation (learner.offline.evaluate.tune_transfer_scale) and checkpoints
         # carry them, so a source that helps the training fit but not held-out events can be turned down
         # without retraining. Not a parameter: no gradient, not in state_dict (SITNLearner saves it).
         self.transfer_scale: tuple[float, float] = (1.0, 1.0)

@@ -6,8 +6,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from learner.config import TRANSFER_SCALES
-from learner.evaluate import SETTINGS
+from learner.core.config import TRANSFER_SCALES
+from learner.offline.evaluate import SETTINGS
 
 METRICS_ORDER = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
 ITEMKNN_ROWS = ("itemknn_target", "itemknn_target_source", "itemknn_source")
@@ -277,7 +277,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += ["## Query-time transfer scale chosen on validation", "",
                   "The transferred (source) part of a target query is multiplied by *warm* for a user with target "
                   "history and by *cold* for one without; training uses 1, the grid is "
-                  f"{', '.join(f'{g:g}' for g in TRANSFER_SCALES)} (`learner.evaluate.tune_transfer_scale`), a later value must beat the earlier "
+                  f"{', '.join(f'{g:g}' for g in TRANSFER_SCALES)} (`learner.offline.evaluate.tune_transfer_scale`), a later value must beat the earlier "
                   "ones on validation NDCG@10.", ""]
         for r in scaled:
             chosen = "; ".join(

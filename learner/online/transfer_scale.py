@@ -1,12 +1,12 @@
 """The query-time transfer scale chosen online, test-then-train (the stream's counterpart of
-``learner.evaluate.tune_transfer_scale``).
+``learner.offline.evaluate.tune_transfer_scale``).
 
 ``SITNModel.transfer_scale = (warm, cold)`` multiplies the transferred (other-domain) part of a target query:
 ``warm`` for a user with target history, ``cold`` for one without. Offline it is chosen on a validation split;
 a stream has none, so each step's target events, before the model trains on them, are ranked at every scale of
 the grid from two forward passes (own interests alone, ``q0``, and own plus the whole transfer, ``q1``: the
 query at scale ``s`` is ``q0 + s (q1 - q0)``, so its scores are ``S0 + s (S1 - S0)``). Each (slot, scale)
-keeps a windowed NDCG@k tally (``learner.prequential.RankTally``: ties against the item, consumed items
+keeps a windowed NDCG@k tally (``learner.online.prequential.RankTally``: ties against the item, consumed items
 excluded, an item the model has no row for a miss). Once a slot has ``min_events`` events in its window, the
 scale with the best windowed NDCG is used from the next step on, for ranking and for what is published; until
 then the slot keeps its initial scale (1, or a warm start's offline choice). Another scale takes over only
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from learner.config import TRANSFER_SCALES
-from learner.prequential import RankTally
+from learner.core.config import TRANSFER_SCALES
+from learner.online.prequential import RankTally
 from stream.cooccurrence import ranks_with_ties_against
 
 SLOTS = ("warm", "cold")

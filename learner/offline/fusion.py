@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from learner.baselines import History, ItemKNN, Ranker
-from learner.eval_split import Query, Split, query_inputs
-from learner.evaluate import (
+from learner.offline.baselines import History, ItemKNN, Ranker
+from learner.offline.eval_split import Query, Split, query_inputs
+from learner.offline.evaluate import (
     SCORE_BATCH,
     SELECTION_METRIC,
     KnownColumns,
@@ -27,7 +27,7 @@ from learner.evaluate import (
     refit,
     select_epoch,
 )
-from learner.metrics import summarize
+from learner.offline.metrics import summarize
 from stream.cooccurrence import MODES
 from stream.user_state import Example
 

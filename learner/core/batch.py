@@ -22,8 +22,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from learner.idmap import IdMap
-from learner.model import SequenceBatch
+from learner.core.idmap import IdMap
+from learner.core.model import SequenceBatch
 from stream.user_state import Example
 
 History = tuple[tuple[str, ...], tuple[int, ...]]  # (item_ids, timestamps), oldest first

@@ -1,13 +1,13 @@
 """``SITNLearner``: the online learner contract (one optimizer step per ``learn_many``) around SITNModel.
 
 Optimisation: dense parameters use AdamW; the growing item tables get *sparse* gradients and a lazy
-Adam (:class:`learner.optim.LazyAdam`, SparseAdam's update: only rows a batch touched are updated, no
+Adam (:class:`learner.core.optim.LazyAdam`, SparseAdam's update: only rows a batch touched are updated, no
 weight decay). A dense AdamW over 100k x 64 table rows every step would cost more than the rest of it.
 
 Defined behaviour at the edges:
 
 - unknown user: an all-empty history -> a zero query bar the item-bias coordinate: items rank by their
-  learned bias (see :mod:`learner.model`);
+  learned bias (see :mod:`learner.core.model`);
 - an item seen in a query history but never learned is dropped from that history;
 - an item registered (``register_items``) but never trained has its initial N(0, item_init_std^2) row;
 - ``consumed`` and ``recommend(exclude_consumed=True)`` use the stored, bounded (``max_len``) history.
@@ -31,16 +31,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner.batch import History, TrainingBatch, build_training_batch, encode_histories, latest_timestamp
-from learner.checkpoint import encode_checkpoint, load_checkpoint, write_checkpoint
-from learner.config import SITNConfig
-from learner.encoder import DomainEncoder
-from learner.history import EMPTY, RecentHistories
-from learner.idmap import IdMap, next_capacity
-from learner.loss import info_nce_i2i, sampled_softmax_loss, swapped_proto_nce
-from learner.model import Interests, SITNModel
-from learner.optim import LazyAdam
-from learner.prototypes import ItemClusters, StreamingPrototypes
+from learner.core.batch import (
+    History,
+    TrainingBatch,
+    build_training_batch,
+    encode_histories,
+    latest_timestamp,
+)
+from learner.core.checkpoint import encode_checkpoint, load_checkpoint, write_checkpoint
+from learner.core.config import SITNConfig
+from learner.core.encoder import DomainEncoder
+from learner.core.history import EMPTY, RecentHistories
+from learner.core.idmap import IdMap, next_capacity
+from learner.core.loss import info_nce_i2i, sampled_softmax_loss, swapped_proto_nce
+from learner.core.model import Interests, SITNModel
+from learner.core.optim import LazyAdam
+from learner.core.prototypes import ItemClusters, StreamingPrototypes
 from stream.errors import CheckpointError
 from stream.user_state import Example
 
@@ -502,7 +508,7 @@ class SITNLearner:
         log.info("saved checkpoint path=%s step=%d", path, self.step)
 
     def encode(self, extra: dict[str, Any] | None = None) -> bytes:
-        """The checkpoint payload of everything now (``save`` writes it; ``learner.checkpoint_store`` can write it
+        """The checkpoint payload of everything now (``save`` writes it; ``learner.online.checkpoint_store`` can write it
         on another thread while training goes on); ``extra`` replaces ``self.extra`` first."""
         if extra is not None:
             self.extra = dict(extra)

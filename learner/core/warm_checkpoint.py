@@ -1,6 +1,6 @@
 """A warm-start model file: a learner checkpoint with the record of what it was trained on.
 
-``sitn train`` (``learner.warm_start``) writes it; ``sitn run --warm-start MODEL`` reads it, the driver for
+``sitn train`` (``learner.offline.warm_start``) writes it; ``sitn run --warm-start MODEL`` reads it, the driver for
 the model's config (:func:`warm_start_config`) and the learner actor for the model (:func:`load_warm_start`).
 The record is ``extra["warm_start"]``: the cut-off (every event at or before it was trained on), the event
 count, the epochs and the validation NDCG@10. A checkpoint without it is refused.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from learner.config import SITNConfig
+from learner.core.config import SITNConfig
 
 EXTRA_KEY = "warm_start"
 
@@ -21,7 +21,7 @@ EXTRA_KEY = "warm_start"
 class WarmStart:
     """An offline-trained learner and what it was trained on."""
 
-    learner: Any  # learner.learner.SITNLearner
+    learner: Any  # learner.core.learner.SITNLearner
     trained_until: float  # unix seconds: every event at or before it was trained on
     events: int
     epochs: int
@@ -37,7 +37,7 @@ def save_warm_start(warm: WarmStart, path: Path) -> None:
 
 def _warm_state(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checkpoint's state and its ``sitn train`` record; a checkpoint of another kind is refused."""
-    from learner.checkpoint import load_checkpoint
+    from learner.core.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
     info = state.get("extra", {}).get(EXTRA_KEY)
@@ -54,7 +54,7 @@ def warm_start_config(path: Path | str) -> tuple[SITNConfig, dict[str, Any]]:
 
 def load_warm_start(path: Path | str) -> WarmStart:
     """A model written by ``sitn train``, rebuilt; a checkpoint of another kind is refused with the reason."""
-    from learner.learner import SITNLearner
+    from learner.core.learner import SITNLearner
 
     state, info = _warm_state(path)
     learner = SITNLearner.from_state_dict(state)

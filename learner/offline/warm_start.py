@@ -6,14 +6,14 @@ history so far. ``sitn train`` does that here, honestly:
 
 1. Keep the events up to a cut-off time (``--until-fraction`` of the events, or ``--until-timestamp``);
    every event at the cut-off second is kept, so the cut is a clean one in time.
-2. Choose the epoch count on a validation split *inside* that prefix (``learner.eval_split``: each user's
+2. Choose the epoch count on a validation split *inside* that prefix (``learner.offline.eval_split``: each user's
    second-to-last target event before the cut is validation, the last one test, never read here) with
    early stopping, exactly as ``sitn eval`` selects it.
 3. Retrain from the same initial state for that many epochs over the causal examples of *every* event
    up to the cut (the standard "retrain on everything with the selected budget").
 4. Save the learner with its history store emptied (the live run rebuilds every history in event order)
    and ``extra["warm_start"]``: the cut-off, the event count, the epochs and the validation figure
-   (``learner.warm_checkpoint``, the file format the live run reads).
+   (``learner.core.warm_checkpoint``, the file format the live run reads).
 
 ``sitn run --warm-start MODEL`` then replays the whole file; the learner burns in the events up to the
 cut-off (histories and shadow baselines learn them, no step, no ranking: ``OnlineTrainer.warm_start``),
@@ -27,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from learner.config import SITNConfig
-from learner.eval_split import chronological_split
-from learner.evaluate import select_epoch
-from learner.history import RecentHistories
-from learner.warm_checkpoint import WarmStart
+from learner.core.config import SITNConfig
+from learner.core.history import RecentHistories
+from learner.core.warm_checkpoint import WarmStart
+from learner.offline.eval_split import chronological_split
+from learner.offline.evaluate import select_epoch
 from stream.events import InteractionEvent
 from stream.user_state import UserStateStore
 
@@ -73,7 +73,7 @@ def train_warm_start(
     workdir: Path | None = None,
 ) -> WarmStart:
     """Steps 1-4 of the module docstring over chronological ``events``; returns the trained learner."""
-    from learner.sitn_ranker import SITNRanker  # torch only here
+    from learner.offline.sitn_ranker import SITNRanker  # torch only here
 
     prefix = [e for e in events if e.timestamp <= trained_until]
     if not any(e.domain == target for e in prefix):

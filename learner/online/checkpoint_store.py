@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from learner.checkpoint import write_checkpoint
+from learner.core.checkpoint import write_checkpoint
 from stream.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class CheckpointStore:
     """Saves and loads learner checkpoints in ``directory``, keeping the newest ``keep``.
 
     ``save_fn(learner, path, extra)`` writes one checkpoint file (default: ``learner.encode(extra)``, written
-    by ``learner.checkpoint.write_checkpoint``, so ``stage`` and ``commit`` can run apart); ``load_fn(path)`` returns
+    by ``learner.core.checkpoint.write_checkpoint``, so ``stage`` and ``commit`` can run apart); ``load_fn(path)`` returns
     ``(learner, extra)`` or raises. Both default to the SITNLearner contract. ``accept_fn(learner,
     extra)`` raises ``ValueError`` saying why a checkpoint that loaded cannot be used by this job.
     ``refused`` lists ``(manifest, reason)`` of every checkpoint refused; ``removed`` the leftovers of
@@ -238,7 +238,7 @@ def same_config(expected: Mapping[str, Any]) -> Callable[[Any, dict[str, Any]], 
 
 
 def _default_load(path: Path) -> tuple[Any, dict[str, Any]]:
-    from learner.learner import SITNLearner
+    from learner.core.learner import SITNLearner
 
     learner = SITNLearner.load(path)
     return learner, dict(learner.extra)

@@ -5,7 +5,7 @@ bias correction uses the table's step count (as SparseAdam does). ``torch.optim.
 most of its time in ``sparse_mask`` over the whole table; gathering the touched rows, updating them and
 scattering back is several times cheaper for a 100k-row table and a few thousand touched rows.
 State keys (``step``, ``exp_avg``, ``exp_avg_sq``) are SparseAdam's, so table growth
-(:func:`learner.idmap.grow_parameter`) pads them the same way.
+(:func:`learner.core.idmap.grow_parameter`) pads them the same way.
 
 >>> w = torch.nn.Parameter(torch.zeros(3, 2))
 >>> opt = LazyAdam([w], lr=0.1)

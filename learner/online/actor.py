@@ -8,7 +8,7 @@ example), and when a checkpoint is due: read the state out (the training loop's 
 the trainer's writer thread while training goes on, and once it is durable (collected on the loop after a
 later batch) commit the positions it holds to the consumer group
 (``stream.group_offsets.GroupCommitter``), so that lag tools see the durable progress. See
-``learner.trainer`` for why this order loses nothing. A commit that fails (the broker is down) is logged;
+``learner.online.trainer`` for why this order loses nothing. A commit that fails (the broker is down) is logged;
 the next checkpoint commits newer positions. Nothing reads the group's offsets back: a restart resumes
 from the checkpoint, whose positions the supervisor hands to the consumers (``positions()``).
 ``finish()`` ends the loop after the batch in hand with a last checkpoint, commit and full publish.
@@ -42,13 +42,13 @@ from typing import Any
 import ray
 import torch
 
-from learner.allocator import trim_free_memory
-from learner.checkpoint_store import CheckpointStore, same_config
-from learner.config import SITNConfig
-from learner.learner import SITNLearner
-from learner.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
-from learner.trainer import CheckpointMark, OnlineTrainer
-from learner.warm_checkpoint import load_warm_start
+from learner.core.config import SITNConfig
+from learner.core.learner import SITNLearner
+from learner.core.warm_checkpoint import load_warm_start
+from learner.online.allocator import trim_free_memory
+from learner.online.checkpoint_store import CheckpointStore, same_config
+from learner.online.publisher import CallableTransport, FanoutTransport, KafkaTransport, Transport
+from learner.online.trainer import CheckpointMark, OnlineTrainer
 from stream.events import EmbeddingBatch
 from stream.exporter import TelemetrySettings, start_exporter
 from stream.group_offsets import GroupCommitter
@@ -251,7 +251,7 @@ class LearnerWorker:
                 self._checkpointed(self.trainer.collect_checkpoint())
                 if self.trainer.checkpoint_due():
                     self._checkpointed(self.trainer.checkpoint(background=True))  # None: written in the background
-                trim_free_memory()  # the batch's freed buffers back to the OS (learner.allocator, issue 12)
+                trim_free_memory()  # the batch's freed buffers back to the OS (learner.online.allocator, issue 12)
             self._adopt_serving()
             self.trainer.publish(force_full=True)
             self._checkpointed(self.trainer.collect_checkpoint(wait=True))

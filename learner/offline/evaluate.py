@@ -1,14 +1,14 @@
-"""Offline evaluation, paper style: ranking, model selection, refit and test over a ``learner.eval_split``.
+"""Offline evaluation, paper style: ranking, model selection, refit and test over a ``learner.offline.eval_split``.
 
-Protocol (the choices, written down once; ``results.md`` repeats them through ``learner.eval_report``;
-the split, examples, known items, negatives and query views are in ``learner.eval_split``):
+Protocol (the choices, written down once; ``results.md`` repeats them through ``learner.offline.eval_report``;
+the split, examples, known items, negatives and query views are in ``learner.offline.eval_split``):
 
 - Known items: the target items of the events a model has learnt: the training events when ranking
   validation queries, the training and refit events when ranking test queries. Candidates are the known
   items minus the target items the user consumed before the held-out event. A held-out item that is not
   known is a *miss* in every protocol (rank ``MISS_RANK`` = 2**62: 0 in HR and NDCG, 2e-19 in MRR);
   the rankable-only figures (queries whose item is known) and the rankable fraction are reported too.
-- Ranks are 1-based and ties count against the held-out item (``learner.metrics``).
+- Ranks are 1-based and ties count against the held-out item (``learner.offline.metrics``).
 - Full protocol: rank among all candidates. Sampled protocol: the held-out item and 99 negatives drawn
   uniformly without replacement from the candidates. C2DSR protocol: the held-out item and 999
   negatives, each drawn uniformly *with replacement* from the candidates (C2DSR's loader draws each
@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from learner.baselines import Ranker
-from learner.config import TRANSFER_SCALES
-from learner.eval_split import Query, Split, query_inputs
-from learner.metrics import ranks_excluding, ranks_sampled, summarize
+from learner.core.config import TRANSFER_SCALES
+from learner.offline.baselines import Ranker
+from learner.offline.eval_split import Query, Split, query_inputs
+from learner.offline.metrics import ranks_excluding, ranks_sampled, summarize
 
 log = logging.getLogger(__name__)
 

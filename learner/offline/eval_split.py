@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from learner.baselines import History
+from learner.offline.baselines import History
 from stream.events import InteractionEvent
 from stream.user_state import Example, UserStateStore
 

@@ -8,7 +8,7 @@ One :class:`DomainEncoder` per domain. A history of up to L items becomes V inte
     view_v    = sum_l a_{v,l} h_l                  -> (B, V, D)
 
 ``recency_l`` is 0 for the most recent item. An empty history gives all-zero views and
-``has_history=False``; the caller (the transfer in :mod:`learner.model`) fills them from the other domain.
+``has_history=False``; the caller (the transfer in :mod:`learner.core.model`) fills them from the other domain.
 
 The item table ``item_weight`` is also the output embedding scored against the user's query vectors
 (tied weights). It is looked up with sparse gradients so the optimizer touches only the rows a batch
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learner.config import SITNConfig
-from learner.idmap import grow_buffer, grow_parameter
+from learner.core.config import SITNConfig
+from learner.core.idmap import grow_buffer, grow_parameter
 
 
 def dropout_scale(shape: tuple[int, ...], p: float) -> torch.Tensor:
@@ -253,7 +253,7 @@ class DomainEncoder(nn.Module):
         return int(self.item_weight.shape[0])
 
     def grow(self, new_rows: int, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Grow the item table and its per-row buffers to ``new_rows`` rows (see :mod:`learner.idmap`)."""
+        """Grow the item table and its per-row buffers to ``new_rows`` rows (see :mod:`learner.core.idmap`)."""
         grow_parameter(self, "item_weight", new_rows, self.config.item_init_std, optimizers)
         grow_buffer(self, "item_cluster", new_rows, 0)
         grow_buffer(self, "item_count", new_rows, 0)

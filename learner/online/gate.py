@@ -183,7 +183,7 @@ class RankerFallback:
     Paired and windowed, like the version check above: the NDCG@k gains of each *learnt* ranker as serving
     answers with it and of each servable baseline (one serving can compute itself) on the same target
     events, the last ``window`` of them. The trainer passes the learnt rankers' gains at data time
-    (``model_live``, ``fused_live``: the event's own history, as the baselines rank; see ``learner.trainer``). The
+    (``model_live``, ``fused_live``: the event's own history, as the baselines rank; see ``learner.online.trainer``). The
     window slides across published versions: a version is served for about a second, far too few events
     to judge it alone, and the model changes little between two versions.
 

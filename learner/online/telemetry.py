@@ -86,7 +86,7 @@ FUSED_WEIGHT = Gauge(
 TRANSFER_SCALE = Gauge(
     "sitn_learner_transfer_scale",
     "Query-time transfer scale of the target queries, by slot (warm: users with target history; cold: without), "
-    "chosen online by windowed NDCG@10 (learner.transfer_scale).",
+    "chosen online by windowed NDCG@10 (learner.online.transfer_scale).",
     ["slot"],
 )
 FUSED_LIFT = Gauge(
@@ -177,7 +177,7 @@ def record_prototypes(learner: Any) -> None:
 
 
 def record_quality(quality: Any) -> None:
-    """Export the tallies of a :class:`learner.prequential.StreamQuality` (each step; a few dozen gauges).
+    """Export the tallies of a :class:`learner.online.prequential.StreamQuality` (each step; a few dozen gauges).
     A figure not defined yet (no events; no baseline hit for the lift) is exported as NaN, not 0."""
     for ranker, tally in quality.tallies.items():
         for span, f in tally.figures().items():

@@ -8,6 +8,11 @@ state, which holds many small Python objects (histories, the replay buffer) besi
 after 60k shipped events: 0.73-0.94 s against 0.34 s, load 0.84 s against 0.54 s). A torn or edited file
 fails the checksum and raises :class:`stream.errors.CheckpointError` instead of loading garbage.
 Checkpoints are trusted files written by this project (they are unpickled).
+
+A pickle names each class by its module path. The learner's modules moved into ``learner.core``,
+``learner.online`` and ``learner.offline`` (issue 10); files written before name the old paths (the drift
+detectors' pickled state, ``learner.drift._WindowSignal``), so every checkpoint pickle is read through
+:func:`unpickle`, which maps the old paths to the new ones (:data:`MOVED_MODULES`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import io
 import os
 import pickle
+import types
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,43 @@ from stream.errors import CheckpointError
 
 MAGIC = b"SITNCKP2"  # pickle payload
 MAGIC_TORCH = b"SITNCKP1"  # torch.save payload, written before SITNCKP2
+
+# learner modules by their subpackage since issue 10; before it each was ``learner.<module>``
+_REGROUPED = {
+    "core": ("batch", "checkpoint", "config", "encoder", "history", "idmap", "learner", "loss", "model",
+             "optim", "prototypes"),
+    "online": ("actor", "allocator", "checkpoint_store", "drift", "gate", "prequential", "publisher",
+               "shadow", "telemetry", "trainer", "transfer_scale"),
+    "offline": ("baselines", "eval_report", "eval_split", "evaluate", "fusion", "metrics", "sitn_ranker",
+                "warm_start"),
+}
+MOVED_MODULES = {f"learner.{name}": f"learner.{sub}.{name}" for sub, names in _REGROUPED.items()
+                 for name in names}
+"""Old module path -> new one, for pickles written before the move."""
+
+
+class CheckpointUnpickler(pickle.Unpickler):
+    """An unpickler that finds a class pickled under a module path that has since moved
+    (:data:`MOVED_MODULES`).
+
+    >>> CheckpointUnpickler(io.BytesIO(b"")).find_class("learner.drift", "DriftAlarm").__module__
+    'learner.online.drift'
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(MOVED_MODULES.get(module, module), name)
+
+
+def unpickle(payload: bytes) -> Any:
+    """``pickle.loads`` through :class:`CheckpointUnpickler`: for every pickle a checkpoint holds."""
+    return CheckpointUnpickler(io.BytesIO(payload)).load()
+
+
+# what torch.load takes as ``pickle_module`` for SITNCKP1 files: its unpickler subclasses ours
+_TORCH_PICKLE = types.SimpleNamespace(
+    __name__="learner.core.checkpoint", Unpickler=CheckpointUnpickler,
+    load=lambda fh, **kwargs: CheckpointUnpickler(fh, **kwargs).load(),
+)
 
 
 def encode_checkpoint(state: dict[str, Any]) -> bytes:
@@ -66,7 +109,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     digest = header[len(MAGIC) :]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch (torn write or corrupted file)")
-    state = pickle.loads(payload) if magic == MAGIC else torch.load(io.BytesIO(payload), weights_only=False)
+    if magic == MAGIC:
+        state = unpickle(payload)
+    else:
+        state = torch.load(io.BytesIO(payload), weights_only=False, pickle_module=_TORCH_PICKLE)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: payload is {type(state).__name__}, expected dict")
     return state

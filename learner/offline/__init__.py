@@ -1,0 +1,1 @@
+"""Offline evaluation (chronological split, protocol, baselines, rank metrics, fusion) and ``sitn train``'s warm start."""
