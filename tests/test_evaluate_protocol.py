@@ -100,6 +100,20 @@ def test_ties_count_against_and_unknown_items_are_misses(tmp_path: Path) -> None
     assert ranks.rankable.tolist() == [True, False, False]
 
 
+
+def test_a_repeated_held_out_item_stays_rankable(tmp_path: Path) -> None:
+    """A user who reads an item again (real logs repeat): the held-out item is not among the excluded consumed
+    items (as in the stream's prequential), the user's other earlier items are."""
+    rows = "timestamp,user_id,item_id,domain\n" + "".join(f"1,f{i},x{i},book\n" for i in range(N_FILLERS)) + (
+        "10,u1,b1,book\n20,u1,b2,book\n30,u1,b3,book\n40,u1,b1,book\n")
+    split = _split(tmp_path, rows)
+    [test] = split.test
+    assert (test.item_id, test.consumed) == ("b1", frozenset({"b2", "b3"}))
+    ranks = rank_queries(_Constant(len(split.catalogue)), split.test, split, split.known("test"))
+    # every known item but the consumed b2, b3 ties with b1 and counts against it: the fillers
+    assert ranks.full.tolist() == [1 + N_FILLERS]
+    assert ranks.rankable.tolist() == [True]
+
 def test_counting_rankers_learn_the_training_examples_once(tmp_path: Path) -> None:
     split = _split(tmp_path, REFIT_ROWS)
     pop = Popularity("book", split.catalogue)

@@ -47,7 +47,8 @@ class Query:
     user_id: str
     item_id: str  # the held-out target item
     history: History  # per domain, the last max_len (item_ids, timestamps) before the held-out event
-    consumed: frozenset[str]  # every target item of the user before the held-out event (not truncated)
+    consumed: frozenset[str]  # every target item of the user before the held-out event (not truncated), but the
+    #                           held-out item itself: a repeat stays rankable, as in the stream's prequential
 
 
 @dataclass
@@ -131,7 +132,7 @@ def chronological_split(
         kind = held_out.get(i) or ("probe" if probe_at.get(i) in probed else None)
         if kind is not None:
             queries[kind].append(
-                Query(e.user_id, e.item_id, example.history, frozenset(consumed.get(e.user_id, ())))
+                Query(e.user_id, e.item_id, example.history, frozenset(consumed.get(e.user_id, ())) - {e.item_id})
             )
         validation_at, test_at = cut.get(e.user_id, no_cut)
         if i < validation_at:

@@ -5,7 +5,8 @@ the split, examples, known items, negatives and query views are in ``learner.off
 
 - Known items: the target items of the events a model has learnt: the training events when ranking
   validation queries, the training and refit events when ranking test queries. Candidates are the known
-  items minus the target items the user consumed before the held-out event. A held-out item that is not
+  items minus the target items the user consumed before the held-out event, other than the held-out item
+  itself (a repeated item stays rankable, as in the stream's prequential). A held-out item that is not
   known is a *miss* in every protocol (rank ``MISS_RANK`` = 2**62: 0 in HR and NDCG, 2e-19 in MRR);
   the rankable-only figures (queries whose item is known) and the rankable fraction are reported too.
 - Ranks are 1-based and ties count against the held-out item (``learner.offline.metrics``).
