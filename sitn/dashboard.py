@@ -24,9 +24,10 @@ The series come from one of two sources, and neither computes PromQL itself:
   ``histogram_quantile`` over the last ``window_s``), the same text the Grafana dashboard runs where they
   overlap. Prometheus keeps the history; the driver keeps nothing.
 
-The status snapshot has no publish-lag histogram and no per-signal drift state, so ``publish_lag_p99_s``
-and ``drift_alarms_active`` are drawn only from Prometheus; ``prototype_agreement`` is the last step's
-cross-domain agreement (mean over K) from the snapshot, and per K (the reservoir's) from Prometheus.
+In the status snapshot, ``publish_lag_p99_s`` is the learner's p99 over the events it published in the last
+30 s (Prometheus: the histogram over ``window_s``) and ``drift_alarms_active`` the number of signals in alarm
+at the last step; ``prototype_agreement`` is the last step's cross-domain agreement (mean over K) from the
+snapshot, and per K (the reservoir's) from Prometheus.
 Every series with a label has one buffer per label value; all those labels are bounded (docs:
 ``stream.exporter``), so the number of buffers is too.
 """
@@ -114,6 +115,8 @@ STATUS_GAUGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("consumer_lag_records", ("consumer_lag_records",)),
     ("prototype_agreement", ("proto_agreement",)),
     ("drift_alarms_total", ("drift_alarms_total",)),
+    ("drift_alarms_active", ("drift_alarms_active",)),
+    ("publish_lag_p99_s", ("publish_lag_window_p99_s",)),
     ("publish_gate_closed", ("gate_closed",)),
 )
 # series <- the status total whose increase per second it is

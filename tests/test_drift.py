@@ -195,6 +195,29 @@ def test_nan_is_skipped_and_min_observations_and_cooldown_hold() -> None:
     assert monitor.state()["signals"]["loss"]["values"] == 120
 
 
+def test_alarms_active_counts_the_signals_in_alarm_until_their_next_quiet_check() -> None:
+    settings = DriftSettings(min_observations=10, cooldown_steps=5, ph_threshold_std=5.0, burn_in_steps=0)
+    monitor = DriftMonitor(settings)
+    assert monitor.alarms_active() == 0
+    values = [0.0, 1.0] * 20 + [50.0] * 3 + [50.0, 51.0] * 40
+    steps, active = [], []
+    for step, v in enumerate(values):
+        if monitor.observe_step({"loss": v}, step):
+            steps.append(step)
+        active.append(monitor.alarms_active())
+    assert steps and steps[0] == 40  # the jump
+    assert active[:40] == [0] * 40 and active[40] == 1  # in alarm from the jump
+    for step in range(len(values), len(values) + 200):  # a quiet signal: back to 0 after the cooldown
+        monitor.observe_step({"loss": 50.5}, step)
+        active.append(monitor.alarms_active())
+    assert active[-1] == 0
+    assert monitor.observe_assignments("proto_user_k4", [100, 100, 100, 100], step=1) == []  # reference
+    assert monitor.observe_assignments("proto_user_k4", [370, 10, 10, 10], step=2)
+    assert monitor.alarms_active() == 1 == monitor.state()["signals"]["proto_user_k4"]["active"]
+    assert monitor.observe_assignments("proto_user_k4", [365, 12, 11, 12], step=3) == []
+    assert monitor.alarms_active() == 0
+
+
 # -- assignments -----------------------------------------------------------------------------------------
 
 

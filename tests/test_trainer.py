@@ -119,6 +119,9 @@ def test_trains_every_example_publishes_and_ranks(tmp_path: Path, events: list[I
         s = f["stream"]
         assert s["ndcg"] == pytest.approx(s["rankable_ratio"] * s["ndcg_rankable"], abs=1e-12)
     assert all(b.served_by == "model" for b in sent)  # no fallback configured
+    # The status snapshot's publish lag: p99 over the events published in the last 30 s, all of them here.
+    lags = [b.created_at_s - t for b in sent for t in b.event_ingest_wall_s]
+    assert trainer.summary()["publish_lag_window_p99_s"] == pytest.approx(np.percentile(lags, 99), abs=1e-9)
 
 
 def test_checkpoint_restore_resumes_exactly(tmp_path: Path, events: list[InteractionEvent]) -> None:

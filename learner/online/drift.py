@@ -556,6 +556,11 @@ class DriftMonitor:
         return alarm
 
     # -- status and checkpoints ---------------------------------------------------------------------
+    def alarms_active(self) -> int:
+        """Signals in alarm now: those whose ``sitn_drift_alarm_active`` is 1 (``sum(sitn_drift_alarm_active)``)."""
+        return (sum(st.active_until_step is not None for st in self._steps.values())
+                + sum(w.active for w in self._windows.values()) + sum(a.active for a in self._assignments.values()))
+
     def state(self) -> dict[str, Any]:
         """A JSON-able summary for status displays."""
         signals: dict[str, dict[str, Any]] = {}

@@ -75,6 +75,8 @@ from stream.errors import SitnError
 from stream.events import EmbeddingBatch, InteractionEvent
 from stream.user_state import Example
 
+PUBLISH_LAG_WINDOW_S = 30.0  # summary()'s publish_lag_window_p99_s: the events published this recently
+
 log = logging.getLogger(__name__)
 
 
@@ -217,6 +219,10 @@ class OnlineTrainer:
         self.checkpoint_stall_s: collections.deque[float] = collections.deque(maxlen=64)
         self.checkpoint_write_s: collections.deque[float] = collections.deque(maxlen=64)
         self.last_stats: dict[str, float] = {}
+        # (published at, seconds from arrival) of each event published in the last PUBLISH_LAG_WINDOW_S: the
+        # status snapshot's publish-lag p99 (the dashboard's figure without Prometheus)
+        self._publish_lags: collections.deque[tuple[float, float]] = collections.deque()
+        self.publish_lag_window_p99_s = math.nan
         self.gate = gate
         self.gate_sample_per_step = gate_sample_per_step
         self.drift = drift
@@ -356,6 +362,7 @@ class OnlineTrainer:
             self.drift.observe_events([ex.domain for ex in examples], [ex.item_id for ex in examples])
             self.drift.observe_step(stats, int(self.learner.step))
             stats["drift_alarms_total"] = float(self.drift.alarms_total)
+            stats["drift_alarms_active"] = float(self.drift.alarms_active())
         self.last_stats = stats
         n_target = len(consumed)
         telemetry.record_step(stats, time.perf_counter() - start_s,
@@ -481,7 +488,10 @@ class OnlineTrainer:
         telemetry.PUBLISHES.labels("full" if batch.full else "delta").inc()
         telemetry.PUBLISHED_VERSION.set(batch.version)
         for ingest_s in batch.event_ingest_wall_s:  # per event
-            telemetry.PUBLISH_LAG_SECONDS.observe(max(0.0, batch.created_at_s - ingest_s))
+            lag_s = max(0.0, batch.created_at_s - ingest_s)
+            telemetry.PUBLISH_LAG_SECONDS.observe(lag_s)
+            self._publish_lags.append((batch.created_at_s, lag_s))
+        self._publish_lag_window(batch.created_at_s)
         telemetry.record_prototypes(self.learner)
         if self.drift is not None and getattr(self.learner, "prototypes", None) is not None:
             for (side, k), proto in self.learner.prototypes.sets.items():
@@ -624,8 +634,17 @@ class OnlineTrainer:
         }
         return out
 
+    def _publish_lag_window(self, now_s: float) -> None:
+        """Drop the publish lags older than ``PUBLISH_LAG_WINDOW_S`` and set the p99 of the rest (NaN: none)."""
+        lags = self._publish_lags
+        while lags and lags[0][0] < now_s - PUBLISH_LAG_WINDOW_S:
+            lags.popleft()
+        self.publish_lag_window_p99_s = float(np.percentile([lag for _, lag in lags], 99)) if lags else math.nan
+
     def summary(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self.last_stats.items() if isinstance(v, int | float) and not math.isnan(v)}
+        if not math.isnan(self.publish_lag_window_p99_s):  # of the events published in the last 30 s
+            out["publish_lag_window_p99_s"] = self.publish_lag_window_p99_s
         out["events_applied"] = float(self.events_applied)
         out["redelivered_dropped"] = float(self.redelivered_dropped)
         out["step"] = float(self.learner.step)
