@@ -3,7 +3,8 @@ when the rate passes a threshold, and the run's verdict at exit.
 
 A run whose records all fail validation (a file of millisecond or ordinal timestamps read as seconds, wrong
 domain names) trains nothing; it must say so and why, not end quietly. ``DeadLetterWatch`` is fed the
-consumers' cumulative counts (``Pipeline.status()``) and keeps the rate over about the last
+run's cumulative counts (``Pipeline.status()``: the learner's tally, which counts each record once as its
+positions pass it, across consumer and learner restarts) and keeps the rate over about the last
 ``window_records`` records consumed; it returns an alert when that rate first passes ``max_ratio`` (and again
 after it has come back under). ``judge_run`` gives the exit verdict: a run that trained nothing, or
 dead-lettered more than ``max_ratio`` of what it consumed, has problems, and ``sitn run`` exits non-zero.
@@ -93,9 +94,10 @@ class DeadLetterWatch:
 
     def observe(self, records_in: int, by_reason: Mapping[str, int],
                 examples: Mapping[str, str]) -> DeadLetterAlert | None:
-        """Take the consumers' cumulative counts; return an alert when the window's rate first passes the threshold.
+        """Take the run's cumulative counts (the learner's: records its positions passed, and their dead letters
+        by reason); return an alert when the window's rate first passes the threshold.
 
-        Counts that went down (consumers restarted with fresh counters) start a new window.
+        Counts that went down (a learner restored from an older checkpoint) start a new window.
         """
         now = _Sample(records_in, Counter(by_reason))
         if records_in < self._samples[-1].records_in:

@@ -46,7 +46,6 @@ import math
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -464,25 +463,21 @@ class Pipeline:
             out["replay_throttled_s"] = self._throttle.throttled_s
             out["lag_events"] = self._throttle.last_lag_events
         try:
-            out.update(ray.get(self.learner.stats.remote(), timeout=10))
+            learner = ray.get(self.learner.stats.remote(), timeout=10)
+            out.update(learner)
+            # The records the learner's positions have passed: trained events and dead letters. Its tally, not
+            # the consumers': a replaced consumer (or all of them, after a learner restart) counts from zero.
+            out["dead_letters"] = int(learner["dead_letters"])
+            out["records_in"] = int(learner["events_applied"]) + out["dead_letters"]
         except Exception as exc:  # a dead learner shows as such until supervise() replaces it
             out["learner_error"] = type(exc).__name__
         out.update(self._serving_status())
         if self.fleet is not None:
             try:
                 stats = self.fleet.stats(timeout_s=10)
-                out["dead_letters"] = sum(s.dead_letters for s in stats.values())
-                out["records_in"] = sum(s.records_in for s in stats.values())
+                out["records_read"] = sum(s.records_in for s in stats.values())  # by the consumers alive now
                 out["events_decoded"] = sum(s.events_out for s in stats.values())  # by the consumers alive now
                 out["consumer_lag_records"] = sum(s.lag_records for s in stats.values())
-                by_reason: Counter[str] = Counter()
-                examples: dict[str, str] = {}
-                for s in stats.values():
-                    by_reason.update(s.dead_letters_by_reason)
-                    for reason, example in s.dead_letter_examples.items():
-                        examples.setdefault(reason, example)
-                out["dead_letters_by_reason"] = dict(by_reason)
-                out["dead_letter_examples"] = examples
             except Exception as exc:
                 out["consumer_error"] = type(exc).__name__
         return out

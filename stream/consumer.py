@@ -11,7 +11,10 @@ learner has trained, and the learner drops them by their offsets (``EventBatch.o
 
 Order of a poll: the records are decoded; the invalid ones are sent to the dead-letter topic, and that
 topic is flushed *before* the batch is returned, so a bad record is stored before anyone can count its
-offset as done.
+offset as done. The batch names each of them (``EventBatch.letters``: partition, offset, reason), so the
+learner counts every dead letter once, with the positions it owns: a consumer's own tally
+(``ConsumerStats``) starts again at zero when it is replaced, and a replacement re-reads (and re-sends)
+the letters after the learner's positions.
 """
 
 from __future__ import annotations
@@ -34,27 +37,43 @@ _domain = operator.attrgetter("domain")
 
 
 @dataclass(frozen=True, slots=True)
+class LetterMark:
+    """Where a dead-lettered record was and why: what a batch tells the learner of it."""
+
+    partition: int
+    offset: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class EventBatch:
     """The valid events of one poll, each with its offset, and how far each partition was read.
 
     >>> e = [InteractionEvent(f"e{i}", "u", f"m{i}", "movie", 1_400_000_000 + i) for i in range(3)]
-    >>> b = EventBatch(e, [10, 12, 4], {0: (0, 2), 1: (2, 3)}, {0: (10, 13), 1: (4, 5)}, dead_letters=1)
-    >>> b.positions, len(b)
-    ({0: 13, 1: 5}, 3)
+    >>> b = EventBatch(e, [10, 12, 4], {0: (0, 2), 1: (2, 3)}, {0: (10, 13), 1: (4, 5)},
+    ...                (LetterMark(0, 11, "bad_json"),))
+    >>> b.positions, len(b), b.dead_letters
+    ({0: 13, 1: 5}, 3, 1)
     """
 
     events: list[InteractionEvent]
     offsets: list[int]  # offsets[i]: the offset of events[i] in its partition
     spans: dict[int, tuple[int, int]]  # partition -> events[start:end], in offset order
     read: dict[int, tuple[int, int]]  # partition -> (first offset read, next offset to read), dead letters too
-    dead_letters: int = 0  # records of this poll that went to the dead-letter topic
+    letters: tuple[LetterMark, ...] = ()  # records of this poll that went to the dead-letter topic, in read order
     consumer_id: str = ""  # which consumer read it
+    # reason -> DeadLetter.example() of this poll's first letter of that reason (bounded: reasons are a fixed set)
+    letter_examples: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert len(self.events) == len(self.offsets), "one offset per event"
 
     def __len__(self) -> int:
         return len(self.events)
+
+    @property
+    def dead_letters(self) -> int:
+        return len(self.letters)
 
     @classmethod
     def of(cls, events: list[InteractionEvent], partition: int = 0, first_offset: int = 0,
@@ -66,7 +85,7 @@ class EventBatch:
         """
         n = len(events)
         return cls(list(events), list(range(first_offset, first_offset + n)), {partition: (0, n)} if n else {},
-                   {partition: (first_offset, first_offset + n)} if n else {}, 0, consumer_id)
+                   {partition: (first_offset, first_offset + n)} if n else {}, (), consumer_id)
 
     @property
     def positions(self) -> Offsets:
@@ -113,7 +132,8 @@ class StreamConsumer:
         offsets: list[int] = []
         spans: dict[int, tuple[int, int]] = {}
         read: dict[int, tuple[int, int]] = {}
-        dead = 0
+        letters: list[LetterMark] = []
+        examples: dict[str, str] = {}
         domains = self.domains
         for batch in batches:
             start = len(events)
@@ -125,22 +145,26 @@ class StreamConsumer:
                 bad = {i for i, _ in errors}
                 offsets += [offset for i, offset in enumerate(batch.offsets) if i not in bad]
                 for i, exc in errors:
-                    self._dead_letter(batch.topic, batch.partition, batch.offsets[i], batch.values[i], exc)
-                dead += len(errors)
+                    letter = self._dead_letter(batch.topic, batch.partition, batch.offsets[i], batch.values[i], exc)
+                    letters.append(LetterMark(batch.partition, letter.source_offset, letter.reason))
+                    if letter.reason not in examples:
+                        examples[letter.reason] = letter.example()
             read[batch.partition] = (batch.offsets[0], batch.next_offset)
             if len(events) > start:
                 spans[batch.partition] = (start, len(events))
             self.stats.records_in += len(batch)
             telemetry.RECORDS_CONSUMED.inc(len(batch))
-        if dead:
+        if letters:
             self.dead_letters.flush()  # stored before the batch (and so its positions) goes anywhere
         self.stats.events_out += len(events)
         if events:
             for domain, n in Counter(map(_domain, events)).items():
                 telemetry.EVENTS_DECODED.labels(domain).inc(n)
-        return EventBatch(events, offsets, spans, read, dead, self.consumer_id)
+        return EventBatch(events, offsets, spans, read, tuple(letters), self.consumer_id, examples)
 
-    def _dead_letter(self, topic: str, partition: int, offset: int, raw: bytes | None, exc: EventDecodeError) -> None:
+    def _dead_letter(
+        self, topic: str, partition: int, offset: int, raw: bytes | None, exc: EventDecodeError
+    ) -> DeadLetter:
         letter = DeadLetter(exc.reason, exc.detail, topic, partition, offset, raw, failed_at_ms=int(time.time() * 1000))
         self.dead_letters.send(letter)
         if exc.reason not in self.stats.dead_letter_examples:
@@ -148,6 +172,7 @@ class StreamConsumer:
         self.stats.dead_letters_by_reason[exc.reason] += 1
         telemetry.DEAD_LETTERS.labels(exc.reason).inc()
         log.debug("dead letter topic=%s partition=%s offset=%s reason=%s", topic, partition, offset, exc.reason)
+        return letter
 
     def positions(self) -> Offsets:
         """Next offset to read of every assigned partition (everything polled so far)."""

@@ -154,7 +154,8 @@ def _without_seen(batch: EventBatch, seen_end: dict[int, int]) -> EventBatch:
         spans[p] = (len(events), len(events) + len(keep))
         events += [e for e, _ in keep]
         offsets += [o for _, o in keep]
-    return EventBatch(events, offsets, spans, batch.read, batch.dead_letters, batch.consumer_id)
+    return EventBatch(events, offsets, spans, batch.read, batch.letters, batch.consumer_id,
+                      batch.letter_examples)
 
 
 @pytest.mark.kafka

@@ -110,6 +110,16 @@ def _check(batches: list[EventBatch], letters: list[DeadLetter], good: list[Inte
         "bad_json": 1, "missing_field": 1, "wrong_type": 3, "unknown_domain": 1, "oversize": 1, "empty": 1,
     }
     assert sum(b.dead_letters for b in batches) == len(bad)
+    # Each batch names its letters (partition, offset, reason) for the learner's tally, as the topic has them,
+    # within the partition span the batch read, and one example per reason.
+    marks = [(m.partition, m.offset, m.reason) for b in batches for m in b.letters]
+    assert sorted(marks) == sorted((x.source_partition, x.source_offset, x.reason) for x in letters)
+    for b in batches:
+        for m in b.letters:
+            assert b.read[m.partition][0] <= m.offset < b.read[m.partition][1]
+            start, stop = b.spans.get(m.partition, (0, 0))
+            assert m.offset not in b.offsets[start:stop]  # not an event's offset in its partition
+        assert set(b.letter_examples) == {m.reason for m in b.letters}
 
 
 def test_malformed_messages_go_to_the_embedded_dead_letter_topic(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -392,6 +392,45 @@ def test_serving_sigkill(pipeline: Pipeline, events: list[InteractionEvent], rep
     # The new replica got the complete state: every replayed target item is in its index.
     n_books = len({e.item_id for e in events if e.domain == "book"})
     wait_for(lambda: pipeline.status().get("index_items") == n_books, 30, "the final full version in the new replica")
+
+
+@pytest.mark.timeout(360)
+def test_dead_letters_are_counted_once_across_a_consumer_and_a_learner_restart(
+    pipeline: Pipeline, events: list[InteractionEvent]
+) -> None:
+    """Every 100th record is malformed (timestamp 0). A consumer that had dead-lettered some is SIGKILLed,
+    then the learner: the run's tally is still exactly the malformed records, by reason, and the run still
+    sees itself caught up (trained + dead-lettered = replayed), which ``--exit-after-replay`` waits for. A
+    tally summed over the consumers alive lost the replaced consumers' letters, so the run never caught up."""
+    mixed: list[InteractionEvent] = []
+    for i, e in enumerate(events):
+        mixed.append(e)
+        if i % 100 == 50:
+            mixed.append(replace(e, event_id=f"bad-{i}", timestamp=0))
+    bad = len(mixed) - len(events)
+    assert pipeline.fleet is not None
+    pipeline.start_replay(mixed)
+    wait_for(lambda: status_value(pipeline, "commit_rounds") >= 1, 120, "a first checkpoint and commit", pipeline)
+    wait_for(lambda: pipeline.fleet is not None and pipeline.fleet.stats()["consumer-1"].dead_letters >= 2, 60,
+             "consumer-1 to dead-letter two records", pipeline)
+    os.kill(actor_pid(pipeline.fleet.actors["consumer-1"]), signal.SIGKILL)
+    wait_for(lambda: pipeline.consumer_restarts >= 1, 120, "the killed consumer to be replaced", pipeline)
+    wait_for(lambda: status_value(pipeline, "dead_letters") >= 6 and status_value(pipeline, "commit_rounds") >= 2,
+             120, "more letters counted and a checkpoint after the consumer's restart", pipeline)
+    os.kill(actor_pid(pipeline.learner), signal.SIGKILL)
+    wait_for(lambda: pipeline.restarts >= 1 and pipeline.recovering is None, 120, "the learner to be replaced", pipeline)
+    wait_for(lambda: pipeline.replay_progress.done and pipeline.caught_up(), CAUGHT_UP_TIMEOUT_S,
+             "trained + dead-lettered = replayed", pipeline)
+    status = pipeline.status()
+    assert (pipeline.consumer_restarts, pipeline.restarts) == (1, 1)
+    assert int(status["events_applied"]) == len(events)
+    assert int(status["dead_letters"]) == bad == 30
+    assert status["dead_letters_by_reason"] == {"bad_timestamp": bad}
+    assert "offset" in status["dead_letter_examples"]["bad_timestamp"]
+    assert int(status["records_in"]) == len(mixed)
+    summary = pipeline.write_summary(pipeline.run_dir / "summary.json", 1.0)
+    assert (summary["dead_letters"], summary["records_consumed"]) == (bad, len(mixed))
+    assert summary["dead_letters_by_reason"] == {"bad_timestamp": bad}
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from learner.core.learner import SITNLearner
 from learner.online.checkpoint_store import CheckpointStore
 from learner.online.publisher import CallableTransport
 from learner.online.trainer import OnlineTrainer, StreamGapError
-from stream.consumer import EventBatch
+from stream.consumer import EventBatch, LetterMark
 from stream.dataset import load_events
 from stream.events import EmbeddingBatch, InteractionEvent
 from stream.user_state import Example, UserStateStore
@@ -58,7 +58,7 @@ def batches_from(events: list[InteractionEvent], per_batch: int, partitions: int
             offsets.extend(range(next_offset[p], next_offset[p] + len(es)))
             read[p] = (next_offset[p], next_offset[p] + len(es))
             next_offset[p] += len(es)
-        out.append(EventBatch(batch_events, offsets, spans, read, 0, "c0"))
+        out.append(EventBatch(batch_events, offsets, spans, read, (), "c0"))
     return out
 
 
@@ -261,18 +261,61 @@ def test_events_below_the_position_are_dropped_and_a_skip_is_refused(
     trainer.process(batches[0])
     trainer.process(batches[1])
     # The replacement started at 100 (the position it was handed) and reads 100..399 in one batch.
-    reread = EventBatch(events[100:400], list(range(100, 400)), {0: (0, 300)}, {0: (100, 400)}, 0, "c0")
+    reread = EventBatch(events[100:400], list(range(100, 400)), {0: (0, 300)}, {0: (100, 400)}, (), "c0")
     assert trainer.process(reread) == []  # nothing new: no step
     assert trainer.redelivered_dropped == 300 and trainer.last_trained_event_ids == []
-    overlapping = EventBatch(events[350:500], list(range(350, 500)), {0: (0, 150)}, {0: (350, 500)}, 0, "c0")
+    overlapping = EventBatch(events[350:500], list(range(350, 500)), {0: (0, 150)}, {0: (350, 500)}, (), "c0")
     trainer.process(overlapping)
     assert trainer.redelivered_dropped == 350
     assert trainer.last_trained_event_ids == [e.event_id for e in events[400:500]]
     assert trainer.events_applied == 500 and trainer.resume_positions() == {0: 500}
     with pytest.raises(StreamGapError, match=r"partition 0: a batch from offset 501 on, but the learner trained "
                                              r"up to 500: records 500\.\.500 would be skipped"):
-        trainer.process(EventBatch(events[501:502], [501], {0: (0, 1)}, {0: (501, 502)}, 0, "c0"))
+        trainer.process(EventBatch(events[501:502], [501], {0: (0, 1)}, {0: (501, 502)}, (), "c0"))
     assert trainer.events_applied == 500
+
+
+def with_letters(events: list[InteractionEvent], first: int, bad: dict[int, str]) -> EventBatch:
+    """Records ``first..first + len(events) + len(bad) - 1`` of partition 0, where the offsets in ``bad`` went to
+    the dead-letter topic (with that reason) and ``events`` fill the others, in order."""
+    end = first + len(events) + len(bad)
+    good = [o for o in range(first, end) if o not in bad]
+    letters = tuple(LetterMark(0, o, reason) for o, reason in sorted(bad.items()))
+    examples = {m.reason: f"partition 0 offset {m.offset}" for m in reversed(letters)}
+    return EventBatch(events, good, {0: (0, len(events))} if events else {}, {0: (first, end)}, letters, "c0", examples)
+
+
+def test_dead_letters_are_counted_once_as_the_positions_pass_them_and_survive_a_restore(
+    tmp_path: Path, events: list[InteractionEvent]
+) -> None:
+    """The run's dead-letter tally is the learner's: a letter counts when the position passes it, a re-read one
+    (a replaced consumer re-sends what lies after the position it was handed) does not count again, and a
+    restored learner goes on from its checkpoint's tally, the one matching its positions."""
+    trainer = make_trainer(tmp_path, [])
+    trainer.process(with_letters(events[:100], 0, {10: "bad_json", 50: "bad_timestamp"}))  # offsets 0..101
+    trainer.process(with_letters([], 102, {102: "bad_timestamp"}))  # a poll of letters only: 102
+    assert trainer.resume_positions() == {0: 103}
+    assert trainer.dead_letters_by_reason == {"bad_json": 1, "bad_timestamp": 2}
+    assert trainer.dead_letter_examples == {"bad_json": "partition 0 offset 10", "bad_timestamp": "partition 0 offset 50"}
+    # A replacement handed position 50 re-reads 50..102 and goes on to 103..130 (one more letter at 120).
+    reread = with_letters(events[49:100] + events[100:127], 50, {50: "bad_timestamp", 102: "bad_timestamp",
+                                                                   120: "unknown_domain"})
+    trainer.process(reread)
+    assert trainer.resume_positions() == {0: 131}
+    assert trainer.events_applied == 127
+    assert trainer.dead_letters_by_reason == {"bad_json": 1, "bad_timestamp": 2, "unknown_domain": 1}
+    assert trainer.summary()["dead_letters"] == 4
+    trainer.checkpoint()
+    trainer.process(with_letters(events[127:150], 131, {140: "bad_json"}))  # after the checkpoint: lost by the crash
+    assert sum(trainer.dead_letters_by_reason.values()) == 5
+    restored = make_trainer(tmp_path, [])
+    assert restored.restore()
+    assert restored.resume_positions() == {0: 131}
+    assert restored.dead_letters_by_reason == {"bad_json": 1, "bad_timestamp": 2, "unknown_domain": 1}
+    assert restored.dead_letter_examples["unknown_domain"] == "partition 0 offset 120"
+    # The consumers restart at 131: the letter at 140 is read, and counted, again, once.
+    restored.process(with_letters(events[127:150], 131, {140: "bad_json"}))
+    assert restored.dead_letters_by_reason == {"bad_json": 2, "bad_timestamp": 2, "unknown_domain": 1}
 
 
 def test_steps_before_an_idle_pause_are_published_once_the_interval_passes(

@@ -276,14 +276,18 @@ class LearnerWorker:
     def finish(self) -> None:
         self._finish.set()
 
-    def stats(self) -> dict[str, float]:
-        out = self.trainer.summary()
+    def stats(self) -> dict[str, Any]:
+        """The trainer's figures (``OnlineTrainer.summary``), the loop's counters, and the run's dead-letter
+        tally (counted once per record as the positions pass it, so exact across restarts)."""
+        out: dict[str, Any] = dict(self.trainer.summary())
         out["batches_processed"] = float(self.batches_processed)
         out["examples_processed"] = float(self.examples_processed)
         out["commit_rounds"] = float(self.commit_rounds)
         out["events_checkpointed"] = float(self.events_checkpointed)
         out["commit_failures"] = float(self.commit_failures)
         out["versions_dropped"] = float(self.versions_dropped)
+        out["dead_letters_by_reason"] = dict(self.trainer.dead_letters_by_reason)
+        out["dead_letter_examples"] = dict(self.trainer.dead_letter_examples)
         return out
 
     def quality(self) -> dict[str, Any]:

@@ -34,9 +34,11 @@ in this order:
    delivered are still queued), builds the examples of the others chunk by chunk (``batch_size``) from
    the history store, trains on each chunk before building the next, and advances the positions once
    all are trained. Between calls nothing is half-applied. A batch that starts *above* a position would
-   skip records: an error.
+   skip records: an error. The batch's dead letters (``EventBatch.letters``) at or above the positions are
+   counted, by reason, as the positions pass them: the run's dead-letter tally lives here, beside the
+   positions, because a consumer's own count starts again when it is replaced.
 2. ``checkpoint()`` writes model (with the history store), optimizer, prototypes, id maps, publisher
-   state and the positions atomically, in one file. It reads them out (encodes them) at once; the write
+   state, the dead-letter tally and the positions atomically, in one file. It reads them out (encodes them) at once; the write
    may then run on a writer thread (``background=True``), and the positions count as durable only when
    ``collect_checkpoint`` returns its mark.
 3. Only then (the write done) does the caller mirror the positions into the consumer group
@@ -69,7 +71,7 @@ from learner.online.publisher import Publisher, Transport
 from learner.online.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
 from learner.online.transfer_scale import TransferScaleTuner
 from serving.fused import FUSED_WEIGHTS
-from stream.consumer import EventBatch
+from stream.consumer import EventBatch, LetterMark
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS, rank_with_ties_against
 from stream.errors import SitnError
 from stream.events import EmbeddingBatch, InteractionEvent
@@ -210,6 +212,11 @@ class OnlineTrainer:
         self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
         self.events_applied = 0
         self.redelivered_dropped = 0  # events of delivered batches below the position: trained already
+        # The records below the positions that went to the dead-letter topic, by reason, counted once each as
+        # the positions pass them (so, like the positions, exact across consumer and learner restarts), and
+        # the first letter of each reason (DeadLetter.example)
+        self.dead_letters_by_reason: collections.Counter[str] = collections.Counter()
+        self.dead_letter_examples: dict[str, str] = {}
         self.last_trained_event_ids: list[str] = []  # of the last process() call, in training order
         self._last_checkpoint_step = int(learner.step)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # background checkpoint writes
@@ -253,7 +260,7 @@ class OnlineTrainer:
     def process(self, batch: EventBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
         """Train on every event of ``batch`` not trained yet; returns the statistics of each learner step."""
         received_wall_s = time.time() if received_wall_s is None else received_wall_s
-        events, positions = self._new_events(batch)
+        events, positions, letters = self._new_events(batch)
         self.last_trained_event_ids = [e.event_id for e in events]
         stats = []
         for i in range(0, len(events), self.batch_size):
@@ -267,26 +274,33 @@ class OnlineTrainer:
                 stats.append(self._step(self._examples(chunk), received_wall_s))
         self.positions.update(positions)
         self.events_applied += len(events)
+        for mark in letters:
+            self.dead_letters_by_reason[mark.reason] += 1
+            if mark.reason not in self.dead_letter_examples and mark.reason in batch.letter_examples:
+                self.dead_letter_examples[mark.reason] = batch.letter_examples[mark.reason]
         telemetry.EVENTS_APPLIED.set(self.events_applied)
         return stats
 
-    def _new_events(self, batch: EventBatch) -> tuple[list[InteractionEvent], dict[int, int]]:
-        """The batch's events at or above their partition's position, in batch order, and the positions
-        after the batch. Events below a position were trained already: dropped and counted."""
+    def _new_events(self, batch: EventBatch) -> tuple[list[InteractionEvent], dict[int, int], list[LetterMark]]:
+        """The batch's events at or above their partition's position, in batch order, the positions after
+        the batch, and its dead letters at or above the positions. Events below a position were trained
+        already: dropped and counted; dead letters below it were counted already."""
         events: list[InteractionEvent] = []
         positions: dict[int, int] = {}
+        floors: dict[int, int] = {}
         for partition, (first, end) in batch.read.items():
             trained = self.positions.get(partition)
             if trained is not None and first > trained:
                 raise StreamGapError(f"partition {partition}: a batch from offset {first} on, but the learner "
                                      f"trained up to {trained}: records {trained}..{first - 1} would be skipped")
-            floor = trained or 0
+            floor = floors[partition] = trained or 0
             start, stop = batch.spans.get(partition, (0, 0))
             kept = [e for e, o in zip(batch.events[start:stop], batch.offsets[start:stop], strict=True) if o >= floor]
             self.redelivered_dropped += (stop - start) - len(kept)
             events.extend(kept)
             positions[partition] = max(end, floor)
-        return events, positions
+        letters = [m for m in batch.letters if m.offset >= floors[m.partition]]
+        return events, positions, letters
 
     def _examples(self, events: list[InteractionEvent]) -> list[Example]:
         """Each event's causal example: the user's last ``max_len`` items per domain before it, from the
@@ -515,6 +529,7 @@ class OnlineTrainer:
         extra = {
             "positions": dict(self.positions),
             "redelivered_dropped": self.redelivered_dropped,
+            "dead_letters": {"by_reason": dict(self.dead_letters_by_reason), "examples": dict(self.dead_letter_examples)},
             "publisher": self.publisher.state_dict(),
             "events_applied": self.events_applied,
             "drift": self.drift.state_dict() if self.drift is not None else None,
@@ -579,6 +594,9 @@ class OnlineTrainer:
         self.publisher.load_state_dict(extra["publisher"])
         self.positions = {int(p): int(o) for p, o in extra["positions"].items()}
         self.redelivered_dropped = int(extra.get("redelivered_dropped", 0))
+        letters = extra.get("dead_letters") or {}  # absent in checkpoints written before the learner counted them
+        self.dead_letters_by_reason = collections.Counter({str(r): int(n) for r, n in letters.get("by_reason", {}).items()})
+        self.dead_letter_examples = {str(r): str(x) for r, x in letters.get("examples", {}).items()}
         self.events_applied = int(extra["events_applied"])
         if self.drift is not None and extra.get("drift") is not None:
             self.drift.load_state_dict(extra["drift"])
@@ -647,6 +665,7 @@ class OnlineTrainer:
             out["publish_lag_window_p99_s"] = self.publish_lag_window_p99_s
         out["events_applied"] = float(self.events_applied)
         out["redelivered_dropped"] = float(self.redelivered_dropped)
+        out["dead_letters"] = float(sum(self.dead_letters_by_reason.values()))
         out["step"] = float(self.learner.step)
         out["published_version"] = float(self.publisher.version)
         out["burn_in_events"] = float(self.burn_in_events)  # warm start: events the model had been trained on

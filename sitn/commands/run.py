@@ -172,8 +172,10 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
             while not stopping["flag"]:
                 pipeline.supervise()
                 status = pipeline.status()
-                alert = watch.observe(int(status.get("records_in", 0)), status.get("dead_letters_by_reason") or {},
-                                      status.get("dead_letter_examples") or {})
+                alert = None
+                if "records_in" in status:  # the learner's tally; absent while a dead learner is replaced
+                    alert = watch.observe(int(status["records_in"]), status.get("dead_letters_by_reason") or {},
+                                          status.get("dead_letter_examples") or {})
                 status["dead_letter_window_ratio"] = watch.window_ratio
                 status["dead_letter_window_records"] = watch.window_size
                 if alert is not None:
@@ -189,7 +191,8 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
             pipeline.finish_training()  # last checkpoint, commit and full publish: the summary covers them
         summary = pipeline.write_summary(run_dir / "summary.json", time.monotonic() - started_s)
         final = pipeline.status()
-        watch.observe(int(final.get("records_in", 0)), final.get("dead_letters_by_reason") or {}, {})
+        if "records_in" in final:
+            watch.observe(int(final["records_in"]), final.get("dead_letters_by_reason") or {}, {})
         final["dead_letter_window_ratio"] = watch.window_ratio
         final["dead_letter_window_records"] = watch.window_size
         console.print(render_status(final, pipeline.serving_url))
