@@ -56,6 +56,21 @@ at 60k, 61.2 MiB at 100k, where RSS was 1,189 MiB); the trims took 0.68 s over 6
 batches of 500). The checkpoint payload (43 MiB at 50k events, 83 MiB at 100k) is no longer copied whole
 in memory when it is written (``learner.core.checkpoint``).
 
+Issue 12's whole stream (``--events 3000000 --users 5000 --points 6 --seed 1``, 2026-12-06, co-occurrence
+capped at the default 50 neighbours per item), MiB:
+
+    events          0.5M    1M   1.5M    2M   2.5M    3M   per 100k at 3M
+    shadow_cooc      186   439    706   867   1001  1105   20.8
+    serving_cooc      43   103    180   194    218   236    3.7
+    item_tables      166   277    283   532    535   537    0.5
+    histories         77    97    107   107    107   107    0
+    replay            57    68     74    74     74    74    0
+    rss             1004  1363   1750  1933   2094  2213   23.8
+
+Histories (full at 50 items per domain) and the replay buffer are flat; the item tables step with the
+catalogue's doubling capacity and stop with it (500k items); the co-occurrence counts still grow, ever more
+slowly, towards their bound (items x 2 x the neighbour cap).
+
 With 1,000 users (300 events each at the default) histories are full (50 items per domain) after about
 a third of the stream, so the last points show the steady per-event growth; ``--users 5000`` is issue 12's
 population (its histories fill only after ~1.25M events).
