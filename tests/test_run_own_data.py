@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ def test_ordinal_time_file_is_detected_and_trains(tmp_path: Path) -> None:
     assert (summary["events_replayed"], summary["events_trained"], summary["dead_letters"]) == (n, n, 0)
     assert summary["records_consumed"] == n and summary["dead_letters_by_reason"] == {}
     assert summary["prequential"]["target_events"] > 0  # target events were ranked before learning them
+    # Its output is not a terminal: the live table's figures come as a log line per tick instead.
+    assert re.search(rf"status replayed [\d,]+/{n:,} \(.*\| trained [\d,]+ \| dead letters 0 \|", done.stderr), (
+        done.stderr[-3000:])
 
 
 @pytest.mark.ray

@@ -184,6 +184,8 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
                 if dashboard is not None:
                     dashboard.observe(status)  # the driver's /metrics, and the page's series
                 live.update(render_status(status, pipeline.serving_url))
+                if not console.is_terminal:  # the table is drawn only on a terminal: a line per tick instead
+                    log.info("status %s", status_line(status))
                 if pipeline.caught_up(status) and run.exit_after_replay:
                     break
                 time.sleep(run.status_every_s)
@@ -270,6 +272,35 @@ def _replica_rows(replicas: list[dict[str, Any]] | None) -> list[tuple[str, str]
         return []
     versions = [_fmt(r["served_version"]) if r["alive"] else "down" for r in replicas]
     return [("served version per replica", " / ".join(versions))]
+
+
+def status_line(s: dict[str, Any]) -> str:
+    """The live table's main figures on one line, for a run whose output is not a terminal (a log file, a
+    service manager), where the table is not redrawn.
+
+    >>> print(status_line({"replay_sent": 2000, "replay_total": 3000, "replay_rate": 1000.0, "events_applied": 1500,
+    ...                    "dead_letters": 3, "dead_letters_by_reason": {"bad_json": 3}, "served_by": "fused",
+    ...                    "fused_live_ndcg_at_10_window": 0.0123, "cooc_target_ndcg_at_10_window": 0.011,
+    ...                    "rss_mb": {"learner": 900.0, "serving": 300.0}}))
+    replayed 2,000/3,000 (1,000/s) | trained 1,500 | dead letters 3 (bad_json 3) | NDCG@10 window: model - \
+fused 0.0123 popularity - cooc 0.0110 | served by fused, version - | freshness p50/p99 -/- s | restarts - | \
+RSS MiB total 1,200 learner 900
+    """
+    from sitn.dead_letter_watch import format_reasons
+
+    reasons = format_reasons(s.get("dead_letters_by_reason") or {}) if s.get("dead_letters") else ""
+    rss = s.get("rss_mb") or {}
+    return (f"replayed {_fmt(s.get('replay_sent'))}/{_fmt(s.get('replay_total'))} ({_fmt(s.get('replay_rate'))}/s) | "
+            f"trained {_fmt(s.get('events_applied'))} | dead letters {_fmt(s.get('dead_letters'))}"
+            f"{f' ({reasons})' if reasons else ''} | NDCG@10 window: "
+            f"model {_fmt(s.get('model_live_ndcg_at_10_window'), '.4f')} "
+            f"fused {_fmt(s.get('fused_live_ndcg_at_10_window'), '.4f')} "
+            f"popularity {_fmt(s.get('popularity_ndcg_at_10_window'), '.4f')} "
+            f"cooc {_fmt(s.get('cooc_target_ndcg_at_10_window'), '.4f')} | "
+            f"served by {s.get('served_by', '-')}, version {_fmt(s.get('served_version'))} | "
+            f"freshness p50/p99 {_fmt(s.get('freshness_p50_s'), '.2f')}/{_fmt(s.get('freshness_p99_s'), '.2f')} s | "
+            f"restarts {_fmt(s.get('restarts'))} | "
+            f"RSS MiB total {_fmt(sum(rss.values()) if rss else None)} learner {_fmt(rss.get('learner'))}")
 
 
 def _memory_row(rss: dict[str, float] | None) -> str:
