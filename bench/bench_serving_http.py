@@ -84,6 +84,7 @@ def serve(args: argparse.Namespace) -> None:
         search_params={args.knob: args.knob_value} if args.knob else None,
         merge_threshold_rows=defaults.merge_threshold_rows,
         background_merge=defaults.index_background_merge,
+        merge_max_duty=defaults.index_merge_max_duty,
     )
     item_ids = [f"item{n}" for n in range(args.items)]
     started = time.perf_counter()

@@ -143,6 +143,10 @@ class ItemIndex:
         background_merge: build that base in a thread of its own while writes go on landing in the delta
             (see :meth:`upsert`), so a write never waits for a build; False builds it inside the write that
             crossed the threshold (deterministic: tests, tools).
+        merge_max_duty: with ``background_merge``, the largest share of one core the builds may take: after
+            a build of ``b`` seconds the next one starts no sooner than ``b * (1 - duty) / duty`` seconds
+            later (0.25: three times the build), while the delta, searched exactly, takes the writes. 1
+            builds back to back, as fast as the writes come.
         faiss_threads: OpenMP threads FAISS uses in each thread that searches or builds (1 suits
             single queries and leaves cores to the server); None leaves FAISS's default.
         clock: wall clock in unix seconds (injectable for tests).
@@ -157,9 +161,12 @@ class ItemIndex:
         faiss_threads: int | None = 1,
         clock: Callable[[], float] = time.time,
         background_merge: bool = False,
+        merge_max_duty: float = 1.0,
     ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
+        if not 0 < merge_max_duty <= 1:
+            raise ValueError(f"merge_max_duty must be in (0, 1], got {merge_max_duty}")
         if merge_threshold_rows < 1:
             raise ValueError(f"merge_threshold_rows must be >= 1, got {merge_threshold_rows}")
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # fail fast on a bad string
@@ -179,6 +186,9 @@ class ItemIndex:
         self._written_since_merge: set[str] = set()  # items upserted since the running build took its rows
         self.merges = 0  # bases swapped in (both modes)
         self.last_merge_build_s = 0.0  # how long the last base took to build
+        self.merge_max_duty = merge_max_duty
+        self._monotonic: Callable[[], float] = time.monotonic  # the merge cooldown's clock (tests replace it)
+        self._next_merge_at = -math.inf  # monotonic seconds: no background build starts before it
         empty = np.zeros((0, dim), dtype=np.float32)
         self._snapshot = IndexSnapshot(None, (), empty, np.zeros(0, bool), 0, (), empty, 0, clock())
 
@@ -298,8 +308,8 @@ class ItemIndex:
             self._publish_delta(snap, latest, vectors, new_version)
             if self._merge_thread is not None:
                 self._written_since_merge.update(latest)
-            elif n_delta_after >= self.merge_threshold_rows:
-                self._start_merge()
+            elif n_delta_after >= self.merge_threshold_rows and self._monotonic() >= self._next_merge_at:
+                self._start_merge()  # (in its cooldown, the delta takes the writes; a later write starts it)
             return len(latest)
 
     # --- background merges ---------------------------------------------------------------------
@@ -355,11 +365,13 @@ class ItemIndex:
             self._merge_thread = None
             self.merges += 1
             self.last_merge_build_s = build_s
+            cooldown_s = build_s * (1 - self.merge_max_duty) / self.merge_max_duty
+            self._next_merge_at = self._monotonic() + cooldown_s
             logger.info(
-                "index base merged in the background factory=%s items=%d kept_in_delta=%d version=%d build_s=%.3f",
-                self.factory, len(item_ids), len(written), snap.version, build_s,
+                "index base merged in the background factory=%s items=%d kept_in_delta=%d version=%d build_s=%.3f "
+                "next_build_after_s=%.1f", self.factory, len(item_ids), len(written), snap.version, build_s, cooldown_s,
             )  # fmt: skip
-            if len(written) >= self.merge_threshold_rows:  # written faster than a base builds: go again
+            if len(written) >= self.merge_threshold_rows and cooldown_s == 0:  # written faster than it builds
                 self._start_merge()
 
     def wait_for_merge(self, timeout_s: float | None = None) -> bool:

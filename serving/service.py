@@ -188,7 +188,7 @@ class RecommendationService:
 
     Args:
         dim: embedding dimension D shared by items and user views.
-        index_factory, search_params, merge_threshold_rows, background_merge: see
+        index_factory, search_params, merge_threshold_rows, background_merge, merge_max_duty: see
             :class:`serving.index.ItemIndex`.
         max_consumed_per_user: how many consumed items are remembered (and excluded) per user.
         max_users: users kept in the vector store and in the consumed sets, each; beyond it the least
@@ -206,6 +206,7 @@ class RecommendationService:
         search_params: Mapping[str, int] | None = None,
         merge_threshold_rows: int = 4096,
         background_merge: bool = False,
+        merge_max_duty: float = 1.0,
         max_consumed_per_user: int = 500,
         max_users: int = 1_000_000,
         cooc_max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS,
@@ -215,7 +216,7 @@ class RecommendationService:
     ) -> None:
         self.dim = dim
         self.index = ItemIndex(dim, index_factory, search_params, merge_threshold_rows, faiss_threads, clock,
-                               background_merge=background_merge)
+                               background_merge=background_merge, merge_max_duty=merge_max_duty)
         self.users = UserVectorStore(dim, max_users)
         self.consumed = ConsumedItems(max_consumed_per_user, max_users)
         self.popularity = PopularityCounter(popularity_refresh_s)
@@ -558,6 +559,7 @@ class RecommendationService:
             search_params=settings.index_search_params,
             merge_threshold_rows=settings.merge_threshold_rows,
             background_merge=settings.index_background_merge,
+            merge_max_duty=settings.index_merge_max_duty,
             max_consumed_per_user=settings.max_consumed_per_user,
             max_users=settings.max_users,
             cooc_max_neighbours=settings.cooc_max_neighbours or None,

@@ -52,6 +52,11 @@ class ServingSettings(BaseSettings):
     index_background_merge: bool = Field(
         True, description="build a new index base in a background thread; writes never wait for it"
     )
+    # 0.25: on issue 12's stream (100k books, most re-published every few seconds) back-to-back HNSW rebuilds
+    # took a whole core from the learner on a 2-core machine; the delta, searched exactly, absorbs the wait.
+    index_merge_max_duty: float = Field(
+        0.25, gt=0, le=1, description="largest share of one core background index builds may take: after "
+        "a build of b seconds the next starts b*(1-duty)/duty seconds later at the earliest (1: back to back)")
     max_consumed_per_user: int = Field(500, ge=1, description="consumed items remembered per user")
     workers: int = Field(
         1, ge=1, le=64, description="worker processes on one port (SO_REUSEPORT, Linux), each applying "

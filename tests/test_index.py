@@ -206,6 +206,35 @@ def test_background_merge_never_blocks_writes_and_keeps_what_was_written_meanwhi
     assert index.search(query, 1) == [("i9", 50.0)]  # i0's newest vector (-5) wins over its base row (100)
 
 
+def test_background_builds_keep_to_their_duty_cycle_while_the_delta_stays_exact() -> None:
+    """After a build of b seconds the next waits b * (1 - duty) / duty: writes over the threshold meanwhile go
+    to the delta (searched exactly) and the first write after the cooldown starts the next build."""
+    index = ItemIndex(dim=2, merge_threshold_rows=4, background_merge=True, merge_max_duty=0.25)
+    now = [1000.0]
+    index._monotonic = lambda: now[0]  # the cooldown's clock, stepped by hand
+    reference = {f"i{n}": np.array([float(n), 1.0], np.float32) for n in range(4)}
+    index.upsert(list(reference), np.stack(list(reference.values())), version=1)  # at the threshold: a build
+    assert index.wait_for_merge(timeout_s=30) and index.merges == 1
+    build_s = index.last_merge_build_s
+    cooldown_s = build_s * 3  # (1 - 0.25) / 0.25
+    assert index._next_merge_at == pytest.approx(1000.0 + cooldown_s)
+    query = np.array([[1.0, 0.5]], np.float32)
+    for version, n in enumerate(range(10, 16), start=2):  # 6 rows: past the threshold, inside the cooldown
+        reference[f"i{n}"] = np.array([float(n), -1.0], np.float32)
+        index.upsert([f"i{n}"], reference[f"i{n}"][None], version)
+        assert not index.merging
+    assert index.merges == 1 and len(index.snapshot.delta_item_ids) == 6
+    assert_same(index.search(query, 8), brute_force(reference, query, 8, set()))
+    now[0] += cooldown_s + 1e-6  # past it: the next write starts a build
+    reference["i0"] = np.array([-3.0, 0.0], np.float32)
+    index.upsert(["i0"], reference["i0"][None], version=20)
+    assert index.wait_for_merge(timeout_s=30) and index.merges == 2
+    assert index.snapshot.base is not None and index.snapshot.base.ntotal == 10
+    assert_same(index.search(query, 10), brute_force(reference, query, 10, set()))
+    with pytest.raises(ValueError, match="merge_max_duty"):
+        ItemIndex(dim=2, merge_max_duty=0.0)
+
+
 def test_replace_all_during_a_background_merge_throws_the_build_away(monkeypatch: pytest.MonkeyPatch) -> None:
     index = ItemIndex(dim=2, merge_threshold_rows=2, background_merge=True)
     started, release = _gated_build(index, monkeypatch)
