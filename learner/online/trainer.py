@@ -38,9 +38,9 @@ in this order:
    counted, by reason, as the positions pass them: the run's dead-letter tally lives here, beside the
    positions, because a consumer's own count starts again when it is replaced.
 2. ``checkpoint()`` writes model (with the history store), optimizer, prototypes, id maps, publisher
-   state, the dead-letter tally and the positions atomically, in one file. It reads them out (encodes them) at once; the write
-   may then run on a writer thread (``background=True``), and the positions count as durable only when
-   ``collect_checkpoint`` returns its mark.
+   state, the dead-letter tally and the positions atomically, in one file. It reads them out (encodes
+   them) at once; the write may then run on a writer thread (``background=True``), and the positions
+   count as durable only when ``collect_checkpoint`` returns its mark.
 3. Only then (the write done) does the caller mirror the positions into the consumer group
    (``stream.group_offsets``), for lag tools; nothing reads them back.
 
@@ -595,7 +595,8 @@ class OnlineTrainer:
         self.positions = {int(p): int(o) for p, o in extra["positions"].items()}
         self.redelivered_dropped = int(extra.get("redelivered_dropped", 0))
         letters = extra.get("dead_letters") or {}  # absent in checkpoints written before the learner counted them
-        self.dead_letters_by_reason = collections.Counter({str(r): int(n) for r, n in letters.get("by_reason", {}).items()})
+        by_reason = letters.get("by_reason", {})
+        self.dead_letters_by_reason = collections.Counter({str(r): int(n) for r, n in by_reason.items()})
         self.dead_letter_examples = {str(r): str(x) for r, x in letters.get("examples", {}).items()}
         self.events_applied = int(extra["events_applied"])
         if self.drift is not None and extra.get("drift") is not None:
