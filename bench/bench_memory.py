@@ -264,6 +264,7 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=r.batch_size, checkpoint_every_steps=r.checkpoint_every_steps,
             publish_every_steps=r.publish_every_steps, publish_every_s=r.publish_every_s,
             full_publish_every=r.full_publish_every, served_max_users=ServingSettings.model_construct().max_users,
+            served_max_consumed_per_user=ServingSettings.model_construct().max_consumed_per_user,
             gate=PublishGate(r.gate_max_drop, r.gate_window, r.gate_min_events, z_critical=r.gate_z_critical),
             gate_sample_per_step=r.gate_sample_per_step, drift=DriftMonitor(DriftSettings.model_construct()),
             fallback=RankerFallback(("popularity", "cooccurrence"), r.fallback_window, r.fallback_min_events,

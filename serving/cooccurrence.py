@@ -48,6 +48,11 @@ class CooccurrenceRanker:
     def __len__(self) -> int:
         return len(self._cooc)
 
+    def add_items(self, item_ids: Iterable[str]) -> None:
+        """Rows for these items in this order, nothing counted (see ``ItemCooccurrence.add_items``)."""
+        with self._lock:
+            self._cooc.add_items(item_ids)
+
     def learn(self, events: Iterable[tuple[Sequence[str], str]]) -> None:
         """Count each ``(consumed before, item)`` event, in order."""
         with self._lock:

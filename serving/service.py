@@ -62,8 +62,9 @@ from serving.fused import CoocAlignment, fused_scores
 from serving.index import IndexSnapshot, ItemIndex, best_view_scores
 from serving.settings import ServingSettings
 from serving.store import ConsumedItems, PopularityCounter, UserVectorStore
+from stream.consumed import group_by_user
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS
-from stream.events import MAX_ID_CHARS, EmbeddingBatch, EmbeddingUpdate
+from stream.events import MAX_ID_CHARS, EmbeddingBatch, EmbeddingUpdate, ServingBase
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,17 @@ def validate_batch(batch: EmbeddingBatch, dim: int) -> None:
             raise ValueError(f"{where}: consumed must hold (user_id, item_id) pairs, got {pair!r}")
         _check_id(f"{where}: consumed user_id", pair[0])
         _check_id(f"{where}: consumed item_id", pair[1])
+    if batch.base is not None:
+        for pair in batch.base.consumed:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise ValueError(f"{where}: base consumed must hold (user_id, item_id) pairs, got {pair!r}")
+            _check_id(f"{where}: base consumed user_id", pair[0])
+            _check_id(f"{where}: base consumed item_id", pair[1])
+        for counted in batch.base.popularity:
+            if not isinstance(counted, tuple | list) or len(counted) != 2 or isinstance(counted[1], bool) \
+                    or not isinstance(counted[1], int) or counted[1] < 0:
+                raise ValueError(f"{where}: base popularity must hold (item_id, count >= 0) pairs, got {counted!r}")
+            _check_id(f"{where}: base popularity item_id", counted[0])
     if batch.served_by not in RANKERS:
         raise ValueError(f"{where}: served_by must be one of {RANKERS}, got {batch.served_by!r}")
     weight = batch.fused_weight
@@ -242,6 +254,12 @@ class RecommendationService:
         Validates the whole batch first (nothing is written if any part is wrong), then: item vectors into
         the index as one upsert, users' query vectors (V, D) one by one, consumed pairs per user in order
         (exclusions, popularity, co-occurrence), then the ranker and fused weight to answer with.
+
+        A full version that carries its ``base`` (in-cluster) and reaches a replica that did not apply the
+        version just before it (a new replica, a replacement, one that missed versions) first replaces the
+        consumed sets, popularity and co-occurrence with the base, so that replica ends up holding what one fed
+        every version holds (co-occurrence: recounted from the bounded consumed sets, as a snapshot restores it).
+        A replica that applied the version before ignores the base and applies the pairs like any version's.
         """
         validate_batch(batch, self.dim)
         applied_items = 0
@@ -250,10 +268,9 @@ class RecommendationService:
         applied_users = 0
         for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):  # views: (V, D)
             applied_users += self.users.upsert(user_id, views, int(batch.version))
-        by_user: dict[str, list[str]] = {}
-        for user_id, item_id in batch.consumed:
-            by_user.setdefault(user_id, []).append(item_id)
-        for user_id, item_ids in by_user.items():
+        if batch.full and batch.base is not None and self.applied_version != int(batch.version) - 1:
+            self._replace_consumed(batch.base)  # missed versions (new or replaced): start from the learner's base
+        for user_id, item_ids in group_by_user(batch.consumed):
             self.record_consumed(user_id, item_ids)
         self.set_ranker(batch.served_by, batch.fused_weight)
         self.applied_version = max(self.applied_version, int(batch.version))
@@ -309,6 +326,15 @@ class RecommendationService:
         self.popularity.add(item_ids)
         if self.consumed.evicted_users != self._evictions_exported["consumed"]:
             self._export_evictions()
+
+    def _replace_consumed(self, base: ServingBase) -> None:
+        """The consumed sets, popularity counts and co-occurrence of ``base`` replace this replica's."""
+        self.consumed.replace_all(base.consumed)
+        self.cooccurrence = _cooccurrence_of(base.consumed, self.cooc_max_neighbours, (i for i, _ in base.popularity))
+        self.popularity.replace_all(base.popularity)
+        self._export_evictions()
+        logger.info("consumed state replaced from a full version's base users=%d pairs=%d items=%d",
+                    len(self.consumed), len(base.consumed), len(base.popularity))
 
     def record_popularity(self, item_ids: Iterable[str]) -> None:
         self.popularity.add(item_ids)
@@ -534,7 +560,7 @@ class RecommendationService:
             )
             consumed = list(zip(data["consumed_user_ids"].tolist(), data["consumed_item_ids"].tolist(), strict=True))
             self.consumed.replace_all(consumed)
-            self.cooccurrence = _cooccurrence_of(consumed, self.cooc_max_neighbours)
+            self.cooccurrence = _cooccurrence_of(consumed, self.cooc_max_neighbours, data["popular_item_ids"].tolist())
             self.popularity.replace_all(
                 zip(data["popular_item_ids"].tolist(), data["popular_counts"].tolist(), strict=True)
             )
@@ -576,10 +602,14 @@ class RecommendationService:
         return service
 
 
-def _cooccurrence_of(consumed: Iterable[tuple[str, str]], max_neighbours: int | None) -> CooccurrenceRanker:
+def _cooccurrence_of(consumed: Iterable[tuple[str, str]], max_neighbours: int | None,
+                     item_order: Iterable[str] = ()) -> CooccurrenceRanker:
     """Co-occurrence rebuilt from consumed ``(user, item)`` pairs (a snapshot's, each user's oldest first):
-    the pairs within each user's remembered items, not the full history the original counted."""
+    the pairs within each user's remembered items, not the full history the original counted. ``item_order``:
+    the items in the order they were first consumed (the popularity counter's), so that equal scores rank as
+    in the original."""
     ranker = CooccurrenceRanker(max_neighbours=max_neighbours)
+    ranker.add_items(item_order)
     before: dict[str, tuple[str, ...]] = {}
     events = []
     for user_id, item_id in consumed:

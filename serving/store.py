@@ -42,10 +42,9 @@ from collections.abc import Callable, Collection, Iterable
 
 import numpy as np
 
+from stream.consumed import ConsumedItems, check_max_users
 
-def _check_max_users(max_users: int) -> None:
-    if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
-        raise ValueError(f"max_users must be an int >= 1, got {max_users!r}")
+__all__ = ["ConsumedItems", "PopularityCounter", "UserVectorStore"]
 
 
 class UserVectorStore:
@@ -58,7 +57,7 @@ class UserVectorStore:
     def __init__(self, dim: int, max_users: int = 1_000_000) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        _check_max_users(max_users)
+        check_max_users(max_users)
         self.dim = dim
         self.max_users = max_users
         self.evicted_users = 0
@@ -106,65 +105,6 @@ class UserVectorStore:
             fresh.upsert(user_id, vectors, version)
         with self._lock:
             self._vectors, self._versions = fresh._vectors, fresh._versions
-            self.evicted_users += fresh.evicted_users
-
-
-class ConsumedItems:
-    """The last ``max_items_per_user`` items each user consumed (oldest evicted first), for at most
-    ``max_users`` users: adding for a new user beyond that evicts the least recently updated user."""
-
-    def __init__(self, max_items_per_user: int = 500, max_users: int = 1_000_000) -> None:
-        if max_items_per_user < 1:
-            raise ValueError(f"max_items_per_user must be >= 1, got {max_items_per_user}")
-        _check_max_users(max_users)
-        self.max_items_per_user = max_items_per_user
-        self.max_users = max_users
-        self.evicted_users = 0
-        self._lock = threading.Lock()
-        self._items: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()  # least recently updated first
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, user_id: str, item_ids: Iterable[str]) -> None:
-        with self._lock:
-            items = self._items.get(user_id)
-            if items is None:
-                items = self._items[user_id] = OrderedDict()
-            else:
-                self._items.move_to_end(user_id)
-            for item_id in item_ids:
-                items[item_id] = None
-                items.move_to_end(item_id)
-            while len(items) > self.max_items_per_user:
-                items.popitem(last=False)
-            while len(self._items) > self.max_users:
-                self._items.popitem(last=False)
-                self.evicted_users += 1
-
-    def get(self, user_id: str) -> frozenset[str]:
-        with self._lock:
-            items = self._items.get(user_id)
-            return frozenset(items) if items else frozenset()
-
-    def history(self, user_id: str) -> tuple[str, ...]:
-        """The user's consumed items, least recently consumed first (a repeat moves to the end)."""
-        with self._lock:
-            items = self._items.get(user_id)
-            return tuple(items) if items else ()
-
-    def export(self) -> list[tuple[str, str]]:
-        """``(user_id, item_id)`` pairs, least recently updated user first and oldest item first per user,
-        so re-adding them restores both orders."""
-        with self._lock:
-            return [(user_id, item_id) for user_id, items in self._items.items() for item_id in items]
-
-    def replace_all(self, pairs: Iterable[tuple[str, str]]) -> None:
-        fresh = ConsumedItems(self.max_items_per_user, self.max_users)
-        for user_id, item_id in pairs:
-            fresh.add(user_id, (item_id,))
-        with self._lock:
-            self._items = fresh._items
             self.evicted_users += fresh.evicted_users
 
 

@@ -253,6 +253,7 @@ class Pipeline:
             fused_window=r.fused_window,
             transfer_scale_window=r.transfer_scale_window,
             served_max_users=self.serving_settings.max_users,
+            served_max_consumed_per_user=self.serving_settings.max_consumed_per_user,
             audit_log=self.audit_log,
             warm_start=r.warm_start,
         )

@@ -19,7 +19,8 @@ root and reads neither a flag nor a variable of its own:
   ``sitn inspect`` also judges the file by ``dead_letter_max_ratio``).
 - co-occurrence cap: ``cooc_max_neighbours``; serving's follows it.
 - users kept: serving's ``max_users`` (``SITN_SERVING_MAX_USERS``); the learner's history store and its
-  mirror of the served users follow it.
+  mirror of the served users follow it; so does the publisher's copy of serving's consumed sets, with
+  serving's ``max_consumed_per_user`` (``SITN_SERVING_MAX_CONSUMED_PER_USER``).
 - broker address and updates topic: the stream's (``SITN_KAFKA_BOOTSTRAP_SERVERS``,
   ``SITN_TOPIC_EMBEDDING_UPDATES``), which both the learner and a ``sitn serve`` replica read.
 """

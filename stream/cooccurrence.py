@@ -262,6 +262,12 @@ class ItemCooccurrence:
         return self._target.pruned_rows + self._source.pruned_rows
 
     # -- learning ----------------------------------------------------------------------------------
+    def add_items(self, item_ids: Iterable[str]) -> None:
+        """Give target items their rows in this order, counting nothing (a rebuild that must list its items,
+        and so break ties, as the original that learnt them one event at a time did)."""
+        for item_id in item_ids:
+            self._target.add(item_id)
+
     def learn(self, history: HistoryItems, domain: str, item_id: str) -> None:
         """Count one event of ``domain`` against the user's ``history`` before it."""
         if domain == self.target:

@@ -341,6 +341,18 @@ def decode_update(raw: bytes) -> EmbeddingUpdate:
 
 
 @dataclass(frozen=True)
+class ServingBase:
+    """The consumed state serving holds once it has applied every version before a full one: what a replica
+    that missed versions (a new one, a replacement) starts from before it applies the full version itself.
+    The learner keeps it (``learner.online.publisher``); in-cluster only, like ``event_ingest_wall_s``: a
+    ``sitn serve`` replica reads every version from the updates topic and builds the same state itself.
+    """
+
+    consumed: list[tuple[str, str]]  # (user_id, item_id), as stream.consumed.ConsumedItems.export orders them
+    popularity: list[tuple[str, int]]  # (item_id, count): each target item's consumptions
+
+
+@dataclass(frozen=True)
 class EmbeddingBatch:
     """One published version, the in-cluster form of many :class:`EmbeddingUpdate` s.
 
@@ -365,6 +377,9 @@ class EmbeddingBatch:
     # ("popularity", "cooccurrence") while the learnt rankers rank significantly worse.
     served_by: str = "model"
     fused_weight: float = 1.0  # w of the fused score z(model) + w * z(cooc), from this version on
+    # A full version's consumed state before its own pairs (ServingBase): a replica that has not applied the
+    # version just before this one replaces its consumed sets, popularity and co-occurrence with it first.
+    base: ServingBase | None = None
 
 
 def encode_batch(batch: EmbeddingBatch) -> list[tuple[bytes, bytes]]:

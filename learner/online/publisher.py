@@ -19,6 +19,14 @@ ranks by. The catalogue bounds the items in practice; ``max_counted_items`` only
 unbounded id space, and what it prunes (the least counted) never reaches the published top
 ``popularity_size`` while the cap is well above it.
 
+The publisher also keeps the consumed sets serving holds (``stream.consumed.ConsumedItems`` with serving's
+bounds, ``max_consumed_per_user`` items per user and ``max_users`` users, fed the same pairs in the same order),
+and the counts: a full version carries both, as of the version before it (``EmbeddingBatch.base``), so a replica
+that starts mid-run (a replacement, or the one serving actor after a crash) builds the exclusions, popularity
+and co-occurrence that a replica fed every version holds; the checkpoint holds them, and the pairs not yet
+published, so a restarted learner hands a replica the same. Memory: one entry per remembered pair, as in
+serving (the shipped data: about 70k pairs).
+
 Two transports: a Ray actor handle (everything in one cluster) and the compacted Kafka updates topic for
 replicas deployed on their own, which carries the same batch (:func:`stream.events.encode_batch`: one record
 per item and per user vector, then a version record with the consumed pairs, the ranker and the fused
@@ -34,7 +42,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stream.events import EmbeddingBatch, encode_batch
+from stream.consumed import ConsumedItems, group_by_user
+from stream.events import EmbeddingBatch, ServingBase, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +101,14 @@ class Publisher:
         refresh_users: int = 0,
         popularity_size: int = 1000,
         max_counted_items: int = 1_000_000,
+        max_consumed_per_user: int = 500,
+        max_users: int = 1_000_000,
     ) -> None:
         """``full_every``: every Nth publish is full (0: only forced ones). ``refresh_users``: users not
         touched re-published per publish, in turn (0: none). ``max_counted_items``: after each publish, only
         the most counted items keep their counts (ties: the first seen); the others are forgotten and count
-        from zero if they come back."""
+        from zero if they come back. ``max_consumed_per_user``, ``max_users``: serving's bounds on its consumed
+        sets (``ServingSettings``), which the publisher's copy keeps too."""
         if every_steps < 1:
             raise ValueError(f"every_steps must be >= 1, got {every_steps}")
         if every_s <= 0:
@@ -123,8 +135,9 @@ class Publisher:
         self.version = 0
         self._touched: dict[str, None] = {}  # users touched since the last publish, in order
         self._arrivals: list[float] = []  # per event touched since the last publish: when it arrived
-        self._consumed: list[tuple[str, str]] = []
-        self._item_counts: dict[str, int] = {}
+        self._consumed: list[tuple[str, str]] = []  # since the last publish, in order
+        self._item_counts: dict[str, int] = {}  # of the pairs published, first seen first
+        self.served_consumed = ConsumedItems(max_consumed_per_user, max_users)  # serving's sets, as published
         self._published_ids: list[str] = []  # embed_items order at the last publish
         self._published_vectors = np.zeros((0, 0), dtype=np.float32)  # (N, D): what serving holds per row
         self._last_step = 0
@@ -139,9 +152,7 @@ class Publisher:
         for user_id in user_ids:
             self._touched[user_id] = None
             self._arrivals.append(ingest_wall_s)
-        for pair in consumed:
-            self._consumed.append(pair)
-            self._item_counts[pair[1]] = self._item_counts.get(pair[1], 0) + 1
+        self._consumed.extend(consumed)
 
     def due(self, step: int, now_s: float | None = None) -> bool:
         """``every_steps`` steps since the last publish, or ``every_s`` seconds with something new: a step,
@@ -181,6 +192,14 @@ class Publisher:
             if user_ids
             else np.zeros((0, self.learner.config.n_views, self.learner.config.dim), dtype=np.float32)
         )
+        # The consumed state serving holds at the previous version: a full version hands it to a replica that
+        # missed versions (serving.service.RecommendationService.apply); then this version's pairs, as serving
+        # applies them.
+        base = ServingBase(self.served_consumed.export(), list(self._item_counts.items())) if full else None
+        for user_id, consumed_items in group_by_user(self._consumed):
+            self.served_consumed.add(user_id, consumed_items)
+            for item_id in consumed_items:
+                self._item_counts[item_id] = self._item_counts.get(item_id, 0) + 1
         ranked = sorted(self._item_counts, key=lambda i: -self._item_counts[i])  # stable: ties by first seen
         popularity = ranked[: self.popularity_size]
         self._prune_counts(ranked)
@@ -195,6 +214,7 @@ class Publisher:
             created_at_s=time.time(),
             event_ingest_wall_s=self._arrivals,
             consumed=self._consumed,
+            base=base,
         )
         self.transport.send(batch)
         log.info(
@@ -231,8 +251,15 @@ class Publisher:
         self.items_pruned += max(0, len(ranked) - self.max_counted_items)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "item_counts": dict(self._item_counts)}
+        """The version, counts and consumed sets as published, and the pairs not published yet (their events
+        are trained, so below the checkpoint's positions: nothing re-delivers them)."""
+        return {"version": self.version, "item_counts": dict(self._item_counts),
+                "served_consumed": self.served_consumed.export(), "pending_consumed": list(self._consumed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checkpoints written before the publisher kept consumed sets restore empty ones (a replica started
+        from such a restart excludes only what it is sent from then on)."""
         self.version = int(state["version"])
         self._item_counts = dict(state["item_counts"])
+        self.served_consumed.replace_all(state.get("served_consumed", ()))
+        self._consumed = list(state.get("pending_consumed", ()))

@@ -149,6 +149,7 @@ class OnlineTrainer:
         prequential_k: int = 10,
         prequential_window: int = 2000,
         served_max_users: int = 1_000_000,
+        served_max_consumed_per_user: int = 500,
         gate: PublishGate | None = None,
         gate_sample_per_step: int = 64,
         drift: DriftMonitor | None = None,
@@ -162,7 +163,8 @@ class OnlineTrainer:
         ``gate_sample_per_step`` target events of each step with the live model as well.
         ``full_publish_every``/``refresh_users_per_publish``: ``learner.online.publisher.Publisher``'s ``full_every``
         and ``refresh_users``.
-        ``served_max_users``: users in the mirror of what serving holds (``ServingSettings.max_users``).
+        ``served_max_users``, ``served_max_consumed_per_user``: serving's bounds (``ServingSettings.max_users``,
+        ``max_consumed_per_user``), kept by the mirror of its users' vectors and the publisher's of its consumed sets.
         ``drift``: watches each step's losses and prequential metrics, the input events and, after each
         publish, the prototype assignments (``learner.online.drift``); its detectors are checkpointed.
         ``fallback``: decides at each publish whether serving uses the model or a baseline; its baselines
@@ -200,7 +202,8 @@ class OnlineTrainer:
             raise ValueError(f"fallback learnt rankers must be among {list(learnt)}, got {list(fallback.learnt)}")
         self._stamp = _StampServedBy(transport)
         self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every,
-                                   refresh_users=refresh_users_per_publish)
+                                   refresh_users=refresh_users_per_publish,
+                                   max_consumed_per_user=served_max_consumed_per_user, max_users=served_max_users)
         self.prequential = PrequentialEvaluator(max_users=served_max_users)
         self.shadow = ShadowBaselines(self.source, self.target, max_history=learner.config.max_len,
                                       max_neighbours=cooc_max_neighbours)
