@@ -159,6 +159,7 @@ class ServingCore:
             "batches_applied": float(self.batches_applied),
             "index_items": float(health["index_items"]),
             "users": float(health["users"]),
+            "consumed_counted": float(health["consumed_counted"]),
             "freshness_p50_s": float(np.percentile(fresh, 50)) if fresh.size else float("nan"),
             "freshness_p99_s": float(np.percentile(fresh, 99)) if fresh.size else float("nan"),
             # the same over the events served in the last FRESHNESS_WINDOW_S (the dashboard's figure)

@@ -470,6 +470,7 @@ class RecommendationService:
             "index_merges": self.index.merges,
             "users": len(self.users),
             "users_evicted": self.users.evicted_users,
+            "consumed_counted": self.popularity.total(),  # consumptions counted for popularity, each once
             "ready": snap.size > 0,
         }
 

@@ -170,6 +170,11 @@ class PopularityCounter:
                     break
         return out
 
+    def total(self) -> int:
+        """Consumptions counted, over every item."""
+        with self._lock:
+            return int(self._counts[: len(self._item_ids)].sum())
+
     def export(self) -> list[tuple[str, int]]:
         """``(item_id, count)`` in first-seen order."""
         with self._lock:

@@ -392,6 +392,10 @@ def test_serving_sigkill(pipeline: Pipeline, events: list[InteractionEvent], rep
     # The new replica got the complete state: every replayed target item is in its index.
     n_books = len({e.item_id for e in events if e.domain == "book"})
     wait_for(lambda: pipeline.status().get("index_items") == n_books, 30, "the final full version in the new replica")
+    # ... and every book event counted exactly once: those before the kill from its first full version's base,
+    # the later ones from the versions after it (none twice, none missed).
+    stats = ray.get(pipeline.serving.stats.remote(), timeout=30)
+    assert stats["consumed_counted"] == sum(1 for e in events if e.domain == "book")
 
 
 @pytest.mark.timeout(360)
