@@ -251,8 +251,7 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(r.torch_threads)
     syn = SyntheticConfig(events=args.events, n_users=args.users, new_user_share=0.0, n_source_items=400_000,
                           n_target_items=100_000, target_share=0.2, seed=args.seed)
-    config = SITNConfig(dim=r.learner_dim, n_views=r.learner_views, max_len=r.learner_max_len, lr=r.learner_lr,
-                        replay_buffer_size=r.learner_replay_buffer_size, replay_ratio=r.learner_replay_ratio)
+    config = r.sitn_config()
     every = max(1, args.events // args.points)
     rows: list[dict[str, Any]] = []
     process = psutil.Process()

@@ -195,7 +195,6 @@ def main() -> None:
     record = BenchRecord("bench_pipeline", args)
     known_fraction = args.known_share / DRIVE_KNOWN_SHARE
 
-    from learner.core.config import SITNConfig
     from serving.settings import ServingSettings
     from sitn.pipeline import Pipeline
     from sitn.ray_cluster import init_ray
@@ -221,10 +220,10 @@ def main() -> None:
         broker = KafkaBroker(tmp / "kafka", port=port, controller_port=controller)
         broker.start(timeout_s=120)
         bootstrap = broker.bootstrap_servers
-    config = SITNConfig()  # the defaults: all losses on
     # --ranker model: no fallback and no fused ranker, so serving answers every user with vectors by the model
     pinned = {"fallback_enabled": False, "fused_weights": ()} if args.ranker == "model" else {}
     run = RunSettings(rate_events_per_s=args.replay_rate, batch_size=args.batch_size, **pinned)
+    config = run.sitn_config()  # the model sitn run trains: all losses on, the stream's learning rate and replay
     stream = StreamSettings(kafka_bootstrap_servers=bootstrap, embedded_log_dir=tmp / "log")
     serving = ServingSettings(port=0)
     print(f"backend={args.backend} events={len(events)} users={len(users)} batch={args.batch_size} "

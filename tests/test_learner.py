@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -333,6 +334,33 @@ def test_item_bias_is_the_last_coordinate_and_serves_popularity_to_a_user_withou
     once = [i for i, item_id in enumerate(item_ids) if counts[item_id] == 1]
     assert frequent and once
     assert scores[frequent].mean() > scores[once].mean()
+
+
+def test_popularity_prior_adds_beta_log_counts_to_every_inference_score_and_nothing_to_training(
+    examples: list[Example],
+) -> None:
+    plain = SITNLearner(dataclasses.replace(SMALL, popularity_prior=0.0), "movie", "book")
+    prior = SITNLearner(dataclasses.replace(SMALL, popularity_prior=2.0), "movie", "book")
+    train(plain, examples, epochs=2)
+    train(prior, examples, epochs=2)
+    target = "target"
+    assert torch.equal(plain.model.encoder(target).item_weight, prior.model.encoder(target).item_weight)  # same steps
+    item_ids, vectors = prior.embed_items()
+    plain_ids, plain_vectors = plain.embed_items()
+    counts = prior.model.encoder(target).item_count[1 : len(item_ids) + 1].numpy()
+    assert item_ids == plain_ids and counts.max() >= 2
+    np.testing.assert_allclose(vectors[:, -1] - plain_vectors[:, -1], 2.0 * np.log1p(counts), rtol=1e-5)
+    np.testing.assert_array_equal(vectors[:, :-1], plain_vectors[:, :-1])
+    queries = prior.embed_histories([{}, examples[0].history, examples[5].history])  # (3, V, D)
+    scores = prior.score_items(queries)
+    np.testing.assert_allclose(scores, (queries @ vectors.T).max(axis=1), rtol=1e-5, atol=1e-5)  # = serving's
+    np.testing.assert_allclose(scores - plain.score_items(queries), np.tile(2.0 * np.log1p(counts), (3, 1)),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="popularity_prior"):
+        dataclasses.replace(SMALL, item_bias=False, popularity_prior=1.0)
+    values = SMALL.to_dict()
+    del values["popularity_prior"]
+    assert SITNConfig.from_dict(values).popularity_prior == 0.0  # checkpoints from before ranked without it
 
 
 def test_checkpoints_without_item_bias_keep_it_off() -> None:

@@ -33,6 +33,7 @@ def test_defaults_reach_the_learner_config(monkeypatch: pytest.MonkeyPatch, tmp_
     assert (config.dim, config.n_views, config.max_len) == (64, 1, 50)
     assert (config.replay_buffer_size, config.replay_ratio) == (20_000, 1.0)  # each event trains about twice
     assert config.lr == 8e-3  # the stream's own learning rate, not SITNConfig's offline 2e-3
+    assert config.popularity_prior == 1.0  # the stream ranks with the popularity prior (SITNConfig's default: none)
     assert started["run"].fused_weights == (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -41,10 +42,12 @@ def test_flags_and_environment_reach_the_learner_config(monkeypatch: pytest.Monk
     monkeypatch.setenv("SITN_RUN_LEARNER_LR", "0.001")
     monkeypatch.setenv("SITN_RUN_LEARNER_VIEWS", "2")
     monkeypatch.setenv("SITN_RUN_FUSED_WEIGHTS", "[1, 3]")
+    monkeypatch.setenv("SITN_RUN_LEARNER_POPULARITY_PRIOR", "0")
     started = started_config(monkeypatch, ["--run-dir", str(tmp_path), "--learner-replay-buffer-size", "0",
                                            "--learner-max-len", "20"])
     config = started["config"]
     assert (config.n_views, config.max_len, config.replay_buffer_size, config.replay_ratio) == (2, 20, 0, 0.5)
+    assert config.popularity_prior == 0.0
     assert config.lr == 0.001
     assert started["run"].fused_weights == (1.0, 3.0)
 

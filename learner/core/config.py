@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,10 @@ class SITNConfig:
     item_bias: bool = True  # the last of the dim coordinates is a learned per-item bias: every query's last
     #                        coordinate is 1 (score = <q', e'> + b_i), so popularity has a place of its own and
     #                        a user with a weak query (cold start) still gets the items the softmax favours
+    popularity_prior: float = 0.0  # beta: at inference (embed_items, score_items; so serving's inner products
+    #                               too) every item's bias coordinate gains beta * log(1 + n_i), n_i the times it
+    #                               was a training label; training is unchanged. Needs item_bias (the queries'
+    #                               last coordinate is 1, so the prior stays one inner product)
     own_history_dropout: float = 0.0  # share of training examples (disjoint from the source_dropout share) whose
     #                                   *own* domain's history is blanked, so the transfer path must predict the
     #                                   item from the other domain alone, as for a cold-start user (DropoutNet).
@@ -172,6 +177,9 @@ class SITNConfig:
         need(isinstance(self.i2c_warmup_steps, int) and self.i2c_warmup_steps >= 0, "i2c_warmup_steps",
              "an int >= 0")
         need(0.0 <= self.proto_ema < 1.0, "proto_ema", "in [0, 1)")
+        need(0.0 <= self.popularity_prior < math.inf, "popularity_prior", "a finite number >= 0")
+        need(self.popularity_prior == 0.0 or self.item_bias, "popularity_prior",
+             "0 without item_bias (the prior lives in the items' bias coordinate)")
         need(isinstance(self.seed, int), "seed", "an int")
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +203,7 @@ class SITNConfig:
         values.setdefault("transfer_map_bias", True)  # one written before the map's bias could be switched off
         values.setdefault("transfer_residual", False)  # ones written before these switches existed train on as
         values.setdefault("contrastive_target_grad", True)  # they were trained
+        values.setdefault("popularity_prior", 0.0)  # and ranked (no prior at inference)
         if "cluster_counts" in values:
             values["cluster_counts"] = tuple(values["cluster_counts"])
         return cls(**values)

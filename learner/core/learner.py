@@ -430,10 +430,23 @@ class SITNLearner:
         role = self._role(domain)
         n = len(self.idmaps[role])
         vectors = self.model.encoder(role).item_weight[1 : n + 1].detach().numpy().copy()
+        prior = self._popularity_prior(role, n)
+        if prior is not None:
+            vectors[:, -1] += prior  # the bias coordinate: what every query's last coordinate (1) multiplies
         return self.idmaps[role].ids(), vectors
 
+    def _popularity_prior(self, role: str, n: int) -> np.ndarray | None:
+        """(n,) float32 ``popularity_prior * log(1 + label count)`` per item in row order, None without a prior
+        (``SITNConfig.popularity_prior``: added to every inference score, never to training's)."""
+        beta = self.config.popularity_prior
+        if beta == 0.0:
+            return None
+        counts = self.model.encoder(role).item_count[1 : n + 1].numpy()
+        return (beta * np.log1p(counts.astype(np.float64))).astype(np.float32)
+
     def score_items(self, queries: np.ndarray, domain: str | None = None) -> np.ndarray:
-        """(N, n_items) scores: max over views of <q_v, e_i>, items in ``embed_items`` order."""
+        """(N, n_items) scores: max over views of <q_v, e_i>, items in ``embed_items`` order (its popularity prior
+        included)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 3 or queries.shape[2] != self.config.dim:
             raise ValueError(f"queries must have shape (N, V, {self.config.dim}), got {queries.shape}")
@@ -441,7 +454,11 @@ class SITNLearner:
         with torch.no_grad():  # a view of the table: no copy, no id list (the publish gate calls this per step)
             items = self.model.encoder(role).item_weight[1 : len(self.idmaps[role]) + 1].detach().numpy()
         n, v, d = queries.shape
-        return (queries.reshape(n * v, d) @ items.T).reshape(n, v, -1).max(axis=1)  # (N, n_items), BLAS
+        scores = (queries.reshape(n * v, d) @ items.T).reshape(n, v, -1).max(axis=1)  # (N, n_items), BLAS
+        prior = self._popularity_prior(role, items.shape[0])
+        if prior is not None:  # as embed_items' bias coordinate: the same for every view, so after the max
+            scores += prior[None, :]
+        return scores
 
     def recommend(self, user_id: str, k: int = 10, exclude_consumed: bool = True) -> list[tuple[str, float]]:
         """Top-``k`` target items for ``user_id`` by score, best first."""

@@ -84,8 +84,8 @@ def _telemetry_flags() -> SettingsFlags:
 
 
 def main(args: argparse.Namespace) -> int:
-    from learner.core.config import SITNConfig
     from learner.online.drift import DriftSettings
+
     run_flags, serving_flags, stream_flags = _flags()
     run = run_flags.build(args)
     if args.max:
@@ -93,9 +93,7 @@ def main(args: argparse.Namespace) -> int:
     run_dir = run.run_dir or Path("var") / f"run-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     stream = stream_flags.build(args, domains=(run.source, run.target), embedded_log_dir=(run_dir / "log").resolve())
-    config = SITNConfig(dim=run.learner_dim, n_views=run.learner_views, max_len=run.learner_max_len,
-                        replay_buffer_size=run.learner_replay_buffer_size, replay_ratio=run.learner_replay_ratio,
-                        lr=run.learner_lr)
+    config = run.sitn_config()
     if run.warm_start is not None:
         from learner.core.warm_checkpoint import warm_start_config
 
