@@ -356,8 +356,14 @@ def test_popularity_prior_adds_beta_log_counts_to_every_inference_score_and_noth
     np.testing.assert_allclose(scores, (queries @ vectors.T).max(axis=1), rtol=1e-5, atol=1e-5)  # = serving's
     np.testing.assert_allclose(scores - plain.score_items(queries), np.tile(2.0 * np.log1p(counts), (3, 1)),
                                rtol=1e-5, atol=1e-5)
+    # Without the bias coordinate no inner product can carry a prior: none is added.
+    unbiased = [SITNLearner(dataclasses.replace(SMALL, item_bias=False, popularity_prior=p), "movie", "book")
+                for p in (0.0, 1.0)]
+    for learner in unbiased:
+        train(learner, examples, epochs=1)
+    np.testing.assert_array_equal(unbiased[0].embed_items()[1], unbiased[1].embed_items()[1])
     with pytest.raises(ValueError, match="popularity_prior"):
-        dataclasses.replace(SMALL, item_bias=False, popularity_prior=1.0)
+        dataclasses.replace(SMALL, popularity_prior=-1.0)
     values = SMALL.to_dict()
     del values["popularity_prior"]
     assert SITNConfig.from_dict(values).popularity_prior == 0.0  # checkpoints from before ranked without it

@@ -33,7 +33,7 @@ def test_defaults_reach_the_learner_config(monkeypatch: pytest.MonkeyPatch, tmp_
     assert (config.dim, config.n_views, config.max_len) == (64, 1, 50)
     assert (config.replay_buffer_size, config.replay_ratio) == (20_000, 1.0)  # each event trains about twice
     assert config.lr == 8e-3  # the stream's own learning rate, not SITNConfig's offline 2e-3
-    assert config.popularity_prior == 1.0  # the stream ranks with the popularity prior (SITNConfig's default: none)
+    assert config.popularity_prior == 1.0  # the model ranks with the popularity prior
     assert started["run"].fused_weights == (0.25, 0.5, 1.0, 2.0, 4.0)
 
 

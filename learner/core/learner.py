@@ -437,9 +437,10 @@ class SITNLearner:
 
     def _popularity_prior(self, role: str, n: int) -> np.ndarray | None:
         """(n,) float32 ``popularity_prior * log(1 + label count)`` per item in row order, None without a prior
-        (``SITNConfig.popularity_prior``: added to every inference score, never to training's)."""
+        (``SITNConfig.popularity_prior``, with ``item_bias`` only: added to every inference score, never to
+        training's)."""
         beta = self.config.popularity_prior
-        if beta == 0.0:
+        if beta == 0.0 or not self.config.item_bias:  # no bias coordinate: no inner product can carry it
             return None
         counts = self.model.encoder(role).item_count[1 : n + 1].numpy()
         return (beta * np.log1p(counts.astype(np.float64))).astype(np.float32)
