@@ -268,10 +268,14 @@ class RecommendationService:
         applied_users = 0
         for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):  # views: (V, D)
             applied_users += self.users.upsert(user_id, views, int(batch.version))
-        if batch.full and batch.base is not None and self.applied_version != int(batch.version) - 1:
-            self._replace_consumed(batch.base)  # missed versions (new or replaced): start from the learner's base
+        base = batch.base if batch.full and self.applied_version != int(batch.version) - 1 else None
+        rebased = base is not None
+        if base is not None:
+            self._replace_consumed(base)  # missed versions (new or replaced): start from the learner's base
         for user_id, item_ids in group_by_user(batch.consumed):
             self.record_consumed(user_id, item_ids)
+        if rebased:  # the whole state is new: rank popularity on all of it now, not one refresh period later
+            self.popularity.refresh()
         self.set_ranker(batch.served_by, batch.fused_weight)
         self.applied_version = max(self.applied_version, int(batch.version))
         stale = len(batch.item_ids) + len(batch.user_ids) - applied_items - applied_users

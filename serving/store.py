@@ -148,6 +148,13 @@ class PopularityCounter:
             if self._clock() - self._refreshed_at_s >= self.refresh_s:
                 self._refresh_locked()
 
+    def refresh(self) -> None:
+        """Re-rank now if counts changed since the last ranking, whatever the refresh period (after a bulk write
+        that must be served at once, e.g. a replica's first version)."""
+        with self._lock:
+            if self._dirty:
+                self._refresh_locked()
+
     def _refresh_locked(self) -> None:
         n = len(self._item_ids)
         # count desc, ties by first seen

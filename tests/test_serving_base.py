@@ -91,6 +91,12 @@ def test_a_replica_started_at_a_full_version_answers_like_one_fed_every_version(
     for batch in versions:
         every.apply(batch)
     late.apply(versions[-1])  # joined at the end: the full version alone, with its base
+    slow = RecommendationService.from_settings(ServingSettings(  # popularity re-ranked at most once a minute
+        dim=DIM, index_factory="Flat", index_search_params={}, popularity_refresh_s=60.0))
+    slow.apply(versions[0])  # the run's first version: full, its base empty, its own pairs counted at once
+    first = _service()
+    first.apply(versions[0])
+    assert slow.recommend("stranger", 3).items == first.recommend("stranger", 3).items != ()
     users = sorted({u for b in versions for u, _ in b.consumed})
     assert len(users) > 200 and len(late.consumed) == len(users)
     _assert_same_answers(every, late, [*users[:: max(1, len(users) // 150)], "stranger"])
