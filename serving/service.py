@@ -139,17 +139,9 @@ def validate_batch(batch: EmbeddingBatch, dim: int) -> None:
         _check_id(f"{where}: item_id", item_id)
     for user_id in batch.user_ids:
         _check_id(f"{where}: user_id", user_id)
-    for pair in batch.consumed:
-        if not isinstance(pair, tuple | list) or len(pair) != 2:
-            raise ValueError(f"{where}: consumed must hold (user_id, item_id) pairs, got {pair!r}")
-        _check_id(f"{where}: consumed user_id", pair[0])
-        _check_id(f"{where}: consumed item_id", pair[1])
+    _check_consumed_pairs(f"{where}: consumed", batch.consumed)
     if batch.base is not None:
-        for pair in batch.base.consumed:
-            if not isinstance(pair, tuple | list) or len(pair) != 2:
-                raise ValueError(f"{where}: base consumed must hold (user_id, item_id) pairs, got {pair!r}")
-            _check_id(f"{where}: base consumed user_id", pair[0])
-            _check_id(f"{where}: base consumed item_id", pair[1])
+        _check_consumed_pairs(f"{where}: base consumed", batch.base.consumed)
         for counted in batch.base.popularity:
             if not isinstance(counted, tuple | list) or len(counted) != 2 or isinstance(counted[1], bool) \
                     or not isinstance(counted[1], int) or counted[1] < 0:
@@ -160,6 +152,14 @@ def validate_batch(batch: EmbeddingBatch, dim: int) -> None:
     weight = batch.fused_weight
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf:
         raise ValueError(f"{where}: fused_weight must be a finite number >= 0, got {weight!r}")
+
+
+def _check_consumed_pairs(what: str, pairs: Iterable[object]) -> None:
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ValueError(f"{what} must hold (user_id, item_id) pairs, got {pair!r}")
+        _check_id(f"{what} user_id", pair[0])
+        _check_id(f"{what} item_id", pair[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,12 +269,11 @@ class RecommendationService:
         for user_id, views in zip(batch.user_ids, batch.user_vectors, strict=True):  # views: (V, D)
             applied_users += self.users.upsert(user_id, views, int(batch.version))
         base = batch.base if batch.full and self.applied_version != int(batch.version) - 1 else None
-        rebased = base is not None
         if base is not None:
             self._replace_consumed(base)  # missed versions (new or replaced): start from the learner's base
         for user_id, item_ids in group_by_user(batch.consumed):
             self.record_consumed(user_id, item_ids)
-        if rebased:  # the whole state is new: rank popularity on all of it now, not one refresh period later
+        if base is not None:  # the whole state is new: rank popularity on all of it now, not one refresh period later
             self.popularity.refresh()
         self.set_ranker(batch.served_by, batch.fused_weight)
         self.applied_version = max(self.applied_version, int(batch.version))
