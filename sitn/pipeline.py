@@ -251,7 +251,7 @@ class Pipeline:
             fallback=self._fallback(),
             fused_weights=tuple(r.fused_weights),
             fused_window=r.fused_window,
-            transfer_scale_window=r.transfer_scale_window,
+            transfer_scale_window=r.transfer_scale_window, prior_window=r.prior_window,
             served_max_users=self.serving_settings.max_users,
             served_max_consumed_per_user=self.serving_settings.max_consumed_per_user,
             audit_log=self.audit_log,

@@ -118,12 +118,21 @@ class RunSettings(BaseSettings):
     learner_popularity_prior: float = Field(
         1.0, ge=0, description="beta of the popularity prior the model ranks with: every item's score gains "
         "beta * log(1 + its training labels) (SITNConfig.popularity_prior; 0 = none)")
+    # Kept beside the all-time counts; the learner ranks with whichever the stream's windowed NDCG@10 favours
+    # (learner/online/prior_tuner.py). A grid from fast to slow change, so no one data set's pace is built in.
+    learner_popularity_half_lives: tuple[int, ...] = Field(
+        (1000, 3000, 10000, 30000), description="half-lives, in target labels, of the decayed label counts the "
+        "popularity prior may read instead of all-time counts, chosen online (empty: all-time counts only)")
+    prior_window: int = Field(
+        5_000, ge=0, description="target events over which the popularity prior's half-life is chosen online "
+        "(learner/online/prior_tuner.py; 0: keep all-time counts)")
 
     def sitn_config(self) -> SITNConfig:
         """The stream learner's model settings: SITNConfig's defaults with this run's shape and stream training."""
         return SITNConfig(dim=self.learner_dim, n_views=self.learner_views, max_len=self.learner_max_len,
                           replay_buffer_size=self.learner_replay_buffer_size, replay_ratio=self.learner_replay_ratio,
-                          lr=self.learner_lr, popularity_prior=self.learner_popularity_prior)
+                          lr=self.learner_lr, popularity_prior=self.learner_popularity_prior,
+                          popularity_half_lives=tuple(self.learner_popularity_half_lives))
     status_every_s: float = Field(1.0, gt=0, description="progress display refresh period")
     max_lag_events: int | None = Field(
         None, ge=1, description="replay backpressure: wait while the consumer group's lag is above this "

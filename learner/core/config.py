@@ -87,6 +87,15 @@ class SITNConfig:
     #                               without the items' popularity. Chosen on the first half of the shipped
     #                               stream (sitn/settings.py); offline, Movie->Book seed 0, validation NDCG@10
     #                               at the chosen epoch 0.0162 without, 0.0168 with (cold start 0.0027 / 0.0037)
+    popularity_half_lives: tuple[int, ...] = ()  # label counts decayed with each of these half-lives (in labels of
+    #                                            the item's domain; learner.core.popularity) are kept beside the
+    #                                            all-time counts, for the prior to read (popularity_half_life). The
+    #                                            stream keeps several and chooses among them online
+    #                                            (learner.online.prior_tuner; sitn/settings.py); offline training
+    #                                            shuffles the examples, so decay means nothing there: none
+    popularity_half_life: int = 0  # the counts the prior reads: 0 all-time, h > 0 the ones decayed with half-life h
+    #                               (one of popularity_half_lives). The learner's starting value; the stream's
+    #                               tuner moves SITNLearner.popularity_half_life
     own_history_dropout: float = 0.0  # share of training examples (disjoint from the source_dropout share) whose
     #                                   *own* domain's history is blanked, so the transfer path must predict the
     #                                   item from the other domain alone, as for a cold-start user (DropoutNet).
@@ -183,12 +192,21 @@ class SITNConfig:
              "an int >= 0")
         need(0.0 <= self.proto_ema < 1.0, "proto_ema", "in [0, 1)")
         need(0.0 <= self.popularity_prior < math.inf, "popularity_prior", "a finite number >= 0")
+        need(
+            isinstance(self.popularity_half_lives, tuple)
+            and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.popularity_half_lives)
+            and len(set(self.popularity_half_lives)) == len(self.popularity_half_lives),
+            "popularity_half_lives", "a tuple of distinct ints >= 1",
+        )
+        need(self.popularity_half_life == 0 or self.popularity_half_life in self.popularity_half_lives,
+             "popularity_half_life", f"0 or one of popularity_half_lives {list(self.popularity_half_lives)}")
         need(isinstance(self.seed, int), "seed", "an int")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples become lists)."""
         out = dataclasses.asdict(self)
         out["cluster_counts"] = list(self.cluster_counts)
+        out["popularity_half_lives"] = list(self.popularity_half_lives)
         return out
 
     @classmethod
@@ -207,8 +225,9 @@ class SITNConfig:
         values.setdefault("transfer_residual", False)  # ones written before these switches existed train on as
         values.setdefault("contrastive_target_grad", True)  # they were trained
         values.setdefault("popularity_prior", 0.0)  # and ranked (no prior at inference)
-        if "cluster_counts" in values:
-            values["cluster_counts"] = tuple(values["cluster_counts"])
+        for name in ("cluster_counts", "popularity_half_lives"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def replace(self, **changes: Any) -> SITNConfig:

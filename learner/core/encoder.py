@@ -230,6 +230,9 @@ class DomainEncoder(nn.Module):
         if config.logq_half_life_events > 0:  # decayed label counts for the logQ correction (learner._count_labels)
             self.register_buffer("item_recent", torch.zeros(cap, dtype=torch.float64))
             self.register_buffer("recent_state", torch.tensor([1.0, 0.0], dtype=torch.float64))
+        for h in config.popularity_half_lives:  # the popularity prior's decayed label counts (learner.core.popularity)
+            self.register_buffer(f"pop_recent_{h}", torch.zeros(cap, dtype=torch.float64))
+            self.register_buffer(f"pop_offset_{h}", torch.zeros((), dtype=torch.float64))
         self.coarse_emb = (
             nn.Embedding(config.n_item_clusters + 1, d, padding_idx=0) if config.use_coarse_level else None
         )
@@ -259,6 +262,8 @@ class DomainEncoder(nn.Module):
         grow_buffer(self, "item_count", new_rows, 0)
         if self.config.logq_half_life_events > 0:
             grow_buffer(self, "item_recent", new_rows, 0)
+        for h in self.config.popularity_half_lives:
+            grow_buffer(self, f"pop_recent_{h}", new_rows, 0)
 
     def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """Output embeddings of item ``rows`` (any shape S) -> (*S, D), sparse gradient."""

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from learner.core import popularity
 from learner.core.batch import (
     History,
     TrainingBatch,
@@ -72,6 +73,8 @@ class SITNLearner:
         self.target = target
         self.step = 0
         self.extra: dict[str, Any] = {}
+        # the counts the popularity prior reads (SITNConfig.popularity_half_life; the stream's tuner moves it)
+        self._popularity_half_life = config.popularity_half_life
         self.domains = {"source": source, "target": target} if config.use_source else {"target": target}
         self._role_of = {name: role for role, name in self.domains.items()}
         with torch.random.fork_rng(devices=[]):
@@ -103,6 +106,18 @@ class SITNLearner:
         self.histories = RecentHistories((source, target), config.max_len, config.max_users)
         # the last replay_buffer_size trained examples; each step also replays a sample of them
         self._replay: deque[Example] = deque(maxlen=config.replay_buffer_size)
+
+    @property
+    def popularity_half_life(self) -> int:
+        """The counts the popularity prior reads now: 0 all-time, h one of ``SITNConfig.popularity_half_lives``."""
+        return self._popularity_half_life
+
+    @popularity_half_life.setter
+    def popularity_half_life(self, value: int) -> None:
+        if value != 0 and value not in self.config.popularity_half_lives:
+            raise ValueError(f"popularity_half_life must be 0 or one of {list(self.config.popularity_half_lives)}, "
+                             f"got {value}")
+        self._popularity_half_life = int(value)
 
     # -- internals ---------------------------------------------------------------------------------
     def _dense_parameters(self) -> list[torch.nn.Parameter]:
@@ -239,7 +254,12 @@ class SITNLearner:
         decayed counts behind the logQ correction. Decay without touching every row: each label adds the
         current weight, which then grows by 2^(n / half-life); the frequencies are ratios, so only the
         weight's growth relative to older labels matters. Rescaled long before float64 could overflow."""
+        n_before = int(enc.item_count.sum()) if self.config.popularity_half_lives else 0
         enc.item_count.index_add_(0, rows, torch.ones_like(rows))
+        for h in self.config.popularity_half_lives:  # the prior's decayed counts (learner.core.popularity)
+            offset = getattr(enc, f"pop_offset_{h}")
+            offset.fill_(popularity.add_labels(getattr(enc, f"pop_recent_{h}").numpy(), float(offset),
+                                               rows.numpy(), n_before, h))
         half_life = self.config.logq_half_life_events
         if half_life <= 0 or len(rows) == 0:
             return
@@ -442,8 +462,20 @@ class SITNLearner:
         beta = self.config.popularity_prior
         if beta == 0.0 or not self.config.item_bias:  # no bias coordinate: no inner product can carry it
             return None
-        counts = self.model.encoder(role).item_count[1 : n + 1].numpy()
-        return (beta * np.log1p(counts.astype(np.float64))).astype(np.float32)
+        return (beta * np.log1p(self.prior_counts(role, self.popularity_half_life, n))).astype(np.float32)
+
+    def prior_counts(self, role: str, half_life: int, n: int) -> np.ndarray:
+        """(n,) float64 label counts of items 1..n in row order: all-time (``half_life`` 0) or decayed with
+        ``half_life``, one of ``SITNConfig.popularity_half_lives`` (learner.core.popularity)."""
+        enc = self.model.encoder(role)
+        if half_life == 0:
+            return enc.item_count[1 : n + 1].numpy().astype(np.float64)
+        if half_life not in self.config.popularity_half_lives:
+            raise ValueError(f"half_life must be 0 or one of {list(self.config.popularity_half_lives)}, "
+                             f"got {half_life}")
+        total = int(enc.item_count.sum())
+        return popularity.decayed_counts(getattr(enc, f"pop_recent_{half_life}")[1 : n + 1].numpy(),
+                                         float(getattr(enc, f"pop_offset_{half_life}")), total, half_life)
 
     def score_items(self, queries: np.ndarray, domain: str | None = None) -> np.ndarray:
         """(N, n_items) scores: max over views of <q_v, e_i>, items in ``embed_items`` order (its popularity prior
@@ -518,6 +550,7 @@ class SITNLearner:
             "replay": list(self._replay),
             "extra": self.extra,
             "transfer_scale": list(self.model.transfer_scale),
+            "popularity_half_life": self.popularity_half_life,
         }
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -554,6 +587,7 @@ class SITNLearner:
         out.extra = dict(state["extra"])
         warm, cold = state.get("transfer_scale", (1.0, 1.0))  # older checkpoints: transfer as trained
         out.model.transfer_scale = (float(warm), float(cold))
+        out.popularity_half_life = int(state.get("popularity_half_life", out.config.popularity_half_life))
         return out
 
     @classmethod

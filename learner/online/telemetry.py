@@ -89,6 +89,11 @@ TRANSFER_SCALE = Gauge(
     "chosen online by windowed NDCG@10 (learner.online.transfer_scale).",
     ["slot"],
 )
+POPULARITY_HALF_LIFE = Gauge(
+    "sitn_learner_popularity_half_life",
+    "Half-life (in target labels) of the counts the popularity prior reads, 0 = all-time counts, chosen online by "
+    "windowed NDCG@10 (learner.online.prior_tuner).",
+)
 FUSED_LIFT = Gauge(
     "sitn_learner_fused_lift_ratio",
     "Fused ranker's NDCG@10 at data time (fused_live) divided by the best baseline's, whole stream, all target "
@@ -155,6 +160,9 @@ def record_step(stats: Mapping[str, float], seconds: float, examples_by_domain: 
         scale = stats.get(f"transfer_scale_{slot}")
         if scale is not None:
             TRANSFER_SCALE.labels(slot).set(scale)
+    half_life = stats.get("popularity_half_life")
+    if half_life is not None:
+        POPULARITY_HALF_LIFE.set(half_life)
     z = stats.get("fallback_z")
     if z is not None and not math.isnan(z):
         FALLBACK_Z.set(z)

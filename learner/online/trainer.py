@@ -67,6 +67,7 @@ from learner.online.checkpoint_store import CheckpointStore, StagedCheckpoint
 from learner.online.drift import DriftMonitor
 from learner.online.gate import PublishGate, RankerFallback, ndcg_gain
 from learner.online.prequential import PrequentialEvaluator, StreamQuality
+from learner.online.prior_tuner import PriorTuner
 from learner.online.publisher import Publisher, Transport
 from learner.online.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
 from learner.online.transfer_scale import TransferScaleTuner
@@ -158,6 +159,7 @@ class OnlineTrainer:
         fused_window: int = 10_000,
         cooc_max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS,
         transfer_scale_window: int = 5000,
+        prior_window: int = 5000,
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.online.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
@@ -176,7 +178,10 @@ class OnlineTrainer:
         every pair), as serving's ``ServingSettings.cooc_max_neighbours``; a checkpoint restores its own.
         ``transfer_scale_window``: target events per slot over which the query-time transfer scale is chosen
         online (``learner.online.transfer_scale``; it starts from the learner's, e.g. a warm start's offline choice);
-        0, or a learner without a source path: the scale stays as it is."""
+        0, or a learner without a source path: the scale stays as it is.
+        ``prior_window``: target events over which the popularity prior's half-life is chosen online among
+        all-time counts and the learner's ``SITNConfig.popularity_half_lives`` (``learner.online.prior_tuner``);
+        0, or a learner without decayed counts or without a prior: it stays as it is."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if checkpoint_every_steps < 1:
@@ -194,6 +199,14 @@ class OnlineTrainer:
             TransferScaleTuner(window=transfer_scale_window, min_events=max(1, transfer_scale_window // 5),
                                k=prequential_k, initial=learner.model.transfer_scale)
             if transfers and transfer_scale_window > 0 else None
+        )
+        half_lives: tuple[int, ...] = getattr(getattr(learner, "config", None), "popularity_half_lives", ())
+        tunes_prior = (prior_window > 0 and bool(half_lives) and learner.config.popularity_prior > 0
+                       and learner.config.item_bias)
+        self.prior_tuner = (
+            PriorTuner(half_lives, window=prior_window, min_events=max(1, prior_window // 5),
+                       k=prequential_k, initial=learner.popularity_half_life)
+            if tunes_prior else None
         )
         self.fused_live = (FusedShadow(fused_weights, prequential_k, fused_window, name=FUSED_LIVE)
                            if fused_weights else None)
@@ -258,6 +271,11 @@ class OnlineTrainer:
         if self.transfer_scale is not None:  # start from the scales the offline training chose on validation
             warm, cold = learner.model.transfer_scale
             self.transfer_scale.scale = {"warm": float(warm), "cold": float(cold)}
+        if self.prior_tuner is not None:  # a warm model without the same decayed counts keeps its prior as trained
+            if self.prior_tuner.options[1:] != getattr(learner.config, "popularity_half_lives", ()):
+                self.prior_tuner = None
+            else:
+                self.prior_tuner.half_life = learner.popularity_half_life
 
     # -- the batch path ------------------------------------------------------------------------------
     def process(self, batch: EventBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
@@ -367,6 +385,8 @@ class OnlineTrainer:
         stats.update(self.quality.stats())
         if self.transfer_scale is not None:
             stats.update(self.transfer_scale.stats())
+        if self.prior_tuner is not None:
+            stats.update(self.prior_tuner.stats())
         if self.fused is not None and self.fused_live is not None:
             stats.update(self.fused.stats())
             stats.update(self.fused_live.stats())
@@ -424,6 +444,12 @@ class OnlineTrainer:
         if tuner is not None:  # tallied before the model trains on them; the choice applies from the next step
             tuner.observe(s0, s1, positives, excluded, warm)
             self.learner.model.transfer_scale = tuner.choose()
+        if self.prior_tuner is not None:  # likewise, with the prior of each half-life in place of the active one
+            beta, n = self.learner.config.popularity_prior, scores.shape[1]
+            priors = np.stack([beta * np.log1p(self.learner.prior_counts("target", h, n))
+                               for h in self.prior_tuner.options]).astype(np.float32)  # (options, N)
+            self.prior_tuner.observe(scores, priors, positives, excluded)
+            self.learner.popularity_half_life = self.prior_tuner.choose()
         return _LiveRanking(out, scores, positives, excluded)
 
     def _fused_ranker(self, model_scores: dict[int, np.ndarray], out: list[int | None], live: _LiveRanking,
@@ -542,6 +568,7 @@ class OnlineTrainer:
             "fused": self.fused.state_dict() if self.fused is not None else None,
             "fused_live": self.fused_live.state_dict() if self.fused_live is not None else None,
             "transfer_scale": self.transfer_scale.state_dict() if self.transfer_scale is not None else None,
+            "prior_tuner": self.prior_tuner.state_dict() if self.prior_tuner is not None else None,
             "burn_in": {"until": self.burn_in_until, "events": self.burn_in_events},
         }
         mark = CheckpointMark(int(self.learner.step), self.events_applied, dict(self.positions))
@@ -618,6 +645,9 @@ class OnlineTrainer:
         if self.transfer_scale is not None and extra.get("transfer_scale") is not None:
             self.transfer_scale.load_state_dict(extra["transfer_scale"])
             self.learner.model.transfer_scale = (self.transfer_scale.scale["warm"], self.transfer_scale.scale["cold"])
+        if self.prior_tuner is not None and extra.get("prior_tuner") is not None:
+            self.prior_tuner.load_state_dict(extra["prior_tuner"])
+            self.learner.popularity_half_life = self.prior_tuner.half_life
         if self.fused is not None and self.fused_live is not None:  # both or neither (__init__)
             self._stamp.fused_weight = self.fused.weight = self.fused_live.weight
         burn_in = extra.get("burn_in") or {}
@@ -653,6 +683,11 @@ class OnlineTrainer:
             "warm": tuner.scale["warm"], "cold": tuner.scale["cold"], "switches": tuner.switches,
             "ndcg_window_by_scale": {slot: {f"{s:g}": t.figures("window")["window"]["ndcg"] for s, t in per.items()}
                                      for slot, per in tuner.tallies.items()},
+        }
+        prior = self.prior_tuner
+        out["popularity_half_life"] = None if prior is None else {
+            "half_life": prior.half_life, "switches": prior.switches,
+            "ndcg_window_by_half_life": {str(h): t.figures("window")["window"]["ndcg"] for h, t in prior.tallies.items()},
         }
         return out
 

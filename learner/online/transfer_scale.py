@@ -92,13 +92,8 @@ class TransferScaleTuner:
     def choose(self) -> tuple[float, float]:
         """The (warm, cold) scale to use from now on (module docstring)."""
         for slot in SLOTS:
-            tallies = self.tallies[slot]
-            current = self.scale[slot]
-            if tallies[self.grid[0]].figures("window")["window"]["events"] < self.min_events:
-                continue
-            ndcg = {s: t.figures("window")["window"]["ndcg"] for s, t in tallies.items()}
-            best = max(self.grid, key=lambda s: (ndcg[s], -self.grid.index(s)))
-            if best != current and ndcg[best] > ndcg.get(current, 0.0) * (1.0 + self.min_gain):
+            best = windowed_choice(self.tallies[slot], self.scale[slot], self.min_events, self.min_gain)
+            if best != self.scale[slot]:
                 self.scale[slot] = best
                 self.switches += 1
         return self.scale["warm"], self.scale["cold"]
@@ -125,3 +120,18 @@ class TransferScaleTuner:
                 saved = state["tallies"][slot].get(f"{scale:g}")
                 if saved is not None:
                     self.tallies[slot][scale] = RankTally.from_state_dict(saved, self.window)
+
+
+def windowed_choice(tallies: Mapping[Any, RankTally], current: Any, min_events: int, min_gain: float) -> Any:
+    """The option (a key of ``tallies``, in grid order) to use from now on: ``current`` until the window holds
+    ``min_events`` events, then the best windowed NDCG@k, but only if it beats ``current``'s by more than
+    ``min_gain`` (relative); ties go to the earlier option. Shared by the online tuners (transfer scale here,
+    the popularity prior's half-life in ``learner.online.prior_tuner``)."""
+    grid = list(tallies)
+    if tallies[grid[0]].figures("window")["window"]["events"] < min_events:
+        return current
+    ndcg = {option: tally.figures("window")["window"]["ndcg"] for option, tally in tallies.items()}
+    best = max(grid, key=lambda option: (ndcg[option], -grid.index(option)))
+    if best != current and ndcg[best] > ndcg.get(current, 0.0) * (1.0 + min_gain):
+        return best
+    return current

@@ -1,0 +1,56 @@
+"""Label counts decayed with a half-life, for the popularity prior (``SITNConfig.popularity_half_lives``).
+
+A stream's popular items change: on the shipped Movie->Book replay, running popularity with counts halved every
+3,000 book labels ranks the next book at NDCG@10 0.0084 against 0.0054 with all-time counts. The prior may read
+such counts instead of the all-time ones (``SITNLearner.popularity_half_life``; the stream chooses the half-life
+online, ``learner.online.prior_tuner``).
+
+Time is the domain's label count ``n`` (so ordinal logs work as well as clock times). A label at count ``n`` adds
+``2^((n - offset) / h)`` to its item's stored sum, so nothing else is touched per label. The decayed count read
+out is the stored sum times ``2^(-(n_tick - offset) / h)``, where ``n_tick`` is ``n`` rounded down to a multiple
+of ``h / 4``: between ticks an item no label touched keeps its value, so a publish sends only the rows a step
+moved, and at each tick every counted item decays by ``2^(-1/4)`` at once. The offset moves forward (and the
+sums shrink to match) before the weights could overflow a float64.
+
+>>> import numpy as np
+>>> recent, offset = np.zeros(3), 0.0
+>>> offset = add_labels(recent, offset, np.array([1, 1, 2]), n_before=0, half_life=8)  # a tick is 2 labels
+>>> decayed_counts(recent, offset, n=1, half_life=8).tolist()  # before the first tick: no decay yet
+[0.0, 2.0, 1.0]
+>>> offset = add_labels(recent, offset, np.array([2]), n_before=3, half_life=8)
+>>> [round(c, 3) for c in decayed_counts(recent, offset, n=4, half_life=8).tolist()]  # two ticks = h / 2
+[0.0, 1.414, 1.624]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# the offset moves on once the newest weight passes 2^REBASE_EXPONENT (float64 holds up to about 2^1023)
+REBASE_EXPONENT = 512.0
+
+
+def tick(half_life: int) -> int:
+    """Labels between two decay steps: a quarter of the half-life (at least 1)."""
+    return max(1, half_life // 4)
+
+
+def add_labels(recent: np.ndarray, offset: float, rows: np.ndarray, n_before: int, half_life: int) -> float:
+    """Add one label per entry of ``rows`` (repeats count) to ``recent`` in place, each at label count
+    ``n_before`` (a step's labels share one time); returns the offset, moved forward if the weights grew too
+    large (``recent`` rescaled in place to match, so every decayed count stays what it was)."""
+    if half_life < 1:
+        raise ValueError(f"half_life must be >= 1, got {half_life}")
+    n_tick = n_before - n_before % tick(half_life)
+    if (n_before - offset) / half_life > REBASE_EXPONENT and n_tick > offset:
+        recent *= 2.0 ** (-(n_tick - offset) / half_life)
+        offset = float(n_tick)
+    if len(rows):
+        np.add.at(recent, rows, 2.0 ** ((n_before - offset) / half_life))
+    return offset
+
+
+def decayed_counts(recent: np.ndarray, offset: float, n: int, half_life: int) -> np.ndarray:
+    """(rows,) float64 counts decayed to the last tick at or before label count ``n``."""
+    n_tick = n - n % tick(half_life)
+    return recent * 2.0 ** (-(n_tick - offset) / half_life)
