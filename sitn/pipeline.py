@@ -673,6 +673,9 @@ def _prequential_summary(quality: dict[str, Any]) -> dict[str, Any]:
         "fallback": quality.get("fallback"),
         # the query-time transfer scales in force at the end (warm / cold users) and each one's windowed NDCG@10
         "transfer_scale": quality.get("transfer_scale"),
+        # the half-life of the counts the popularity prior reads at the end (0: all-time) and each option's
+        # windowed NDCG@10
+        "popularity_half_life": quality.get("popularity_half_life"),
     }
 
 

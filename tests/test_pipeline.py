@@ -296,6 +296,9 @@ def check_summary(pipeline: Pipeline, events: list[InteractionEvent]) -> None:
     assert scales["warm"] in (1.0, 0.5, 0.25, 0.0) and scales["cold"] in (1.0, 0.5, 0.25, 0.0)
     assert set(scales["ndcg_window_by_scale"]) == {"warm", "cold"}
     assert all(set(per) == {"1", "0.5", "0.25", "0"} for per in scales["ndcg_window_by_scale"].values())
+    prior = pq["popularity_half_life"]  # chosen online among all-time counts and the default half-lives
+    assert prior["half_life"] in (0, 1000, 3000, 10000, 30000)
+    assert set(prior["ndcg_window_by_half_life"]) == {"0", "1000", "3000", "10000", "30000"}
     assert set(pq["lifts"]) == {"model", "model_live", "fused", "fused_live"}
     assert pq["lifts"]["model"]["stream"] == pq["lift"]
     for name, spans in pq["rankers"].items():
