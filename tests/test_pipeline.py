@@ -48,7 +48,7 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, pipelin
 def small_config() -> SITNConfig:
     return SITNConfig(dim=16, max_len=10, n_views=2, cluster_counts=(4, 8), n_item_clusters=8,
                       n_sampled_negatives=32, i2c_warmup_steps=5, recluster_every_steps=10, reservoir_size=512,
-                      initial_item_capacity=256)
+                      initial_item_capacity=256, popularity_half_lives=(100, 1000))
 
 
 @pytest.fixture(scope="module")
@@ -296,9 +296,9 @@ def check_summary(pipeline: Pipeline, events: list[InteractionEvent]) -> None:
     assert scales["warm"] in (1.0, 0.5, 0.25, 0.0) and scales["cold"] in (1.0, 0.5, 0.25, 0.0)
     assert set(scales["ndcg_window_by_scale"]) == {"warm", "cold"}
     assert all(set(per) == {"1", "0.5", "0.25", "0"} for per in scales["ndcg_window_by_scale"].values())
-    prior = pq["popularity_half_life"]  # chosen online among all-time counts and the default half-lives
-    assert prior["half_life"] in (0, 1000, 3000, 10000, 30000)
-    assert set(prior["ndcg_window_by_half_life"]) == {"0", "1000", "3000", "10000", "30000"}
+    prior = pq["popularity_half_life"]  # chosen online among all-time counts and the model's half-lives
+    assert prior["half_life"] in (0, 100, 1000)
+    assert set(prior["ndcg_window_by_half_life"]) == {"0", "100", "1000"}
     assert set(pq["lifts"]) == {"model", "model_live", "fused", "fused_live"}
     assert pq["lifts"]["model"]["stream"] == pq["lift"]
     for name, spans in pq["rankers"].items():
