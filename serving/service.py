@@ -149,9 +149,11 @@ def validate_batch(batch: EmbeddingBatch, dim: int) -> None:
             _check_id(f"{where}: base popularity item_id", counted[0])
     if batch.served_by not in RANKERS:
         raise ValueError(f"{where}: served_by must be one of {RANKERS}, got {batch.served_by!r}")
-    weight = batch.fused_weight
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf:
-        raise ValueError(f"{where}: fused_weight must be a finite number >= 0, got {weight!r}")
+    for name, weight in (("fused_weight", batch.fused_weight), ("fused_weight_cold", batch.fused_weight_cold)):
+        if weight is None and name == "fused_weight_cold":
+            continue
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf:
+            raise ValueError(f"{where}: {name} must be a finite number >= 0, got {weight!r}")
 
 
 def _check_consumed_pairs(what: str, pairs: Iterable[object]) -> None:
@@ -236,6 +238,7 @@ class RecommendationService:
         self.cooccurrence = CooccurrenceRanker(max_neighbours=cooc_max_neighbours)
         self.ranker = "model"
         self.fused_weight = 1.0  # w of the fused ranker (set with the ranker, from each published batch)
+        self.fused_weight_cold: float | None = None  # w for users with no target history (None: fused_weight)
         self._fused_base: CoocAlignment | None = None  # the index base's items on co-occurrence rows
         self._fused_delta: CoocAlignment | None = None  # the same for the current snapshot's delta
         self._live_cache: tuple[IndexSnapshot, np.ndarray] | None = None  # a snapshot's live base rows
@@ -275,7 +278,7 @@ class RecommendationService:
             self.record_consumed(user_id, item_ids)
         if base is not None:  # the whole state is new: rank popularity on all of it now, not one refresh period later
             self.popularity.refresh()
-        self.set_ranker(batch.served_by, batch.fused_weight)
+        self.set_ranker(batch.served_by, batch.fused_weight, batch.fused_weight_cold)
         self.applied_version = max(self.applied_version, int(batch.version))
         stale = len(batch.item_ids) + len(batch.user_ids) - applied_items - applied_users
         metrics.UPDATES_APPLIED.labels(kind="item").inc(applied_items)
@@ -310,6 +313,7 @@ class RecommendationService:
                 created_at_s=0.0,
                 served_by=self.ranker,
                 fused_weight=self.fused_weight,
+                fused_weight_cold=self.fused_weight_cold,
             ))
             totals = [totals[0] + stats.items_applied, totals[1] + stats.users_applied,
                       totals[2] + stats.stale_ignored]
@@ -342,16 +346,19 @@ class RecommendationService:
     def record_popularity(self, item_ids: Iterable[str]) -> None:
         self.popularity.add(item_ids)
 
-    def set_ranker(self, ranker: str, fused_weight: float | None = None) -> bool:
-        """Answer with ``ranker`` from now on (one of ``RANKERS``), the fused ranker with ``fused_weight``
-        (None: unchanged); True when the ranker switched (logged)."""
+    def set_ranker(self, ranker: str, fused_weight: float | None = None, fused_weight_cold: float | None = None) -> bool:
+        """Answer with ``ranker`` from now on (one of ``RANKERS``), the fused ranker with ``fused_weight`` and, for
+        users with no target history, ``fused_weight_cold`` (None: ``fused_weight``); both unchanged when
+        ``fused_weight`` is None. True when the ranker switched (logged)."""
         if ranker not in RANKERS:
             raise ValueError(f"ranker must be one of {RANKERS}, got {ranker!r}")
         if fused_weight is not None:
-            if isinstance(fused_weight, bool) or not isinstance(fused_weight, int | float) \
-                    or not 0 <= fused_weight < math.inf:
-                raise ValueError(f"fused_weight must be a finite number >= 0, got {fused_weight!r}")
+            for name, weight in (("fused_weight", fused_weight), ("fused_weight_cold", fused_weight_cold)):
+                if (weight is not None or name == "fused_weight") and (
+                        isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf):
+                    raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
             self.fused_weight = float(fused_weight)
+            self.fused_weight_cold = None if fused_weight_cold is None else float(fused_weight_cold)
         if ranker == self.ranker:
             return False
         logger.warning("serving ranker switched from=%s to=%s", self.ranker, ranker)
@@ -426,7 +433,8 @@ class RecommendationService:
                 best_view_scores(snap.base_vectors, queries)[live_rows],  # (N_base, V) -> (N_live,)
                 best_view_scores(snap.delta_vectors, queries),  # (N_delta,)
             ])
-        return fused_scores(model, cooc, self.fused_weight), live_rows
+        weight = self.fused_weight if history or self.fused_weight_cold is None else self.fused_weight_cold
+        return fused_scores(model, cooc, weight), live_rows
 
     def _live_rows(self, snap: IndexSnapshot) -> np.ndarray:
         """The base rows of ``snap`` the delta does not supersede, cached per snapshot."""
@@ -465,6 +473,7 @@ class RecommendationService:
         return {
             "ranker": self.ranker,
             "fused_weight": self.fused_weight,
+            "fused_weight_cold": self.fused_weight if self.fused_weight_cold is None else self.fused_weight_cold,
             "index_version": snap.version,
             "applied_version": self.applied_version,
             "index_items": snap.size,
@@ -514,6 +523,7 @@ class RecommendationService:
             "dim": self.dim,
             "ranker": self.ranker,
             "fused_weight": self.fused_weight,
+            "fused_weight_cold": self.fused_weight_cold,
             "version": version,
             "created_at_unix_s": time.time(),
         }
@@ -568,7 +578,7 @@ class RecommendationService:
             self.popularity.replace_all(
                 zip(data["popular_item_ids"].tolist(), data["popular_counts"].tolist(), strict=True)
             )
-        self.set_ranker(meta.get("ranker", "model"), meta.get("fused_weight"))
+        self.set_ranker(meta.get("ranker", "model"), meta.get("fused_weight"), meta.get("fused_weight_cold"))
         self.refresh_gauges()
         info = SnapshotInfo(str(path), int(meta["version"]), len(item_ids), len(self.users))
         logger.info(

@@ -202,6 +202,7 @@ class UpdateConsumer:
                 consumed=consumed,
                 served_by=record.served_by,
                 fused_weight=record.fused_weight,
+                fused_weight_cold=record.fused_weight_cold,
             )
             validate_batch(batch, self.service.dim)
         except ValueError as exc:

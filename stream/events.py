@@ -209,8 +209,8 @@ class VersionRecord:
     """Closes published version ``version`` on the updates topic: what serving needs besides vectors.
 
     ``consumed``: the last (user_id, target item_id) pairs of the version, in the order learnt (the ones
-    before them in :class:`ConsumedRecord` s), ``consumed_total`` of them in all; ``served_by`` and
-    ``fused_weight`` as in :class:`EmbeddingBatch`; ``items`` and ``users``: how many vector records the
+    before them in :class:`ConsumedRecord` s), ``consumed_total`` of them in all; ``served_by``,
+    ``fused_weight`` and ``fused_weight_cold`` as in :class:`EmbeddingBatch`; ``items`` and ``users``: how many vector records the
     version sent (before this record; fewer survive once the topic is compacted).
     """
 
@@ -224,6 +224,7 @@ class VersionRecord:
     users: int
     created_at_s: float
     schema_version: int = UPDATE_SCHEMA_VERSION
+    fused_weight_cold: float | None = None  # as in EmbeddingBatch (absent in records written before it: None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +260,7 @@ def encode_version_record(record: VersionRecord) -> bytes:
             "consumed_total": record.consumed_total,
             "served_by": record.served_by,
             "fused_weight": record.fused_weight,
+            "fused_weight_cold": record.fused_weight_cold,
             "items": record.items,
             "users": record.users,
             "created_at_s": record.created_at_s,
@@ -315,6 +317,8 @@ def decode_update_record(raw: bytes) -> UpdateRecord:
                 consumed_total=int(payload["consumed_total"]),
                 served_by=str(payload["served_by"]),
                 fused_weight=float(payload["fused_weight"]),
+                fused_weight_cold=None if payload.get("fused_weight_cold") is None
+                else float(payload["fused_weight_cold"]),
                 items=int(payload["items"]),
                 users=int(payload["users"]),
                 created_at_s=float(payload["created_at_s"]),
@@ -377,6 +381,8 @@ class EmbeddingBatch:
     # ("popularity", "cooccurrence") while the learnt rankers rank significantly worse.
     served_by: str = "model"
     fused_weight: float = 1.0  # w of the fused score z(model) + w * z(cooc), from this version on
+    # w for a user with no target history (co-occurrence then holds only the popularity tie-break); None: fused_weight
+    fused_weight_cold: float | None = None
     # A full version's consumed state before its own pairs (ServingBase): a replica that has not applied the
     # version just before this one replaces its consumed sets, popularity and co-occurrence with it first.
     base: ServingBase | None = None
@@ -423,6 +429,7 @@ def encode_batch(batch: EmbeddingBatch) -> list[tuple[bytes, bytes]]:
         consumed_total=len(batch.consumed),
         served_by=batch.served_by,
         fused_weight=float(batch.fused_weight),
+        fused_weight_cold=None if batch.fused_weight_cold is None else float(batch.fused_weight_cold),
         items=len(batch.item_ids),
         users=len(batch.user_ids),
         created_at_s=float(batch.created_at_s),

@@ -17,11 +17,14 @@ from stream.events import (
     MIN_TIMESTAMP_S,
     EmbeddingUpdate,
     InteractionEvent,
+    VersionRecord,
     decode_event,
     decode_events,
     decode_update,
+    decode_update_record,
     encode_event,
     encode_update,
+    encode_version_record,
 )
 from tests.test_fuzz_events import FUZZ, _json_bytes, json_values, payloads
 
@@ -68,6 +71,16 @@ def test_update_round_trip_and_error() -> None:
     with pytest.raises(EventDecodeError) as err:
         decode_update(b'{"kind": "item"}')
     assert err.value.reason == "bad_schema_version"
+
+
+
+def test_version_records_carry_both_fused_weights_and_older_ones_read_as_one() -> None:
+    record = VersionRecord(version=4, full=False, consumed=(("u", "b"),), consumed_total=1, served_by="fused",
+                           fused_weight=2.0, items=1, users=1, created_at_s=5.0, fused_weight_cold=0.0)
+    assert decode_update_record(encode_version_record(record)) == record
+    payload = orjson.loads(encode_version_record(record))
+    del payload["fused_weight_cold"]  # written before the cold weight existed: serving uses fused_weight for all
+    assert decode_update_record(orjson.dumps(payload)) == dataclasses.replace(record, fused_weight_cold=None)
 
 
 # --- decode_events: decode_event on each message, in one pass --------------------------------------------

@@ -64,13 +64,66 @@ def test_fused_rank_by_hand_ties_against_and_exclusions() -> None:
     assert fused.rank(alone, served, None, 1, [0], co, None, True) == 3
     # Not served: a miss for every weight (and the rankable flag is tallied as given).
     assert fused.rank(ex, served, None, None, [], co, None, False) is None
-    assert [t.events for t in fused.tallies.values()] == [4, 4]
-    assert fused.tallies[0.5].figures("stream")["stream"]["rankable"] == 3
+    # u had read p; v had read nothing (cold): tallied apart, over 0 and the grid
+    assert [t.events for t in fused.tallies.values()] == [2, 2]
+    assert [t.events for t in fused.tallies_cold.values()] == [2, 2, 2]
+    assert fused.tallies[0.5].figures("stream")["stream"]["rankable"] == 1
     # choose(): the best windowed NDCG@k, 4.0 (0.5 ranked the first event second, 4.0 first; the others
     # are misses at k = 2 for both).
     assert fused.choose() == 4.0
     with pytest.raises(ValueError, match=r"weights must be distinct finite numbers > 0, got \[1.0, 1.0\]"):
         FusedShadow(weights=(1.0, 1.0))
+
+
+def test_users_without_target_history_get_their_own_weight_chosen_on_their_events() -> None:
+    """Cold users (no book read): co-occurrence holds only its popularity tie-break; when the model ranks their
+    books better alone, their weight goes to 0 while the others' stays; serving applies each to its users."""
+    co = _cooc([((), "p"), (("p",), "q"), ((), "r"), ((), "r"), ((), "s")])  # r the most read
+    served = ("p", "q", "r", "s")
+    fused = FusedShadow(weights=(0.5, 4.0), k=1, window=10)
+    model = np.array([0.0, 0.0, 0.0, 3.0], np.float32)  # the model puts s first
+    cold = Example("e", "v", "book", "s", 0, {"book": ((), ())})
+    for _ in range(3):  # cold users read s: w = 0 ranks it first, w = 4 puts r (popularity) above it
+        fused.rank(cold, served, model, 3, [], co, None, True)
+    warm = Example("e", "u", "book", "q", 0, {"book": (("p",), ())})  # u read p, now q: co-occurrence ranks q first
+    for _ in range(3):
+        fused.rank(warm, served, model, 1, [0], co, None, True)
+    assert fused.choose() == 4.0 and fused.weight_cold == 0.0
+    assert fused.ndcg(0.0, cold=True) == 1.0 and fused.ndcg(4.0, cold=True) == 0.0
+    assert fused.stats()["fused_weight_cold"] == 0.0 and fused.stats()["fused_cold_w0_ndcg_at_1_window"] == 1.0
+    restored = FusedShadow(weights=(0.5, 4.0), k=1, window=10)
+    restored.load_state_dict(fused.state_dict())
+    assert restored.stats() == fused.stats()
+    old = fused.state_dict()
+    del old["weight_cold"], old["tallies_cold"]  # a checkpoint from before the cold slot: it follows the other
+    before = FusedShadow(weights=(0.5, 4.0), k=1, window=10)
+    before.load_state_dict(old)
+    assert (before.weight, before.weight_cold) == (4.0, 4.0)
+    # serving: the cold weight for a user who consumed nothing, the other for everyone else
+    core = ServingCore(ServingSettings(dim=2, index_factory="Flat", index_search_params={}, popularity_refresh_s=0.0),
+                       start_http=False)
+    batch = EmbeddingBatch(version=1, full=True, item_ids=["a", "b", "c"],
+                           item_vectors=np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], np.float32),
+                           user_ids=["u", "w"], user_vectors=np.array([[[1.0, 0.0]], [[0.0, 1.0]]], np.float32),
+                           popularity=[], created_at_s=0.0, consumed=[("v", "a"), ("v", "c"), ("x", "c"), ("u", "a")],
+                           served_by="fused", fused_weight=3.0, fused_weight_cold=0.0)
+    core.apply_batch(batch)
+    service = core.service
+    assert (service.fused_weight, service.fused_weight_cold, service.health()["fused_weight_cold"]) == (3.0, 0.0, 0.0)
+    snap = service.index.snapshot
+    vectors = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0]), "c": np.array([0.5, 0.5])}
+    for user_id, history, weight in (("w", (), 0.0), ("u", ("a",), 3.0)):  # w consumed nothing: the model alone
+        scores, live_rows = service.fused_scores(snap, service.users.get(user_id), history)
+        ids = tuple(snap.base_item_ids[r] for r in live_rows.tolist()) + snap.delta_item_ids
+        cooc = service.cooccurrence.aligned_scores(history, [CoocAlignment(ids)])[0]
+        user = service.users.get(user_id)[0]
+        model = np.array([float(vectors[i] @ user) for i in ids])
+        assert scores.tolist() == pytest.approx(fused_scores(model, cooc, weight).tolist(), abs=1e-12), user_id
+    assert [i for i, _ in core.recommend("w", k=3)["items"]] == ["b", "c", "a"]  # c, the most read, not first
+    service.set_ranker("fused", 2.0)  # a weight alone: the cold users follow it
+    assert (service.fused_weight, service.fused_weight_cold) == (2.0, None)
+    with pytest.raises(ValueError, match=r"fused_weight_cold must be a finite number >= 0, got -1.0"):
+        service.set_ranker("fused", 1.0, -1.0)
 
 
 def test_serving_fused_top_k_equals_the_learners_fused_ranks() -> None:

@@ -15,6 +15,7 @@ from learner.core.config import SITNConfig
 from learner.core.learner import SITNLearner
 from learner.online.checkpoint_store import CheckpointStore
 from learner.online.publisher import CallableTransport
+from learner.online.shadow import consumed_items
 from learner.online.trainer import OnlineTrainer, StreamGapError
 from stream.consumer import EventBatch, LetterMark
 from stream.dataset import load_events
@@ -103,9 +104,18 @@ def test_trains_every_example_publishes_and_ranks(tmp_path: Path, events: list[I
     # each batch carries the weight chosen at its publish (on the data-time tallies), the one both rank with
     # from then on.
     assert trainer.fused is not None and trainer.fused_live is not None
+    # (users with no book history before the event in their own slot, over 0 and the grid)
+    cold = sum(1 for ex in UserStateStore(("movie", "book"), max_len=10).observe_many(events[:600])
+               if ex.domain == "book" and not consumed_items(ex, "book"))
+    assert 0 < cold < len(books)
     for fused in (trainer.fused, trainer.fused_live):
-        assert {w: t.events for w, t in fused.tallies.items()} == dict.fromkeys((0.25, 0.5, 1.0, 2.0, 4.0), len(books))
+        assert {w: t.events for w, t in fused.tallies.items()} == dict.fromkeys((0.25, 0.5, 1.0, 2.0, 4.0),
+                                                                                len(books) - cold)
+        assert {w: t.events for w, t in fused.tallies_cold.items()} == dict.fromkeys((0, 0.25, 0.5, 1.0, 2.0, 4.0),
+                                                                                     cold)
     assert sent[-1].fused_weight == trainer.fused.weight == trainer.fused_live.weight in trainer.fused.weights
+    assert sent[-1].fused_weight_cold == trainer.fused.weight_cold == trainer.fused_live.weight_cold \
+        in trainer.fused.weights_cold
     # At data time every rankable event is ranked (the live model knows every item seen in the stream).
     live = trainer.quality.tallies["fused_live"].figures()["stream"]
     assert live["rankable"] == len(books) - len(set(books))

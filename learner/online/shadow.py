@@ -141,8 +141,14 @@ class FusedShadow:
     the ``fused`` ranker: so the ``fused`` figures are exactly what ``/recommend`` answers with (the weight
     is chosen on events before the ones it ranks, never on the same ones).
 
+    Events of users with no target history (cold) are tallied apart, over ``(0, *weights)``, and get their own
+    weight (``weight_cold``; 0: the model's score alone): for them co-occurrence holds nothing but its
+    popularity tie-break, which the model may already rank with (its popularity prior), so the weight the
+    users with history deserve is no guide. Serving tells the two apart the same way (an empty consumed
+    history; ``EmbeddingBatch.fused_weight_cold``).
+
     ``choose()`` picks the weight with the best NDCG@k over the last ``window`` target events (the current
-    one kept on ties, and while no event was ranked). A window, not the whole stream: the model learns as
+    one kept on ties, and while no event was ranked), and the cold one over the last ``window`` cold events. A window, not the whole stream: the model learns as
     the stream goes on, so the weight it deserves falls, and the first events (an untrained model) should
     not decide it; 10,000 target events hold over 100 hits at NDCG@10 ~0.015, and the weights' ranks are
     paired on the same events, so neighbouring weights are told apart by far fewer than that.
@@ -168,8 +174,12 @@ class FusedShadow:
         self.weights = tuple(float(w) for w in weights)
         self.tallies = {w: RankTally(k, window) for w in self.weights}
         self.weight = self.weights[len(self.weights) // 2]  # served before any evidence: the grid's middle
+        self.weights_cold = (0.0, *self.weights)
+        self.tallies_cold = {w: RankTally(k, window) for w in self.weights_cold}
+        self.weight_cold = self.weight  # as the others' until the cold events say otherwise
         self._align: CoocAlignment | None = None
         self._weights_column = np.array(self.weights, dtype=np.float64)[:, None]  # (W, 1), tallies' order
+        self._weights_column_cold = np.array(self.weights_cold, dtype=np.float64)[:, None]  # (W + 1, 1)
 
     def rank(
         self,
@@ -182,9 +192,12 @@ class FusedShadow:
         cooc_scores: np.ndarray | None,  # (n_cooc_items,) target-history scores, None: compute them
         rankable: bool,
     ) -> int | None:
-        """Rank ``ex`` with every weight (each tallied); returns the rank at the served ``weight``."""
+        """Rank ``ex`` with every weight of its slot (each tallied); returns the rank at the slot's served weight
+        (``weight``, or ``weight_cold`` for a user with no target history)."""
+        cold = not consumed_items(ex, cooc.target)  # as serving: no consumed target items
+        tallies = self.tallies_cold if cold else self.tallies
         if positive is None:
-            for tally in self.tallies.values():
+            for tally in tallies.values():
                 tally.record(None, rankable)
             return None
         if self._align is None:
@@ -197,42 +210,62 @@ class FusedShadow:
         z_model = None if model_scores is None else standardise(model_scores)  # (N,)
         # Every weight at once: row w of (W, N) is combine(z_model, z_cooc, w), element for element the same
         # arithmetic (serving's), ranked in one pass (a loop per weight cost twice as much).
-        weights = self._weights_column  # (W, 1)
+        weights = self._weights_column_cold if cold else self._weights_column  # (W, 1)
         fused = weights * z_cooc[None, :] if z_model is None else z_model[None, :] + weights * z_cooc[None, :]
         ranks = ranks_with_ties_against(fused, positive, excluded).tolist()
         served_rank = None
-        for (w, tally), r in zip(self.tallies.items(), ranks, strict=True):
+        served_weight = self.weight_cold if cold else self.weight
+        for (w, tally), r in zip(tallies.items(), ranks, strict=True):
             tally.record(r, rankable)
-            if w == self.weight:
+            if w == served_weight:
                 served_rank = r
         return served_rank
 
-    def ndcg(self, weight: float) -> float:
-        return float(self.tallies[weight].figures("window")["window"]["ndcg"])
+    def ndcg(self, weight: float, cold: bool = False) -> float:
+        return float((self.tallies_cold if cold else self.tallies)[weight].figures("window")["window"]["ndcg"])
 
     def choose(self) -> float:
-        """The weight to serve from now on: the best windowed NDCG@k (the current one on ties)."""
-        scores = {w: self.ndcg(w) for w in self.weights}
+        """The weight to serve from now on: the best windowed NDCG@k (the current one on ties); the cold
+        weight likewise from the cold events (``weight_cold``)."""
+        self.weight = self._best(self.weights, self.weight, cold=False)
+        self.weight_cold = self._best(self.weights_cold, self.weight_cold, cold=True)
+        return self.weight
+
+    def _best(self, grid: tuple[float, ...], current: float, cold: bool) -> float:
+        scores = {w: self.ndcg(w, cold) for w in grid}
         valid = {w: v for w, v in scores.items() if not math.isnan(v)}
         if valid:
             best = max(valid.values())
-            if valid.get(self.weight, -math.inf) < best:
-                self.weight = next(w for w in self.weights if valid.get(w) == best)
-        return self.weight
+            if valid.get(current, -math.inf) < best:
+                return next(w for w in grid if valid.get(w) == best)
+        return current
 
     def stats(self) -> dict[str, float]:
-        out = {f"{self.name}_weight": self.weight}
+        out = {f"{self.name}_weight": self.weight, f"{self.name}_weight_cold": self.weight_cold}
         for w in self.weights:
             out[f"{self.name}_w{w:g}_ndcg_at_{self.tallies[w].k}_window"] = self.ndcg(w)
+        for w in self.weights_cold:
+            out[f"{self.name}_cold_w{w:g}_ndcg_at_{self.tallies_cold[w].k}_window"] = self.ndcg(w, cold=True)
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weight": self.weight, "tallies": {str(w): t.state_dict() for w, t in self.tallies.items()}}
+        return {"weight": self.weight, "tallies": {str(w): t.state_dict() for w, t in self.tallies.items()},
+                "weight_cold": self.weight_cold,
+                "tallies_cold": {str(w): t.state_dict() for w, t in self.tallies_cold.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a checkpoint: the served weight (if still in the grid) and each weight's tally."""
-        if float(state["weight"]) in self.tallies:
-            self.weight = float(state["weight"])
-        for key, tally_state in state["tallies"].items():
-            if float(key) in self.tallies:
-                self.tallies[float(key)] = RankTally.from_state_dict(tally_state, self.tallies[float(key)].window)
+        """Continue from a checkpoint: the served weights (if still in the grids) and each weight's tally (a
+        checkpoint from before the cold slot: the cold weight follows the other until cold events choose)."""
+        for tallies, weight_key, tallies_key in ((self.tallies, "weight", "tallies"),
+                                                 (self.tallies_cold, "weight_cold", "tallies_cold")):
+            weight = state.get(weight_key)
+            if weight is not None and float(weight) in tallies:
+                if weight_key == "weight":
+                    self.weight = float(weight)
+                else:
+                    self.weight_cold = float(weight)
+            for key, tally_state in (state.get(tallies_key) or {}).items():
+                if float(key) in tallies:
+                    tallies[float(key)] = RankTally.from_state_dict(tally_state, tallies[float(key)].window)
+        if state.get("weight_cold") is None and self.weight in self.tallies_cold:
+            self.weight_cold = self.weight

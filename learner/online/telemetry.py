@@ -89,6 +89,10 @@ TRANSFER_SCALE = Gauge(
     "chosen online by windowed NDCG@10 (learner.online.transfer_scale).",
     ["slot"],
 )
+FUSED_WEIGHT_COLD = Gauge(
+    "sitn_learner_fused_weight_cold",
+    "w of the fused ranker for users with no target history (0: the model's score alone), chosen on their events.",
+)
 POPULARITY_HALF_LIFE = Gauge(
     "sitn_learner_popularity_half_life",
     "Half-life (in target labels) of the counts the popularity prior reads, 0 = all-time counts, chosen online by "

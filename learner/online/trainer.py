@@ -119,15 +119,17 @@ class _LiveRanking(NamedTuple):
 
 class _StampServedBy:
     """Hands each published batch on with the ranker serving must use (``EmbeddingBatch.served_by``) and
-    the fused ranker's weight (``EmbeddingBatch.fused_weight``)."""
+    the fused ranker's weights (``EmbeddingBatch.fused_weight``, ``fused_weight_cold``)."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.served_by = MODEL
         self.fused_weight = 1.0
+        self.fused_weight_cold: float | None = None
 
     def stamp(self, batch: EmbeddingBatch) -> EmbeddingBatch:
-        return dataclasses.replace(batch, served_by=self.served_by, fused_weight=self.fused_weight)
+        return dataclasses.replace(batch, served_by=self.served_by, fused_weight=self.fused_weight,
+                                   fused_weight_cold=self.fused_weight_cold)
 
     def send(self, batch: EmbeddingBatch) -> None:
         self.transport.send(self.stamp(batch))
@@ -224,6 +226,7 @@ class OnlineTrainer:
                                      learnt=learnt[1:])
         if self.fused_live is not None:
             self._stamp.fused_weight = self.fused_live.weight
+            self._stamp.fused_weight_cold = self.fused_live.weight_cold
         self.fallback = fallback
         self.positions: dict[int, int] = {}  # partition -> next offset to read, everything trained
         self.events_applied = 0
@@ -515,7 +518,9 @@ class OnlineTrainer:
         if self.fused is not None and self.fused_live is not None:
             # the weight serving uses from this version on (chosen at data time), and the learner ranks with
             self._stamp.fused_weight = self.fused.weight = self.fused_live.choose()
+            self._stamp.fused_weight_cold = self.fused.weight_cold = self.fused_live.weight_cold
             telemetry.FUSED_WEIGHT.set(self._stamp.fused_weight)
+            telemetry.FUSED_WEIGHT_COLD.set(self._stamp.fused_weight_cold)
         start_s = time.perf_counter()
         batch = self._stamp.stamp(self.publisher.publish(int(self.learner.step), force_full=force_full))
         if self.gate is not None:
@@ -650,6 +655,7 @@ class OnlineTrainer:
             self.learner.popularity_half_life = self.prior_tuner.half_life
         if self.fused is not None and self.fused_live is not None:  # both or neither (__init__)
             self._stamp.fused_weight = self.fused.weight = self.fused_live.weight
+            self._stamp.fused_weight_cold = self.fused.weight_cold = self.fused_live.weight_cold
         burn_in = extra.get("burn_in") or {}
         self.burn_in_until = burn_in.get("until")
         self.burn_in_events = int(burn_in.get("events", 0))
@@ -676,6 +682,10 @@ class OnlineTrainer:
             "weight": self.fused_live.weight, "weights": list(self.fused_live.weights),
             "ndcg_window_by_weight": {f"{w:g}": self.fused_live.ndcg(w) for w in self.fused_live.weights},
             "ndcg_window_by_weight_replay": {f"{w:g}": self.fused.ndcg(w) for w in self.fused.weights},
+            # users with no book history: their own weight (0: the model alone), over their events only
+            "weight_cold": self.fused_live.weight_cold, "weights_cold": list(self.fused_live.weights_cold),
+            "ndcg_window_by_weight_cold": {f"{w:g}": self.fused_live.ndcg(w, cold=True)
+                                           for w in self.fused_live.weights_cold},
         }
         out["fallback"] = self.fallback.state() if self.fallback is not None else None
         tuner = self.transfer_scale
