@@ -4,8 +4,8 @@ For a user and every item ``j`` of the served index::
 
     fused_j = z(model)_j + weight * z(cooc)_j
 
-``model_j`` is the served model's score, the max over the user's views of ``<q_v, e_j>`` (zeros for a user
-without vectors), ``cooc_j`` the target-history item co-occurrence score (``ItemCooccurrence.scores(history,
+``model_j`` is the served model's score, the max over the user's views of ``<q_v, e_j>`` (for a user without
+vectors there is none, and the score is ``z(cooc)_j`` whatever the weight, 0 included), ``cooc_j`` the target-history item co-occurrence score (``ItemCooccurrence.scores(history,
 "target")``, 0 for an item it has never seen) and ``z`` standardises a score vector over *all* items of the
 index, the user's consumed ones included (mean 0, std 1; a constant vector gives zeros). Consumed items are
 removed from the candidates after scoring. The learner ranks each target event with this score
@@ -14,8 +14,8 @@ removed from the candidates after scoring. The learner ranks each target event w
 
 >>> [round(x, 3) for x in fused_scores(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.0, 6.0]), 0.5).tolist()]
 [-1.578, -0.354, 1.932]
->>> fused_scores(None, np.array([0.0, 1.0]), 2.0).tolist()  # no vectors: the co-occurrence order
-[-2.0, 2.0]
+>>> fused_scores(None, np.array([0.0, 1.0]), 0.0).tolist()  # no vectors: the co-occurrence order
+[-1.0, 1.0]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def standardise(scores: np.ndarray) -> np.ndarray:
 
 
 def fused_scores(model: np.ndarray | None, cooc: np.ndarray, weight: float) -> np.ndarray:
-    """``z(model) + weight * z(cooc)`` (both (N,), aligned on the same items); ``model`` None: zeros."""
+    """``z(model) + weight * z(cooc)`` (both (N,), aligned on the same items); ``model`` None: ``z(cooc)``."""
     if not weight >= 0 or not np.isfinite(weight):
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     if model is not None and np.shape(model) != np.shape(cooc):
@@ -55,10 +55,12 @@ def fused_scores(model: np.ndarray | None, cooc: np.ndarray, weight: float) -> n
 
 
 def combine(z_model: np.ndarray | None, z_cooc: np.ndarray, weight: float) -> np.ndarray:
-    """``z_model + weight * z_cooc`` from standardised vectors (``z_model`` None: zeros); the learner
-    standardises once per event and combines once per weight, with the same arithmetic as serving."""
+    """``z_model + weight * z_cooc`` from standardised vectors; ``z_model`` None (a user without vectors):
+    ``z_cooc`` whatever the weight, since a weight of 0 (the model alone, users with no target history) would
+    otherwise rank every item alike. The learner standardises once per event and combines once per weight,
+    with the same arithmetic as serving."""
     if z_model is None:
-        return weight * z_cooc
+        return np.array(z_cooc, dtype=np.float64)
     return z_model + weight * z_cooc
 
 

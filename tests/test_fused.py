@@ -120,6 +120,10 @@ def test_users_without_target_history_get_their_own_weight_chosen_on_their_event
         model = np.array([float(vectors[i] @ user) for i in ids])
         assert scores.tolist() == pytest.approx(fused_scores(model, cooc, weight).tolist(), abs=1e-12), user_id
     assert [i for i, _ in core.recommend("w", k=3)["items"]] == ["b", "c", "a"]  # c, the most read, not first
+    # without vectors there is no model score: co-occurrence's popularity order, not a tie of every item
+    stranger = core.recommend("stranger", k=3)
+    assert stranger["served_by"] == "fused" and {i for i, _ in stranger["items"][:2]} == {"a", "c"}
+    assert stranger["items"][1][1] > stranger["items"][2][1]
     service.set_ranker("fused", 2.0)  # a weight alone: the cold users follow it
     assert (service.fused_weight, service.fused_weight_cold) == (2.0, None)
     with pytest.raises(ValueError, match=r"fused_weight_cold must be a finite number >= 0, got -1.0"):
@@ -239,14 +243,14 @@ def test_all_weights_ranked_at_once_equal_one_weight_at_a_time() -> None:
     from stream.cooccurrence import rank_with_ties_against, ranks_with_ties_against
 
     rng = np.random.default_rng(11)
-    weights = np.array([0.25, 0.5, 1.0, 2.0, 4.0])
+    weights = np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0])  # 0: the cold users' model-alone weight
     for _ in range(200):
         n = int(rng.integers(2, 40))
         z_model = None if rng.random() < 0.3 else standardise(rng.integers(0, 4, n).astype(float))  # ties
         z_cooc = standardise(rng.integers(0, 3, n).astype(float))
         positive = int(rng.integers(0, n))
         excluded = rng.integers(0, n, size=int(rng.integers(0, 5))).tolist()
-        stacked = weights[:, None] * z_cooc[None, :] if z_model is None else \
+        stacked = np.broadcast_to(z_cooc, (len(weights), n)) if z_model is None else \
             z_model[None, :] + weights[:, None] * z_cooc[None, :]
         expected = [rank_with_ties_against(combine(z_model, z_cooc, float(w)), positive, excluded) for w in weights]
         assert ranks_with_ties_against(stacked, positive, excluded).tolist() == expected

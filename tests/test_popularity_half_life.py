@@ -26,21 +26,32 @@ from tests.test_trainer import batches_from, same_state, small_config
 
 
 def test_decayed_counts_halve_per_half_life_step_by_ticks_and_survive_a_rebase() -> None:
-    h = 8  # a tick is 2 labels
+    h = 8  # a tick is a half-life: 8 labels
     recent, offset = np.zeros(3), 0.0
     offset = popularity.add_labels(recent, offset, np.array([1]), n_before=0, half_life=h)
-    assert popularity.decayed_counts(recent, offset, n=1, half_life=h)[1] == 1.0  # no tick yet: undecayed
+    assert popularity.decayed_counts(recent, offset, n=7, half_life=h)[1] == 1.0  # no tick yet: undecayed
     assert popularity.decayed_counts(recent, offset, n=8, half_life=h)[1] == pytest.approx(0.5)  # one half-life
-    assert popularity.decayed_counts(recent, offset, n=9, half_life=h)[1] == pytest.approx(0.5)  # same tick
-    assert popularity.decayed_counts(recent, offset, n=10, half_life=h)[1] == pytest.approx(0.5 * 2 ** -0.25)
+    assert popularity.decayed_counts(recent, offset, n=15, half_life=h)[1] == pytest.approx(0.5)  # same tick
+    assert popularity.decayed_counts(recent, offset, n=16, half_life=h)[1] == pytest.approx(0.25)
+    # an untouched item keeps its value between ticks (a publish need not send it), and a count that fell below
+    # MIN_COUNT reads 0, so it stops changing (7 halvings: 1 / 128 < 0.01)
+    assert popularity.decayed_counts(recent, offset, n=6 * h, half_life=h)[1] == pytest.approx(1 / 64)
+    assert popularity.decayed_counts(recent, offset, n=7 * h, half_life=h)[1] == 0.0
+    # a label within a tick counts 2^((n - n_tick) / h) until the tick, then halves like the others
+    offset = popularity.add_labels(recent, offset, np.array([2]), n_before=4, half_life=h)
+    assert popularity.decayed_counts(recent, offset, n=5, half_life=h)[2] == pytest.approx(2 ** 0.5)
+    assert popularity.decayed_counts(recent, offset, n=8, half_life=h)[2] == pytest.approx(2 ** -0.5)
     # far later labels move the offset forward before the weights overflow; every count stays what it was
-    n = int(popularity.REBASE_EXPONENT * h) + 100
-    before = popularity.decayed_counts(recent, offset, n=n, half_life=h).copy()
-    moved = popularity.add_labels(recent, offset, np.array([], dtype=np.int64), n_before=n, half_life=h)
-    assert moved > offset and np.isfinite(recent).all()
-    np.testing.assert_allclose(popularity.decayed_counts(recent, moved, n=n, half_life=h), before, rtol=1e-9)
-    offset = popularity.add_labels(recent, moved, np.array([2, 2]), n_before=n, half_life=h)
-    assert popularity.decayed_counts(recent, offset, n=n, half_life=h)[2] == pytest.approx(2 * 2 ** (-(n % 2) / h))
+    h = 64
+    edge = int(popularity.REBASE_EXPONENT * h)  # the weight 2^(n / h) reaches 2^512 here
+    recent[:] = 0.0
+    offset = popularity.add_labels(recent, 0.0, np.array([1]), n_before=edge - 8, half_life=h)
+    assert offset == 0.0  # not yet
+    before = popularity.decayed_counts(recent, offset, n=edge + 32, half_life=h).copy()
+    assert before[1] == pytest.approx(2 ** (-8 / 64))
+    moved = popularity.add_labels(recent, offset, np.array([], dtype=np.int64), n_before=edge + 32, half_life=h)
+    assert moved == edge and np.isfinite(recent).all() and recent.max() < 2.0
+    np.testing.assert_allclose(popularity.decayed_counts(recent, moved, n=edge + 32, half_life=h), before, rtol=1e-9)
     with pytest.raises(ValueError, match="half_life"):
         popularity.add_labels(recent, 0.0, np.array([1]), n_before=0, half_life=0)
 
@@ -60,9 +71,10 @@ def test_the_learner_keeps_each_half_lifes_counts_ranks_with_the_active_one_and_
     all_time, fast, slow = (learner.prior_counts("target", h, n) for h in (0, 50, 400))
     labels = int(all_time.sum())
     assert labels > 400
-    # decayed counts weigh the recent labels: their total is about h / ln 2 once far more than h labels passed
+    # decayed counts weigh the recent labels: at a tick, their total is between h (the last half-life's labels
+    # halved, plus the ones before) and 2h, once far more than h labels passed
     assert fast.sum() < slow.sum() < all_time.sum()
-    assert fast.sum() == pytest.approx(50 / np.log(2), rel=0.3)
+    assert 40 <= fast.sum() <= 110
     np.testing.assert_allclose(vectors[:, -1] - learner.model.encoder("target").item_weight[1 : n + 1, -1].detach().numpy(),
                                np.log1p(fast), rtol=1e-5, atol=1e-5)  # the active counts (50) are in the bias
     learner.popularity_half_life = 0

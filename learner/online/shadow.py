@@ -211,7 +211,8 @@ class FusedShadow:
         # Every weight at once: row w of (W, N) is combine(z_model, z_cooc, w), element for element the same
         # arithmetic (serving's), ranked in one pass (a loop per weight cost twice as much).
         weights = self._weights_column_cold if cold else self._weights_column  # (W, 1)
-        fused = weights * z_cooc[None, :] if z_model is None else z_model[None, :] + weights * z_cooc[None, :]
+        fused = (np.broadcast_to(z_cooc, (len(weights), len(z_cooc))) if z_model is None  # serving.fused.combine
+                 else z_model[None, :] + weights * z_cooc[None, :])
         ranks = ranks_with_ties_against(fused, positive, excluded).tolist()
         served_rank = None
         served_weight = self.weight_cold if cold else self.weight
