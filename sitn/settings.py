@@ -121,9 +121,11 @@ class RunSettings(BaseSettings):
     # Kept beside the all-time counts; the learner ranks with whichever the stream's windowed NDCG@10 favours
     # (learner/online/prior_tuner.py). A grid from fast to slow change, so no one data set's pace is built in.
     # Shipped stream, in-process, data-time NDCG@10 of the live model / fused ranker on the first half (74,000
-    # events): all-time counts 0.0110 / 0.0161; one fixed half-life 1,000: 0.0134 / 0.0174, 3,000: 0.0131 / 0.0170,
-    # 10,000: 0.0120 / 0.0163; this grid chosen online 0.0134 / 0.0172. On the second half, which chose nothing:
-    # all-time 0.0108 / 0.0192, the grid 0.0111 / 0.0196 (co-occurrence 0.0166).
+    # events), counts decaying in quarter half-life steps: all-time counts 0.0110 / 0.0161; one fixed half-life
+    # 1,000: 0.0134 / 0.0174, 3,000: 0.0131 / 0.0170, 10,000: 0.0120 / 0.0163; this grid chosen online 0.0134 /
+    # 0.0172. On the second half, which chose nothing: all-time 0.0108 / 0.0192, the grid 0.0111 / 0.0196
+    # (co-occurrence 0.0166). With whole half-life steps (learner/core/popularity.py says why) and the cold users'
+    # own fused weight: first half 0.0134 / 0.0177, second half 0.0113 / 0.0197.
     learner_popularity_half_lives: tuple[int, ...] = Field(
         (1000, 3000, 10000, 30000), description="half-lives, in target labels, of the decayed label counts the "
         "popularity prior may read instead of all-time counts, chosen online (empty: all-time counts only)")
