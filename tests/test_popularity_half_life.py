@@ -34,9 +34,9 @@ def test_decayed_counts_halve_per_half_life_step_by_ticks_and_survive_a_rebase()
     assert popularity.decayed_counts(recent, offset, n=15, half_life=h)[1] == pytest.approx(0.5)  # same tick
     assert popularity.decayed_counts(recent, offset, n=16, half_life=h)[1] == pytest.approx(0.25)
     # an untouched item keeps its value between ticks (a publish need not send it), and a count that fell below
-    # MIN_COUNT reads 0, so it stops changing (7 halvings: 1 / 128 < 0.01)
-    assert popularity.decayed_counts(recent, offset, n=6 * h, half_life=h)[1] == pytest.approx(1 / 64)
-    assert popularity.decayed_counts(recent, offset, n=7 * h, half_life=h)[1] == 0.0
+    # MIN_COUNT reads 0, so it stops changing (4 halvings: 1 / 16 < 0.1)
+    assert popularity.decayed_counts(recent, offset, n=3 * h, half_life=h)[1] == pytest.approx(1 / 8)
+    assert popularity.decayed_counts(recent, offset, n=4 * h, half_life=h)[1] == 0.0
     # a label within a tick counts 2^((n - n_tick) / h) until the tick, then halves like the others
     offset = popularity.add_labels(recent, offset, np.array([2]), n_before=4, half_life=h)
     assert popularity.decayed_counts(recent, offset, n=5, half_life=h)[2] == pytest.approx(2 ** 0.5)

@@ -35,8 +35,9 @@ import numpy as np
 
 # the offset moves on once the newest weight passes 2^REBASE_EXPONENT (float64 holds up to about 2^1023)
 REBASE_EXPONENT = 512.0
-# a decayed count below this reads 0 (log(1 + 0.01) ~ 0.01: nothing a ranking can see)
-MIN_COUNT = 0.01
+# A decayed count below this reads 0. An item labelled once is then sent again 4 times, not 7 as with 0.01; on
+# the shipped stream (in-process) the fused ranker's data-time NDCG@10 was the same, 0.0187 with either.
+MIN_COUNT = 0.1
 
 
 def tick(half_life: int) -> int:
