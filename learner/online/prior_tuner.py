@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from learner.online.prequential import RankTally
-from learner.online.transfer_scale import windowed_choice
+from learner.online.transfer_scale import check_tuner_settings, windowed_choice
 from stream.cooccurrence import ranks_with_ties_against
 
 
@@ -48,12 +48,7 @@ class PriorTuner:
             raise ValueError(f"half_lives must be distinct ints >= 1, got {tuple(half_lives)}")
         if initial not in options:
             raise ValueError(f"initial must be 0 or one of {list(half_lives)}, got {initial}")
-        if min_events < 1 or min_events > window:
-            raise ValueError(f"min_events must be in [1, window={window}], got {min_events}")
-        if sample_per_step < 1:
-            raise ValueError(f"sample_per_step must be >= 1, got {sample_per_step}")
-        if not min_gain >= 0:
-            raise ValueError(f"min_gain must be >= 0, got {min_gain}")
+        check_tuner_settings(window, min_events, sample_per_step, min_gain)
         self.options: tuple[int, ...] = options
         self.window, self.min_events, self.k = window, min_events, k
         self.sample_per_step, self.min_gain = sample_per_step, min_gain

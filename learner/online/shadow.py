@@ -257,16 +257,12 @@ class FusedShadow:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a checkpoint: the served weights (if still in the grids) and each weight's tally (a
         checkpoint from before the cold slot: the cold weight follows the other until cold events choose)."""
-        for tallies, weight_key, tallies_key in ((self.tallies, "weight", "tallies"),
-                                                 (self.tallies_cold, "weight_cold", "tallies_cold")):
-            weight = state.get(weight_key)
-            if weight is not None and float(weight) in tallies:
-                if weight_key == "weight":
-                    self.weight = float(weight)
-                else:
-                    self.weight_cold = float(weight)
-            for key, tally_state in (state.get(tallies_key) or {}).items():
-                if float(key) in tallies:
-                    tallies[float(key)] = RankTally.from_state_dict(tally_state, tallies[float(key)].window)
-        if state.get("weight_cold") is None and self.weight in self.tallies_cold:
-            self.weight_cold = self.weight
+        for tallies, key in ((self.tallies, "tallies"), (self.tallies_cold, "tallies_cold")):
+            for weight, tally_state in (state.get(key) or {}).items():
+                if float(weight) in tallies:
+                    tallies[float(weight)] = RankTally.from_state_dict(tally_state, tallies[float(weight)].window)
+        if float(state["weight"]) in self.tallies:
+            self.weight = float(state["weight"])
+        cold = state.get("weight_cold", self.weight)  # older checkpoints: the cold weight follows the other
+        if float(cold) in self.tallies_cold:
+            self.weight_cold = float(cold)

@@ -51,15 +51,10 @@ class TransferScaleTuner:
     ) -> None:
         if not grid or len(set(grid)) != len(grid) or any(not np.isfinite(s) or s < 0 for s in grid):
             raise ValueError(f"grid must be distinct finite scales >= 0, got {tuple(grid)}")
-        if min_events < 1 or min_events > window:
-            raise ValueError(f"min_events must be in [1, window={window}], got {min_events}")
-        if sample_per_step < 1:
-            raise ValueError(f"sample_per_step must be >= 1, got {sample_per_step}")
+        check_tuner_settings(window, min_events, sample_per_step, min_gain)
         self.grid = tuple(float(s) for s in grid)
         self.window, self.min_events, self.k = window, min_events, k
         self.sample_per_step = sample_per_step
-        if not min_gain >= 0:
-            raise ValueError(f"min_gain must be >= 0, got {min_gain}")
         self.min_gain = min_gain
         self.scale = {"warm": float(initial[0]), "cold": float(initial[1])}
         self.tallies = {slot: {s: RankTally(k, window) for s in self.grid} for slot in SLOTS}
@@ -120,6 +115,16 @@ class TransferScaleTuner:
                 saved = state["tallies"][slot].get(f"{scale:g}")
                 if saved is not None:
                     self.tallies[slot][scale] = RankTally.from_state_dict(saved, self.window)
+
+
+def check_tuner_settings(window: int, min_events: int, sample_per_step: int, min_gain: float) -> None:
+    """The online tuners' shared settings (here and ``learner.online.prior_tuner``), refused when out of range."""
+    if min_events < 1 or min_events > window:
+        raise ValueError(f"min_events must be in [1, window={window}], got {min_events}")
+    if sample_per_step < 1:
+        raise ValueError(f"sample_per_step must be >= 1, got {sample_per_step}")
+    if not min_gain >= 0:
+        raise ValueError(f"min_gain must be >= 0, got {min_gain}")
 
 
 def windowed_choice(tallies: Mapping[Any, RankTally], current: Any, min_events: int, min_gain: float) -> Any:
