@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from learner.offline.evaluate import MISS_RANK, SETTINGS
 from learner.offline.sitn_ranker import SITNRanker
 from sitn.cli import main
 from stream.dataset import load_events
+from stream.user_state import Example
 
 LIMIT_ROWS = 2000
 METRIC_KEYS = {"hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"}
@@ -226,3 +229,36 @@ def test_a_stopped_evaluation_keeps_its_finished_rows(
     assert [run["seed"] for run in report["rows"][0]["per_seed"]] == [0, 1]
     assert "**Partial report**: rows still running or stopped before the end: itemknn_target." in (
         out / "results.md").read_text()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("batch_by", ["target", "examples"])
+def test_sitn_ranker_batches_count_what_batch_by_says(events_csv: Path, tmp_path: Path, batch_by: str) -> None:
+    from learner.core.config import SITNConfig
+
+    log = load_events(events_csv, "movie", "book", limit=600)
+    split = chronological_split(log.events, "movie", "book", max_len=16)
+    config = SITNConfig(dim=8, max_len=16, cluster_counts=(4,), view_hidden=8, proj_dim=8, n_sampled_negatives=16,
+                        reservoir_size=64, seed=3)
+    ranker = SITNRanker("sitn", config, split, batch_size=16, workdir=tmp_path, batch_by=batch_by)
+    seen: list[list[str]] = []
+
+    def record(batch: Sequence[Example]) -> dict[str, float]:
+        seen.append([ex.domain for ex in batch])
+        return {}
+
+    ranker.learner.learn_many = record  # type: ignore[method-assign]
+    ranker.learn_many(split.train_examples)
+    trained = sorted(d for batch in seen for d in batch)
+    everything = sorted(ex.domain for ex in split.train_examples)
+    assert len(everything) - 1 <= len(trained) <= len(everything)  # a last batch of one example is skipped
+    assert not Counter(trained) - Counter(everything)
+    assert {"movie", "book"} <= {d for batch in seen for d in batch}
+    for batch in seen[:-1]:  # the last batch holds what is left
+        if batch_by == "examples":
+            assert len(batch) == 16
+        else:  # 16 books, or 4 x 16 examples where books are too rare to fill a batch
+            assert batch.count("book") == 16 or (len(batch) == 64 and batch.count("book") < 16)
+            assert batch[-1] == "book" or len(batch) == 64
+    with pytest.raises(ValueError, match="batch_by"):
+        SITNRanker("sitn", config, split, batch_size=16, workdir=tmp_path, batch_by="users")

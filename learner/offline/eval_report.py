@@ -62,7 +62,11 @@ PROTOCOL_MD = """\
   state. single_domain learns only the target-domain examples. With `refit_passes = 0` nothing is refit
   and test queries are ranked among the training-known items.
 - SITN rows train on the causal examples of the training events, shuffled per epoch (seeded), one
-  `learn_many` step per mini-batch; single_domain trains on target-domain examples only. Per epoch they
+  `learn_many` step per mini-batch; single_domain trains on target-domain examples only. With
+  `--batch-by target` (the default) a mini-batch holds `--batch-size` target-domain examples and the
+  source-domain examples shuffled among them (at most 4 x `--batch-size` in all), so the SITN rows' target
+  path takes as many steps of as many target examples as single_domain; `--batch-by examples` counts
+  examples of either domain. Per epoch they
   log validation NDCG@10, validation NDCG@10 with the source history blanked at query time, and HR@10 /
   NDCG@10 on a fixed probe of training queries (the last training target event of sampled users, history
   before it, ranked among the training-known items): a probe far above validation means memorisation.

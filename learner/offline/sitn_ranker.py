@@ -17,12 +17,22 @@ if TYPE_CHECKING:
     from learner.offline.eval_split import Split
 
 
+BATCH_BY = ("target", "examples")
+# With batch_by="target", a mini-batch closes at this many times batch_size examples even short of batch_size
+# target ones: a log whose target domain is rare would otherwise make one batch of most of an epoch.
+MAX_BATCH_FACTOR = 4
+
+
 class SITNRanker:
     """SITN (or one of its ablations) trained in epochs on causal examples.
 
     ``learn_many`` shuffles the examples (seeded, a fresh order per call) and takes one
     ``SITNLearner.learn_many`` step per mini-batch at the config's learning rate; a single-domain config
-    (``use_source=False``) trains on target-domain examples only. The refit before test
+    (``use_source=False``) trains on target-domain examples only. With ``batch_by="target"`` (the default) a
+    mini-batch holds ``batch_size`` *target-domain* examples and the source-domain examples shuffled among
+    them (at most ``MAX_BATCH_FACTOR * batch_size`` examples in all), so the target path takes the steps of
+    the single-domain model whatever share of the events the target domain has; ``"examples"``: a mini-batch
+    is ``batch_size`` examples of either domain. The refit before test
     (``learner.offline.evaluate.refit``) retrains from the saved initial state or continues with more passes.
     Scores come from ``embed_histories`` on the query history (the learner's own per-user state is never
     used), so cold-start queries see exactly the history they are given.
@@ -38,17 +48,21 @@ class SITNRanker:
         batch_size: int,
         workdir: str | Path,
         on_step: Callable[[dict[str, float]], None] | None = None,
+        batch_by: str = "target",
     ) -> None:
         from learner.core.learner import SITNLearner  # torch is imported only when SITN rows run
 
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+        if batch_by not in BATCH_BY:
+            raise ValueError(f"batch_by must be one of {list(BATCH_BY)}, got {batch_by!r}")
         self._learner_cls = SITNLearner
         self.name = name
         self.config = config
         self.source, self.target = split.source, split.target
         self.catalogue = list(split.catalogue)
         self.batch_size = batch_size
+        self.batch_by = batch_by
         self.workdir = Path(workdir)
         self.on_step = on_step
         # Items get rows as the training (and refit) examples bring them, not up front: a row that first
@@ -72,8 +86,7 @@ class SITNRanker:
     def learn_many(self, examples: Sequence[Example]) -> None:
         examples = [ex for ex in examples if self.config.use_source or ex.domain == self.target]
         self._rng.shuffle(examples)
-        for start in range(0, len(examples), self.batch_size):
-            batch = examples[start:start + self.batch_size]
+        for batch in mini_batches(examples, self.target, self.batch_size, self.batch_by):
             if len(batch) < 2:
                 continue
             self.last_stats = self.learner.learn_many(batch)
@@ -123,3 +136,27 @@ class SITNRanker:
         assert isinstance(state, Path)
         self.learner = self._learner_cls.load(state)
         self._items = None
+
+
+def mini_batches(examples: Sequence[Example], target: str, batch_size: int, batch_by: str) -> list[Sequence[Example]]:
+    """``examples`` cut, in order, into the mini-batches of ``SITNRanker.learn_many`` (the last one may be short).
+
+    >>> exs = [Example(str(i), "u", d, "x", i, {}) for i, d in enumerate("ttsssstt")]
+    >>> [[e.domain for e in b] for b in mini_batches(exs, "t", 2, "target")]
+    [['t', 't'], ['s', 's', 's', 's', 't', 't']]
+    >>> [[e.domain for e in b] for b in mini_batches(exs, "t", 1, "target")]  # at most 4 examples a batch
+    [['t'], ['t'], ['s', 's', 's', 's'], ['t'], ['t']]
+    >>> [len(b) for b in mini_batches(exs, "t", 3, "examples")]
+    [3, 3, 2]
+    """
+    if batch_by == "examples":
+        return [examples[start:start + batch_size] for start in range(0, len(examples), batch_size)]
+    batches, start, n_target = [], 0, 0
+    for i, example in enumerate(examples):
+        n_target += example.domain == target
+        if n_target == batch_size or i + 1 - start == MAX_BATCH_FACTOR * batch_size:
+            batches.append(examples[start:i + 1])
+            start, n_target = i + 1, 0
+    if start < len(examples):
+        batches.append(examples[start:])
+    return batches

@@ -68,6 +68,7 @@ def train_warm_start(
     trained_until: float,
     *,
     batch_size: int = 512,
+    batch_by: str = "target",
     max_epochs: int = 30,
     patience: int = 3,
     workdir: Path | None = None,
@@ -82,7 +83,7 @@ def train_warm_start(
     if not split.validation:
         raise ValueError("no user has 3 target events before the cut-off: no validation split to choose epochs on")
     with tempfile.TemporaryDirectory(prefix="sitn-train-", dir=workdir) as tmp:
-        ranker = SITNRanker("sitn", config, split, batch_size, tmp)
+        ranker = SITNRanker("sitn", config, split, batch_size, tmp, batch_by=batch_by)
         start_s = time.perf_counter()
         selection = select_epoch(ranker, split, max_epochs=max_epochs, patience=patience, keep_initial=True)
         log.info("epochs chosen on validation epochs=%d val_ndcg@10=%.4f curve=%s", selection.epoch,

@@ -38,6 +38,7 @@ from learner.offline.eval_split import (
 )
 from learner.offline.evaluate import REFIT_MODES, SELECTION_METRIC, RunResult, aggregate, train_and_test
 from learner.offline.fusion import FUSION_WEIGHTS
+from learner.offline.sitn_ranker import BATCH_BY
 from sitn.commands import learner_shape_flags
 from stream.dataset import load_events
 
@@ -99,6 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="grid of w in s = z_sitn + w * z_cooc for the fused row (tuned on validation)")
     p.add_argument("--knn-alpha", type=float, default=0.5, help="item-kNN normalisation exponent (0.5 = cosine)")
     p.add_argument("--batch-size", type=int, default=512, help="SITN mini-batch size (the defaults were tuned at 512)")
+    p.add_argument("--batch-by", choices=BATCH_BY, default="target",
+                   help="what --batch-size counts in a SITN mini-batch: target-domain examples (the source ones "
+                        "shuffled among them come on top, so the target path steps as the single-domain row's "
+                        "does) or examples of either domain (default: %(default)s)")
     shape = p.add_argument_group(
         "the model's shape: the learner settings of sitn run and sitn train (sitn.settings.RunSettings)",
         "--max-len is item-kNN's history length too; the row sitn_v4 uses 4 views whatever --n-views says")
@@ -230,7 +235,7 @@ def make_ranker(
     from learner.offline.sitn_ranker import SITNRanker  # torch only when SITN rows run
 
     config = SITNConfig(**sitn_configs(args)["sitn" if row == "fused" else row], seed=seed)
-    ranker = SITNRanker(row, config, split, args.batch_size, workdir / f"{row}-{seed}")
+    ranker = SITNRanker(row, config, split, args.batch_size, workdir / f"{row}-{seed}", batch_by=args.batch_by)
     return ranker, args.max_epochs, config.to_dict()
 
 

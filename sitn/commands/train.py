@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from learner.offline.sitn_ranker import BATCH_BY
 from sitn.commands import events_file_flags, learner_shape_flags
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ def register(subparsers: Any) -> None:
         "how the file is read: as sitn run reads it, so the cut-off is the same event time (sitn.settings.RunSettings)"))
     learner_shape_flags().add_to(p.add_argument_group("the model's shape: sitn run's learner settings (sitn.settings.RunSettings)"))
     p.add_argument("--batch-size", type=int, default=512, help="mini-batch size (default: %(default)s, as sitn eval)")
+    p.add_argument("--batch-by", choices=BATCH_BY, default="target",
+                   help="what --batch-size counts: target-domain examples or examples of either domain "
+                        "(default: %(default)s, as sitn eval)")
     p.add_argument("--max-epochs", type=int, default=30, help="epochs at most (default: %(default)s)")
     p.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="model seed (default: %(default)s)")
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     trained_until = cut_off(events.events, args.until_fraction, args.until_timestamp)
     config = SITNConfig(dim=shape.learner_dim, n_views=shape.learner_views, max_len=shape.learner_max_len, seed=args.seed)
     warm = train_warm_start(events.events, args.source, args.target, config, trained_until,
-                            batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience)
+                            batch_size=args.batch_size, batch_by=args.batch_by, max_epochs=args.max_epochs, patience=args.patience)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_warm_start(warm, args.output)
     when = datetime.fromtimestamp(trained_until, UTC).isoformat()
