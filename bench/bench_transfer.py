@@ -63,7 +63,7 @@ from bench.report import BenchRecord, add_json_option  # noqa: E402
 from learner.offline.baselines import ItemKNN, Popularity, Ranker  # noqa: E402
 from learner.offline.eval_split import chronological_split  # noqa: E402
 from learner.offline.evaluate import RunResult, train_and_test  # noqa: E402
-from learner.offline.sitn_ranker import SITNRanker  # noqa: E402
+from learner.offline.sitn_ranker import DEFAULT_BATCH_BY, SITNRanker  # noqa: E402
 from stream.synthetic import SyntheticConfig, SyntheticStream  # noqa: E402
 
 MODELS = ("sitn", "single_domain", "popularity", "itemknn_target", "itemknn_target+source")
@@ -87,7 +87,7 @@ class Workload:
     cluster_counts: tuple[int, ...] = (8, 16, 32)  # prototype granularities, sized for a few thousand users
     lr: float = 3e-3  # SITN learning rate: a short budget needs a faster start than the model's default
     batch_size: int = 128
-    batch_by: str = "target"  # SITNRanker's rule: a batch holds batch_size target examples (at most 4x in all)
+    batch_by: str = DEFAULT_BATCH_BY  # SITNRanker's rule: a batch holds batch_size target examples (at most 4x in all)
     max_epochs: int = 8  # SITN still gains at 6 epochs at 1,500 users
     patience: int = 3  # epochs without validation gain before stopping (issue 9: >= 3)
 

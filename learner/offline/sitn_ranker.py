@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 
 BATCH_BY = ("target", "examples")
+DEFAULT_BATCH_BY = "target"  # sitn eval, sitn train and bench_transfer.py default to it too
 # With batch_by="target", a mini-batch closes at this many times batch_size examples even short of batch_size
 # target ones: a log whose target domain is rare would otherwise make one batch of most of an epoch.
 MAX_BATCH_FACTOR = 4
@@ -48,7 +49,7 @@ class SITNRanker:
         batch_size: int,
         workdir: str | Path,
         on_step: Callable[[dict[str, float]], None] | None = None,
-        batch_by: str = "target",
+        batch_by: str = DEFAULT_BATCH_BY,
     ) -> None:
         from learner.core.learner import SITNLearner  # torch is imported only when SITN rows run
 

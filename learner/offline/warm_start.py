@@ -32,6 +32,7 @@ from learner.core.history import RecentHistories
 from learner.core.warm_checkpoint import WarmStart
 from learner.offline.eval_split import chronological_split
 from learner.offline.evaluate import select_epoch
+from learner.offline.sitn_ranker import DEFAULT_BATCH_BY
 from stream.events import InteractionEvent
 from stream.user_state import UserStateStore
 
@@ -68,7 +69,7 @@ def train_warm_start(
     trained_until: float,
     *,
     batch_size: int = 512,
-    batch_by: str = "target",
+    batch_by: str = DEFAULT_BATCH_BY,
     max_epochs: int = 30,
     patience: int = 3,
     workdir: Path | None = None,

@@ -38,7 +38,7 @@ from learner.offline.eval_split import (
 )
 from learner.offline.evaluate import REFIT_MODES, SELECTION_METRIC, RunResult, aggregate, train_and_test
 from learner.offline.fusion import FUSION_WEIGHTS
-from learner.offline.sitn_ranker import BATCH_BY
+from learner.offline.sitn_ranker import BATCH_BY, DEFAULT_BATCH_BY
 from sitn.commands import learner_shape_flags
 from stream.dataset import load_events
 
@@ -100,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="grid of w in s = z_sitn + w * z_cooc for the fused row (tuned on validation)")
     p.add_argument("--knn-alpha", type=float, default=0.5, help="item-kNN normalisation exponent (0.5 = cosine)")
     p.add_argument("--batch-size", type=int, default=512, help="SITN mini-batch size (the defaults were tuned at 512)")
-    p.add_argument("--batch-by", choices=BATCH_BY, default="target",
+    p.add_argument("--batch-by", choices=BATCH_BY, default=DEFAULT_BATCH_BY,
                    help="what --batch-size counts in a SITN mini-batch: target-domain examples (the source ones "
                         "shuffled among them come on top, so the target path steps as the single-domain row's "
                         "does) or examples of either domain (default: %(default)s)")

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from learner.offline.sitn_ranker import BATCH_BY
+from learner.offline.sitn_ranker import BATCH_BY, DEFAULT_BATCH_BY
 from sitn.commands import events_file_flags, learner_shape_flags
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
         "how the file is read: as sitn run reads it, so the cut-off is the same event time (sitn.settings.RunSettings)"))
     learner_shape_flags().add_to(p.add_argument_group("the model's shape: sitn run's learner settings (sitn.settings.RunSettings)"))
     p.add_argument("--batch-size", type=int, default=512, help="mini-batch size (default: %(default)s, as sitn eval)")
-    p.add_argument("--batch-by", choices=BATCH_BY, default="target",
+    p.add_argument("--batch-by", choices=BATCH_BY, default=DEFAULT_BATCH_BY,
                    help="what --batch-size counts: target-domain examples or examples of either domain "
                         "(default: %(default)s, as sitn eval)")
     p.add_argument("--max-epochs", type=int, default=30, help="epochs at most (default: %(default)s)")
