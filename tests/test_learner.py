@@ -445,6 +445,22 @@ def test_low_rank_transfer_map_and_detached_other_domain(examples: list[Example]
         reached[detach] = sum(float(p.grad.abs().sum()) for p in model.model.encoder("source").parameters()
                               if p.grad is not None)
     assert reached[False] > 0.0 and reached[True] == 0.0
+    # transfer_detach_target: a batch of source events reaches no target-encoder parameter, while a batch of
+    # target events still reaches the source encoder
+    movie_events = [ex for ex in examples if ex.domain == "movie" and ex.history["book"][0]][:BATCH]
+    assert len(movie_events) >= 8
+    for detach in (False, True):
+        config = SMALL.replace(transfer_detach_target=detach, source_dropout=0.0, use_i2i=False, use_i2c=False,
+                               gate_init_bias=0.0)
+        model = SITNLearner(config, "movie", "book")
+        model.learn_many(movie_events)
+        into_target = sum(float(p.grad.abs().sum()) for p in model.model.encoder("target").parameters()
+                          if p.grad is not None)
+        assert (into_target == 0.0) is detach
+        model = SITNLearner(config, "movie", "book")
+        model.learn_many(book_events)
+        assert sum(float(p.grad.abs().sum()) for p in model.model.encoder("source").parameters()
+                   if p.grad is not None) > 0.0
 
 
 def test_residual_transfer_trains_the_own_interests_alone_and_the_transfer_on_top(examples: list[Example]) -> None:
@@ -472,6 +488,36 @@ def test_residual_transfer_trains_the_own_interests_alone_and_the_transfer_on_to
     learner.model.eval()
     with torch.no_grad():
         assert learner.model(tb.sequences).own_queries is None
+
+
+@pytest.mark.parametrize("detach_items", [False, True])
+def test_residual_detach_items_leaves_the_item_table_to_the_own_interests(
+    examples: list[Example], detach_items: bool
+) -> None:
+    from learner.core.batch import build_training_batch
+
+    # transfer_detach_other: the other domain's encoder (whose history tokens are item rows too) is not a path
+    learner = SITNLearner(SMALL.replace(residual_detach_items=detach_items, transfer_detach_other=True,
+                                        gate_init_bias=0.0, use_i2i=False, use_i2c=False), "movie", "book")
+    train(learner, examples)
+    tb = build_training_batch(examples[:BATCH], learner.domains, learner.idmaps, SMALL.max_len,
+                              SMALL.n_time_gap_buckets)
+    learner.model.train()
+    table = learner.model.encoder("target").item_weight
+
+    def item_gradient(combined_scale: float) -> torch.Tensor:
+        """The book table's gradient of the main loss, the combined queries scaled by ``combined_scale``."""
+        learner.model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the same dropout masks and sampled negatives in both calls
+        interests = learner.model(tb.sequences)
+        interests.queries = {role: q * combined_scale for role, q in interests.queries.items()}
+        learner._main_loss(tb, interests).backward()
+        assert table.grad is not None
+        return table.grad.to_dense().clone()
+
+    moved = item_gradient(1.0) - item_gradient(0.5)
+    # detached, the combined queries' loss sends the items nothing; attached, it does
+    assert (float(moved.abs().sum()) == 0.0) is detach_items
 
 
 def test_checkpoints_without_the_residual_switches_train_on_as_before() -> None:

@@ -69,9 +69,19 @@ class SITNConfig:
     #                                contrastive_target_grad off: Movie->Book 0.0168 / see results (both
     #                                switches off: 0.0144 / 0.0163), Book->Movie 0.0219 / 0.0229 (single-domain
     #                                0.0181 and 0.0230)
+    residual_detach_items: bool = False  # with transfer_residual: the combined (own + transferred) query's loss
+    #                                      scores the items detached, so the item table (rows and biases)
+    #                                      learns from the own interests alone, as in the single-domain model,
+    #                                      and the transfer map fits a residual against those items
     transfer_detach_other: bool = False  # True: the transfer map reads the other domain's interests without
     #                                      passing gradients back into that domain's encoder, so each encoder
     #                                      learns only from its own domain's items (and I2I/I2C)
+    transfer_detach_target: bool = False  # True: the source domain's queries read the target domain's interests
+    #                                       detached (transfer_detach_other for that direction only), so the
+    #                                       source events' loss never reaches the target encoder: the target
+    #                                       path (encoder, and with residual_detach_items its items) learns from
+    #                                       target events alone, while the target events' loss still trains the
+    #                                       source encoder through the transfer map
     source_dropout: float = 0.5  # share of training examples whose *other* domain's history is blanked (for a
     #                              target event: the source history), so each domain's path must stand alone
     #                              and the other side cannot serve as a user fingerprint

@@ -337,8 +337,11 @@ class SITNLearner:
                 freq = enc.item_count[cand_rows].to(torch.float64) / total  # (n + S,)
             log_q = torch.log(n * freq + n_neg / n_items).to(torch.float32)  # (n + S,); the first n: positives
             vectors = enc.item_vectors(cand_rows)  # (n + S, D); the first n are the positives
+            # residual_detach_items: the combined query fits the items the own interests trained, untouched
+            scored = vectors.detach() if interests.own_queries is not None and self.config.residual_detach_items \
+                else vectors
             loss = sampled_softmax_loss(
-                interests.queries[role][mask], vectors[:n], pos_rows, log_q[:n], vectors, cand_rows, log_q,
+                interests.queries[role][mask], scored[:n], pos_rows, log_q[:n], scored, cand_rows, log_q,
             )
             if interests.own_queries is not None:  # transfer_residual: the own interests must also stand alone
                 loss = loss + sampled_softmax_loss(

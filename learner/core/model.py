@@ -148,6 +148,8 @@ class SITNModel(nn.Module):
         else:
             other = {role: views[role].detach() if self.config.transfer_detach_other else views[role]
                      for role in self.roles}
+            if self.config.transfer_detach_target:  # what the source queries read of the target interests
+                other["target"] = views["target"].detach()
             scale: torch.Tensor | float = 1.0
             if not self.training and self.transfer_scale != (1.0, 1.0):
                 warm, cold = self.transfer_scale
