@@ -490,14 +490,12 @@ def test_residual_transfer_trains_the_own_interests_alone_and_the_transfer_on_to
         assert learner.model(tb.sequences).own_queries is None
 
 
-@pytest.mark.parametrize("detach_items", [False, True])
-def test_residual_detach_items_leaves_the_item_table_to_the_own_interests(
-    examples: list[Example], detach_items: bool
-) -> None:
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
+def test_transfer_item_grad_leaves_the_item_table_to_the_own_interests(examples: list[Example], share: float) -> None:
     from learner.core.batch import build_training_batch
 
     # transfer_detach_other: the other domain's encoder (whose history tokens are item rows too) is not a path
-    learner = SITNLearner(SMALL.replace(residual_detach_items=detach_items, transfer_detach_other=True,
+    learner = SITNLearner(SMALL.replace(transfer_item_grad=share, transfer_detach_other=True,
                                         gate_init_bias=0.0, use_i2i=False, use_i2c=False), "movie", "book")
     train(learner, examples)
     tb = build_training_batch(examples[:BATCH], learner.domains, learner.idmaps, SMALL.max_len,
@@ -515,9 +513,11 @@ def test_residual_detach_items_leaves_the_item_table_to_the_own_interests(
         assert table.grad is not None
         return table.grad.to_dense().clone()
 
-    moved = item_gradient(1.0) - item_gradient(0.5)
-    # detached, the combined queries' loss sends the items nothing; attached, it does
-    assert (float(moved.abs().sum()) == 0.0) is detach_items
+    moved = float((item_gradient(1.0) - item_gradient(0.5)).abs().sum())
+    # at 0 the combined queries' loss sends the items nothing; above, a share of its gradient
+    assert (moved == 0.0) is (share == 0.0)
+    with pytest.raises(ValueError, match="transfer_item_grad must be in"):
+        SMALL.replace(transfer_item_grad=1.5)
 
 
 def test_checkpoints_without_the_residual_switches_train_on_as_before() -> None:

@@ -337,9 +337,10 @@ class SITNLearner:
                 freq = enc.item_count[cand_rows].to(torch.float64) / total  # (n + S,)
             log_q = torch.log(n * freq + n_neg / n_items).to(torch.float32)  # (n + S,); the first n: positives
             vectors = enc.item_vectors(cand_rows)  # (n + S, D); the first n are the positives
-            # residual_detach_items: the combined query fits the items the own interests trained, untouched
-            scored = vectors.detach() if interests.own_queries is not None and self.config.residual_detach_items \
-                else vectors
+            scored = vectors
+            share = self.config.transfer_item_grad
+            if interests.own_queries is not None and share < 1.0:  # the same values, a share of the gradient
+                scored = vectors.detach() if share == 0.0 else vectors.detach() + share * (vectors - vectors.detach())
             loss = sampled_softmax_loss(
                 interests.queries[role][mask], scored[:n], pos_rows, log_q[:n], scored, cand_rows, log_q,
             )
