@@ -85,3 +85,26 @@ def test_half_written_temp_file_is_ignored(tmp_path: Path) -> None:
     loaded = s.load_latest()
     assert loaded is not None and loaded[0].weights == [1.0]
     assert s.refused == []
+
+
+def test_refused_checkpoints_are_set_aside_so_a_fresh_run_keeps_its_own(tmp_path: Path) -> None:
+    # a run of three checkpoints that this job refuses (another config, say): every one is refused ...
+    old = store(tmp_path)
+    for step in (200, 400, 600):
+        old.save(Toy([float(step)]), step, {})
+    refusing = CheckpointStore(tmp_path, save_fn=save, load_fn=load, accept_fn=_refuse)
+    assert refusing.load_latest() is None
+    assert [m.name for m, _ in refusing.refused] == [f"ckpt-000000000{s}.json" for s in (600, 400, 200)]
+    # ... kept beside the directory's checkpoints under another name, never tried again ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"refused-ckpt-000000000{s}.{ext}" for s in (200, 400, 600) for ext in ("json", "pt"))
+    assert refusing.manifests() == [] and refusing.load_latest() is None and len(refusing.refused) == 3
+    # ... so the run that starts over keeps its checkpoints, although their steps are lower
+    refusing.save(Toy([1.0]), 100, {})
+    assert [m.name for m in refusing.manifests()] == ["ckpt-000000000100.json"]
+    loaded = store(tmp_path).load_latest()
+    assert loaded is not None and loaded[0].weights == [1.0]
+
+
+def _refuse(learner: Any, extra: dict[str, Any]) -> None:
+    raise ValueError("trained with another config")

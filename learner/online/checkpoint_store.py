@@ -210,7 +210,20 @@ class CheckpointStore:
             except CheckpointError as exc:
                 log.error("refusing checkpoint: %s; trying the previous one", exc)
                 self.refused.append((manifest, str(exc)))
+                self._set_aside(manifest)
         return None
+
+    def _set_aside(self, manifest: Path) -> None:
+        """Rename a refused checkpoint (manifest and file) to ``refused-<name>``: kept for inspection, never
+        tried or counted again. Left as ``ckpt-*``, it would outrank the checkpoints of the run that starts
+        without it (names order by step, and that run counts its steps from its own start), so retention
+        would delete each new checkpoint as soon as it was written."""
+        for path in (manifest.with_suffix(".pt"), manifest):
+            if path.exists():
+                aside = path.with_name(f"refused-{path.name}")
+                os.replace(path, aside)
+                log.warning("set aside refused checkpoint path=%s", aside)
+        _fsync_dir(self.directory)
 
 
 def same_config(expected: Mapping[str, Any]) -> Callable[[Any, dict[str, Any]], None]:
