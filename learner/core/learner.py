@@ -340,7 +340,7 @@ class SITNLearner:
             scored = vectors
             share = self.config.transfer_item_grad
             if interests.own_queries is not None and share < 1.0:  # the same values, a share of the gradient
-                scored = vectors.detach() if share == 0.0 else vectors.detach() + share * (vectors - vectors.detach())
+                scored = vectors.detach() + share * (vectors - vectors.detach())
             loss = sampled_softmax_loss(
                 interests.queries[role][mask], scored[:n], pos_rows, log_q[:n], scored, cand_rows, log_q,
             )
