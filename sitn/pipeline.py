@@ -40,6 +40,7 @@ delivery timeout loses nothing and duplicates nothing; one that stays away longe
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -87,7 +88,8 @@ SERVING_HEALTH_TIMEOUT_S = 10.0  # a serving actor that does not answer within t
 @dataclass
 class ReplayProgress:
     total: int = 0
-    sent: int = 0
+    sent: int = 0  # events of the file in the log, those of an earlier run of this run directory included
+    resumed_from: int = 0  # events already in the log when this run's replay started (stream.replay_journal)
     done: bool = False
     started_s: float = field(default_factory=time.monotonic)
     finished_s: float | None = None
@@ -97,7 +99,7 @@ class ReplayProgress:
     def rate_events_per_s(self) -> float:
         """Events sent per second over the replay (up to now while it runs)."""
         elapsed = (self.finished_s or time.monotonic()) - self.started_s
-        return self.sent / elapsed if elapsed > 0 else 0.0
+        return (self.sent - self.resumed_from) / elapsed if elapsed > 0 else 0.0
 
 
 def paced_replay(
@@ -109,16 +111,25 @@ def paced_replay(
     tick_s: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
     throttle: LagThrottle | None = None,
+    offset: int = 0,
+    on_sent: Callable[[int], None] | None = None,
 ) -> None:
     """Send ``events`` in order at ``rate_events_per_s`` (None: flat out), flushing every tick.
 
-    ``progress.sent`` counts the events acknowledged (a flush returned). A flush that fails raises, naming
+    ``progress.sent`` counts the events acknowledged (a flush returned), plus ``offset`` (events sent before,
+    by an earlier run); ``on_sent`` is called with that count after each acknowledged chunk. A flush that fails raises, naming
     the first event that may not be stored: the replay stops there, loudly, and sends nothing after it.
     ``throttle``: wait before each chunk while the consumer group's lag is above its bound (backpressure).
     """
     paced_send(events, producer, rate_events_per_s, throttle=throttle, stop=stop, tick_s=tick_s,
                max_chunk_events=FLAT_OUT_CHUNK_EVENTS if rate_events_per_s is None and throttle is None else 4096,
-               on_sent=lambda n: setattr(progress, "sent", n), clock=clock)
+               on_sent=lambda n: _acknowledged(progress, offset + n, on_sent), clock=clock)
+
+
+def _acknowledged(progress: ReplayProgress, sent: int, on_sent: Callable[[int], None] | None) -> None:
+    progress.sent = sent
+    if on_sent is not None:
+        on_sent(sent)
 
 
 def open_replay_producer(settings: StreamSettings) -> RecordProducer:
@@ -273,10 +284,20 @@ class Pipeline:
                               r.fallback_z_critical, r.fallback_recover_z, log_path=self.drift_log,
                               learnt=("fused",) if r.fused_weights else ())
 
-    def start_replay(self, events: EventFile | EventLog | Sequence[InteractionEvent]) -> None:
-        """Replay ``events`` (iterated once, lazily: an :class:`EventFile` streams from disk) in a thread."""
+    def start_replay(self, events: EventFile | EventLog | Sequence[InteractionEvent], skip: int = 0,
+                     on_sent: Callable[[int], None] | None = None) -> None:
+        """Replay ``events`` (iterated once, lazily: an :class:`EventFile` streams from disk) in a thread.
+
+        ``skip``: the first events are already in the log (a resumed replay, ``stream.replay_journal``): they
+        count as sent and are not sent again. ``on_sent(n)``: called with the events of ``events`` in the log
+        (``skip`` included) after every acknowledged chunk."""
+        self.replay_progress = ReplayProgress(total=len(events), sent=skip, resumed_from=skip)
+        self.caught_up_s = None
+        if skip >= len(events):
+            self.replay_progress.finished_s = time.monotonic()
+            self.replay_progress.done = True
+            return
         producer = open_replay_producer(self.stream)
-        self.replay_progress = ReplayProgress(total=len(events))
         self.caught_up_s = None
         r = self.run_settings
         throttle = None
@@ -284,11 +305,12 @@ class Pipeline:
             throttle = LagThrottle(GroupLag(self.stream), r.max_lag_events)
             throttle.check_headroom(r.checkpoint_every_steps * r.batch_size, r.queue_maxsize * self.stream.batch_size)
         self._throttle = throttle
+        todo: Iterable[InteractionEvent] = itertools.islice(events, skip, None) if skip else events
 
         def body() -> None:
             try:
-                paced_replay(events, producer, self.run_settings.rate_events_per_s, self.replay_progress,
-                             self._replay_stop, throttle=throttle)
+                paced_replay(todo, producer, self.run_settings.rate_events_per_s, self.replay_progress,
+                             self._replay_stop, throttle=throttle, offset=skip, on_sent=on_sent)
             except Exception as exc:  # reported on the status line and re-raised in the thread's log
                 self.replay_progress.error = f"{type(exc).__name__}: {exc}"
                 log.exception("replay failed")
@@ -304,6 +326,12 @@ class Pipeline:
 
         self._replay_thread = threading.Thread(target=body, name="sitn-replay", daemon=True)
         self._replay_thread.start()
+
+    def note_replayed(self, n: int) -> None:
+        """The log already holds ``n`` replayed events (an earlier run's replay, ``stream.replay_journal``) and
+        nothing is replayed now: ``caught_up`` waits for those ``n`` to be trained."""
+        self.replay_progress = ReplayProgress(total=n, sent=n, resumed_from=n, done=True, finished_s=time.monotonic())
+        self.caught_up_s = None
 
     # -- supervision -----------------------------------------------------------------------------------
     def supervise(self) -> None:

@@ -96,3 +96,32 @@ def test_a_file_without_the_domains_asked_for_stops_before_starting(tmp_path: Pa
     assert f"sitn run: no events of domains 'movie' and 'book' in {events}; its other domains: tab9 (" in err
     assert "Nothing was started." in err
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resuming_with_the_same_events_replays_nothing_twice_and_another_file_is_refused(tmp_path: Path) -> None:
+    events = ordinal_file(tmp_path)
+    n = USERS * EVENTS_PER_USER
+    first, summary = sitn_run(tmp_path, events)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (summary["events_replayed"], summary["events_trained"]) == (n, n)
+    journal = json.loads((tmp_path / "run" / "replay.json").read_text())
+    assert journal["sent"] == n and journal["source"]["total"] == n and journal["source"]["time_unit"] == "ordinal"
+
+    # Given again (the README's resume command), the file is not replayed a second time: the run finds every
+    # event in its log, trains nothing new and ends, its model and counts those of the first run.
+    again, summary = sitn_run(tmp_path, events)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"every one of the {n} events of {events.resolve()} is already in this run's log" in (
+        " ".join(again.stderr.split()))
+    assert (summary["events_replayed"], summary["events_trained"], summary["records_consumed"]) == (n, n, n)
+
+    # Another file into the same run directory would mix two replays in one log: refused before anything starts.
+    other = tmp_path / "other.csv"
+    other.write_text(events.read_text(encoding="utf-8") + "15,user0,tab4-item1,tab4\n", encoding="utf-8")
+    refused, _ = sitn_run(tmp_path, other)
+    assert refused.returncode == 1
+    err = " ".join(refused.stderr.split())
+    assert f"sitn run: not started: this run directory's log holds the replay of {events.resolve()} ({n} events" in err
+    assert "would mix the two" in err

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sitn.cli_settings import SettingsFlags
+from stream.replay_journal import ReplayJournal, ReplayPlan, ReplayRefused, ReplaySource
 
 if TYPE_CHECKING:
     from stream.dataset import EventFile, EventLog
@@ -119,6 +120,31 @@ def main(args: argparse.Namespace) -> int:
     return run_pipeline(run, stream, serving, config, run_dir.resolve(), telemetry, drift)
 
 
+def replay_plan(journal: ReplayJournal, replay_log: EventFile | EventLog | None, run: Any,
+                has_checkpoint: bool) -> ReplayPlan | None:
+    """What this run replays into its log, from ``<run dir>/replay.json`` (``stream.replay_journal``): all of
+    ``--events`` on a new run, the rest of it on a resume, nothing twice; without ``--events``, the journal's
+    replay as it stands (so ``--exit-after-replay`` knows when the log's events are trained); None when there
+    is neither. Raises ReplayRefused when ``--events`` would mix another file into the log."""
+    if replay_log is None:
+        entry = journal.read()
+        if entry is None:
+            return None
+        source, sent = entry.source, min(entry.sent, entry.source.total)
+        if sent < source.total:
+            msg = (f"the replay of {source.path} stopped after {sent:,} of its {source.total:,} events "
+                   f"(replay.json): this run trains the ones in the log; --events {source.path} sends the rest")
+        else:
+            msg = f"this run's log holds all {source.total:,} events of {source.path} (replay.json)"
+        return ReplayPlan(source, sent, msg)
+    assert replay_log.time is not None
+    source = ReplaySource.of(run.events, (run.source, run.target), replay_log.time.unit, run.limit, len(replay_log))
+    plan = journal.plan(source, has_checkpoint)
+    if plan.skip == 0:
+        journal.record(source, 0)  # before the first event is sent: a checkpoint never exists without it
+    return plan
+
+
 def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None,
                  drift: Any = None) -> int:
     """``telemetry``: every process exposes metrics and the driver serves the dashboard (``sitn.dashboard``).
@@ -144,6 +170,15 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
             console.print(f"[bold red]sitn run: no events of domains {run.source!r} and {run.target!r} in "
                           f"{run.events}[/bold red]; its other domains: {others}. Nothing was started.")
             return 1
+    journal = ReplayJournal.in_run_dir(run_dir)
+    has_checkpoint = any((run_dir / "checkpoints").glob("ckpt-*.json"))
+    try:
+        plan = replay_plan(journal, replay_log, run, has_checkpoint)
+    except ReplayRefused as exc:
+        console.print(f"[bold red]sitn run: not started[/bold red]: {exc}")
+        return 1
+    if plan is not None and plan.message:
+        console.print(f"[bold]sitn run[/bold]: {plan.message}")
     console.print(f"[bold]sitn run[/bold]: {len(events):,} events to replay from {run.events}, state in {run_dir}")
     watch = DeadLetterWatch(run.dead_letter_max_ratio, run.dead_letter_window_records)
     init_ray(run.ray_address, run.ray_temp_dir or Path(tempfile.mkdtemp(prefix="sitn-ray-", dir="/tmp")))
@@ -164,8 +199,11 @@ def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path
             dashboard = start_dashboard(pipeline.metrics, pipeline.targets_dir, interval_s=run.status_every_s)
             console.print(f"dashboard on [bold]{dashboard.url}/dashboard[/bold]  "
                           f"(/metrics; Prometheus targets in {pipeline.targets_dir})")
-        if events:
-            pipeline.start_replay(events)
+        if plan is not None and events:
+            source = plan.source
+            pipeline.start_replay(events, skip=plan.skip, on_sent=lambda n: journal.record(source, n))
+        elif plan is not None:  # no --events: the journal's replay, already in the log, is what there is to train
+            pipeline.note_replayed(plan.skip)
         with Live(console=console, refresh_per_second=2) as live:
             while not stopping["flag"]:
                 pipeline.supervise()
