@@ -15,6 +15,7 @@ import torch
 
 from learner.offline.eval_split import chronological_split
 from learner.offline.evaluate import MISS_RANK, SETTINGS
+from learner.offline.significance import ndcg_per_query
 from learner.offline.sitn_ranker import SITNRanker
 from sitn.cli import main
 from stream.dataset import load_events
@@ -127,6 +128,20 @@ def test_sitn_eval_cli_writes_results(events_csv: Path, tmp_path: Path) -> None:
     assert "| sitn − single_domain | full/overlap |" in markdown and "| fused − sitn | full/overlap |" in markdown
     assert "## Per-epoch diagnostics" in markdown and "s / validation pass" in markdown
     assert f"--limit {LIMIT_ROWS}" in markdown  # the command line is recorded
+
+    # Paired comparisons on the same test queries: each row's saved ranks give back its table figure, and the
+    # bootstrap's mean difference is the difference of the two rows' figures.
+    ranks = np.load(out / "test_ranks.npz")
+    assert set(ranks.files) == {f"{r}/seed0/full/{v}" for r in ROWS for v in ("overlap", "cold_start")}
+    for row in ROWS:
+        got = ndcg_per_query(ranks[f"{row}/seed0/full/overlap"]).mean()
+        assert got == pytest.approx(by_name[row]["summary"]["full/overlap"]["ndcg@10"]["mean"], abs=1e-12)
+    paired = {c["key"]: c for c in report["paired_comparisons"]}
+    sitn_sd = paired["sitn - single_domain @ full/overlap"]
+    assert sitn_sd["queries"] == 198 and sitn_sd["lo"] <= sitn_sd["diff"] <= sitn_sd["hi"]
+    assert sitn_sd["diff"] == pytest.approx(by_name["sitn"]["summary"]["full/overlap"]["ndcg@10"]["mean"]
+                                            - by_name["single_domain"]["summary"]["full/overlap"]["ndcg@10"]["mean"])
+    assert "paired bootstrap 95 % interval" in markdown and f"[{sitn_sd['lo']:+.5f}, {sitn_sd['hi']:+.5f}]" in markdown
 
 
 @pytest.mark.timeout(300)

@@ -143,28 +143,52 @@ def best_itemknn(rows: Sequence[dict[str, Any]], setting: str = "full/overlap") 
     return max(scored)[1] if scored else None
 
 
-def comparisons(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The issue's questions as a table on NDCG@10: fused (served candidate) vs the best item-kNN, sitn
-    vs the best item-kNN and single_domain, cold-start sitn vs popularity, sitn vs its ablations."""
-    by_name = {r["name"]: r["summary"] for r in rows}
+def comparison_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The issue's questions, ``(a, b, setting)`` with both rows present: fused (served candidate) vs the best
+    item-kNN, sitn vs the best item-kNN and single_domain, cold-start sitn vs popularity, sitn vs its
+    ablations."""
+    names = {r["name"] for r in rows}
     knn = best_itemknn(rows)
-    pairs: list[tuple[str, str, str]] = []  # (a, b, setting)
+    pairs: list[tuple[str, str, str]] = []
     if knn is not None:
         pairs += [("fused", knn, "full/overlap"), ("sitn", knn, "full/overlap"), ("single_domain", knn, "full/overlap")]
     pairs += [("fused", "sitn", "full/overlap"), ("sitn", "single_domain", "full/overlap"),
               ("sitn", "popularity", "full/cold_start"), ("fused", "popularity", "full/cold_start")]
     pairs += [("sitn", other, "full/overlap") for other in ABLATIONS]
+    return [(a, b, setting) for a, b, setting in pairs if a in names and b in names]
+
+
+def paired_key(a: str, b: str, setting: str) -> str:
+    return f"{a} - {b} @ {setting}"
+
+
+def comparisons(rows: Sequence[dict[str, Any]], paired: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """:func:`comparison_pairs` as a table on NDCG@10: the difference of the seed means judged against the
+    seeds' spread, and, where ``paired`` holds it (``paired_key`` -> ``learner.offline.significance.
+    paired_bootstrap``), the paired bootstrap interval over the test queries."""
+    by_name = {r["name"]: r["summary"] for r in rows}
+    paired = paired or {}
     lines = []
-    for a, b, setting in pairs:
-        if a in by_name and b in by_name:
-            diff, bound, verdict = compare(by_name[a][setting]["ndcg@10"], by_name[b][setting]["ndcg@10"])
-            bound_text = "n/a" if bound is None else f"{bound:.5f}"
-            lines.append(f"| {a} − {b} | {setting} | {diff:+.5f} | {bound_text} | {verdict} |")
+    for a, b, setting in comparison_pairs(rows):
+        diff, bound, verdict = compare(by_name[a][setting]["ndcg@10"], by_name[b][setting]["ndcg@10"])
+        bound_text = "n/a" if bound is None else f"{bound:.5f}"
+        boot = paired.get(paired_key(a, b, setting))
+        boot_text = (f"[{boot['lo']:+.5f}, {boot['hi']:+.5f}] | {boot['verdict']}" if boot is not None
+                     else "n/a | n/a")
+        lines.append(f"| {a} − {b} | {setting} | {diff:+.5f} | {bound_text} | {verdict} | {boot_text} |")
     if not lines:
         return []
+    knn = best_itemknn(rows)
     note = f"Best item-kNN row on test full/overlap NDCG@10: `{knn}`." if knn else ""
-    return [note, "", "| comparison (NDCG@10) | setting | difference of means | 2 × max std | verdict |",
-            "| --- | --- | --- | --- | --- |", *lines]
+    return [note, "",
+            "Two kinds of noise: *2 × max std* is over training seeds (how much a row moves when trained again); "
+            "the *paired bootstrap* resamples the test queries (each query's NDCG@10 averaged over the row's "
+            "seeds, the two rows subtracted query by query, 2,000 resamples, 95 % percentile interval; "
+            "`learner.offline.significance`), i.e. how much the difference would move on another sample of "
+            "users. A difference is significant only where its interval excludes 0.", "",
+            "| comparison (NDCG@10) | setting | difference of means | 2 × max std | verdict (seeds) "
+            "| paired bootstrap 95 % interval | verdict (queries) |",
+            "| --- | --- | --- | --- | --- | --- | --- |", *lines]
 
 
 def _median(values: Sequence[float]) -> str:
@@ -267,7 +291,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         markdown_tables(rows),
         "",
     ]
-    comparison = comparisons(rows)
+    comparison = comparisons(rows, {c["key"]: c for c in report.get("paired_comparisons", [])})
     if comparison:
         parts += ["## Comparisons", "", *comparison, ""]
     fused = next((r for r in rows if r["name"] == "fused"), None)

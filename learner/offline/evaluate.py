@@ -163,6 +163,9 @@ class RunResult:
     epochs: list[dict[str, float]] = field(default_factory=list)  # per-epoch log (see select_epoch)
     refit_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # full-protocol rank of every test query per view ("full/overlap", "full/cold_start"), in split.test's
+    # order: what a paired comparison of two rows on the same queries needs (learner.offline.significance)
+    test_ranks: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 
@@ -317,14 +320,18 @@ def refit(ranker: Ranker, split: Split, passes: int, mode: str = "continue", sel
     return time.perf_counter() - t0
 
 
-def rank_test_queries(ranker: Ranker, split: Split, seed: int, refit_passes: int) -> dict[str, dict[str, float]]:
-    """Every setting of ``SETTINGS`` on the test queries."""
+def rank_test_queries(ranker: Ranker, split: Split, seed: int, refit_passes: int,
+                      ranks_out: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """Every setting of ``SETTINGS`` on the test queries; ``ranks_out`` receives each view's full-protocol
+    ranks (``"full/<view>"`` -> ``(N,)``)."""
     refitted = refit_passes > 0
     negatives = {p: split.test_negatives(p, seed, refitted) for p in ("sampled", "c2dsr")}
     out: dict[str, dict[str, float]] = {}
     for view in VIEWS:
         ranks = rank_queries(ranker, split.test, split, split.known("test", refitted), view=view, negatives=negatives)
         out[f"full/{view}"] = summarize(ranks.full)
+        if ranks_out is not None:
+            ranks_out[f"full/{view}"] = ranks.full
         for protocol, values in ranks.sampled.items():
             out[f"{protocol}/{view}"] = summarize(values)
         if ranks.rankable.any():
@@ -349,9 +356,10 @@ def train_and_test(
                              on_epoch=on_epoch, keep_initial=refit_mode == "retrain" and refit_passes > 0)
     refit_s = refit(ranker, split, refit_passes, refit_mode, selection)
     selection.apply(ranker)  # a retraining refit starts from the initial state, scales included
-    test = rank_test_queries(ranker, split, seed, refit_passes)
+    ranks: dict[str, np.ndarray] = {}
+    test = rank_test_queries(ranker, split, seed, refit_passes, ranks)
     return RunResult(selection.epoch, selection.train_s, selection.curve, selection.val, test, selection.epochs,
-                     refit_s, extra=dict(selection.transfer))
+                     refit_s, extra=dict(selection.transfer), test_ranks=ranks)
 
 
 def aggregate(runs: Sequence[RunResult]) -> dict[str, dict[str, dict[str, float | None]]]:

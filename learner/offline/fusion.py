@@ -169,14 +169,16 @@ def train_and_test_with_fusion(
     selection.apply(model)  # a retraining refit starts from the initial state, scales included
     if refit_passes > 0:
         knn.learn_many(split.refit_examples)
+    model_ranks: dict[str, np.ndarray] = {}
     model_run = RunResult(selection.epoch, selection.train_s, selection.curve, selection.val,
-                          rank_test_queries(model, split, seed, refit_passes), selection.epochs, refit_s,
-                          extra=dict(selection.transfer))
+                          rank_test_queries(model, split, seed, refit_passes, model_ranks), selection.epochs, refit_s,
+                          extra=dict(selection.transfer), test_ranks=model_ranks)
     best = f"{fused.mode}@{fused.weight:g}"
+    fused_ranks: dict[str, np.ndarray] = {}
     fused_run = RunResult(
         selection.epoch, selection.train_s, selection.curve, {SELECTION_METRIC: grid[best]},
-        rank_test_queries(fused, split, seed, refit_passes), selection.epochs, refit_s,
+        rank_test_queries(fused, split, seed, refit_passes, fused_ranks), selection.epochs, refit_s,
         extra={"mode": fused.mode, "weight": fused.weight, "val_grid": grid, "tune_s": round(tune_s, 1),
-               **selection.transfer},
+               **selection.transfer}, test_ranks=fused_ranks,
     )
     return model_run, fused_run

@@ -22,12 +22,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from learner.core.config import SITNConfig
 from learner.offline.baselines import ItemKNN, OnlineMF, Popularity, Ranker
-from learner.offline.eval_report import FULL_BUDGET, markdown_tables, render_markdown
+from learner.offline.eval_report import (
+    FULL_BUDGET,
+    comparison_pairs,
+    markdown_tables,
+    paired_key,
+    render_markdown,
+)
 from learner.offline.eval_split import (
     N_C2DSR_NEGATIVES,
     N_SAMPLED_NEGATIVES,
@@ -38,6 +45,7 @@ from learner.offline.eval_split import (
 )
 from learner.offline.evaluate import REFIT_MODES, SELECTION_METRIC, RunResult, aggregate, train_and_test
 from learner.offline.fusion import FUSION_WEIGHTS
+from learner.offline.significance import paired_bootstrap
 from learner.offline.sitn_ranker import BATCH_BY, DEFAULT_BATCH_BY
 from sitn.commands import learner_shape_flags
 from stream.dataset import load_events
@@ -330,6 +338,7 @@ def write_report(
     done = [name for name in args.row_list if name in runs and name not in pending]
     results_rows = [{"name": name, "settings": settings[name], "per_seed": per_seed[name],
                      "summary": aggregate(runs[name])} for name in done]
+    paired = paired_comparisons(results_rows, runs)
     report = {
         "command": command_line(args),
         "argv": vars(args) | {"events": str(args.events), "output": str(args.output), "func": None},
@@ -347,6 +356,7 @@ def write_report(
                      "refit_passes": args.refit_passes, "refit_mode": args.refit,
                      "fusion_weights": list(fusion_weights(args))},
         "pending_rows": list(pending),
+        "paired_comparisons": paired,
         "rows": results_rows,
     }
     markdown = render_markdown(report)
@@ -355,9 +365,33 @@ def write_report(
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        save_ranks(args.output / "test_ranks.npz", {name: runs[name] for name in done})
         (args.output / "results.md").write_text(markdown)
         console.print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}"
                       + (f" (partial: {', '.join(pending)} still to run)" if pending else ""))
+
+
+def paired_comparisons(rows: Sequence[dict[str, Any]], runs: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
+    """``learner.offline.significance.paired_bootstrap`` of every comparison of the report, on the test
+    queries' full-protocol ranks of each row's seeds."""
+    out = []
+    for a, b, setting in comparison_pairs(rows):
+        ranks_a = [r.test_ranks[setting] for r in runs[a] if setting in r.test_ranks]
+        ranks_b = [r.test_ranks[setting] for r in runs[b] if setting in r.test_ranks]
+        if len(ranks_a) == len(runs[a]) and len(ranks_b) == len(runs[b]):
+            out.append({"key": paired_key(a, b, setting), "a": a, "b": b, "setting": setting,
+                        **paired_bootstrap(np.stack(ranks_a), np.stack(ranks_b))})
+    return out
+
+
+def save_ranks(path: Path, runs: dict[str, list[RunResult]]) -> None:
+    """Every row's full-protocol test ranks per seed and view (``<row>/seed<n>/<setting>``, in the split's
+    test-query order; a miss is 2^31 - 1), so a comparison can be recomputed without training again."""
+    arrays = {f"{name}/seed{seed}/{setting}": np.minimum(ranks, np.iinfo(np.int32).max).astype(np.int32)
+              for name, results in runs.items() for seed, result in enumerate(results)
+              for setting, ranks in result.test_ranks.items()}
+    if arrays:
+        np.savez_compressed(path, **arrays)
 
 
 def command_line(args: argparse.Namespace) -> str:
