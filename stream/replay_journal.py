@@ -150,6 +150,7 @@ class ReplayJournal:
                     f"replay journal, or one fed by another producer), so what its log holds is unknown and "
                     f"--events {source.path} could replay events it has already trained on. Resume without "
                     f"--events, start a new --run-dir, or append the file on purpose with `sitn replay`")
+            self.record(source, 0)  # before the first event is sent: a checkpoint never exists without it
             return ReplayPlan(source, 0, None)
         if not entry.source.same_events(source):
             raise ReplayRefused(
@@ -166,4 +167,18 @@ class ReplayJournal:
                    f"(replay.json); {source.total - sent:,} to go")
         else:
             msg = None
+        return ReplayPlan(source, sent, msg)
+
+    def plan_without_file(self) -> ReplayPlan | None:
+        """A run without ``--events``: the recorded replay as it stands (nothing is sent; ``skip`` events are in
+        the log, for ``--exit-after-replay`` to wait on), None when nothing was recorded."""
+        entry = self.read()
+        if entry is None:
+            return None
+        source, sent = entry.source, min(entry.sent, entry.source.total)
+        if sent < source.total:
+            msg = (f"the replay of {source.path} stopped after {sent:,} of its {source.total:,} events "
+                   f"({JOURNAL_NAME}): this run trains the ones in the log; --events {source.path} sends the rest")
+        else:
+            msg = f"this run's log holds all {source.total:,} events of {source.path} ({JOURNAL_NAME})"
         return ReplayPlan(source, sent, msg)

@@ -127,22 +127,10 @@ def replay_plan(journal: ReplayJournal, replay_log: EventFile | EventLog | None,
     replay as it stands (so ``--exit-after-replay`` knows when the log's events are trained); None when there
     is neither. Raises ReplayRefused when ``--events`` would mix another file into the log."""
     if replay_log is None:
-        entry = journal.read()
-        if entry is None:
-            return None
-        source, sent = entry.source, min(entry.sent, entry.source.total)
-        if sent < source.total:
-            msg = (f"the replay of {source.path} stopped after {sent:,} of its {source.total:,} events "
-                   f"(replay.json): this run trains the ones in the log; --events {source.path} sends the rest")
-        else:
-            msg = f"this run's log holds all {source.total:,} events of {source.path} (replay.json)"
-        return ReplayPlan(source, sent, msg)
+        return journal.plan_without_file()
     assert replay_log.time is not None
     source = ReplaySource.of(run.events, (run.source, run.target), replay_log.time.unit, run.limit, len(replay_log))
-    plan = journal.plan(source, has_checkpoint)
-    if plan.skip == 0:
-        journal.record(source, 0)  # before the first event is sent: a checkpoint never exists without it
-    return plan
+    return journal.plan(source, has_checkpoint)
 
 
 def run_pipeline(run: Any, stream: Any, serving: Any, config: Any, run_dir: Path, telemetry: Any = None,
