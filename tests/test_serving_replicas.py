@@ -230,19 +230,30 @@ def test_two_serving_replicas_on_one_port_serve_the_same_versions_and_survive_a_
     assert [r["awaiting_full"] for r in learner_replicas] == [False, False]
     assert learner_replicas[1]["versions_sent"] >= 1
 
-    # Same version on both, and the same answer for a known user: through Ray and over HTTP.
-    through_ray = [p.servings[i].recommend.remote(user, 10) for i in range(2)]
+    # Same version on both, and the same answer for a known user: through Ray and over HTTP. The learner may
+    # still publish (its interval flush of the last batch) between the two reads, so compare only answers read
+    # at one index version, reading again until they are.
     import ray
 
-    first_answer, second_answer = ray.get(through_ray, timeout=30)
+    deadline_s = time.monotonic() + 60
+    while True:
+        first_answer, second_answer = ray.get([p.servings[i].recommend.remote(user, 10) for i in range(2)],
+                                              timeout=30)
+        over_http = answers_by_pid(url, user, {str(pids[0]), str(new_pid)})
+        versions = {first_answer["index_version"], second_answer["index_version"],
+                    *(body["index"]["version"] for body in over_http.values())}
+        if len(versions) == 1:
+            break
+        assert time.monotonic() < deadline_s, f"the replicas' index versions never settled: {sorted(versions)}"
+        time.sleep(1.0)
     assert first_answer == second_answer
     assert p.recommend(user, 10) == first_answer
-    over_http = answers_by_pid(url, user, {str(pids[0]), str(new_pid)})
     assert over_http[str(pids[0])] == over_http[str(new_pid)]
     assert [it["item_id"] for it in over_http[str(pids[0])]["items"]] == [item for item, _ in first_answer["items"]]
     summary = p.summary(wall_time_s=1.0)
     assert summary["serving_restarts"] == 1
-    assert [r["served_version"] for r in summary["serving_replicas"]] == [status["published_version"]] * 2
+    served = [r["served_version"] for r in summary["serving_replicas"]]
+    assert served[0] == served[1] >= status["published_version"], (served, status["published_version"])
     print(f"replicas: {dict(answered)} answered {REQUESTS} requests; kill -> {len(answers)} probes, "
           f"{sum(1 for a in answers if not a.ok)} failed; version {status['published_version']:.0f} on both")
 
