@@ -231,18 +231,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rows": rows, "growth_per_100k_events": growth(rows)}
 
 
-def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
-    """Feed an in-process OnlineTrainer with ``sitn run``'s defaults; RSS and tensor bytes at ``--points``."""
-    import torch
-
+def stream_trainer(r: Any, config: Any, source: str, target: str, store: Any) -> Any:
+    """An in-process OnlineTrainer built as ``sitn run`` builds the learner actor's from ``r`` (RunSettings):
+    fused ranker, publish gate, fallback and drift monitor on; a publish goes nowhere."""
     from learner.core.learner import SITNLearner
-    from learner.online.allocator import pin_mmap_threshold, trim_free_memory
-    from learner.online.checkpoint_store import CheckpointStore
     from learner.online.drift import DriftMonitor, DriftSettings
     from learner.online.gate import PublishGate, RankerFallback
     from learner.online.publisher import CallableTransport
     from learner.online.trainer import OnlineTrainer
     from serving.settings import ServingSettings
+
+    return OnlineTrainer(
+        SITNLearner(config, source, target), CallableTransport(lambda _batch: None), store,
+        batch_size=r.batch_size, checkpoint_every_steps=r.checkpoint_every_steps,
+        publish_every_steps=r.publish_every_steps, publish_every_s=r.publish_every_s,
+        publish_max_share=r.publish_max_share, prequential_sample=r.prequential_sample,
+        full_publish_every=r.full_publish_every, served_max_users=ServingSettings.model_construct().max_users,
+        served_max_consumed_per_user=ServingSettings.model_construct().max_consumed_per_user,
+        gate=PublishGate(r.gate_max_drop, r.gate_window, r.gate_min_events, z_critical=r.gate_z_critical),
+        gate_sample_per_step=r.gate_sample_per_step, drift=DriftMonitor(DriftSettings.model_construct()),
+        fallback=RankerFallback(("popularity", "cooccurrence"), r.fallback_window, r.fallback_min_events,
+                                r.fallback_z_critical, r.fallback_recover_z,
+                                learnt=("fused",) if r.fused_weights else ()),
+        fused_weights=tuple(r.fused_weights), fused_window=r.fused_window,
+        transfer_scale_window=r.transfer_scale_window, prior_window=r.prior_window,
+    )
+
+
+def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
+    """Feed an in-process OnlineTrainer with ``sitn run``'s defaults; RSS and tensor bytes at ``--points``."""
+    import torch
+
+    from learner.online.allocator import pin_mmap_threshold, trim_free_memory
+    from learner.online.checkpoint_store import CheckpointStore
     from sitn.settings import RunSettings
     from stream.consumer import EventBatch
 
@@ -258,20 +279,7 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
     rss_start = process.memory_info().rss
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         store = CheckpointStore(Path(tmp), keep=3)
-        trainer = OnlineTrainer(
-            SITNLearner(config, syn.source, syn.target), CallableTransport(lambda _batch: None), store,
-            batch_size=r.batch_size, checkpoint_every_steps=r.checkpoint_every_steps,
-            publish_every_steps=r.publish_every_steps, publish_every_s=r.publish_every_s,
-            full_publish_every=r.full_publish_every, served_max_users=ServingSettings.model_construct().max_users,
-            served_max_consumed_per_user=ServingSettings.model_construct().max_consumed_per_user,
-            gate=PublishGate(r.gate_max_drop, r.gate_window, r.gate_min_events, z_critical=r.gate_z_critical),
-            gate_sample_per_step=r.gate_sample_per_step, drift=DriftMonitor(DriftSettings.model_construct()),
-            fallback=RankerFallback(("popularity", "cooccurrence"), r.fallback_window, r.fallback_min_events,
-                                    r.fallback_z_critical, r.fallback_recover_z,
-                                    learnt=("fused",) if r.fused_weights else ()),
-            fused_weights=tuple(r.fused_weights), fused_window=r.fused_window,
-            transfer_scale_window=r.transfer_scale_window,
-        )
+        trainer = stream_trainer(r, config, syn.source, syn.target, store)
         started = time.perf_counter()
         poll: list[Any] = []
         offset = 0

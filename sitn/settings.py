@@ -81,6 +81,10 @@ class RunSettings(BaseSettings):
     checkpoint_every_steps: int = Field(200, ge=1, description="learner steps between checkpoints (and commits)")
     publish_every_steps: int = Field(20, ge=1, description="learner steps between publishes")
     publish_every_s: float = Field(0.25, gt=0, description="seconds between publishes (whichever comes first)")
+    publish_max_share: float = Field(
+        0.1, gt=0, le=1, description="the most of the learner's time publishing may take: after a publish of c "
+        "seconds the next waits c * (1 / share - 1) s whatever the two above say (1: no wait; a learner that keeps "
+        "up is not slowed, one far behind trains instead of re-embedding the same users every step)")
     full_publish_every: int = Field(
         0, ge=0, description="every Nth publish is a full snapshot (0: only forced ones: the first, a new serving "
         "replica, the last)")
@@ -169,6 +173,10 @@ class RunSettings(BaseSettings):
         5_000, ge=0, description="target events per slot (with / without target history) over which the query-time "
         "transfer scale is chosen online from 1, 0.5, 0.25, 0 (learner/online/transfer_scale.py; 0: keep the model's)",
     )
+    prequential_sample: float = Field(
+        1.0, gt=0, le=1, description="share of target events tested before training (prequential figures, shadow "
+        "baselines, fused weights, tuners, gate, fallback: all on the same events, chosen by a hash of the event "
+        "id); every event trains. Below 1 on large streams: testing costs about a third of the learner's time")
 
     @model_validator(mode="after")
     def _fallback_consistent(self) -> RunSettings:

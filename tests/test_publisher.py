@@ -95,3 +95,38 @@ def test_each_event_carries_its_own_arrival_into_the_version_that_reflects_it() 
     publisher.touch(["u2"], [], ingest_wall_s=13.0)
     assert publisher.publish(step=3).event_ingest_wall_s == [13.0]
     assert publisher.publish(step=4).event_ingest_wall_s == []
+
+
+class _SlowLearner(_Learner):
+    """Embedding users takes ``cost_s`` of the monotonic clock (patched), as a large model's would."""
+
+    def __init__(self, n_users: int, clock: list[float], cost_s: float) -> None:
+        super().__init__(n_users)
+        self.clock, self.cost_s = clock, cost_s
+
+    def embed_users(self, user_ids: list[str]) -> np.ndarray:
+        self.clock[0] += self.cost_s
+        return super().embed_users(user_ids)
+
+
+def test_a_publish_budget_spaces_publishes_by_their_cost_and_changes_nothing_when_they_are_cheap(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("learner.online.publisher.time.monotonic", lambda: clock[0])
+    learner = _SlowLearner(4, clock, cost_s=0.5)
+    publisher, _ = _publisher(learner, every_steps=1, every_s=0.25, max_share=0.2)  # type: ignore[arg-type]
+    publisher.publish(step=0)
+    assert publisher.wait_s == pytest.approx(0.5 * (1 / 0.2 - 1))  # 2 s: publishing takes 20 % of the time
+    publisher.touch(["u1"], [], ingest_wall_s=1.0)
+    assert not publisher.due(step=5, now_s=clock[0] + 1.9)  # due by steps and by time, but within the wait
+    assert publisher.due(step=5, now_s=clock[0] + 2.0)
+    learner.cost_s = 0.001  # cheap publishes: the wait (4 ms) is below every_s, which decides as before
+    publisher.publish(step=5)
+    assert publisher.wait_s == pytest.approx(0.004)
+    publisher.touch(["u1"], [], ingest_wall_s=2.0)
+    assert not publisher.due(step=5, now_s=clock[0] + 0.2) and publisher.due(step=5, now_s=clock[0] + 0.25)
+    unbounded, _ = _publisher(_SlowLearner(4, clock, cost_s=0.5), every_steps=1)
+    unbounded.publish(step=0)
+    assert unbounded.wait_s == 0.0 and unbounded.due(step=1, now_s=clock[0])  # max_share 1 (the default): no wait
+    with pytest.raises(ValueError, match=r"max_share must be in \(0, 1\], got 0"):
+        Publisher(_Learner(1), None, max_share=0)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import torch
 from learner.core.config import SITNConfig
 from learner.core.learner import SITNLearner
 from learner.online.checkpoint_store import CheckpointStore
+from learner.online.prequential import ranks_event
 from learner.online.publisher import CallableTransport
 from learner.online.shadow import consumed_items
 from learner.online.trainer import OnlineTrainer, StreamGapError
@@ -481,3 +482,34 @@ def test_the_live_model_ranks_each_event_from_its_own_history_among_the_known_it
         mine = scores[j, column[ex.item_id]]
         others = [c for i, c in column.items() if i != ex.item_id and i not in before[j]]
         assert rank == 1 + int((scores[j, others] >= mine).sum())  # ties against, earlier books excluded
+
+
+def test_a_prequential_sample_tests_the_same_hashed_events_for_every_ranker_and_trains_all(
+        tmp_path: Path, events: list[InteractionEvent]) -> None:
+    sent: list[EmbeddingBatch] = []
+    trainer = OnlineTrainer(
+        SITNLearner(small_config(), "movie", "book"), CallableTransport(sent.append), None, batch_size=64,
+        publish_every_steps=3, publish_every_s=3600.0, prequential_sample=0.3,
+    )
+    for b in batches_from(events[:600], per_batch=200):
+        trainer.process(b)
+    trainer.publish()
+    assert trainer.events_applied == 600 and trainer.learner.step == 12  # every event trained, as with 1.0
+    books = [e for e in events[:600] if e.domain == "book"]
+    tested = [e for e in books if ranks_event(e.event_id, 0.3)]
+    assert 0.15 * len(books) < len(tested) < 0.45 * len(books)
+    assert {name: t.events for name, t in trainer.quality.tallies.items()} == dict.fromkeys(
+        ("model", "model_live", "popularity", "cooc_target", "cooc_target_source", "fused", "fused_live"),
+        len(tested))
+    # the fused weights judged on the tested events only (each in its slot); serving still gets every consumed book
+    assert trainer.fused_live is not None
+    cold = sum(1 for ex in UserStateStore(("movie", "book"), max_len=10).observe_many(events[:600])
+               if ex.domain == "book" and ranks_event(ex.event_id, 0.3) and not consumed_items(ex, "book"))
+    assert 0 < cold < len(tested)
+    assert {t.events for t in trainer.fused_live.tallies.values()} == {len(tested) - cold}
+    assert {t.events for t in trainer.fused_live.tallies_cold.values()} == {cold}
+    assert sorted(pair for b in sent for pair in b.consumed) == sorted((e.user_id, e.item_id) for e in books)
+    assert trainer.quality_report()["prequential_sample"] == 0.3 == trainer.summary()["prequential_sample"]
+    with pytest.raises(ValueError, match=r"prequential_sample must be in \(0, 1\], got 0"):
+        OnlineTrainer(SITNLearner(small_config(), "movie", "book"), CallableTransport(sent.append), None,
+                      prequential_sample=0)

@@ -424,25 +424,38 @@ class SITNLearner:
     # -- inference ---------------------------------------------------------------------------------
     def embed_histories(self, histories: Sequence[Mapping[str, History]], domain: str | None = None) -> np.ndarray:
         """(N, V, D) float32 query vectors of ``domain`` (default: target) from explicit histories."""
+        return self.embed_histories_at(histories, [self.model.transfer_scale], domain)[0]
+
+    def embed_histories_at(self, histories: Sequence[Mapping[str, History]], scales: Sequence[tuple[float, float]],
+                           domain: str | None = None) -> list[np.ndarray]:
+        """``embed_histories`` at each query-time transfer scale (``SITNModel.transfer_scale``) of ``scales``,
+        from one pass of the encoders; the model's own scale is left as it was."""
         role = self._role(domain)
         cfg = self.config
-        out = np.zeros((len(histories), cfg.n_views, cfg.dim), dtype=np.float32)
+        out = [np.zeros((len(histories), cfg.n_views, cfg.dim), dtype=np.float32) for _ in scales]
+        current = self.model.transfer_scale
         # rows that were a training label at least once; a registered but never trained item (its row is
         # still its random initialisation) is dropped from a query history like an unknown one
         trained = {r: (self.model.encoder(r).item_count > 0).numpy() for r in self.domains}
         self.model.eval()
-        with torch.no_grad():
-            for start in range(0, len(histories), EMBED_CHUNK):
-                chunk = histories[start : start + EMBED_CHUNK]
-                reference = latest_timestamp(chunk, list(self.domains.values()))  # only what the model reads
-                sequences = {
-                    r: encode_histories(
-                        [h.get(name, EMPTY) for h in chunk], reference, self.idmaps[r], cfg.max_len,
-                        cfg.n_time_gap_buckets, add=False, trained_rows=trained[r],
-                    )
-                    for r, name in self.domains.items()
-                }
-                out[start : start + len(chunk)] = self.model(sequences).queries[role].numpy()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(histories), EMBED_CHUNK):
+                    chunk = histories[start : start + EMBED_CHUNK]
+                    reference = latest_timestamp(chunk, list(self.domains.values()))  # only what the model reads
+                    sequences = {
+                        r: encode_histories(
+                            [h.get(name, EMPTY) for h in chunk], reference, self.idmaps[r], cfg.max_len,
+                            cfg.n_time_gap_buckets, add=False, trained_rows=trained[r],
+                        )
+                        for r, name in self.domains.items()
+                    }
+                    views, has = self.model.encode(sequences)
+                    for i, scale in enumerate(scales):
+                        self.model.transfer_scale = scale
+                        out[i][start : start + len(chunk)] = self.model.interests(views, has).queries[role].numpy()
+        finally:
+            self.model.transfer_scale = current
         return out
 
     def embed_users(self, user_ids: Sequence[str], domain: str | None = None) -> np.ndarray:

@@ -137,11 +137,19 @@ class SITNModel(nn.Module):
         return enc
 
     def forward(self, sequences: dict[str, SequenceBatch]) -> Interests:
+        return self.interests(*self.encode(sequences))
+
+    def encode(self, sequences: dict[str, SequenceBatch]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each role's views (B, V, D) and has-history flags (B,): the encoders' part of ``forward``."""
         views: dict[str, torch.Tensor] = {}
         has: dict[str, torch.Tensor] = {}
         for role in self.roles:
             s = sequences[role]
             views[role], has[role] = self.encoder(role)(s.items, s.positions, s.gaps, s.valid)
+        return views, has
+
+    def interests(self, views: dict[str, torch.Tensor], has: dict[str, torch.Tensor]) -> Interests:
+        """The queries from ``encode``'s views: the transfer (at ``transfer_scale`` in eval) and bias coordinate."""
         own_queries: dict[str, torch.Tensor] | None = None
         if not self.config.use_source:
             queries = dict(views)

@@ -41,6 +41,7 @@ ranked by popularity here too. Items are bounded by the catalogue and not capped
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict, deque
 from collections.abc import Collection, Mapping, Sequence
@@ -51,6 +52,22 @@ import numpy as np
 from stream.events import EmbeddingBatch
 
 SPANS = ("stream", "window")  # whole stream (cumulative), the last ``window`` target events
+
+
+def ranks_event(event_id: str, share: float) -> bool:
+    """Whether the event is among the ``share`` of target events the prequential evaluation tests: a hash of
+    its id, so every ranker tests the same events, a restarted or repeated run the same ones too, and the
+    sample is uniform whatever the ids look like.
+
+    >>> ranks_event("events:0:17", 1.0)
+    True
+    >>> sum(ranks_event(f"events:0:{i}", 0.1) for i in range(10_000))
+    1036
+    """
+    if share >= 1.0:
+        return True
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < share * 2.0**64
 
 
 class RankTally:

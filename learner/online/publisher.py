@@ -103,12 +103,19 @@ class Publisher:
         max_counted_items: int = 1_000_000,
         max_consumed_per_user: int = 500,
         max_users: int = 1_000_000,
+        max_share: float = 1.0,
     ) -> None:
         """``full_every``: every Nth publish is full (0: only forced ones). ``refresh_users``: users not
         touched re-published per publish, in turn (0: none). ``max_counted_items``: after each publish, only
         the most counted items keep their counts (ties: the first seen); the others are forgotten and count
         from zero if they come back. ``max_consumed_per_user``, ``max_users``: serving's bounds on its consumed
-        sets (``ServingSettings``), which the publisher's copy keeps too."""
+        sets (``ServingSettings``), which the publisher's copy keeps too. ``max_share``: the most of the
+        learner's time publishing may take: after a publish that took c seconds the next one waits at least
+        c * (1 / max_share - 1) seconds, whatever ``every_steps`` and ``every_s`` say (1: no wait). A learner
+        that keeps up publishes as before (a publish costs a few ms); one far behind a backlog (long histories,
+        a large catalogue) trains instead of re-embedding the same users every step."""
+        if not 0.0 < max_share <= 1.0:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
         if every_steps < 1:
             raise ValueError(f"every_steps must be >= 1, got {every_steps}")
         if every_s <= 0:
@@ -142,6 +149,8 @@ class Publisher:
         self._published_vectors = np.zeros((0, 0), dtype=np.float32)  # (N, D): what serving holds per row
         self._last_step = 0
         self._last_s = time.monotonic()
+        self.max_share = max_share
+        self.wait_s = 0.0  # after the last publish, from its cost and max_share
 
     def touch(self, user_ids: Iterable[str], consumed: Iterable[tuple[str, str]], ingest_wall_s: float) -> None:
         """Note users whose vectors changed, and (user, target item) pairs consumed since the last publish.
@@ -159,6 +168,8 @@ class Publisher:
         or users and consumed items recorded without one (a warm start's burn-in changes histories with no
         step, and those users must reach serving on time as well)."""
         now_s = time.monotonic() if now_s is None else now_s
+        if now_s - self._last_s < self.wait_s:
+            return False
         pending = step > self._last_step or bool(self._touched or self._consumed)
         return step - self._last_step >= self.every_steps or (pending and now_s - self._last_s >= self.every_s)
 
@@ -169,6 +180,7 @@ class Publisher:
 
     def publish(self, step: int, force_full: bool = False) -> EmbeddingBatch:
         """Build the next version and send it."""
+        start_s = time.monotonic()
         self.version += 1
         full = force_full or self.version == 1 or (self.full_every > 0 and self.version % self.full_every == 0)
         item_ids, item_vectors = self.learner.embed_items()
@@ -226,6 +238,7 @@ class Publisher:
         self._consumed = []
         self._last_step = step
         self._last_s = time.monotonic()
+        self.wait_s = (self._last_s - start_s) * (1.0 / self.max_share - 1.0)
         return batch
 
     def _refresh_turn(self) -> list[str]:

@@ -89,15 +89,16 @@ class ShadowBaselines:
         return True, target_scores
 
     def observe(
-        self, examples: Sequence[Example], on_target: TargetHook | None = None
+        self, examples: Sequence[Example], on_target: TargetHook | None = None, ranked: Sequence[bool] | None = None
     ) -> tuple[list[bool], dict[str, list[int | None]]]:
         """Test-then-train over ``examples`` in order: rank each target example (as ``rank``; ``on_target``
-        sees it then, with its co-occurrence scores), then learn it; learn each source example. Returns
-        the target examples' rankable flags and ranks."""
+        sees it then, with its co-occurrence scores), then learn it; learn each source example. With
+        ``ranked`` (one flag per example) only the flagged target examples are ranked; every example is
+        learnt. Returns the ranked target examples' rankable flags and ranks."""
         rankable: list[bool] = []
         ranks: dict[str, list[int | None]] = {name: [] for name in BASELINES}
-        for ex in examples:
-            if ex.domain == self.target:
+        for i, ex in enumerate(examples):
+            if ex.domain == self.target and (ranked is None or ranked[i]):
                 flag, target_scores = self._rank_one(ex, ranks)
                 if on_target is not None:
                     on_target(len(rankable), ex, flag, target_scores)

@@ -66,7 +66,7 @@ from learner.online import telemetry
 from learner.online.checkpoint_store import CheckpointStore, StagedCheckpoint
 from learner.online.drift import DriftMonitor
 from learner.online.gate import PublishGate, RankerFallback, ndcg_gain
-from learner.online.prequential import PrequentialEvaluator, StreamQuality
+from learner.online.prequential import PrequentialEvaluator, StreamQuality, ranks_event
 from learner.online.prior_tuner import PriorTuner
 from learner.online.publisher import Publisher, Transport
 from learner.online.shadow import BASELINES, FusedShadow, ShadowBaselines, consumed_items
@@ -162,6 +162,8 @@ class OnlineTrainer:
         cooc_max_neighbours: int | None = DEFAULT_MAX_NEIGHBOURS,
         transfer_scale_window: int = 5000,
         prior_window: int = 5000,
+        prequential_sample: float = 1.0,
+        publish_max_share: float = 1.0,
     ) -> None:
         """``gate``: hold versions back whose shadow NDCG dropped (``learner.online.gate``); it ranks up to
         ``gate_sample_per_step`` target events of each step with the live model as well.
@@ -183,7 +185,13 @@ class OnlineTrainer:
         0, or a learner without a source path: the scale stays as it is.
         ``prior_window``: target events over which the popularity prior's half-life is chosen online among
         all-time counts and the learner's ``SITNConfig.popularity_half_lives`` (``learner.online.prior_tuner``);
-        0, or a learner without decayed counts or without a prior: it stays as it is."""
+        0, or a learner without decayed counts or without a prior: it stays as it is.
+        ``publish_max_share``: the most of the learner's time publishing may take (``Publisher``'s ``max_share``).
+        ``prequential_sample``: the share of target events tested before training (``ranks_event``: the same
+        events for every ranker, baseline, tuner and the gate, and on every run); 1 = all. Every event trains."""
+        if not 0.0 < prequential_sample <= 1.0:
+            raise ValueError(f"prequential_sample must be in (0, 1], got {prequential_sample}")
+        self.prequential_sample = prequential_sample
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if checkpoint_every_steps < 1:
@@ -218,7 +226,8 @@ class OnlineTrainer:
         self._stamp = _StampServedBy(transport)
         self.publisher = Publisher(learner, self._stamp, publish_every_steps, publish_every_s, full_publish_every,
                                    refresh_users=refresh_users_per_publish,
-                                   max_consumed_per_user=served_max_consumed_per_user, max_users=served_max_users)
+                                   max_consumed_per_user=served_max_consumed_per_user, max_users=served_max_users,
+                                   max_share=publish_max_share)
         self.prequential = PrequentialEvaluator(max_users=served_max_users)
         self.shadow = ShadowBaselines(self.source, self.target, max_history=learner.config.max_len,
                                       max_neighbours=cooc_max_neighbours)
@@ -358,7 +367,9 @@ class OnlineTrainer:
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
         start_s = time.perf_counter()
-        targets = [ex for ex in examples if ex.domain == self.target]
+        # Every ranker (served, live, fused, baselines, tuners, gate) tests the same sampled target events.
+        ranked = [ex.domain == self.target and ranks_event(ex.event_id, self.prequential_sample) for ex in examples]
+        targets = [ex for ex, r in zip(examples, ranked, strict=True) if r]
         consumed = [(ex.user_id, ex.item_id) for ex in targets]
         before = [consumed_items(ex, self.target) for ex in targets]  # excluded from the candidates
         model_scores: dict[int, np.ndarray] = {}  # target position -> served model scores (N,)
@@ -373,7 +384,7 @@ class OnlineTrainer:
             ranks[FUSED], ranks[FUSED_LIVE] = fused_ranks, fused_live_ranks
             hook = self._fused_ranker(model_scores, fused_ranks, live, fused_live_ranks)
         # ... the baselines and the fused ranker, each event then learnt ...
-        rankable, baseline_ranks = self.shadow.observe(examples, hook)
+        rankable, baseline_ranks = self.shadow.observe(examples, hook, ranked)
         gains = self.quality.record(rankable, {**ranks, **baseline_ranks})
         if self.fallback is not None:  # judged at data time, as the baselines are
             others = {name: gains[DATA_TIME.get(name, name)] for name in self.fallback.learnt[1:]}
@@ -383,7 +394,8 @@ class OnlineTrainer:
         if self.gate is not None and consumed:
             self._shadow_rank(consumed, served_ranks, live_ranks)  # ... served vs what would be published ...
         stats = dict(self.learner.learn_many(examples))  # ... then train
-        self.publisher.touch((ex.user_id for ex in examples), consumed, received_wall_s)
+        self.publisher.touch((ex.user_id for ex in examples),
+                             [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target], received_wall_s)
         stats.update(self.prequential.stats())
         stats.update(self.quality.stats())
         if self.transfer_scale is not None:
@@ -404,7 +416,7 @@ class OnlineTrainer:
             stats["drift_alarms_total"] = float(self.drift.alarms_total)
             stats["drift_alarms_active"] = float(self.drift.alarms_active())
         self.last_stats = stats
-        n_target = len(consumed)
+        n_target = sum(ex.domain == self.target for ex in examples)
         telemetry.record_step(stats, time.perf_counter() - start_s,
                               {self.source: len(examples) - n_target, self.target: n_target})
         self.publish_if_due()
@@ -425,15 +437,9 @@ class OnlineTrainer:
         if tuner is None:
             scores = self.learner.score_items(self.learner.embed_histories(histories))  # (B, N)
         else:  # own interests alone and with the whole transfer; the current scale lies between (linear)
-            model = self.learner.model
-            current = model.transfer_scale
-            try:
-                model.transfer_scale = (0.0, 0.0)
-                s0 = self.learner.score_items(self.learner.embed_histories(histories))  # (B, N)
-                model.transfer_scale = (1.0, 1.0)
-                s1 = self.learner.score_items(self.learner.embed_histories(histories))  # (B, N)
-            finally:
-                model.transfer_scale = current
+            current = self.learner.model.transfer_scale
+            q0, q1 = self.learner.embed_histories_at(histories, [(0.0, 0.0), (1.0, 1.0)])  # one encoder pass
+            s0, s1 = self.learner.score_items(q0), self.learner.score_items(q1)  # (B, N) each
             warm = [bool(h.get(self.target, EMPTY)[0]) for h in histories]
             scale = np.where(warm, current[0], current[1]).astype(np.float32)[:, None]  # (B, 1)
             scores = s0 + scale * (s1 - s0)
@@ -677,6 +683,7 @@ class OnlineTrainer:
         """The prequential figures of the model and every baseline (``StreamQuality.figures``), JSON-ready,
         with the ranker serving was last told to use."""
         out = self.quality.figures()
+        out["prequential_sample"] = self.prequential_sample  # the share of target events ranked
         out["served_by"] = self.served_by
         out["fused"] = None if self.fused is None or self.fused_live is None else {
             "weight": self.fused_live.weight, "weights": list(self.fused_live.weights),
@@ -718,4 +725,5 @@ class OnlineTrainer:
         out["step"] = float(self.learner.step)
         out["published_version"] = float(self.publisher.version)
         out["burn_in_events"] = float(self.burn_in_events)  # warm start: events the model had been trained on
+        out["prequential_sample"] = self.prequential_sample
         return out
