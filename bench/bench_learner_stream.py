@@ -89,7 +89,7 @@ def run_variant(name: str, overrides: dict[str, float], args: argparse.Namespace
         if len(poll) < args.poll_events and n < syn.events:
             continue
         start_s = time.perf_counter()
-        trainer.process(EventBatch.of(poll, 0, offset, "c0"))
+        trainer.process(EventBatch.of(poll, 0, offset, "c0"), behind=True)  # fed flat out: always a backlog
         if n > args.warmup_events:
             rates.append(len(poll) / (time.perf_counter() - start_s))
         offset += len(poll)

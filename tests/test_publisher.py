@@ -109,12 +109,13 @@ class _SlowLearner(_Learner):
         return super().embed_users(user_ids)
 
 
-def test_a_publish_budget_spaces_publishes_by_their_cost_and_changes_nothing_when_they_are_cheap(
+def test_a_publish_budget_spaces_publishes_by_their_cost_while_behind_and_changes_nothing_when_cheap(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
     monkeypatch.setattr("learner.online.publisher.time.monotonic", lambda: clock[0])
     learner = _SlowLearner(4, clock, cost_s=0.5)
     publisher, _ = _publisher(learner, every_steps=1, every_s=0.25, max_share=0.2)  # type: ignore[arg-type]
+    publisher.behind = True  # events wait for the learner
     publisher.publish(step=0)
     assert publisher.wait_s == pytest.approx(0.5 * (1 / 0.2 - 1))  # 2 s: publishing takes 20 % of the time
     publisher.touch(["u1"], [], ingest_wall_s=1.0)
@@ -125,7 +126,13 @@ def test_a_publish_budget_spaces_publishes_by_their_cost_and_changes_nothing_whe
     assert publisher.wait_s == pytest.approx(0.004)
     publisher.touch(["u1"], [], ingest_wall_s=2.0)
     assert not publisher.due(step=5, now_s=clock[0] + 0.2) and publisher.due(step=5, now_s=clock[0] + 0.25)
+    learner.cost_s = 0.5
+    publisher.publish(step=5)
+    assert not publisher.due(step=6, now_s=clock[0] + 1.0)  # behind: within the 2 s wait
+    publisher.behind = False  # caught up: every_steps and every_s alone decide
+    assert publisher.due(step=6, now_s=clock[0] + 0.01)
     unbounded, _ = _publisher(_SlowLearner(4, clock, cost_s=0.5), every_steps=1)
+    unbounded.behind = True
     unbounded.publish(step=0)
     assert unbounded.wait_s == 0.0 and unbounded.due(step=1, now_s=clock[0])  # max_share 1 (the default): no wait
     with pytest.raises(ValueError, match=r"max_share must be in \(0, 1\], got 0"):

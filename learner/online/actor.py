@@ -233,12 +233,14 @@ class LearnerWorker:
                 try:
                     batch = queue.get(timeout=poll_timeout_s)
                 except Empty:
+                    self.trainer.publisher.behind = False
                     self.trainer.publish_if_due()  # an idle stream still publishes its last steps
                     self._checkpointed(self.trainer.collect_checkpoint())
                     continue
                 dropped_before = self.trainer.redelivered_dropped
                 applied_before = self.trainer.events_applied
-                self.trainer.process(batch, received_wall_s=time.time())
+                # A backlog (another batch already queued): train first, publish within the budget.
+                self.trainer.process(batch, received_wall_s=time.time(), behind=queue.qsize() > 0)
                 dropped = self.trainer.redelivered_dropped - dropped_before
                 if dropped:
                     log.warning("dropped re-delivered events already trained consumer=%s events=%d",

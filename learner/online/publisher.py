@@ -109,11 +109,12 @@ class Publisher:
         touched re-published per publish, in turn (0: none). ``max_counted_items``: after each publish, only
         the most counted items keep their counts (ties: the first seen); the others are forgotten and count
         from zero if they come back. ``max_consumed_per_user``, ``max_users``: serving's bounds on its consumed
-        sets (``ServingSettings``), which the publisher's copy keeps too. ``max_share``: the most of the
-        learner's time publishing may take: after a publish that took c seconds the next one waits at least
-        c * (1 / max_share - 1) seconds, whatever ``every_steps`` and ``every_s`` say (1: no wait). A learner
-        that keeps up publishes as before (a publish costs a few ms); one far behind a backlog (long histories,
-        a large catalogue) trains instead of re-embedding the same users every step."""
+        sets (``ServingSettings``), which the publisher's copy keeps too. ``max_share``: while the learner is
+        ``behind`` (more events wait for it), the most of its time publishing may take: after a publish that
+        took c seconds the next one waits at least c * (1 / max_share - 1) seconds, whatever ``every_steps``
+        and ``every_s`` say (1: no wait). A learner that keeps up publishes on ``every_steps``/``every_s``
+        alone; one behind a backlog trains instead of re-embedding the same users (and making serving
+        re-index them) every step, and catches up sooner."""
         if not 0.0 < max_share <= 1.0:
             raise ValueError(f"max_share must be in (0, 1], got {max_share}")
         if every_steps < 1:
@@ -151,6 +152,7 @@ class Publisher:
         self._last_s = time.monotonic()
         self.max_share = max_share
         self.wait_s = 0.0  # after the last publish, from its cost and max_share
+        self.behind = False  # set by the trainer: more events were waiting when the current ones arrived
 
     def touch(self, user_ids: Iterable[str], consumed: Iterable[tuple[str, str]], ingest_wall_s: float) -> None:
         """Note users whose vectors changed, and (user, target item) pairs consumed since the last publish.
@@ -168,7 +170,7 @@ class Publisher:
         or users and consumed items recorded without one (a warm start's burn-in changes histories with no
         step, and those users must reach serving on time as well)."""
         now_s = time.monotonic() if now_s is None else now_s
-        if now_s - self._last_s < self.wait_s:
+        if self.behind and now_s - self._last_s < self.wait_s:
             return False
         pending = step > self._last_step or bool(self._touched or self._consumed)
         return step - self._last_step >= self.every_steps or (pending and now_s - self._last_s >= self.every_s)

@@ -186,7 +186,8 @@ class OnlineTrainer:
         ``prior_window``: target events over which the popularity prior's half-life is chosen online among
         all-time counts and the learner's ``SITNConfig.popularity_half_lives`` (``learner.online.prior_tuner``);
         0, or a learner without decayed counts or without a prior: it stays as it is.
-        ``publish_max_share``: the most of the learner's time publishing may take (``Publisher``'s ``max_share``).
+        ``publish_max_share``: the most of the learner's time publishing may take while it is behind
+        (``Publisher``'s ``max_share``; ``process(behind=...)``).
         ``prequential_sample``: the share of target events tested before training (``ranks_event``: the same
         events for every ranker, baseline, tuner and the gate, and on every run); 1 = all. Every event trains."""
         if not 0.0 < prequential_sample <= 1.0:
@@ -290,9 +291,12 @@ class OnlineTrainer:
                 self.prior_tuner.half_life = learner.popularity_half_life
 
     # -- the batch path ------------------------------------------------------------------------------
-    def process(self, batch: EventBatch, received_wall_s: float | None = None) -> list[dict[str, float]]:
-        """Train on every event of ``batch`` not trained yet; returns the statistics of each learner step."""
+    def process(self, batch: EventBatch, received_wall_s: float | None = None,
+                behind: bool = False) -> list[dict[str, float]]:
+        """Train on every event of ``batch`` not trained yet; returns the statistics of each learner step.
+        ``behind``: more events were waiting when this batch was taken (the publisher's budget then applies)."""
         received_wall_s = time.time() if received_wall_s is None else received_wall_s
+        self.publisher.behind = behind
         events, positions, letters = self._new_events(batch)
         self.last_trained_event_ids = [e.event_id for e in events]
         stats = []
