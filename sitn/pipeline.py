@@ -686,7 +686,8 @@ def _prequential_summary(quality: dict[str, Any]) -> dict[str, Any]:
     model = rankers["model"]
     return {
         "k": quality["k"],
-        "target_events": model["stream"]["events"],
+        "target_events": model["stream"]["events"],  # tested: with a sample below 1, that share of them
+        "prequential_sample": quality.get("prequential_sample", 1.0),
         "window_events": model["window"]["events"],
         "rankable_events": model["stream"]["rankable"],
         "rankable_ratio": {span: model[span]["rankable_ratio"] for span in ("stream", "window")},

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from learner.core.config import SITNConfig
+from learner.online.prequential import ranks_event
 from serving.settings import ServingSettings
 from sitn.pipeline import Pipeline
 from sitn.settings import RunSettings
@@ -138,6 +139,31 @@ def test_live_pipeline_serves_fresh_recommendations(pipeline: Pipeline, events: 
     after = [it["item_id"] for it in recommend(url, with_target)["items"]]
     assert after != before
     assert not set(before[:3]) & set(after)  # just consumed, so excluded now
+
+
+def test_a_sampled_prequential_and_a_publish_budget_still_train_and_serve_every_event(
+        tmp_path: Path, ray_cluster: Any, events: list[InteractionEvent]) -> None:
+    """The large-replay settings through the real pipeline, flat out (a backlog: the budget applies): every
+    event trains, only the hashed share of the book events is tested, and every user reaches serving."""
+    p = make_pipeline(tmp_path, None, {"publish_max_share": 0.2, "prequential_sample": 0.5})
+    p.start()
+    try:
+        p.start_replay(events)
+        wait_for(p.caught_up, DEADLINE_S, "every replayed event trained", p)
+        summary = p.write_summary(tmp_path / "summary.json", wall_time_s=1.0)
+        assert (summary["events_trained"], summary["dead_letters"], summary["restarts"]) == (N_EVENTS, 0, 0)
+        tested = [e for e in events if e.domain == "book" and ranks_event(e.event_id, 0.5)]
+        pq = summary["prequential"]
+        assert (pq["target_events"], pq["prequential_sample"]) == (len(tested), 0.5)
+        assert 0.3 * sum(e.domain == "book" for e in events) < len(tested) < 0.7 * sum(e.domain == "book" for e in events)
+        url = p.serving_url
+        assert url is not None
+        users = {e.user_id for e in events}
+        wait_for(lambda: p.status().get("users", 0) >= len(users), 60, "every user published", p)
+        last = events[-1].user_id
+        assert recommend(url, last)["served_by"] == "model"
+    finally:
+        p.stop()
 
 
 def test_learner_killed_mid_stream_recovers_without_loss(pipeline: Pipeline, events: list[InteractionEvent]) -> None:

@@ -239,8 +239,9 @@ class LearnerWorker:
                     continue
                 dropped_before = self.trainer.redelivered_dropped
                 applied_before = self.trainer.events_applied
-                # A backlog (another batch already queued): train first, publish within the budget.
-                self.trainer.process(batch, received_wall_s=time.time(), behind=queue.qsize() > 0)
+                # A backlog (another batch already queued): train first, publish within the budget (if any).
+                behind = self.trainer.publisher.max_share < 1.0 and queue.qsize() > 0
+                self.trainer.process(batch, received_wall_s=time.time(), behind=behind)
                 dropped = self.trainer.redelivered_dropped - dropped_before
                 if dropped:
                     log.warning("dropped re-delivered events already trained consumer=%s events=%d",
