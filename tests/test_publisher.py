@@ -3,12 +3,10 @@ refresh of users nobody touched (pure logic, a stand-in learner)."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
-from learner.online.publisher import CallableTransport, FanoutTransport, KafkaTransport, Publisher
+from learner.online.publisher import CallableTransport, Publisher
 from stream.events import EmbeddingBatch
 
 
@@ -139,56 +137,3 @@ def test_a_publish_budget_spaces_publishes_by_their_cost_while_behind_and_change
     assert unbounded.wait_s == 0.0 and unbounded.due(step=1, now_s=clock[0])  # max_share 1 (the default): no wait
     with pytest.raises(ValueError, match=r"max_share must be in \(0, 1\], got 0"):
         Publisher(_Learner(1), None, max_share=0)  # type: ignore[arg-type]
-
-
-class _Producer:
-    """kafka-python's KafkaProducer surface the transport uses; ``gate`` holds flush() until set, ``fail`` makes
-    the next flush raise."""
-
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-        self.acked: list[bytes] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.fail = False
-
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
-        self.records.append(key)
-
-    def flush(self) -> None:
-        assert self.gate.wait(10)
-        if self.fail:
-            self.fail = False
-            raise RuntimeError("broker unavailable")
-        self.acked = list(self.records)
-
-
-def _batch(version: int) -> EmbeddingBatch:
-    return EmbeddingBatch(version, False, [f"i{version}"], np.ones((1, 2), np.float32), [], np.zeros((0, 1, 2),
-                          np.float32), [], 0.0)
-
-
-def test_a_background_kafka_transport_sends_in_order_off_the_caller_and_drains_and_raises() -> None:
-    producer = _Producer()
-    transport = KafkaTransport(producer, "updates", background=True, max_pending=2)
-    producer.gate.clear()  # the broker is slow: send() must not wait for it
-    transport.send(_batch(1))
-    transport.send(_batch(2))
-    assert producer.acked == []
-    producer.gate.set()
-    transport.drain()  # every batch handed over is acknowledged, in publish order
-    assert producer.acked == [b"item:i1", b"version:1", b"item:i2", b"version:2"]
-    producer.fail = True
-    transport.send(_batch(3))
-    with pytest.raises(RuntimeError, match="broker unavailable"):
-        transport.drain()  # a failed send is raised on the caller's thread
-    transport.send(_batch(4))
-    transport.drain()
-    assert producer.acked[-2:] == [b"item:i4", b"version:4"]
-    fanout = FanoutTransport([CallableTransport(lambda b: None), transport])
-    fanout.send(_batch(5))
-    fanout.drain()  # the transports that send in the background drain; the others have nothing to wait for
-    assert producer.acked[-1] == b"version:5"
-    synchronous = KafkaTransport(_Producer(), "updates")
-    synchronous.send(_batch(1))
-    synchronous.drain()

@@ -109,12 +109,10 @@ class LearnerWorker:
         if kafka_updates is not None and kafka_updates.uses_kafka:
             from stream.producer import make_kafka_producer
 
-            transports.append(KafkaTransport(make_kafka_producer(kafka_updates), kafka_updates.topic_embedding_updates,
-                                             background=True))
-        self._transport = FanoutTransport(transports)
+            transports.append(KafkaTransport(make_kafka_producer(kafka_updates), kafka_updates.topic_embedding_updates))
         self.trainer = OnlineTrainer(
             SITNLearner(config, source, target),
-            self._transport,
+            FanoutTransport(transports),
             # A checkpoint trained with another config is refused (named in the log), not loaded silently.
             CheckpointStore(Path(checkpoint_dir), keep=checkpoint_keep, accept_fn=same_config(config.to_dict())),
             **trainer_options,
@@ -255,12 +253,10 @@ class LearnerWorker:
                     self._audit_write({"kind": "batch", "event_ids": trained})
                 self._checkpointed(self.trainer.collect_checkpoint())
                 if self.trainer.checkpoint_due():
-                    self._transport.drain()  # every version a checkpoint counts as published is on the updates topic
                     self._checkpointed(self.trainer.checkpoint(background=True))  # None: written in the background
                 trim_free_memory()  # the batch's freed buffers back to the OS (learner.online.allocator, issue 12)
             self._adopt_serving()
             self.trainer.publish(force_full=True)
-            self._transport.drain()
             self._checkpointed(self.trainer.collect_checkpoint(wait=True))
             self._checkpointed(self.trainer.checkpoint())
             return self.trainer.summary()

@@ -35,8 +35,6 @@ weight). Both ends apply it with ``serving.service.RecommendationService.apply``
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -66,42 +64,13 @@ class CallableTransport:
 
 class KafkaTransport:
     """Sends each batch's records to the (compacted, one-partition) updates topic, in order, and waits for
-    them; ``producer`` is a kafka-python KafkaProducer.
+    them; ``producer`` is a kafka-python KafkaProducer."""
 
-    With ``background`` the encoding, sending and waiting happen on a thread of their own, one batch at a
-    time in publish order, so the training step does not wait for them (on the shipped data set they were
-    about 15 % of the learner's time, more than its training steps). At most ``max_pending`` batches wait;
-    a further ``send`` blocks on the oldest. A failed send is raised by the next ``send`` or ``drain``;
-    ``drain()`` returns once every batch handed over is acknowledged (the learner drains before each
-    checkpoint, so a checkpointed version is on the topic)."""
-
-    def __init__(self, producer: Any, topic: str, background: bool = False, max_pending: int = 4) -> None:
+    def __init__(self, producer: Any, topic: str) -> None:
         self._producer = producer
         self._topic = topic
-        self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-updates")
-                          if background else None)
-        self._pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
-        self.max_pending = max_pending
 
     def send(self, batch: EmbeddingBatch) -> None:
-        if self._executor is None:
-            self._send_now(batch)
-            return
-        self._collect(wait_for=len(self._pending) - self.max_pending + 1)
-        self._pending.append(self._executor.submit(self._send_now, batch))
-
-    def drain(self) -> None:
-        """Wait until every batch handed over is acknowledged; raise the first failure."""
-        self._collect(wait_for=len(self._pending))
-
-    def _collect(self, wait_for: int) -> None:
-        """Wait for the ``wait_for`` oldest sends, drop every finished one, raise the first failure."""
-        for _ in range(max(0, wait_for)):
-            self._pending.popleft().result()
-        while self._pending and self._pending[0].done():
-            self._pending.popleft().result()
-
-    def _send_now(self, batch: EmbeddingBatch) -> None:
         for key, value in encode_batch(batch):
             self._producer.send(self._topic, key=key, value=value)
         self._producer.flush()
@@ -116,13 +85,6 @@ class FanoutTransport:
     def send(self, batch: EmbeddingBatch) -> None:
         for transport in self.transports:
             transport.send(batch)
-
-    def drain(self) -> None:
-        """Wait for every transport that sends in the background (``drain``) to finish what it was handed."""
-        for transport in self.transports:
-            drain = getattr(transport, "drain", None)
-            if drain is not None:
-                drain()
 
 
 class Publisher:
