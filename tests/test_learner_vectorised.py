@@ -81,7 +81,7 @@ def test_dropout_drops_each_entry_with_probability_p_and_keeps_the_expectation(p
     mask = dropout_scale((4, 250_001), p)  # an odd size: the last 64-bit draw is only partly used
     kept = mask > 0
     share_kept = float(kept.float().mean())
-    # binomial standard error over 1,000,004 entries; 5 of them: this fails by chance about once in 3.5 million
+    # within 5 binomial standard errors of 1 - p over the 1,000,004 entries (seeded, so the same draws each run)
     assert abs(share_kept - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5
     assert torch.equal(torch.unique(mask[kept]), torch.tensor([float(mask.max())]))  # one scale for all kept
     assert abs(float(mask.max()) * (1 - p) - 1) < 1e-4  # p quantised to 1/65,536

@@ -371,8 +371,10 @@ class OnlineTrainer:
 
     def _step(self, examples: list[Any], received_wall_s: float) -> dict[str, float]:
         start_s = time.perf_counter()
+        is_target = [ex.domain == self.target for ex in examples]
         # Every ranker (served, live, fused, baselines, tuners, gate) tests the same sampled target events.
-        ranked = [ex.domain == self.target and ranks_event(ex.event_id, self.prequential_sample) for ex in examples]
+        ranked = [t and ranks_event(ex.event_id, self.prequential_sample) for ex, t in zip(examples, is_target,
+                                                                                             strict=True)]
         targets = [ex for ex, r in zip(examples, ranked, strict=True) if r]
         consumed = [(ex.user_id, ex.item_id) for ex in targets]
         before = [consumed_items(ex, self.target) for ex in targets]  # excluded from the candidates
@@ -398,8 +400,9 @@ class OnlineTrainer:
         if self.gate is not None and consumed:
             self._shadow_rank(consumed, served_ranks, live_ranks)  # ... served vs what would be published ...
         stats = dict(self.learner.learn_many(examples))  # ... then train
-        self.publisher.touch((ex.user_id for ex in examples),
-                             [(ex.user_id, ex.item_id) for ex in examples if ex.domain == self.target], received_wall_s)
+        self.publisher.touch((ex.user_id for ex in examples),  # every consumed book reaches serving, tested or not
+                             [(ex.user_id, ex.item_id) for ex, t in zip(examples, is_target, strict=True) if t],
+                             received_wall_s)
         stats.update(self.prequential.stats())
         stats.update(self.quality.stats())
         if self.transfer_scale is not None:
@@ -420,7 +423,7 @@ class OnlineTrainer:
             stats["drift_alarms_total"] = float(self.drift.alarms_total)
             stats["drift_alarms_active"] = float(self.drift.alarms_active())
         self.last_stats = stats
-        n_target = sum(ex.domain == self.target for ex in examples)
+        n_target = sum(is_target)
         telemetry.record_step(stats, time.perf_counter() - start_s,
                               {self.source: len(examples) - n_target, self.target: n_target})
         self.publish_if_due()
