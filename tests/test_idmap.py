@@ -101,3 +101,27 @@ def test_lazy_adam_matches_sparse_adam_and_survives_growth() -> None:
     grow_parameter(ours, "weight", 12, 0.1, [opt_ours])
     sparse_step(ours, opt_ours, [11, 1])
     assert opt_ours.state[ours.weight]["step"] == len(steps) + 1
+
+
+def test_lazy_adam_skip_zero_rows_leaves_a_row_with_zero_gradient_alone() -> None:
+    from learner.core.optim import LazyAdam
+
+    def run(skip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        table = Table(4)
+        torch.nn.init.zeros_(table.weight)
+        opt = LazyAdam([table.weight], lr=0.1, skip_zero_rows=skip)
+        for rows, weights in (([1, 2], [1.0, 1.0]), ([1, 2], [1.0, 0.0])):  # row 2: a gradient, then a zero one
+            opt.zero_grad()
+            looked_up = F.embedding(torch.tensor(rows), table.weight, sparse=True)  # (2, D)
+            (looked_up * torch.tensor(weights).view(-1, 1)).sum().backward()
+            opt.step()
+        return table.weight.detach().clone(), opt.state[table.weight]["exp_avg"].clone()
+
+    moved, moments = run(skip=False)
+    kept, kept_moments = run(skip=True)
+    torch.testing.assert_close(kept[1], moved[1])  # a row with a gradient moves the same either way
+    # without the skip, row 2 moved a second time on its momentum alone (-0.1, then -0.067 more)
+    assert float(moved[2, 0]) < -0.15 and float(kept[2, 0]) == pytest.approx(-0.1, abs=1e-6)
+    torch.testing.assert_close(kept_moments[2], torch.full_like(kept_moments[2], 0.1))  # moments not decayed
+    assert float(moments[2, 0]) == pytest.approx(0.09, abs=1e-6)
+    assert not kept[[0, 3]].any()  # rows never looked up stay where they were

@@ -156,6 +156,10 @@ class SITNConfig:
     lr: float = 2e-3  # AdamW (dense parameters) and lazy Adam (item tables) learning rate
     weight_decay: float = 1e-4  # AdamW weight decay on dense parameters
     item_weight_decay: float = 0.0  # decoupled weight decay on the item-table rows a step touches (lazy)
+    item_skip_zero_grad: bool = False  # the item tables' lazy Adam leaves a row whose gradient is exactly zero
+    #                                   alone (looked up, nothing downstream needed it: a history token dropped
+    #                                   out, an other-domain history read detached) instead of moving it on its
+    #                                   old momentum (learner.core.optim.LazyAdam.skip_zero_rows)
     init_new_items_from_history: bool = True  # a new item row starts at the mean of the rows of the same
     #                                           domain's items in the history it first arrives with (the items
     #                                           it co-occurs with), not at random

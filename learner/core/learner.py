@@ -87,7 +87,7 @@ class SITNLearner:
         )
         self._sparse_opt = LazyAdam(
             [self.model.encoder(role).item_weight for role in self.domains], lr=config.lr,
-            weight_decay=config.item_weight_decay,
+            weight_decay=config.item_weight_decay, skip_zero_rows=config.item_skip_zero_grad,
         )
         self.prototypes = (
             StreamingPrototypes(

@@ -35,12 +35,18 @@ class LazyAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        skip_zero_rows: bool = False,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        # True: a row whose gradient is exactly zero (looked up, but nothing downstream needed it: a dropped
+        # history token, a detached path) is not touched, so it neither decays its moments nor keeps moving on
+        # its old momentum. For a rarely updated row Adam's m / sqrt(v) is about (1 - beta1) / sqrt(1 - beta2)
+        # = 3.2 after one gradient, so every such zero touch moved it by about 3 x lr along that gradient.
+        self.skip_zero_rows = skip_zero_rows
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -54,6 +60,9 @@ class LazyAdam(torch.optim.Optimizer):
                 grad = p.grad.coalesce()
                 rows = grad.indices()[0]  # (R,) unique touched rows
                 values = grad.values()  # (R, D)
+                if self.skip_zero_rows:
+                    moved = values.ne(0).any(dim=1)  # (R,)
+                    rows, values = rows[moved], values[moved]
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
