@@ -296,6 +296,36 @@ def test_new_item_rows_start_at_the_mean_of_their_history_items(examples: list[E
     torch.testing.assert_close(enc.item_weight[row].detach(), expected)
 
 
+def test_init_history_items_starts_a_row_first_seen_in_a_history_at_that_history_s_mean(
+    examples: list[Example],
+) -> None:
+    from learner.core.batch import build_training_batch
+
+    for init_history_items in (True, False):
+        learner = SITNLearner(SMALL.replace(source_dropout=0.0, init_history_items=init_history_items), "movie", "book")
+        train(learner, examples[:128])
+        enc = learner.model.encoder("target")
+        user_history = next(ex.history for ex in examples[128:] if len(ex.history["book"][0]) >= 2)
+        items, times = user_history["book"]
+        old_rows = torch.from_numpy(learner.idmaps["target"].rows(items))
+        assert (old_rows > 0).all()
+        expected = enc.item_weight[old_rows].detach().mean(dim=0)
+        # a movie event whose book history holds a book never seen before (and the history's older books)
+        history = {"movie": user_history["movie"], "book": ((*items, "first-met-in-a-history"), (*times, times[-1]))}
+        movie = next(ex.item_id for ex in examples[:128] if ex.domain == "movie")
+        new = Example("x1", "someone", "movie", movie, 10**9, history)
+        known = {role: len(m) for role, m in learner.idmaps.items()}
+        tb = build_training_batch([new], learner.domains, learner.idmaps, SMALL.max_len, SMALL.n_time_gap_buckets)
+        learner._ensure_capacity()
+        learner._init_new_rows(tb, known)
+        row = int(learner.idmaps["target"].rows(["first-met-in-a-history"])[0])
+        assert row > known["target"]
+        if init_history_items:
+            torch.testing.assert_close(enc.item_weight[row].detach(), expected)
+        else:  # the row keeps its random start
+            assert not torch.allclose(enc.item_weight[row].detach(), expected)
+
+
 def test_transfer_gate_starts_closed() -> None:
     learner = SITNLearner(SMALL.replace(gate_init_bias=-4.0), "movie", "book")
     gate = learner.model.transfer["target"].gate

@@ -163,6 +163,9 @@ class SITNConfig:
     init_new_items_from_history: bool = True  # a new item row starts at the mean of the rows of the same
     #                                           domain's items in the history it first arrives with (the items
     #                                           it co-occurs with), not at random
+    init_history_items: bool = False  # also a new row first seen in a history (not as a label) starts at the mean
+    #                                   of that history's older rows (offline epochs are shuffled: about half the
+    #                                   books of Movie->Book are first met in another example's history)
     logq_half_life_events: int = 0  # 0: the logQ correction's label frequencies are cumulative counts (offline
     #                                 training shuffles, so every batch draws from the whole label distribution);
     #                                 > 0: exponentially decayed counts with this half-life in the domain's fresh

@@ -285,6 +285,8 @@ class SITNLearner:
             first = known_rows[role] + 1  # rows >= first were added by this batch
             seq = tb.sequences[role]
             old = seq.valid & (seq.items < first)  # (B, L) history items with trained rows
+            if self.config.init_history_items:
+                self._init_history_rows(role, seq.items, seq.valid & (seq.items >= first), old)
             take = (tb.label_rows >= first) & (tb.event_role == idx) & old.any(dim=1)  # (B,)
             if not bool(take.any()):
                 continue
@@ -300,6 +302,28 @@ class SITNLearner:
                 history = history * mask.unsqueeze(-1).to(history.dtype)
                 means = history.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(history.dtype)  # (n, D)
                 weight.index_copy_(0, tb.label_rows[examples], means)
+
+    def _init_history_rows(self, role: str, items: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> None:
+        """Start each row first seen in a history (``new`` (B, L): the slots holding rows this batch added) at
+        the mean of the older rows of that history (``old`` (B, L)), the last such history if several; a row
+        that is also a new label in the batch is set again from its example afterwards (``_init_new_rows``).
+        Offline epochs are shuffled, so a book first met in another example's history, before its own event,
+        would otherwise keep a random row, and one labelled once learns from a single example."""
+        take = new & old.any(dim=1, keepdim=True)  # (B, L)
+        if not bool(take.any()):
+            return
+        examples, slots = take.nonzero(as_tuple=True)  # (n,) each
+        rows = items[examples, slots].numpy()  # (n,)
+        _, last_from_end = np.unique(rows[::-1], return_index=True)
+        keep = torch.from_numpy(np.sort(len(rows) - 1 - last_from_end))  # the last occurrence of each row
+        examples = examples[keep]
+        weight = self.model.encoder(role).item_weight
+        with torch.no_grad():
+            mask = old[examples]  # (m, L)
+            history = weight.index_select(0, items[examples].reshape(-1)).view(*mask.shape, -1)  # (m, L, D)
+            history = history * mask.unsqueeze(-1).to(history.dtype)
+            means = history.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(history.dtype)  # (m, D)
+            weight.index_copy_(0, items[examples, slots[keep]], means)
 
     def _drop_other_history(self, tb: TrainingBatch) -> None:
         """Blank the other domain's history of a random ``source_dropout`` share of the examples and the
