@@ -262,6 +262,9 @@ def main() -> None:
         streaming_known_at_end = len(served.ids)
         status = pipeline.status()
         summary = pipeline.finish_training()
+        # the prequential figures of every ranker on the same tested events (model, fused, the baselines), as
+        # summary.json has them: a model figure means something only beside its baselines
+        prequential = pipeline.summary(time.monotonic() - t0).get("prequential") or {}
         pipeline.learner = None
         # Idle means idle: wait until serving has applied the last (full) publish and nothing more arrives.
         applied = -1.0
@@ -291,7 +294,8 @@ def main() -> None:
                       "ranker_at_end": final.get("served_by")},
         "quality": {"prequential_hr_at_10": status.get("prequential_hr_at_10", float("nan")),
                     "prequential_ndcg_at_10": status.get("prequential_ndcg_at_10", float("nan")),
-                    **{f"final_{name}": summary.get(name, float("nan")) for name in ("loss_main", "loss_i2i", "loss_i2c")}},
+                    **{f"final_{name}": summary.get(name, float("nan")) for name in ("loss_main", "loss_i2i", "loss_i2c")},
+                    "prequential": prequential},
     }
     print(f"  trained {figures['events']} events in {trained_s:.1f} s: {figures['events_per_s']:,.0f} events/s end to "
           f"end (replay {figures['replay_events_per_s']:,.0f}/s, steps={figures['steps']}, restarts={figures['restarts']})")
@@ -307,9 +311,44 @@ def main() -> None:
     q = figures["quality"]
     print(f"  quality: prequential HR@10={q['prequential_hr_at_10']:.4f} NDCG@10={q['prequential_ndcg_at_10']:.4f}"
           f"  final loss main={q['final_loss_main']:.3f} i2i={q['final_loss_i2i']:.3f} i2c={q['final_loss_i2c']:.3f}")
+    for line in prequential_lines(prequential):
+        print(line)
     if args.json is not None:
         record.write(args.json, figures)
         print(f"wrote {args.json}")
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}x"
+
+
+def prequential_lines(prequential: dict[str, Any]) -> list[str]:
+    """NDCG@10 of every ranker over the whole stream and the last window (all tested book events, and the
+    rankable ones), with the rankable fraction and each learnt ranker's lift over the best baseline.
+
+    >>> figures = {"ndcg": 0.02, "ndcg_rankable": 0.04, "hr": 0.1, "hr_rankable": 0.2}
+    >>> lines = prequential_lines({"target_events": 10, "prequential_sample": 1.0, "rankable_ratio": {"stream": 0.5,
+    ...     "window": 0.5}, "rankers": {"model": {"stream": figures, "window": figures}}, "best_baseline": "model",
+    ...     "lift": 1.0, "lift_window": 1.0})
+    >>> lines[1].split()
+    ['model', 'stream', '0.0200', '0.0400', 'window', '0.0200', '0.0400']
+    >>> lines[-1]
+    '  over the best baseline (model), whole stream / last window: model 1.000x / 1.000x'
+    """
+    if not prequential.get("rankers"):
+        return ["  prequential: no figures (the learner reported none)"]
+    ratio = prequential["rankable_ratio"]
+    lines = [f"  prequential NDCG@10 over {prequential['target_events']:,} tested book events (sample "
+             f"{prequential['prequential_sample']:g}; rankable {ratio['stream']:.1%} whole stream, {ratio['window']:.1%} "
+             f"last window), all / rankable:"]
+    for name, spans in prequential["rankers"].items():
+        lines.append(f"    {name:<20} stream {spans['stream']['ndcg']:.4f} {spans['stream']['ndcg_rankable']:.4f}   "
+                     f"window {spans['window']['ndcg']:.4f} {spans['window']['ndcg_rankable']:.4f}")
+    lifts = prequential.get("lifts") or {"model": {"stream": prequential.get("lift"),
+                                                   "window": prequential.get("lift_window")}}
+    lines.append(f"  over the best baseline ({prequential['best_baseline']}), whole stream / last window: " + "; ".join(
+        f"{name} {_ratio(spans.get('stream'))} / {_ratio(spans.get('window'))}" for name, spans in lifts.items()))
+    return lines
 
 
 if __name__ == "__main__":
