@@ -329,7 +329,7 @@ def prequential_lines(prequential: dict[str, Any]) -> list[str]:
     >>> figures = {"ndcg": 0.02, "ndcg_rankable": 0.04, "hr": 0.1, "hr_rankable": 0.2}
     >>> lines = prequential_lines({"target_events": 10, "prequential_sample": 1.0, "rankable_ratio": {"stream": 0.5,
     ...     "window": 0.5}, "rankers": {"model": {"stream": figures, "window": figures}}, "best_baseline": "model",
-    ...     "lift": 1.0, "lift_window": 1.0})
+    ...     "lifts": {"model": {"stream": 1.0, "window": 1.0}}})
     >>> lines[1].split()
     ['model', 'stream', '0.0200', '0.0400', 'window', '0.0200', '0.0400']
     >>> lines[-1]
@@ -344,10 +344,8 @@ def prequential_lines(prequential: dict[str, Any]) -> list[str]:
     for name, spans in prequential["rankers"].items():
         lines.append(f"    {name:<20} stream {spans['stream']['ndcg']:.4f} {spans['stream']['ndcg_rankable']:.4f}   "
                      f"window {spans['window']['ndcg']:.4f} {spans['window']['ndcg_rankable']:.4f}")
-    lifts = prequential.get("lifts") or {"model": {"stream": prequential.get("lift"),
-                                                   "window": prequential.get("lift_window")}}
     lines.append(f"  over the best baseline ({prequential['best_baseline']}), whole stream / last window: " + "; ".join(
-        f"{name} {_ratio(spans.get('stream'))} / {_ratio(spans.get('window'))}" for name, spans in lifts.items()))
+        f"{name} {_ratio(spans['stream'])} / {_ratio(spans['window'])}" for name, spans in prequential["lifts"].items()))
     return lines
 
 

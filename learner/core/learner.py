@@ -296,12 +296,7 @@ class SITNLearner:
             examples = examples[torch.from_numpy(np.sort(len(labels) - 1 - last_from_end))]  # last per label
             weight = self.model.encoder(role).item_weight
             with torch.no_grad():
-                mask = old[examples]  # (n, L)
-                rows = seq.items[examples]  # (n, L)
-                history = weight.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # (n, L, D)
-                history = history * mask.unsqueeze(-1).to(history.dtype)
-                means = history.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(history.dtype)  # (n, D)
-                weight.index_copy_(0, tb.label_rows[examples], means)
+                weight.index_copy_(0, tb.label_rows[examples], _history_means(weight, seq.items[examples], old[examples]))
 
     def _init_history_rows(self, role: str, items: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> None:
         """Start each row first seen in a history (``new`` (B, L): the slots holding rows this batch added) at
@@ -319,11 +314,7 @@ class SITNLearner:
         examples = examples[keep]
         weight = self.model.encoder(role).item_weight
         with torch.no_grad():
-            mask = old[examples]  # (m, L)
-            history = weight.index_select(0, items[examples].reshape(-1)).view(*mask.shape, -1)  # (m, L, D)
-            history = history * mask.unsqueeze(-1).to(history.dtype)
-            means = history.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(history.dtype)  # (m, D)
-            weight.index_copy_(0, items[examples, slots[keep]], means)
+            weight.index_copy_(0, items[examples, slots[keep]], _history_means(weight, items[examples], old[examples]))
 
     def _drop_other_history(self, tb: TrainingBatch) -> None:
         """Blank the other domain's history of a random ``source_dropout`` share of the examples and the
@@ -637,3 +628,11 @@ class SITNLearner:
         learner = cls.from_state_dict(load_checkpoint(path))
         log.info("loaded checkpoint path=%s step=%d", path, learner.step)
         return learner
+
+
+def _history_means(weight: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(n, D)`` mean of ``weight``'s rows ``rows`` (n, L) where ``mask`` (n, L) holds, each row of ``mask``
+    with at least one True (the starting vector of a new item row: the items it was met with)."""
+    history = weight.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # (n, L, D)
+    history = history * mask.unsqueeze(-1).to(history.dtype)
+    return history.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(history.dtype)

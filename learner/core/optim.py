@@ -44,8 +44,9 @@ class LazyAdam(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         # True: a row whose gradient is exactly zero (looked up, but nothing downstream needed it: a dropped
         # history token, a detached path) is not touched, so it neither decays its moments nor keeps moving on
-        # its old momentum. For a rarely updated row Adam's m / sqrt(v) is about (1 - beta1) / sqrt(1 - beta2)
-        # = 3.2 after one gradient, so every such zero touch moved it by about 3 x lr along that gradient.
+        # its old momentum. After a single gradient g on a fresh row, a zero touch leaves m / sqrt(v) =
+        # 0.9 * 0.1 g / sqrt(0.999 * 0.001 g^2) = 2.85 (default betas), so once the bias corrections are near 1
+        # it moves the row by about 2.85 x lr along g, and by beta1 times that at each further zero touch.
         self.skip_zero_rows = skip_zero_rows
 
     @torch.no_grad()
