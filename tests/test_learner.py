@@ -406,6 +406,14 @@ def test_checkpoints_without_item_bias_keep_it_off() -> None:
     assert SITNConfig.from_dict(SMALL.to_dict()).item_bias is True
 
 
+def test_checkpoints_without_init_history_items_keep_it_off() -> None:
+    assert SITNConfig().init_history_items is True  # the default since it closed most of the long-tail gap
+    values = SMALL.to_dict()
+    del values["init_history_items"]
+    assert SITNConfig.from_dict(values).init_history_items is False
+    assert SITNConfig.from_dict(SMALL.replace(init_history_items=True).to_dict()).init_history_items is True
+
+
 def test_transfer_map_without_bias_maps_an_empty_history_to_nothing(examples: list[Example]) -> None:
     # transfer_map_bias=False: the target query of a user with no history at all is 0 (bar the item-bias
     # coordinate), so items rank by their bias alone; with the bias the query carries the gated offset.

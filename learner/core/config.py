@@ -163,9 +163,10 @@ class SITNConfig:
     init_new_items_from_history: bool = True  # a new item row starts at the mean of the rows of the same
     #                                           domain's items in the history it first arrives with (the items
     #                                           it co-occurs with), not at random
-    init_history_items: bool = False  # also a new row first seen in a history (not as a label) starts at the mean
-    #                                   of that history's older rows (offline epochs are shuffled: about half the
-    #                                   books of Movie->Book are first met in another example's history)
+    init_history_items: bool = True  # also a new row first seen in a history (not as a label) starts at the mean
+    #                                  of that history's older rows (offline epochs are shuffled: about half the
+    #                                  books of Movie->Book are first met in another example's history, and a
+    #                                  random start there cost the long tail: README, offline results)
     logq_half_life_events: int = 0  # 0: the logQ correction's label frequencies are cumulative counts (offline
     #                                 training shuffles, so every batch draws from the whole label distribution);
     #                                 > 0: exponentially decayed counts with this half-life in the domain's fresh
@@ -245,7 +246,7 @@ class SITNConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a checkpoint from another version). A
         missing ``item_bias`` means False (checkpoints older than that field were trained without it), a missing
         ``transfer_map_bias`` True (older checkpoints have the map's bias), a missing ``transfer_residual`` False and
-        ``contrastive_target_grad`` True (how older checkpoints were trained)."""
+        ``contrastive_target_grad`` True and ``init_history_items`` False (how older checkpoints were trained)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -256,6 +257,7 @@ class SITNConfig:
         values.setdefault("transfer_residual", False)  # ones written before these switches existed train on as
         values.setdefault("contrastive_target_grad", True)  # they were trained
         values.setdefault("popularity_prior", 0.0)  # and ranked (no prior at inference)
+        values.setdefault("init_history_items", False)
         for name in ("cluster_counts", "popularity_half_lives"):
             if name in values:
                 values[name] = tuple(values[name])
