@@ -36,6 +36,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from learner.core.config import SITNConfig
 from stream.cooccurrence import DEFAULT_MAX_NEIGHBOURS
 
+# RunSettings field -> the SITNConfig field it sets (RunSettings.sitn_config; sitn.run_config keeps a run's).
+LEARNER_FIELDS = {
+    "learner_dim": "dim", "learner_views": "n_views", "learner_max_len": "max_len",
+    "learner_replay_buffer_size": "replay_buffer_size", "learner_replay_ratio": "replay_ratio", "learner_lr": "lr",
+    "learner_popularity_prior": "popularity_prior", "learner_popularity_half_lives": "popularity_half_lives",
+}
+
 
 class RunSettings(BaseSettings):
     """The live pipeline: what to replay, how fast, where state goes, how the cluster is reached."""
@@ -140,10 +147,9 @@ class RunSettings(BaseSettings):
 
     def sitn_config(self) -> SITNConfig:
         """The stream learner's model settings: SITNConfig's defaults with this run's shape and stream training."""
-        return SITNConfig(dim=self.learner_dim, n_views=self.learner_views, max_len=self.learner_max_len,
-                          replay_buffer_size=self.learner_replay_buffer_size, replay_ratio=self.learner_replay_ratio,
-                          lr=self.learner_lr, popularity_prior=self.learner_popularity_prior,
-                          popularity_half_lives=tuple(self.learner_popularity_half_lives))
+        values = {name: getattr(self, field) for field, name in LEARNER_FIELDS.items()}
+        values["popularity_half_lives"] = tuple(values["popularity_half_lives"])
+        return SITNConfig(**values)
     status_every_s: float = Field(1.0, gt=0, description="progress display refresh period")
     max_lag_events: int | None = Field(
         None, ge=1, description="replay backpressure: wait while the consumer group's lag is above this "

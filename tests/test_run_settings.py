@@ -79,3 +79,58 @@ def test_cooccurrence_cap_reaches_the_learners_shadow_and_serving(monkeypatch: p
     learner = SITNLearner(SITNConfig(dim=8, max_len=5), "movie", "book")
     trainer = OnlineTrainer(learner, CallableTransport(lambda batch: None), None, cooc_max_neighbours=7)
     assert trainer.shadow.cooc.max_neighbours == 7
+
+
+def test_a_resumed_run_keeps_the_learner_settings_it_was_started_with(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from sitn.run_config import CONFIG_FILE
+
+    first = started_config(monkeypatch, ["--run-dir", str(tmp_path)])["config"]
+    stored = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert stored == first.to_dict()
+    # the run was started by older code whose defaults differ (a switch off, another width): a later start
+    # with no flags resumes it as it was trained instead of refusing its checkpoints
+    stored.update(init_history_items=not first.init_history_items, dim=32)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(stored))
+    capsys.readouterr()
+    started = started_config(monkeypatch, ["--run-dir", str(tmp_path)])
+    assert started["config"].init_history_items is (not first.init_history_items)
+    assert started["config"].dim == 32 and started["serving"].dim == 32  # serving's width follows the run's
+    told = capsys.readouterr().err
+    assert "keeps the learner settings it was started with" in " ".join(told.split())
+    assert "init_history_items" in told and "dim 32" in told
+
+
+def test_a_resumed_run_refuses_a_learner_flag_it_was_not_started_with(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sitn.commands.run as run_command
+
+    started_config(monkeypatch, ["--run-dir", str(tmp_path)])
+    monkeypatch.setattr(run_command, "run_pipeline", lambda *a, **k: pytest.fail("started with the wrong settings"))
+    args = build_parser().parse_args(["run", "--run-dir", str(tmp_path), "--learner-dim", "32"])
+    capsys.readouterr()
+    assert args.func(args) == 1
+    told = " ".join(capsys.readouterr().err.split())
+    assert "not started" in told and "dim 32 asked, 64 in the run" in told
+    monkeypatch.setenv("SITN_RUN_LEARNER_LR", "0.5")  # the environment asks as explicitly as a flag
+    args = build_parser().parse_args(["run", "--run-dir", str(tmp_path)])
+    assert args.func(args) == 1
+    assert "lr 0.5 asked, 0.008 in the run" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_run_directory_from_before_the_config_file_takes_its_checkpoints_config(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from learner.core.config import SITNConfig
+    from learner.core.learner import SITNLearner
+    from learner.online.checkpoint_store import CheckpointStore
+    from sitn.run_config import CONFIG_FILE
+
+    trained = SITNConfig(dim=16, max_len=8, init_history_items=False, initial_item_capacity=16)
+    CheckpointStore(tmp_path / "checkpoints").save(SITNLearner(trained, "movie", "book"), 7, {})
+    started = started_config(monkeypatch, ["--run-dir", str(tmp_path)])
+    config = started["config"]
+    assert (config.dim, config.max_len, config.init_history_items) == (16, 8, False)
+    assert config.lr == trained.lr and started["serving"].dim == 16
+    assert (tmp_path / CONFIG_FILE).is_file()  # read once; later starts read the file

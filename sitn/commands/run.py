@@ -21,14 +21,18 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import signal
+import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sitn.cli_settings import SettingsFlags
+from sitn.run_config import RunConfigConflict, resume_learner_config
 from stream.replay_journal import ReplayJournal, ReplayPlan, ReplayRefused, ReplaySource
 
 if TYPE_CHECKING:
@@ -84,6 +88,24 @@ def _telemetry_flags() -> SettingsFlags:
     return SettingsFlags(TelemetrySettings, ("prometheus_url",))
 
 
+def _explicit_learner_fields(run: Any, run_flags: SettingsFlags, args: argparse.Namespace,
+                             environ: Mapping[str, str] | None = None) -> set[str]:
+    """SITNConfig fields this start sets on purpose: a ``--learner-*`` flag or its variable, serving's
+    ``SITN_SERVING_MAX_USERS``; every field with a warm start (its model decides them)."""
+    from learner.core.config import SITNConfig
+    from sitn.settings import LEARNER_FIELDS
+
+    if run.warm_start is not None:
+        return {f.name for f in dataclasses.fields(SITNConfig)}
+    environ = os.environ if environ is None else environ
+    present = {key.upper() for key in environ}
+    given = run_flags.given(args)
+    explicit = {name for field, name in LEARNER_FIELDS.items() if field in given or run_flags.env_var(field) in present}
+    if "SITN_SERVING_MAX_USERS" in present:
+        explicit.add("max_users")
+    return explicit
+
+
 def main(args: argparse.Namespace) -> int:
     from learner.online.drift import DriftSettings
 
@@ -105,6 +127,15 @@ def main(args: argparse.Namespace) -> int:
     # Derived from their owners (sitn.settings): serving's width is the model's, a warm start's included.
     serving = serving_flags.build(args, dim=config.dim, cooc_max_neighbours=run.cooc_max_neighbours)
     config = dataclasses.replace(config, max_users=serving.max_users)  # the learner keeps the users serving keeps
+    try:  # a resumed run keeps the learner settings its checkpoints were trained with (sitn.run_config)
+        resumed = resume_learner_config(run_dir, config, _explicit_learner_fields(run, run_flags, args))
+    except RunConfigConflict as exc:
+        print(f"sitn run: not started: {exc}", file=sys.stderr)
+        return 1
+    if resumed.kept:
+        print(f"sitn run: {resumed.message(run_dir)}", file=sys.stderr)
+    config = resumed.config
+    serving = serving.model_copy(update={"dim": config.dim, "max_users": config.max_users})
     telemetry = _telemetry_flags().build(args)  # --prometheus-url; the rest from the environment (SITN_METRICS_*)
     drift = DriftSettings()  # environment only (SITN_DRIFT_*), read here in the driver
     log.info("settings run=%r", run)
