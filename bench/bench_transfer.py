@@ -21,24 +21,23 @@ mean ± sample std over seeds, next to the training time per run.
 
 ``tests/test_transfer_synthetic.py`` runs the same code (``run_strength``) at a small size.
 
-Measured at the defaults (code of commit 2c59133: the popularity prior, SITN mini-batches of 128 target
-examples; each strength in its own process beside two offline evaluations on the 2 shared cores, about 1,580 s
-each), full-ranking NDCG@10, mean ± sample std over seeds 0-2:
+Measured at the defaults (code of commit 4afd19c: the popularity prior, SITN mini-batches of 128 target
+examples, ``init_history_items``; all strengths in one process, 293 s, beside a long ``sitn run`` on the other
+of the 2 cores, 2026-12-08), full-ranking NDCG@10, mean ± sample std over seeds 0-2:
 
 | strength | SITN overlap | single-domain | item-kNN t+s | SITN cold-start | popularity |
 | --- | --- | --- | --- | --- | --- |
-| 0 | 0.0765 ± 0.0152 | 0.0873 ± 0.0041 | 0.0693 ± 0.0047 | 0.0384 ± 0.0050 | 0.0366 ± 0.0066 |
-| 0.5 | 0.0919 ± 0.0136 | 0.0934 ± 0.0100 | 0.1230 ± 0.0063 | 0.0675 ± 0.0080 | 0.0344 ± 0.0005 |
-| 1 | 0.1615 ± 0.0125 | 0.0887 ± 0.0071 | 0.2212 ± 0.0052 | 0.1687 ± 0.0101 | 0.0353 ± 0.0050 |
+| 0 | 0.0953 ± 0.0113 | 0.0998 ± 0.0122 | 0.0693 ± 0.0047 | 0.0380 ± 0.0053 | 0.0366 ± 0.0066 |
+| 0.5 | 0.1065 ± 0.0142 | 0.1013 ± 0.0091 | 0.1230 ± 0.0063 | 0.0671 ± 0.0101 | 0.0344 ± 0.0005 |
+| 1 | 0.1614 ± 0.0075 | 0.1007 ± 0.0084 | 0.2212 ± 0.0052 | 0.1634 ± 0.0020 | 0.0353 ± 0.0050 |
 
-Transfer shows and vanishes with the data: SITN / single-domain 1.81-1.83x per seed at strength 1, 0.96-1.03x
-at 0.5 and 0.72-0.99x at 0; SITN's cold start 4.5-5.3x popularity at 1, 1.8-2.3x at 0.5, 1.00-1.11x at 0. At
-commit ac0a5fd (before the prior) strength 1 gave SITN 0.167 ± 0.014 against single-domain 0.072 ± 0.005
-(2.27-2.38x): the prior lifted the single-domain model more than SITN. Item co-occurrence over both
-histories stays above SITN whenever the source speaks. Validation chose the last epoch allowed (8) for SITN in
-every run: with 15 % target events a batch of 128 target examples reaches the cap of 512 examples, so an epoch
-has about a quarter of the steps it had with 128 examples of either domain, and a larger budget would likely
-raise SITN's figures (not measured).
+Transfer shows and vanishes with the data: SITN / single-domain 1.54-1.66x per seed at strength 1, 0.99-1.08x
+at 0.5 and 0.95-0.96x at 0; SITN's cold start 4.2-5.5x popularity at 1, 1.6-2.3x at 0.5, 0.99-1.08x at 0. At
+commit 2c59133 (before ``init_history_items``) strength 1 gave SITN 0.1615 ± 0.0125 against single-domain
+0.0887 ± 0.0071 (1.81-1.83x): the new default lifted the single-domain model (whose items are met mostly in
+histories) and left SITN where it was. Item co-occurrence over both histories stays above SITN whenever the
+source speaks. Validation chose the last epoch allowed (8) for SITN in 8 of 9 runs, so a larger budget would
+likely raise SITN's figures (not measured).
 """
 
 from __future__ import annotations
