@@ -40,7 +40,6 @@ class ResumedConfig:
     config: SITNConfig
     # field -> (this start's value, the run's value), for the differences kept as the run had them
     kept: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    origin: str = "new"  # "new" (written now), "run" (the config file), "checkpoint" (a pre-file run directory)
 
     def message(self, run_dir: Path) -> str | None:
         if not self.kept:
@@ -84,15 +83,14 @@ def resume_learner_config(run_dir: Path, config: SITNConfig, explicit: Collectio
     run_dir = Path(run_dir)
     checkpoint_dir = run_dir / "checkpoints" if checkpoint_dir is None else Path(checkpoint_dir)
     path = run_dir / CONFIG_FILE
-    origin = "run"
-    if path.is_file():
+    from_file = path.is_file()
+    if from_file:
         stored: SITNConfig | None = SITNConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    else:
+    else:  # a run directory from before the file: its newest checkpoint's (read once, then written)
         stored = _from_checkpoints(checkpoint_dir) if checkpoint_dir.is_dir() else None
-        origin = "checkpoint"
     if stored is None:
         write_run_config(run_dir, config)
-        return ResumedConfig(config, {}, "new")
+        return ResumedConfig(config)
     ours, theirs = _plain(config.to_dict()), _plain(stored.to_dict())
     diffs = {name: (ours.get(name), theirs.get(name)) for name in sorted(set(ours) | set(theirs))
              if ours.get(name) != theirs.get(name)}
@@ -102,6 +100,6 @@ def resume_learner_config(run_dir: Path, config: SITNConfig, explicit: Collectio
         raise RunConfigConflict(
             f"run directory {run_dir} was started with other learner settings ({told}); its checkpoints were "
             f"trained with those: start a new run directory for the new settings, or drop them to resume")
-    if origin == "checkpoint":
+    if not from_file:
         write_run_config(run_dir, stored)
-    return ResumedConfig(stored, diffs, origin)
+    return ResumedConfig(stored, diffs)
